@@ -1,0 +1,47 @@
+"""flora-opt: Flora (Hao, Cao and Mou, ICML 2024) for PyTorch and JAX.
+
+``import flora_opt`` needs neither framework; the framework-specific names are loaded on first
+use and raise an ImportError naming the extra to install when their framework is missing:
+
+* ``flora_opt.Flora``: the PyTorch optimizer (``pip install 'flora-opt[torch]'``).
+* ``flora_opt.FloraAccelerator``: accelerate integration (``pip install 'flora-opt[torch]'``).
+* ``flora_opt.optax_flora`` / ``flora_opt.optax``: the optax transformations
+  (``pip install 'flora-opt[jax]'``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Flora": ("flora_opt.optim", "Flora", "torch", "torch"),
+    "FloraAccelerator": ("flora_opt.accelerator", "FloraAccelerator", "torch", "torch"),
+    "optax_flora": ("flora_opt.optax", "flora", "jax", "optax"),
+}
+
+__all__ = ["Flora", "FloraAccelerator", "optax_flora", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module_name, attribute, extra, framework = _LAZY[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            missing = getattr(error, "name", None) or ""
+            if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax"}:
+                raise ImportError(
+                    f"flora_opt.{name} needs {framework} ({error}); install it with: "
+                    f"pip install 'flora-opt[{extra}]'"
+                ) from error
+            raise
+        value = getattr(module, attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flora_opt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,342 @@
+"""The Flora math core: one tensor's update, as plain functions over :class:`~flora_opt.ops.ArrayOps`.
+
+Everything here follows ``docs/algorithm.md`` (the single spec); section numbers below refer to
+it. PyTorch (:class:`flora_opt.Flora`), the accelerate integration and the optax transformation
+are thin wrappers that store state and call these functions. The float64 NumPy reference in
+:mod:`flora_opt.reference` follows the same document line by line and is the ground truth in tests.
+
+Notation: a tensor with ``ndim >= 2`` is viewed as the matrix ``(m, n) = (shape[0],
+numel / shape[0])``. ``r`` is the rank; the compressed dimension ``d = min(m, n)`` (the rows when
+``m <= n``, side ``"rows"``; the columns otherwise, side ``"cols"``). The projection ``P`` is
+``(r, d)`` with ``N(0, 1/r)`` entries, so ``E[P^T P] = I_d``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+from .ops import ArrayOps
+from .projection import STREAM_MOMENTUM, gaussian_projection, projection_key
+
+MOMENTUM_NONE = "none"
+MOMENTUM_FULL = "full"
+MOMENTUM_COMPRESSED = "compressed"
+
+SIDE_ROWS = "rows"
+SIDE_COLS = "cols"
+
+# Keys of the per-tensor float state. Step and seed are integers kept beside them.
+EXP_AVG = "exp_avg"
+EXP_AVG_SQ = "exp_avg_sq"
+EXP_AVG_SQ_ROW = "exp_avg_sq_row"
+EXP_AVG_SQ_COL = "exp_avg_sq_col"
+
+
+@dataclass(frozen=True)
+class FloraHyperParams:
+    """The options that change one tensor's update (one param group's worth).
+
+    ``beta1`` is ``None`` when momentum is off (``0`` is normalised to ``None``).
+    ``rank`` is ``None`` for full, uncompressed momentum.
+    """
+
+    lr: float | None = None
+    rank: int | None = 256
+    kappa: int = 1000
+    eps1: float = 1e-30
+    eps2: float = 1e-3
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+    beta1: float | None = 0.9
+    weight_decay: float = 0.0
+    scale_parameter: bool = True
+    relative_step: bool = False
+    warmup_init: bool = False
+    factorize_second_moment: bool = True
+    min_dim_size_to_factor: int = 128
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Static decisions for one tensor (section 1 of docs/algorithm.md)."""
+
+    shape: tuple[int, ...]
+    matrix: tuple[int, int] | None  # (m, n) view for ndim >= 2, else None
+    factored: bool
+    momentum: str  # MOMENTUM_NONE | MOMENTUM_FULL | MOMENTUM_COMPRESSED
+    side: str | None  # SIDE_ROWS | SIDE_COLS when compressed
+    rank: int | None  # rank when compressed
+
+    @property
+    def work_shape(self) -> tuple[int, ...]:
+        """Shape the gradient is viewed as during the update."""
+        return self.matrix if self.matrix is not None else self.shape
+
+    @property
+    def compressed_dim(self) -> int | None:
+        if self.momentum != MOMENTUM_COMPRESSED:
+            return None
+        return min(self.matrix)
+
+    def momentum_shape(self) -> tuple[int, ...] | None:
+        if self.momentum == MOMENTUM_NONE:
+            return None
+        if self.momentum == MOMENTUM_FULL:
+            return self.work_shape
+        m, n = self.matrix
+        return (self.rank, n) if self.side == SIDE_ROWS else (m, self.rank)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the float32 state tensors, by key (exactly what is allocated)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        momentum = self.momentum_shape()
+        if momentum is not None:
+            shapes[EXP_AVG] = momentum
+        if self.factored:
+            m, n = self.matrix
+            shapes[EXP_AVG_SQ_ROW] = (m,)
+            shapes[EXP_AVG_SQ_COL] = (n,)
+        else:
+            shapes[EXP_AVG_SQ] = self.work_shape
+        return shapes
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(shape[0], prod(shape[1:]))`` for ``ndim >= 2``; ``None`` for scalars and vectors."""
+    if len(shape) < 2:
+        return None
+    m = shape[0]
+    n = math.prod(shape[1:])
+    return (m, n)
+
+
+def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
+    """Which state a tensor of ``shape`` gets under ``hp`` (docs/algorithm.md section 1).
+
+    * ``ndim < 2`` or an empty tensor: full second moment, full momentum (if any).
+    * ``ndim >= 2``: viewed as ``(m, n) = (shape[0], numel / shape[0])``.
+      - second moment factored iff ``factorize_second_moment`` and ``min(m, n) >=
+        min_dim_size_to_factor``;
+      - momentum compressed iff momentum is on, ``rank`` is not ``None`` and ``min(m, n) > rank``;
+        the smaller dimension is compressed (rows on a tie).
+    Embedding tables are ordinary 2-D tensors: ``(vocab, dim)`` compresses ``dim``.
+    """
+    shape = tuple(int(s) for s in shape)
+    matrix = matrix_view(shape)
+    if matrix is not None and min(matrix) == 0:
+        matrix = None
+    has_momentum = hp.beta1 is not None and hp.beta1 > 0
+    if matrix is None:
+        return TensorLayout(
+            shape=shape,
+            matrix=None,
+            factored=False,
+            momentum=MOMENTUM_FULL if has_momentum else MOMENTUM_NONE,
+            side=None,
+            rank=None,
+        )
+    m, n = matrix
+    factored = bool(hp.factorize_second_moment) and min(m, n) >= hp.min_dim_size_to_factor
+    if not has_momentum:
+        momentum, side, rank = MOMENTUM_NONE, None, None
+    elif hp.rank is not None and min(m, n) > hp.rank:
+        momentum, side, rank = MOMENTUM_COMPRESSED, (SIDE_ROWS if m <= n else SIDE_COLS), hp.rank
+    else:
+        momentum, side, rank = MOMENTUM_FULL, None, None
+    return TensorLayout(shape=shape, matrix=matrix, factored=factored, momentum=momentum, side=side, rank=rank)
+
+
+# ---- compression (section 3) ---------------------------------------------------------------
+
+
+def compress(x, projection, side: str, ops: ArrayOps):
+    """``P x`` (rows) or ``x P^T`` (cols): the ``(m, n)`` matrix to ``r x max(m, n)``."""
+    if side == SIDE_ROWS:
+        return ops.matmul(projection, x)
+    return ops.matmul(x, ops.transpose(projection))
+
+
+def decompress(c, projection, side: str, ops: ArrayOps):
+    """``P^T c`` (rows) or ``c P`` (cols); unbiased since ``E[P^T P] = I``."""
+    if side == SIDE_ROWS:
+        return ops.matmul(ops.transpose(projection), c)
+    return ops.matmul(c, projection)
+
+
+def transfer(c, old_projection, new_projection, side: str, ops: ArrayOps):
+    """Momentum transfer at a resample: ``P_new (P_old^T c)`` (rows) or ``(c P_old) P_new^T``.
+
+    Computed through the small ``r x r`` product, never through the full ``m x n`` matrix.
+    """
+    if side == SIDE_ROWS:
+        mixing = ops.matmul(new_projection, ops.transpose(old_projection))
+        return ops.matmul(mixing, c)
+    mixing = ops.matmul(old_projection, ops.transpose(new_projection))
+    return ops.matmul(c, mixing)
+
+
+def compress_scaled(grad, row_scale, col_scale, projection, side: str, ops: ArrayOps):
+    """``compress(diag(a) G diag(b))`` without forming the scaled ``m x n`` matrix."""
+    if side == SIDE_ROWS:
+        scaled_projection = projection * row_scale[None, :]
+        return ops.matmul(scaled_projection, grad) * col_scale[None, :]
+    scaled_projection_t = ops.transpose(projection) * col_scale[:, None]
+    return ops.matmul(grad, scaled_projection_t) * row_scale[:, None]
+
+
+def momentum_projection(seed, step_index, rank: int, dim: int, ops: ArrayOps, device=None):
+    """Momentum projection number ``step_index`` (= floor((t - 1) / kappa)) of a tensor."""
+    key = projection_key(seed, STREAM_MOMENTUM, step_index, ops)
+    return gaussian_projection(key, rank, dim, ops, device)
+
+
+# ---- step-size schedule and second moment (sections 5-7) ----------------------------------
+
+
+def beta2_at(step, decay_rate: float):
+    """Second-moment decay ``beta2_t = 1 - t^decay_rate`` (Adafactor, decay_rate < 0)."""
+    return 1.0 - step**decay_rate
+
+
+def relative_step_size(step, hp: FloraHyperParams, ops: ArrayOps):
+    """``rho_t``: ``lr``, or ``min(1e-2 | 1e-6 t, 1/sqrt(t))`` under ``relative_step``."""
+    if not hp.relative_step:
+        return hp.lr
+    floor = 1e-6 * step if hp.warmup_init else 1e-2
+    return ops.smin(floor, step**-0.5)
+
+
+def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
+    """``eta_t = rho_t * max(eps2, RMS(param))`` (or ``rho_t`` without ``scale_parameter``).
+
+    ``lr`` overrides ``hp.lr`` (so a scheduler can change it without rebuilding ``hp``).
+    """
+    if lr is not None and not hp.relative_step:
+        rho = lr
+    else:
+        rho = relative_step_size(step, hp, ops)
+    if hp.scale_parameter:
+        return ops.clip_min(ops.rms(param), hp.eps2) * rho
+    return rho
+
+
+class Direction(NamedTuple):
+    """The step ``Delta`` to subtract from the parameter, possibly in low-rank form.
+
+    ``kind == "dense"``: ``Delta = value``. ``"rows"``: ``Delta = P^T value``.
+    ``"cols"``: ``Delta = value P``. ``decay`` is ``eta_t * weight_decay`` (or None): the
+    parameter update is ``p <- p - decay * p - Delta``.
+    """
+
+    kind: str
+    value: Any
+    projection: Any
+    decay: Any
+
+    def dense(self, ops: ArrayOps):
+        if self.kind == "dense":
+            return self.value
+        return decompress(self.value, self.projection, self.kind, ops)
+
+
+def flora_update(
+    grad,
+    param,
+    state: Mapping[str, Any],
+    step,
+    seed,
+    layout: TensorLayout,
+    hp: FloraHyperParams,
+    ops: ArrayOps,
+    lr=None,
+    device=None,
+):
+    """One Flora step for one tensor (docs/algorithm.md section 8).
+
+    Args:
+      grad: float32 gradient, already viewed as ``layout.work_shape``.
+      param: float32 parameter values in the same view (read only: RMS and weight decay).
+      state: the float state by key (see :meth:`TensorLayout.state_shapes`), before the step.
+      step: the new step number ``t >= 1`` (Python int, or a 0-d int array under JAX).
+      seed: the tensor's 32-bit seed (Python int or 0-d uint32 array).
+      lr: the current learning rate (overrides ``hp.lr``), e.g. from a scheduler.
+
+    Returns:
+      ``(new_state, direction, finite)``: the float state after the step, the
+      :class:`Direction` whose application gives ``p_t``, and a 0-d boolean array that is
+      false when the gradient held NaN/Inf (or squares overflowing float32). Wrappers must
+      then discard ``new_state`` and ``direction`` (section 9: the tensor's step is skipped).
+    """
+    new_state: dict[str, Any] = {}
+    eta = step_size(step, param, hp, ops, lr=lr)
+    beta2 = beta2_at(step, hp.decay_rate)
+    grad_sq = grad * grad
+
+    # Second moment and the normalised update U = G / sqrt(V_hat), clipped (sections 6-7).
+    if layout.factored:
+        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
+        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
+        new_state[EXP_AVG_SQ_ROW] = row
+        new_state[EXP_AVG_SQ_COL] = col
+        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
+        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
+        m, n = layout.matrix
+        update_sq_sum = ops.sum(row_scale * row_scale * ops.matmul(grad_sq, col_scale * col_scale))
+        update_rms = ops.sqrt(update_sq_sum / (m * n))
+        normalised = None
+    else:
+        second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
+        new_state[EXP_AVG_SQ] = second
+        normalised = grad * ops.rsqrt(second)
+        update_rms = ops.rms(normalised)
+    finite = ops.isfinite(update_rms)  # NaN/Inf anywhere in G makes RMS(U) non-finite
+    clip = 1.0 / ops.clip_min(update_rms / hp.clip_threshold, 1.0)
+    scale = eta * clip  # the update is eta_t * clip_t * U
+
+    def dense_update():
+        if normalised is not None:
+            return normalised * scale
+        return grad * (row_scale[:, None] * scale) * col_scale[None, :]
+
+    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+
+    # First moment (sections 3-4, 8).
+    if layout.momentum == MOMENTUM_NONE:
+        return new_state, Direction("dense", dense_update(), None, decay), finite
+    beta1 = hp.beta1
+    if layout.momentum == MOMENTUM_FULL:
+        momentum = ops.lerp(state[EXP_AVG], dense_update(), 1.0 - beta1)
+        new_state[EXP_AVG] = momentum
+        return new_state, Direction("dense", momentum, None, decay), finite
+
+    rank, dim, side = layout.rank, layout.compressed_dim, layout.side
+    resample_index = (step - 1) // hp.kappa
+    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
+    momentum = state[EXP_AVG]
+
+    def transferred(c):
+        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
+        return transfer(c, old, projection, side, ops)
+
+    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
+    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
+    if normalised is not None:
+        compressed_update = compress(normalised, projection, side, ops) * scale
+    else:
+        compressed_update = compress_scaled(grad, row_scale, col_scale, projection, side, ops) * scale
+    momentum = ops.lerp(momentum, compressed_update, 1.0 - beta1)
+    new_state[EXP_AVG] = momentum
+    return new_state, Direction(side, momentum, projection, decay), finite
+
+
+def state_bytes(layout: TensorLayout, quantized_keys: Mapping[str, int] | None = None) -> int:
+    """Bytes of float32 state for ``layout`` (quantized states are counted by the caller)."""
+    total = 0
+    for key, shape in layout.state_shapes().items():
+        if quantized_keys and key in quantized_keys:
+            total += quantized_keys[key]
+        else:
+            total += 4 * math.prod(shape)
+    return total

@@ -1,0 +1,313 @@
+"""The few array operations the Flora math core needs, for each framework.
+
+The math in :mod:`flora_opt.core` and :mod:`flora_opt.projection` is written once against this
+small interface, so PyTorch, JAX and NumPy run the same code. Every reduction goes through
+:meth:`ArrayOps.sum` / :meth:`ArrayOps.mean` with an explicit axis, which is where a sharded
+backend would insert its cross-shard all-reduce.
+
+Unsigned 32-bit integer arithmetic is the part that differs: JAX has wrapping ``uint32``;
+PyTorch lacks a wrapping uint32 multiply, so it holds the values in ``int64`` and masks, with
+multipliers kept below 2^31 so products never overflow; NumPy does the same in ``uint64``.
+"""
+
+from __future__ import annotations
+
+MASK32 = 0xFFFFFFFF
+_TWO_POW_MINUS_24 = 2.0**-24
+
+
+class ArrayOps:
+    """Interface used by the core. Subclasses bind ``xp`` (the array namespace)."""
+
+    name = "abstract"
+
+    # ---- unsigned 32-bit integers -------------------------------------------------------
+    def u32_arange(self, n, device=None):
+        raise NotImplementedError
+
+    def u32_add(self, x, c: int):
+        raise NotImplementedError
+
+    def u32_xor(self, x, c: int):
+        raise NotImplementedError
+
+    def u32_shr(self, x, k: int):
+        raise NotImplementedError
+
+    def u32_mul(self, x, c: int):
+        raise NotImplementedError
+
+    def u32_to_unit_float(self, x):
+        """float32 ``(2 x + 1) * 2^-24`` for ``x < 2^23`` (exact in every framework)."""
+        raise NotImplementedError
+
+    # ---- float math ---------------------------------------------------------------------
+    def sqrt(self, x):
+        return self.xp.sqrt(x)
+
+    def rsqrt(self, x):
+        return 1.0 / self.xp.sqrt(x)
+
+    def log(self, x):
+        return self.xp.log(x)
+
+    def cos(self, x):
+        return self.xp.cos(x)
+
+    def sin(self, x):
+        return self.xp.sin(x)
+
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def stack_last(self, a, b):
+        return self.xp.stack([a, b], axis=-1)
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def transpose(self, x):
+        return x.T
+
+    def sum(self, x, axis=None):
+        return x.sum(axis=axis)
+
+    def mean(self, x, axis=None):
+        return x.mean(axis=axis)
+
+    def maximum(self, x, floor: float):
+        return self.xp.maximum(x, floor)
+
+    def clip_min(self, x, floor: float):
+        return self.xp.maximum(x, floor)
+
+    def zeros(self, shape, like=None, device=None):
+        raise NotImplementedError
+
+    def to_float32(self, x):
+        raise NotImplementedError
+
+    def scalar(self, value, like=None):
+        """A 0-d float32 array holding ``value``."""
+        raise NotImplementedError
+
+    def lerp(self, start, end, weight):
+        """``start + weight * (end - start)``; ``weight`` a Python float or 0-d array."""
+        return start + weight * (end - start)
+
+    def isfinite(self, x):
+        return self.xp.isfinite(x)
+
+    def rms(self, x):
+        """Root mean square of all elements, as a 0-d array."""
+        return self.sqrt(self.mean(x * x))
+
+    def smin(self, a, b):
+        """Minimum of two scalars that may be Python numbers or 0-d arrays."""
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return min(a, b)
+        return self.xp.minimum(a, b)
+
+    def smax(self, a, b):
+        """Maximum of two scalars that may be Python numbers or 0-d arrays."""
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return max(a, b)
+        return self.xp.maximum(a, b)
+
+    def cond(self, pred, true_fn, false_fn, *operands):
+        """``true_fn(*operands) if pred else false_fn(*operands)``; traced under JAX."""
+        return true_fn(*operands) if pred else false_fn(*operands)
+
+    def u32(self, x):
+        """A Python int or integer array as this backend's uint32 representation."""
+        return x & MASK32 if isinstance(x, int) else x
+
+
+class NumpyOps(ArrayOps):
+    """NumPy, used by the float64 reference implementation and for checks."""
+
+    name = "numpy"
+
+    def __init__(self, float_dtype=None):
+        import numpy as np
+
+        self.xp = np
+        self.np = np
+        self.float_dtype = np.float64 if float_dtype is None else float_dtype
+
+    def u32_arange(self, n, device=None):
+        return self.np.arange(n, dtype=self.np.uint64)
+
+    def u32_add(self, x, c):
+        return (x + self.np.uint64(c & MASK32)) & self.np.uint64(MASK32)
+
+    def u32_xor(self, x, c):
+        return x ^ self.np.uint64(c & MASK32)
+
+    def u32_shr(self, x, k):
+        return x >> self.np.uint64(k)
+
+    def u32_mul(self, x, c):
+        assert 0 <= c < 2**31
+        return (x * self.np.uint64(c)) & self.np.uint64(MASK32)
+
+    def u32_to_unit_float(self, x):
+        odd = x * self.np.uint64(2) + self.np.uint64(1)
+        return odd.astype(self.np.float32) * self.np.float32(_TWO_POW_MINUS_24)
+
+    def rsqrt(self, x):
+        return 1.0 / self.np.sqrt(x)
+
+    def zeros(self, shape, like=None, device=None):
+        return self.np.zeros(shape, dtype=self.float_dtype)
+
+    def to_float32(self, x):
+        return self.np.asarray(x, dtype=self.np.float32)
+
+    def scalar(self, value, like=None):
+        return self.np.asarray(value, dtype=self.float_dtype)
+
+
+class TorchOps(ArrayOps):
+    """PyTorch: uint32 values live in int64 tensors (no wrapping uint32 multiply in torch)."""
+
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.xp = torch
+        self.torch = torch
+
+    def u32_arange(self, n, device=None):
+        return self.torch.arange(n, dtype=self.torch.int64, device=device)
+
+    def u32_add(self, x, c):
+        return (x + (c & MASK32)).bitwise_and_(MASK32)
+
+    def u32_xor(self, x, c):
+        return x ^ (c & MASK32)
+
+    def u32_shr(self, x, k):
+        return x >> k
+
+    def u32_mul(self, x, c):
+        assert 0 <= c < 2**31
+        return (x * c).bitwise_and_(MASK32)
+
+    def u32_to_unit_float(self, x):
+        return (x * 2 + 1).to(self.torch.float32).mul_(_TWO_POW_MINUS_24)
+
+    def rsqrt(self, x):
+        return self.torch.rsqrt(x)
+
+    def stack_last(self, a, b):
+        return self.torch.stack([a, b], dim=-1)
+
+    def transpose(self, x):
+        return x.mT
+
+    def sum(self, x, axis=None):
+        return x.sum() if axis is None else x.sum(dim=axis)
+
+    def mean(self, x, axis=None):
+        return x.mean() if axis is None else x.mean(dim=axis)
+
+    def maximum(self, x, floor):
+        return self.torch.clamp(x, min=floor)
+
+    def clip_min(self, x, floor):
+        return self.torch.clamp(x, min=floor)
+
+    def zeros(self, shape, like=None, device=None):
+        if like is not None:
+            device = like.device
+        return self.torch.zeros(shape, dtype=self.torch.float32, device=device)
+
+    def to_float32(self, x):
+        return x.to(self.torch.float32)
+
+    def scalar(self, value, like=None):
+        device = None if like is None else like.device
+        return self.torch.tensor(value, dtype=self.torch.float32, device=device)
+
+    def lerp(self, start, end, weight):
+        return self.torch.lerp(start, end, weight)
+
+    def rms(self, x):
+        return self.torch.linalg.vector_norm(x) / (max(x.numel(), 1) ** 0.5)
+
+
+class JaxOps(ArrayOps):
+    """JAX: native wrapping uint32 arithmetic."""
+
+    name = "jax"
+
+    def __init__(self):
+        import jax.numpy as jnp
+
+        self.xp = jnp
+        self.jnp = jnp
+
+    def u32_arange(self, n, device=None):
+        return self.jnp.arange(n, dtype=self.jnp.uint32)
+
+    def u32(self, x):
+        if isinstance(x, int):
+            return self.jnp.uint32(x & MASK32)
+        return self.jnp.asarray(x).astype(self.jnp.uint32)
+
+    def u32_add(self, x, c):
+        return x + self.u32(c)
+
+    def u32_xor(self, x, c):
+        return x ^ self.u32(c)
+
+    def u32_shr(self, x, k):
+        return x >> self.jnp.uint32(k)
+
+    def u32_mul(self, x, c):
+        return x * self.u32(c)
+
+    def cond(self, pred, true_fn, false_fn, *operands):
+        import jax
+
+        if isinstance(pred, bool):
+            return true_fn(*operands) if pred else false_fn(*operands)
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+
+    def u32_to_unit_float(self, x):
+        odd = x * self.jnp.uint32(2) + self.jnp.uint32(1)
+        return odd.astype(self.jnp.float32) * self.jnp.float32(_TWO_POW_MINUS_24)
+
+    def rsqrt(self, x):
+        import jax
+
+        return jax.lax.rsqrt(x)
+
+    def zeros(self, shape, like=None, device=None):
+        return self.jnp.zeros(shape, dtype=self.jnp.float32)
+
+    def to_float32(self, x):
+        return self.jnp.asarray(x, dtype=self.jnp.float32)
+
+    def scalar(self, value, like=None):
+        return self.jnp.asarray(value, dtype=self.jnp.float32)
+
+
+_OPS_CACHE: dict[str, ArrayOps] = {}
+
+
+def get_ops(name: str) -> ArrayOps:
+    """The shared :class:`ArrayOps` instance for ``"torch"``, ``"jax"`` or ``"numpy"``."""
+    if name not in _OPS_CACHE:
+        factory = {"torch": TorchOps, "jax": JaxOps, "numpy": NumpyOps}.get(name)
+        if factory is None:
+            raise ValueError(f"unknown array backend {name!r}; expected 'torch', 'jax' or 'numpy'")
+        _OPS_CACHE[name] = factory()
+    return _OPS_CACHE[name]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+

@@ -1,0 +1,89 @@
+"""8-bit blockwise quantization of optimizer state (PyTorch), backed by torchao.
+
+Why torchao: its ``torchao.optim.quant_utils`` implements the dynamic-tree 8-bit code of
+Dettmers et al. (8-bit Optimizers via Block-wise Quantization, 2022) with plain PyTorch ops, so
+it runs unchanged on CPU and CUDA; bitsandbytes' blockwise kernels are CUDA-first and ship
+large native binaries. We only use its functions: the state we keep is plain ``uint8`` codes
+plus one ``float32`` absmax per block, so checkpoints load with ``torch.load(weights_only=True)``
+without torchao's tensor subclass being importable.
+
+Layout of a quantized state of ``numel`` elements:
+  ``codes``  uint8,  ``ceil(numel / 256) * 256`` elements (zero padded),
+  ``absmax`` float32, ``ceil(numel / 256)`` elements.
+Tensors with fewer than ``MIN_QUANTIZED_NUMEL`` elements stay float32 (as in bitsandbytes and
+torchao: for them the scales would cost more than they save).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK_SIZE = 256
+MIN_QUANTIZED_NUMEL = 4096
+
+_QMAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def _quant_utils():
+    try:
+        from torchao.optim import quant_utils
+    except ImportError as error:  # pragma: no cover - exercised only without torchao
+        raise ImportError(
+            "Flora(quantization=True) needs torchao: pip install 'flora-opt[torch]' "
+            "(or pip install torchao)"
+        ) from error
+    return quant_utils
+
+
+def is_quantized_size(numel: int) -> bool:
+    """Whether a state of ``numel`` elements is stored in 8 bits under ``quantization=True``."""
+    return numel >= MIN_QUANTIZED_NUMEL
+
+
+def num_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK_SIZE)
+
+
+def quantized_nbytes(numel: int) -> int:
+    """Bytes of a quantized state: one byte per (padded) element plus 4 per block."""
+    blocks = num_blocks(numel)
+    return blocks * BLOCK_SIZE + 4 * blocks
+
+
+def qmap(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, torch.device(device))
+    if key not in _QMAPS:
+        values = _quant_utils().create_dynamic_map(signed=signed)
+        _QMAPS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _QMAPS[key]
+
+
+def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 tensor -> (uint8 codes, float32 absmax per block of 256)."""
+    qu = _quant_utils()
+    flat = values.reshape(-1).to(torch.float32)
+    padding = num_blocks(flat.numel()) * BLOCK_SIZE - flat.numel()
+    if padding:
+        flat = torch.nn.functional.pad(flat, (0, padding))
+    normalised, absmax = qu.scale_tensor(flat, BLOCK_SIZE)
+    codes = qu.quantize_8bit_with_qmap(normalised, qmap(signed, flat.device))
+    return codes, absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, shape, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`quantize` (up to the quantization error), as float32 of ``shape``."""
+    qu = _quant_utils()
+    flat = qu.dequant_with_qmap(codes, qmap(signed, codes.device), absmax)
+    numel = math.prod(shape)
+    return flat.reshape(-1)[:numel].reshape(shape)
+
+
+def zeros(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and absmax of an all-zero state (code of 0.0 in the map, absmax 0)."""
+    numel = math.prod(shape)
+    blocks = num_blocks(numel)
+    codes = torch.zeros(blocks * BLOCK_SIZE, dtype=torch.uint8, device=device)
+    absmax = torch.zeros(blocks, dtype=torch.float32, device=device)
+    return codes, absmax

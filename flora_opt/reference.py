@@ -1,0 +1,192 @@
+"""A slow, readable float64 NumPy reference of docs/algorithm.md, written line by line.
+
+It shares no code with the fast paths (not even the projection generator, which is re-derived
+here element by element with Python integers), so tests that compare :class:`flora_opt.Flora`
+and the optax transformation against it check both the math and its transcription.
+Use it on small tensors only: it loops in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mix32(x: int) -> int:
+    """Section 2: x ^= x>>16; x *= 0x21F0AAAD; x ^= x>>15; x *= 0x735A2D97; x ^= x>>15 (mod 2^32)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    x ^= x >> 15
+    return x
+
+
+def reference_tensor_seed(seed: int, index: int) -> int:
+    return _mix32(_mix32(seed ^ _GOLDEN) + index)
+
+
+def reference_key(tensor_seed: int, stream: int, index: int) -> int:
+    base = _mix32(tensor_seed ^ _mix32(_GOLDEN * (stream + 1)))
+    return _mix32(base + _mix32(index & _M32))
+
+
+def reference_bits(key: int, counter: int) -> int:
+    key2 = _mix32(key ^ _GOLDEN)
+    return _mix32(_mix32(counter + key) ^ key2)
+
+
+def reference_projection(key: int, rank: int, dim: int) -> np.ndarray:
+    """Section 2, element by element: Box-Muller on pairs of 23-bit uniforms, scaled 1/sqrt(r)."""
+    total = rank * dim
+    values = []
+    for pair in range((total + 1) // 2):
+        u1 = (2 * (reference_bits(key, 2 * pair) >> 9) + 1) * 2.0**-24
+        u2 = (2 * (reference_bits(key, 2 * pair + 1) >> 9) + 1) * 2.0**-24
+        radius = math.sqrt(-2.0 * math.log(u1))
+        angle = 2.0 * math.pi * u2
+        values.append(radius * math.cos(angle))
+        values.append(radius * math.sin(angle))
+    return np.array(values[:total], dtype=np.float64).reshape(rank, dim) / math.sqrt(rank)
+
+
+@dataclass
+class ReferenceTensorState:
+    step: int = 0
+    seed: int = 0
+    momentum: np.ndarray | None = None
+    row: np.ndarray | None = None
+    col: np.ndarray | None = None
+    second: np.ndarray | None = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class ReferenceFlora:
+    """Flora on a list of float64 arrays; options as in :class:`flora_opt.Flora`."""
+
+    params: list
+    lr: float | None = None
+    rank: int | None = 256
+    kappa: int = 1000
+    eps: tuple = (1e-30, 1e-3)
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+    beta1: float | None = 0.9
+    weight_decay: float = 0.0
+    scale_parameter: bool = True
+    relative_step: bool = False
+    warmup_init: bool = False
+    factorize_second_moment: bool = True
+    min_dim_size_to_factor: int = 128
+    seed: int = 0
+    states: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.params = [np.array(p, dtype=np.float64) for p in self.params]
+        self.states = [ReferenceTensorState(seed=reference_tensor_seed(self.seed, i)) for i in range(len(self.params))]
+
+    # Section 1: the layout of one tensor.
+    def matrix_shape(self, p):
+        if p.ndim < 2 or p.size == 0:
+            return None
+        return (p.shape[0], p.size // p.shape[0])
+
+    def is_factored(self, p):
+        mn = self.matrix_shape(p)
+        return self.factorize_second_moment and mn is not None and min(mn) >= self.min_dim_size_to_factor
+
+    def has_momentum(self):
+        return self.beta1 is not None and self.beta1 > 0
+
+    def is_compressed(self, p):
+        mn = self.matrix_shape(p)
+        return self.has_momentum() and self.rank is not None and mn is not None and min(mn) > self.rank
+
+    def step(self, grads):
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                self.step_tensor(index, np.array(grad, dtype=np.float64))
+
+    def step_tensor(self, index, grad):
+        p = self.params[index]
+        st = self.states[index]
+        if p.size == 0:
+            st.step += 1
+            return
+        mn = self.matrix_shape(p)
+        W = p.reshape(mn) if mn is not None else p.copy()
+        G = grad.reshape(W.shape)
+        t = st.step + 1
+
+        # Section 5: step size.
+        if self.relative_step:
+            rho = min(1e-6 * t if self.warmup_init else 1e-2, 1.0 / math.sqrt(t))
+        else:
+            rho = self.lr
+        eta = rho * max(self.eps[1], math.sqrt(np.mean(W * W))) if self.scale_parameter else rho
+
+        # Section 6: second moment.
+        beta2 = 1.0 - t**self.decay_rate
+        if self.is_factored(p):
+            m, n = mn
+            row = st.row if st.row is not None else np.zeros(m)
+            col = st.col if st.col is not None else np.zeros(n)
+            sq = G * G + self.eps[0]
+            row = beta2 * row + (1 - beta2) * sq.mean(axis=1)
+            col = beta2 * col + (1 - beta2) * sq.mean(axis=0)
+            V = np.zeros((m, n))
+            for i in range(m):
+                for j in range(n):
+                    V[i, j] = row[i] * col[j] / row.mean()
+            new_second = (row, col)
+        else:
+            second = st.second if st.second is not None else np.zeros(G.shape)
+            second = beta2 * second + (1 - beta2) * (G * G + self.eps[0])
+            V = second
+            new_second = second
+        U = G / np.sqrt(V)
+
+        # Section 7: update clipping.
+        rms_u = math.sqrt(np.mean(U * U))
+        if not math.isfinite(rms_u):  # Section 9: skip the tensor's step.
+            st.skipped_steps += 1
+            return
+        U = U / max(1.0, rms_u / self.clip_threshold)
+
+        # Sections 3, 4 and 8: momentum and the step.
+        if not self.has_momentum():
+            delta = eta * U
+        elif not self.is_compressed(p):
+            M = st.momentum if st.momentum is not None else np.zeros(G.shape)
+            M = self.beta1 * M + (1 - self.beta1) * eta * U
+            st.momentum = M
+            delta = M
+        else:
+            m, n = mn
+            d = min(m, n)
+            k = (t - 1) // self.kappa
+            P = reference_projection(reference_key(st.seed, 0, k), self.rank, d)
+            rows = m <= n
+            M = st.momentum if st.momentum is not None else np.zeros((self.rank, n) if rows else (m, self.rank))
+            if t > 1 and (t - 1) % self.kappa == 0:
+                P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
+                M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
+            compressed = P @ U if rows else U @ P.T
+            M = self.beta1 * M + (1 - self.beta1) * eta * compressed
+            st.momentum = M
+            delta = P.T @ M if rows else M @ P
+
+        W_new = W - eta * self.weight_decay * W - delta
+        self.params[index] = W_new.reshape(p.shape)
+        if self.is_factored(p):
+            st.row, st.col = new_second
+        else:
+            st.second = new_second
+        st.step = t
