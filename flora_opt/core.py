@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 from .ops import ArrayOps
-from .projection import STREAM_MOMENTUM, gaussian_projection, projection_key
+from .projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, gaussian_projection, projection_key
 
 MOMENTUM_NONE = "none"
 MOMENTUM_FULL = "full"
@@ -190,6 +190,72 @@ def momentum_projection(seed, step_index, rank: int, dim: int, ops: ArrayOps, de
     """Momentum projection number ``step_index`` (= floor((t - 1) / kappa)) of a tensor."""
     key = projection_key(seed, STREAM_MOMENTUM, step_index, ops)
     return gaussian_projection(key, rank, dim, ops, device)
+
+
+# ---- compressed gradient accumulation (section 12) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class AccumulationLayout:
+    """How one tensor's gradient is accumulated under accumulation rank ``r_acc`` (section 12).
+
+    ``side`` is ``None`` for a tensor accumulated naively (full size); otherwise the buffer is
+    ``(rank, n)`` (``"rows"``, ``m <= n``) or ``(m, rank)`` (``"cols"``) for the matrix view
+    ``(m, n)`` of the gradient.
+    """
+
+    shape: tuple[int, ...]
+    matrix: tuple[int, int] | None  # (m, n) view when compressed, else None
+    side: str | None  # SIDE_ROWS | SIDE_COLS when compressed
+    rank: int | None  # r_acc when compressed
+
+    @property
+    def compressed(self) -> bool:
+        return self.side is not None
+
+    @property
+    def compressed_dim(self) -> int | None:
+        return None if self.matrix is None else min(self.matrix)
+
+    def buffer_shape(self) -> tuple[int, ...] | None:
+        """Shape of the float32 accumulation buffer, ``None`` when accumulated naively."""
+        if self.side is None:
+            return None
+        m, n = self.matrix
+        return (self.rank, n) if self.side == SIDE_ROWS else (m, self.rank)
+
+
+def accumulation_layout(shape, rank: int | None) -> AccumulationLayout:
+    """Section 12: a gradient is accumulated compressed iff ``rank`` is not ``None``, the tensor
+    has ``ndim >= 2``, is non-empty, and its matrix view ``(m, n)`` has ``min(m, n) > rank``
+    (the section 1 rule with ``r_acc``); the smaller dimension is compressed (rows on a tie).
+    """
+    shape = tuple(int(s) for s in shape)
+    matrix = matrix_view(shape)
+    if rank is None or matrix is None or min(matrix) == 0 or min(matrix) <= rank:
+        return AccumulationLayout(shape=shape, matrix=None, side=None, rank=None)
+    m, n = matrix
+    return AccumulationLayout(shape=shape, matrix=matrix, side=SIDE_ROWS if m <= n else SIDE_COLS, rank=rank)
+
+
+def accumulation_projection(seed, cycle, rank: int, dim: int, ops: ArrayOps, device=None):
+    """``Q_c`` of accumulation cycle ``cycle`` for a tensor whose seed is
+    ``tensor_seed(acc_seed, i)``: ``key(seed, STREAM_ACCUMULATION, cycle)`` (section 12)."""
+    key = projection_key(seed, STREAM_ACCUMULATION, cycle, ops)
+    return gaussian_projection(key, rank, dim, ops, device)
+
+
+def accumulate_compressed(buffer, grad, projection, side: str, ops: ArrayOps, weight=1.0):
+    """``buffer + weight * compress(grad; Q_c)``; ``buffer=None`` starts a new cycle.
+
+    ``grad`` is the float32 micro-batch gradient in its ``(m, n)`` view. ``weight`` is what naive
+    accumulation would use (1 when the loss is already divided by the number of micro-batches,
+    as ``accelerate`` does; ``1/K`` for a mean, as ``optax.MultiSteps``).
+    """
+    compressed = compress(grad, projection, side, ops)
+    if not (isinstance(weight, (int, float)) and weight == 1):
+        compressed = compressed * weight
+    return compressed if buffer is None else buffer + compressed
 
 
 # ---- step-size schedule and second moment (sections 5-7) ----------------------------------

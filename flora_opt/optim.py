@@ -349,6 +349,23 @@ class Flora(torch.optim.Optimizer):
                 self._update_param(param, param.grad, group, hp, position)
         return loss
 
+    @torch.no_grad()
+    def step_param(self, param: torch.Tensor) -> None:
+        """Update one parameter from its ``.grad`` now, exactly as :meth:`step` would update it.
+
+        Used by layer-wise updates (:mod:`flora_opt.layerwise`), which step each tensor inside
+        backward as soon as its gradient is complete. Does nothing if ``param.grad`` is None.
+        """
+        index = 0
+        for group in self.param_groups:
+            for candidate in group["params"]:
+                if candidate is param:
+                    if param.grad is not None:
+                        self._update_param(param, param.grad, group, _hyperparams(group), index)
+                    return
+                index += 1
+        raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
+
     def _update_param(self, param: torch.Tensor, grad: torch.Tensor, group, hp: FloraHyperParams, position: int):
         if grad.is_sparse:
             raise RuntimeError(f"Flora does not support sparse gradients (parameter of shape {tuple(param.shape)})")

@@ -1,0 +1,209 @@
+"""``flora_opt.FloraAccelerator``: ``accelerate.Accelerator`` with compressed gradient accumulation
+and optional layer-wise updates.
+
+A training loop written for accelerate runs unchanged; only the constructor changes::
+
+    accelerator = flora_opt.FloraAccelerator(
+        gradient_accumulation_steps=16, accumulation_compression_rank=64
+    )
+
+The work is done by :class:`flora_opt.accumulation.CompressedAccumulator` (docs/accumulation.md),
+attached to the optimizer passed to :meth:`prepare`. Any torch optimizer works; with
+:class:`flora_opt.Flora` the momentum is compressed too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from .accumulation import CompressedAccumulator
+
+__all__ = ["FloraAccelerator"]
+
+STATE_FILE = "flora_accumulator_{}.pt"  # one per process: buffers are local to each rank
+
+_UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class FloraAccelerator(Accelerator):
+    r"""``accelerate.Accelerator`` whose gradient accumulation is compressed (Flora, Algorithm 1).
+
+    For each weight matrix ``(m, n)`` with ``min(m, n) > accumulation_compression_rank``, each
+    micro-batch gradient is projected into an ``r x max(m, n)`` buffer as soon as it is produced
+    and ``.grad`` is freed; at the sync micro-batch the buffer is decompressed once into
+    ``.grad``, unbiased for what ``accelerate`` would have accumulated (the loss is still divided by
+    ``gradient_accumulation_steps``). Each cycle (optimizer step) draws a fresh projection.
+
+    Args:
+      accumulation_compression_rank (int or None, default None): rank ``r_acc``; ``None`` keeps
+        accelerate's accumulation unchanged (then, without ``layerwise``, this class is exactly
+        ``accelerate.Accelerator``).
+      accumulation_seed (int, default 0): seed of the accumulation projections.
+      layerwise (bool, default False): update each tensor inside ``accelerator.backward`` on the
+        sync micro-batch, as soon as its gradient is complete (LOMO-style; single process only,
+        not with fp16 loss scaling). ``optimizer.step()``/``zero_grad()`` stay in your loop and
+        keep working; after a layer-wise backward there is nothing left for them to do.
+      layerwise_max_grad_norm (float or None, default None): clipping in layer-wise mode. Each
+        tensor ``i`` is clipped to ``max_norm * sqrt(numel_i / numel_total)`` before its update
+        (so the applied gradient has global norm ``<= max_norm``); ``clip_grad_norm_(params,
+        max_norm)`` must then be called with the same value (or ``inf``) and returns the exact
+        pre-clip global norm. Without it, ``clip_grad_norm_`` with a finite norm raises in
+        layer-wise mode instead of silently not clipping.
+      **accelerate_kwargs: everything ``accelerate.Accelerator`` accepts
+        (``gradient_accumulation_steps``, ``mixed_precision``, ``project_dir``, ...).
+
+    Example:
+      >>> import torch, flora_opt
+      >>> accelerator = flora_opt.FloraAccelerator(gradient_accumulation_steps=4, accumulation_compression_rank=8)
+      >>> model = torch.nn.Linear(32, 32)
+      >>> optimizer = flora_opt.Flora(model.parameters(), lr=1e-3, rank=8)
+      >>> model, optimizer = accelerator.prepare(model, optimizer)
+      >>> for _ in range(8):
+      ...     with accelerator.accumulate(model):
+      ...         accelerator.backward(model(torch.randn(4, 32)).pow(2).mean())
+      ...         optimizer.step()
+      ...         optimizer.zero_grad()
+
+    Note:
+      Checkpoints: ``save_state`` writes ``flora_accumulator_<process>.pt`` (seed, cycle, position
+      in the cycle, buffers, partial gradients), and ``load_state`` restores it, so a run stopped
+      in the middle of an accumulation cycle resumes bit-exactly. Differences from the reference
+      ``FloraAccelerator`` (``flora-opt==0.0.3``): layer-wise updates are opt-in instead of always
+      on, ``optimizer.step()`` is not a silent no-op, clipping is defined, DDP gradient sync and
+      checkpoints work, and a cycle of one micro-batch is not compressed.
+    """
+
+    def __init__(
+        self,
+        *args,
+        accumulation_compression_rank: int | None = None,
+        accumulation_seed: int = 0,
+        layerwise: bool = False,
+        layerwise_max_grad_norm: float | None = None,
+        **accelerate_kwargs,
+    ):
+        rank = accumulation_compression_rank
+        if rank is not None and (not _is_int(rank) or rank < 1):
+            raise ValueError(
+                f"Invalid accumulation_compression_rank: {rank!r}: must be an int >= 1, or None for "
+                "uncompressed accumulation"
+            )
+        if not _is_int(accumulation_seed) or not 0 <= accumulation_seed < 2**32:
+            raise ValueError(f"Invalid accumulation_seed: {accumulation_seed!r}: must be an int in [0, 2**32)")
+        if not isinstance(layerwise, bool):
+            raise ValueError(f"Invalid layerwise: {layerwise!r}: must be a bool")
+        norm = layerwise_max_grad_norm
+        if norm is not None:
+            if not isinstance(norm, (int, float)) or isinstance(norm, bool) or not norm > 0 or math.isinf(norm):
+                raise ValueError(f"Invalid layerwise_max_grad_norm: {norm!r}: must be a finite float > 0, or None")
+            if not layerwise:
+                raise ValueError(
+                    f"Invalid layerwise_max_grad_norm: {norm!r}: needs layerwise=True (otherwise call "
+                    "accelerator.clip_grad_norm_ as usual)"
+                )
+        super().__init__(*args, **accelerate_kwargs)
+        self.accumulation_compression_rank = rank
+        self.accumulation_seed = accumulation_seed
+        self.layerwise = layerwise
+        self.layerwise_max_grad_norm = None if norm is None else float(norm)
+        self._flora_accumulator: CompressedAccumulator | None = None
+        active = rank is not None or layerwise
+        if active and self.distributed_type.name in _UNSUPPORTED:
+            option = "layerwise=True" if rank is None else f"accumulation_compression_rank={rank}"
+            raise ValueError(
+                f"FloraAccelerator: {option} is not supported with distributed_type={self.distributed_type.name} "
+                "(sharded or engine-managed gradients); it works with a single process and with DDP"
+            )
+        if layerwise and self.num_processes > 1:
+            raise ValueError(
+                f"FloraAccelerator: layerwise=True needs a single process (got num_processes={self.num_processes}): "
+                "each tensor is updated inside backward, before DDP has reduced its gradient"
+            )
+        if layerwise and self.scaler is not None:
+            raise ValueError(
+                f"FloraAccelerator: layerwise=True is incompatible with mixed_precision={self.mixed_precision!r} "
+                "(fp16 loss scaling needs every gradient before any step); use bf16 or fp32"
+            )
+        self.register_save_state_pre_hook(self._flora_save_hook)
+        self.register_load_state_pre_hook(self._flora_load_hook)
+
+    @property
+    def accumulator(self) -> CompressedAccumulator | None:
+        """The :class:`CompressedAccumulator` attached at ``prepare`` (None when inactive)."""
+        return self._flora_accumulator
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement=None):
+        prepared = super().prepare_optimizer(optimizer, device_placement=device_placement)
+        if self.accumulation_compression_rank is not None or self.layerwise:
+            if self._flora_accumulator is not None:
+                raise NotImplementedError(
+                    "FloraAccelerator with accumulation_compression_rank or layerwise supports one optimizer; "
+                    "a second one was prepared"
+                )
+            self._flora_accumulator = CompressedAccumulator(
+                prepared,
+                self.accumulation_compression_rank,
+                accumulation_steps=self.gradient_accumulation_steps,
+                seed=self.accumulation_seed,
+                layerwise=self.layerwise,
+                max_grad_norm=self.layerwise_max_grad_norm,
+            )
+        return prepared
+
+    def backward(self, loss, **kwargs):
+        accumulator = self._flora_accumulator
+        if accumulator is None:
+            return super().backward(loss, **kwargs)
+        with accumulator.micro_batch(sync=self.sync_gradients):
+            return super().backward(loss, **kwargs)
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        accumulator = self._flora_accumulator
+        if accumulator is not None and accumulator.layerwise:
+            return accumulator.clip_grad_norm_(max_norm, norm_type)
+        return super().clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+
+    def clip_grad_value_(self, parameters, clip_value):
+        accumulator = self._flora_accumulator
+        if accumulator is not None and accumulator.layerwise:
+            raise RuntimeError(
+                "clip_grad_value_ is not available with layerwise=True: the gradients were applied during backward"
+            )
+        return super().clip_grad_value_(parameters, clip_value)
+
+    def free_memory(self, *objects):
+        if self._flora_accumulator is not None:
+            self._flora_accumulator.remove()
+            self._flora_accumulator = None
+        return super().free_memory(*objects)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _flora_save_hook(self, models, weights, output_dir) -> None:
+        if self._flora_accumulator is not None:
+            path = os.path.join(output_dir, STATE_FILE.format(self.process_index))
+            torch.save(self._flora_accumulator.state_dict(), path)
+
+    def _flora_load_hook(self, models, input_dir) -> None:
+        if self._flora_accumulator is None:
+            return
+        path = os.path.join(input_dir, STATE_FILE.format(self.process_index))
+        if not os.path.exists(path):
+            warnings.warn(
+                f"FloraAccelerator.load_state: {path} not found (checkpoint saved without compressed "
+                "accumulation?); starting a fresh accumulation cycle",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._flora_accumulator.reset()
+            return
+        self._flora_accumulator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,433 @@
+r"""Compressed gradient accumulation and layer-wise updates for PyTorch, through post-accumulate-grad hooks.
+
+This is the engine shared by :class:`flora_opt.FloraAccelerator`, :class:`flora_opt.hf.FloraTrainer`
+and plain PyTorch loops. It follows ``docs/algorithm.md`` section 12 (the math is in
+:mod:`flora_opt.core`: :func:`~flora_opt.core.accumulation_layout`,
+:func:`~flora_opt.core.accumulation_projection`, :func:`~flora_opt.core.compress`,
+:func:`~flora_opt.core.decompress`); ``docs/accumulation.md`` gives the details.
+
+For an ``m x n`` gradient (``m <= n``; otherwise the columns are compressed) and ``K``
+micro-batches in accumulation cycle ``c``:
+
+.. math::
+   Q_c \in \mathbb R^{r \times m},\ (Q_c)_{ij} \sim \mathcal N(0, 1/r)
+   \text{ from } \mathrm{key}(\mathrm{tensor\_seed}(s, i), 1, c), \qquad
+   B = \sum_{k=1}^{K} Q_c\, g_k, \qquad G = Q_c^\top B,
+
+with ``E[G] = sum_k g_k``, exactly what naive accumulation would leave in ``.grad``. Every micro-batch
+gradient is compressed as soon as it is produced and dropped, so between micro-batches a compressed
+tensor holds only its ``r x max(m, n)`` buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+import torch
+
+from . import core
+from .layerwise import optimizer_group_index, step_parameter, unwrap_optimizer
+from .ops import get_ops
+from .projection import tensor_seed
+
+__all__ = ["CompressedAccumulator"]
+
+STATE_FORMAT = 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Slot:
+    """Book-keeping for one parameter (position ``index`` in the optimizer's parameter order)."""
+
+    __slots__ = ("param", "index", "group", "layout", "seed", "buffer", "done", "handle")
+
+    def __init__(self, param, index, group, layout, seed):
+        self.param = param
+        self.index = index
+        self.group = group
+        self.layout = layout
+        self.seed = seed
+        self.buffer = None  # float32 (r, n) or (m, r) while a cycle has compressed data
+        self.done = False  # handled in the current sync backward
+        self.handle = None
+
+
+class CompressedAccumulator:
+    r"""Accumulates gradients compressed by a fresh random projection per cycle; optionally
+    applies the optimizer to each tensor inside backward (layer-wise updates).
+
+    For each tensor whose matrix view ``(m, n)`` has ``min(m, n) > rank``, every micro-batch
+    gradient is projected into an ``r x max(m, n)`` float32 buffer as soon as autograd produces it,
+    and ``.grad`` is set back to ``None``. On the sync micro-batch (the last of a cycle) the buffer
+    is decompressed once into ``.grad``, which is then what naive accumulation would have left
+    there, in expectation (unbiased; variance ``O(1/rank)``). Other tensors (vectors, small
+    matrices, ``rank=None``) accumulate in ``.grad`` as usual. A cycle of one micro-batch has
+    nothing to accumulate: its gradient is handed over exact.
+
+    With ``layerwise=True`` each tensor is updated by ``optimizer`` as soon as its gradient for
+    the cycle is complete (during the sync backward), then its ``.grad`` is freed, so at most a
+    few full-size gradients exist at any time. ``optimizer.step()`` and ``zero_grad()`` keep
+    working: after a layer-wise backward no tensor holds a gradient, so ``step()`` updates
+    nothing more (a gradient you set by hand is still applied).
+
+    Args:
+      optimizer: the ``torch.optim.Optimizer`` the gradients are for (an accelerate
+        ``AcceleratedOptimizer`` is unwrapped). Tensor ``i`` (its position in the flattened
+        param groups, as in :class:`flora_opt.Flora`) gets projection seed
+        ``tensor_seed(seed, i)``. Parameters with ``requires_grad=False`` are ignored.
+      rank (int or None, default None): accumulation rank ``r_acc``; ``None`` accumulates
+        naively (useful with ``layerwise=True``).
+      accumulation_steps (int, default 1): micro-batches per cycle, used by :meth:`backward`
+        when its ``sync`` argument is not given.
+      seed (int, default 0): 32-bit seed of the accumulation projections (stream 1; it never
+        collides with Flora's momentum projections, stream 0, even with the same seed).
+      layerwise (bool, default False): update each tensor inside the sync backward.
+      max_grad_norm (float or None, default None): layer-wise gradient clipping (needs
+        ``layerwise=True``): tensor ``i`` of ``n_i`` elements is clipped to norm
+        ``max_grad_norm * sqrt(n_i / N)`` (``N``: all elements), so the gradient applied has
+        global norm ``<= max_grad_norm``. See ``docs/accumulation.md``.
+
+    Example:
+      >>> import torch, flora_opt
+      >>> from flora_opt.accumulation import CompressedAccumulator
+      >>> model = torch.nn.Linear(256, 256)
+      >>> optimizer = flora_opt.Flora(model.parameters(), lr=1e-3, rank=32)
+      >>> accumulator = CompressedAccumulator(optimizer, rank=32, accumulation_steps=4)
+      >>> for micro_batch in range(8):
+      ...     loss = model(torch.randn(8, 256)).pow(2).mean() / 4
+      ...     accumulator.backward(loss)  # loss.backward() plus book-keeping
+      ...     if accumulator.sync_gradients:
+      ...         optimizer.step(); optimizer.zero_grad()
+
+    Note:
+      Use :meth:`backward` (or the :meth:`micro_batch` context around your own backward) so the
+      accumulator knows which micro-batch closes a cycle; a bare ``loss.backward()`` is accepted
+      only with ``accumulation_steps=1``. Differences from the reference implementation
+      (``flora-opt==0.0.3``): updates are not always layer-wise and ``optimizer.step()`` is not
+      turned into a no-op; seeds, cycle and buffers are checkpointed; works under DDP.
+
+    References:
+      Yongchang Hao, Yanshuai Cao, Lili Mou. "Flora: Low-Rank Adapters Are Secretly Gradient
+      Compressors", ICML 2024, Algorithm 1. Kai Lv et al. "Full Parameter Fine-tuning for Large
+      Language Models with Limited Resources" (LOMO), 2023.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rank: int | None = None,
+        *,
+        accumulation_steps: int = 1,
+        seed: int = 0,
+        layerwise: bool = False,
+        max_grad_norm: float | None = None,
+    ):
+        optimizer = unwrap_optimizer(optimizer)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"Invalid optimizer: {type(optimizer).__name__}: expected a torch.optim.Optimizer "
+                "(the accumulator needs its parameter order and, for layer-wise updates, its step)"
+            )
+        if rank is not None and (not _is_int(rank) or rank < 1):
+            raise ValueError(f"Invalid rank: {rank!r}: must be an int >= 1, or None for naive accumulation")
+        if not _is_int(accumulation_steps) or accumulation_steps < 1:
+            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}: must be an int >= 1")
+        if not _is_int(seed) or not 0 <= seed < 2**32:
+            raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
+        if not isinstance(layerwise, bool):
+            raise ValueError(f"Invalid layerwise: {layerwise!r}: must be a bool")
+        if max_grad_norm is not None:
+            if (
+                not isinstance(max_grad_norm, (int, float))
+                or isinstance(max_grad_norm, bool)
+                or not max_grad_norm > 0
+                or math.isinf(max_grad_norm)
+            ):
+                raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}: must be a finite float > 0, or None")
+            if not layerwise:
+                raise ValueError(
+                    f"Invalid max_grad_norm: {max_grad_norm!r}: it is only used with layerwise=True; "
+                    "without layer-wise updates clip with torch.nn.utils.clip_grad_norm_ before optimizer.step()"
+                )
+        self.optimizer = optimizer
+        self.rank = rank
+        self.accumulation_steps = accumulation_steps
+        self.seed = seed
+        self.layerwise = layerwise
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.cycle = 0
+        self.micro_step = 0  # backward passes done in the current cycle
+        self.sync_gradients = False  # whether the last (or current) micro-batch closes a cycle
+        self.last_grad_norm: torch.Tensor | None = None  # layer-wise: global norm of the last cycle
+        self._sync: bool | None = None  # set while a managed backward runs
+        self._norm_sq: torch.Tensor | None = None
+        self._ops = get_ops("torch")
+        self._slots: list[_Slot] = []
+        index = 0
+        for group_index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                if param.requires_grad:
+                    layout = core.accumulation_layout(param.shape, rank)
+                    self._slots.append(_Slot(param, index, group_index, layout, tensor_seed(seed, index)))
+                index += 1
+        self._total_numel = sum(slot.param.numel() for slot in self._slots)
+        for slot in self._slots:
+            if slot.layout.compressed or layerwise:
+                slot.handle = slot.param.register_post_accumulate_grad_hook(self._make_hook(slot))
+
+    # ---- public API -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def micro_batch(self, sync: bool | None = None) -> Iterator[None]:
+        """Context for the backward pass(es) of one micro-batch.
+
+        ``sync`` says whether this micro-batch closes the cycle (default: the
+        ``accumulation_steps``-th micro-batch of the cycle). On exit after a sync micro-batch the
+        gradients are complete in ``.grad`` (or, layer-wise, already applied) and the next cycle
+        draws a fresh projection.
+        """
+        if self._sync is not None:
+            raise RuntimeError("CompressedAccumulator.micro_batch() contexts cannot be nested")
+        if sync is None:
+            sync = self.micro_step + 1 >= self.accumulation_steps
+        self._sync = bool(sync)
+        self.sync_gradients = self._sync
+        try:
+            yield
+        except BaseException:
+            self._sync = None
+            raise
+        self._end_micro_batch()
+
+    def backward(self, loss: torch.Tensor, *, sync: bool | None = None, **kwargs) -> None:
+        """``loss.backward(**kwargs)`` for one micro-batch (see :meth:`micro_batch` for ``sync``).
+
+        Like naive accumulation, the loss should already be divided by the number of
+        micro-batches if you want the mean gradient.
+        """
+        with self.micro_batch(sync):
+            loss.backward(**kwargs)
+
+    def buffer_bytes(self) -> int:
+        """Bytes held by the compression buffers now (exact)."""
+        return sum(s.buffer.numel() * s.buffer.element_size() for s in self._slots if s.buffer is not None)
+
+    def compressed_parameters(self) -> list[torch.Tensor]:
+        """The parameters whose gradients are accumulated in compressed form."""
+        return [s.param for s in self._slots if s.layout.compressed]
+
+    def reset(self) -> None:
+        """Drop the current cycle's compressed buffers (``zero_grad`` for the compressed part)."""
+        for slot in self._slots:
+            slot.buffer = None
+        self.micro_step = 0
+
+    def remove(self) -> None:
+        """Remove the hooks; the accumulator stops acting (buffers are dropped)."""
+        for slot in self._slots:
+            if slot.handle is not None:
+                slot.handle.remove()
+                slot.handle = None
+            slot.buffer = None
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """What ``clip_grad_norm_`` means in layer-wise mode.
+
+        The gradients were already applied during backward, so this cannot clip them any more: it
+        returns the exact global 2-norm of the last cycle's gradients *before* clipping, and checks
+        that ``max_norm`` is the ``max_grad_norm`` the accumulator clips with (or ``inf``: no
+        clipping requested, norm only). Anything else raises, instead of silently not clipping.
+        """
+        if not self.layerwise:
+            raise RuntimeError(
+                "CompressedAccumulator.clip_grad_norm_ is for layer-wise mode; otherwise use "
+                "torch.nn.utils.clip_grad_norm_ on the parameters after the sync backward"
+            )
+        if float(norm_type) != 2.0:
+            raise ValueError(f"Invalid norm_type: {norm_type!r}: layer-wise clipping supports only the 2-norm")
+        max_norm = float(max_norm)
+        if not math.isinf(max_norm) and max_norm != self.max_grad_norm:
+            raise RuntimeError(
+                f"clip_grad_norm_(max_norm={max_norm!r}) in layer-wise mode: each tensor is updated during "
+                "backward, before this call, so clipping must be configured up front: pass "
+                f"max_grad_norm={max_norm!r} (FloraAccelerator: layerwise_max_grad_norm={max_norm!r}); "
+                f"currently max_grad_norm={self.max_grad_norm!r}"
+            )
+        if self.last_grad_norm is None:
+            device = self._slots[0].param.device if self._slots else None
+            return torch.zeros((), device=device)
+        return self.last_grad_norm
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Seed, cycle, position in the cycle and buffers: ints and tensors only.
+
+        Mid-cycle it also holds the partial ``.grad`` of the naively accumulated tensors, so a
+        run resumed from it continues bit-exactly. Loads with ``torch.load(weights_only=True)``.
+        """
+        buffers = {s.index: s.buffer.detach().clone() for s in self._slots if s.buffer is not None}
+        grads = {}
+        if self.micro_step > 0:
+            for slot in self._slots:
+                if not slot.layout.compressed and slot.param.grad is not None:
+                    grads[slot.index] = slot.param.grad.detach().clone()
+        return {
+            "format": STATE_FORMAT,
+            "rank": self.rank,
+            "seed": self.seed,
+            "accumulation_steps": self.accumulation_steps,
+            "cycle": self.cycle,
+            "micro_step": self.micro_step,
+            "buffers": buffers,
+            "grads": grads,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; buffers keep float32, gradients take the parameter dtype."""
+        for key in ("seed", "cycle", "micro_step"):
+            if not _is_int(state_dict.get(key)):
+                raise ValueError(f"accumulator state: {key!r} must be an int, got {state_dict.get(key)!r}")
+        if state_dict.get("rank") != self.rank or state_dict["seed"] != self.seed:
+            raise ValueError(
+                f"accumulator state was saved with rank={state_dict.get('rank')!r}, seed={state_dict['seed']!r}; "
+                f"this accumulator has rank={self.rank!r}, seed={self.seed!r}"
+            )
+        by_index = {slot.index: slot for slot in self._slots}
+        buffers = state_dict.get("buffers", {})
+        grads = state_dict.get("grads", {})
+        for index, value in buffers.items():
+            slot = by_index.get(index)
+            if slot is None or not slot.layout.compressed or tuple(value.shape) != slot.layout.buffer_shape():
+                expected = None if slot is None else slot.layout.buffer_shape()
+                raise ValueError(
+                    f"accumulator state: buffer for parameter {index} has shape {tuple(value.shape)}, "
+                    f"expected {expected}"
+                )
+        for index, value in grads.items():
+            slot = by_index.get(index)
+            if slot is None or tuple(value.shape) != tuple(slot.param.shape):
+                raise ValueError(f"accumulator state: gradient for parameter {index} does not match its parameter")
+        self.cycle = state_dict["cycle"]
+        self.micro_step = state_dict["micro_step"]
+        for slot in self._slots:
+            value = buffers.get(slot.index)
+            slot.buffer = None if value is None else value.to(device=slot.param.device, dtype=torch.float32, copy=True)
+            if slot.index in grads:
+                slot.param.grad = grads[slot.index].to(device=slot.param.device, dtype=slot.param.dtype, copy=True)
+
+    # ---- the hooks ------------------------------------------------------------------------
+    def _current_sync(self) -> bool:
+        if self._sync is not None:
+            return self._sync
+        if self.accumulation_steps == 1:
+            return True  # bare loss.backward(): every backward closes its own cycle
+        raise RuntimeError(
+            "a gradient arrived outside CompressedAccumulator.backward() / micro_batch(): with "
+            f"accumulation_steps={self.accumulation_steps} the accumulator must know which micro-batch closes "
+            "a cycle (FloraAccelerator: call accelerator.backward(loss), not loss.backward())"
+        )
+
+    def _make_hook(self, slot: _Slot):
+        def hook(param: torch.Tensor) -> None:
+            self._on_gradient(slot)
+
+        return hook
+
+    def _projection(self, slot: _Slot) -> torch.Tensor:
+        layout = slot.layout
+        return core.accumulation_projection(
+            slot.seed, self.cycle, layout.rank, layout.compressed_dim, self._ops, slot.param.device
+        )
+
+    @torch.no_grad()
+    def _on_gradient(self, slot: _Slot) -> None:
+        sync = self._current_sync()
+        managed = self._sync is not None
+        param = slot.param
+        if sync and slot.done and managed:
+            if self.layerwise:
+                raise RuntimeError(
+                    f"parameter {slot.index} (shape {tuple(param.shape)}) received its gradient in two pieces in one "
+                    "backward (e.g. shared between a use_reentrant=True checkpointed segment and the rest); layer-wise "
+                    "updates need the complete gradient: use torch.utils.checkpoint with use_reentrant=False"
+                )
+            return  # the late piece stays in .grad, added exactly to the decompressed sum
+        if slot.layout.compressed and param.grad is not None:
+            if sync and slot.buffer is None:
+                pass  # a cycle of one micro-batch: nothing to accumulate, the gradient is exact
+            else:
+                grad = param.grad
+                param.grad = None
+                projection = self._projection(slot)
+                compressed = core.compress(grad.to(torch.float32).reshape(slot.layout.matrix), projection, slot.layout.side, self._ops)
+                del grad
+                if slot.buffer is None:
+                    slot.buffer = compressed
+                else:
+                    slot.buffer.add_(compressed)
+                del compressed
+                if sync:
+                    self._flush(slot, projection)
+        if sync:
+            if self.layerwise:
+                self._apply(slot)
+            if managed:
+                slot.done = True
+
+    def _flush(self, slot: _Slot, projection: torch.Tensor | None = None) -> None:
+        """``.grad <- decompress(B)`` (added to any gradient already there); the buffer is freed."""
+        if projection is None:
+            projection = self._projection(slot)
+        dense = core.decompress(slot.buffer, projection, slot.layout.side, self._ops)
+        slot.buffer = None
+        param = slot.param
+        dense = dense.view(param.shape)
+        if param.grad is None:
+            param.grad = dense.to(param.dtype)
+        else:
+            param.grad.add_(dense.to(param.grad.dtype))
+
+    def _apply(self, slot: _Slot) -> None:
+        """Layer-wise update of one tensor from its complete gradient, then free the gradient."""
+        param = slot.param
+        grad = param.grad
+        if grad is None:
+            return
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        self._norm_sq = norm * norm if self._norm_sq is None else self._norm_sq + norm * norm
+        if self.max_grad_norm is not None:
+            budget = self.max_grad_norm * math.sqrt(param.numel() / self._total_numel)
+            grad.mul_((budget / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+        step_parameter(self.optimizer, param, slot.group)
+        param.grad = None
+
+    @torch.no_grad()
+    def _end_micro_batch(self) -> None:
+        sync = self._sync
+        self._sync = None
+        if not sync:
+            self.micro_step += 1
+            return
+        for slot in self._slots:
+            if slot.buffer is not None:  # compressed data but no gradient in the sync micro-batch
+                self._flush(slot)
+            if self.layerwise and not slot.done and slot.param.grad is not None:
+                self._apply(slot)
+            slot.done = False
+        if self.layerwise:
+            self.last_grad_norm = None if self._norm_sq is None else self._norm_sq.sqrt()
+            self._norm_sq = None
+        self.cycle += 1
+        self.micro_step = 0
+
+    def __repr__(self) -> str:
+        compressed = sum(1 for s in self._slots if s.layout.compressed)
+        return (
+            f"CompressedAccumulator(rank={self.rank}, accumulation_steps={self.accumulation_steps}, seed={self.seed}, "
+            f"layerwise={self.layerwise}, max_grad_norm={self.max_grad_norm}, compressed_tensors={compressed}/"
+            f"{len(self._slots)}, cycle={self.cycle}, micro_step={self.micro_step})"
+        )

@@ -1,0 +1,92 @@
+"""Flora with ``transformers.Trainer``: compressed accumulation and layer-wise updates.
+
+The optimizer alone needs nothing from this module: pass it to any Trainer with
+``optimizers=(flora_opt.Flora(model.parameters(), lr=...), None)`` (or
+``optimizer_cls_and_kwargs=(flora_opt.Flora, {...})``). To also compress gradient accumulation
+(``TrainingArguments(gradient_accumulation_steps > 1)``) or update layer-wise, use
+:class:`FloraTrainer`, a ``Trainer`` whose accelerator is a :class:`flora_opt.FloraAccelerator`::
+
+    trainer = FloraTrainer(
+        model=model, args=TrainingArguments(..., gradient_accumulation_steps=16),
+        train_dataset=dataset, optimizers=(flora_opt.Flora(model.parameters(), lr=1e-3), None),
+        accumulation_compression_rank=64,
+    )
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import functools
+
+import transformers
+import transformers.trainer as _trainer_module
+
+from .accelerator import FloraAccelerator
+
+__all__ = ["FloraTrainer"]
+
+
+class _CycleCallback(transformers.TrainerCallback):
+    """Keeps the accumulation cycle equal to the optimizer step count, also after a resume.
+
+    The Trainer checkpoints only at cycle boundaries (after an optimizer step), where the
+    compressed buffers are empty; what must survive is the cycle number, which selects the
+    projections. The Trainer restores ``state.global_step``, so the cycle is set from it.
+    """
+
+    def __init__(self, trainer: "FloraTrainer"):
+        self._trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        accumulator = self._trainer.accelerator.accumulator
+        if accumulator is not None:
+            accumulator.reset()
+            accumulator.cycle = int(state.global_step)
+        return control
+
+
+class FloraTrainer(transformers.Trainer):
+    """``transformers.Trainer`` built on :class:`flora_opt.FloraAccelerator`.
+
+    Args:
+      accumulation_compression_rank (int or None, default None): rank of the compressed
+        gradient accumulation (used when ``gradient_accumulation_steps > 1``).
+      accumulation_seed (int, default 0): seed of the accumulation projections.
+      layerwise (bool, default False): update each tensor inside backward (single process,
+        not with fp16). ``TrainingArguments.max_grad_norm`` then clips each tensor to its
+        share ``max_grad_norm * sqrt(numel_i / numel_total)`` (docs/accumulation.md); the logged
+        ``grad_norm`` is the exact pre-clip global norm.
+      *args, **kwargs: as ``transformers.Trainer`` (pass the optimizer with ``optimizers=``
+        or ``optimizer_cls_and_kwargs=``).
+
+    The accumulation cycle is the Trainer's ``global_step``, so ``resume_from_checkpoint``
+    continues with the same projections as an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        *args,
+        accumulation_compression_rank: int | None = None,
+        accumulation_seed: int = 0,
+        layerwise: bool = False,
+        **kwargs,
+    ):
+        self._flora_options = dict(
+            accumulation_compression_rank=accumulation_compression_rank,
+            accumulation_seed=accumulation_seed,
+            layerwise=layerwise,
+        )
+        super().__init__(*args, **kwargs)
+        self.add_callback(_CycleCallback(self))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        options = dict(self._flora_options)
+        max_norm = self.args.max_grad_norm
+        if options["layerwise"] and max_norm is not None and 0 < max_norm < float("inf"):
+            options["layerwise_max_grad_norm"] = float(max_norm)
+        original = _trainer_module.Accelerator
+        _trainer_module.Accelerator = functools.partial(FloraAccelerator, **options)
+        try:
+            return super().create_accelerator_and_postprocess()
+        finally:
+            _trainer_module.Accelerator = original
