@@ -6,8 +6,9 @@ small interface, so PyTorch, JAX and NumPy run the same code. Every reduction go
 backend would insert its cross-shard all-reduce.
 
 Unsigned 32-bit integer arithmetic is the part that differs: JAX has wrapping ``uint32``;
-PyTorch lacks a wrapping uint32 multiply, so it holds the values in ``int64`` and masks, with
-multipliers kept below 2^31 so products never overflow; NumPy does the same in ``uint64``.
+PyTorch's ``uint32`` lacks ``add`` and ``>>``, so it holds the bit patterns in ``int32`` (two's
+complement wraps like unsigned arithmetic; logical shifts are masked arithmetic shifts); NumPy
+uses ``uint64`` with masking, the multipliers being below 2^31 so products stay exact.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class ArrayOps:
     def u32_to_unit_float(self, x):
         """float32 ``(2 x + 1) * 2^-24`` for ``x < 2^23`` (exact in every framework)."""
         raise NotImplementedError
+
+    def mix32(self, x, mul1: int, mul2: int):
+        """The ``mix32`` finaliser of :mod:`flora_opt.projection` (may reuse ``x``'s storage)."""
+        x = self.u32_xor(x, self.u32_shr(x, 16))
+        x = self.u32_mul(x, mul1)
+        x = self.u32_xor(x, self.u32_shr(x, 15))
+        x = self.u32_mul(x, mul2)
+        return self.u32_xor(x, self.u32_shr(x, 15))
+
+    def box_muller(self, uniform, scale: float):
+        """Pairs ``(u1, u2)`` of the flat ``uniform`` -> interleaved ``(rho cos, rho sin) * scale``."""
+        pairs = self.reshape(uniform, (-1, 2))
+        radius = self.sqrt(-2.0 * self.log(pairs[:, 0])) * scale
+        theta = (2.0 * 3.141592653589793) * pairs[:, 1]
+        return self.reshape(self.stack_last(radius * self.cos(theta), radius * self.sin(theta)), (-1,))
 
     # ---- float math ---------------------------------------------------------------------
     def sqrt(self, x):
@@ -169,7 +185,13 @@ class NumpyOps(ArrayOps):
 
 
 class TorchOps(ArrayOps):
-    """PyTorch: uint32 values live in int64 tensors (no wrapping uint32 multiply in torch)."""
+    """PyTorch: uint32 values live in int32 tensors as their two's-complement bit patterns.
+
+    torch's ``uint32`` lacks ``add`` and ``>>`` on CPU, so words are held in ``int32``:
+    ``+``, ``*`` and ``^`` give the same low 32 bits as unsigned arithmetic (two's complement
+    wraps), and a logical shift is an arithmetic shift followed by a mask. Half the bytes of an
+    ``int64`` representation, hence about 3x faster projections on CPU.
+    """
 
     name = "torch"
 
@@ -179,24 +201,54 @@ class TorchOps(ArrayOps):
         self.xp = torch
         self.torch = torch
 
+    @staticmethod
+    def _signed(c: int) -> int:
+        c &= MASK32
+        return c - (1 << 32) if c >= (1 << 31) else c
+
+    def u32(self, x):
+        return self._signed(x) if isinstance(x, int) else x
+
     def u32_arange(self, n, device=None):
-        return self.torch.arange(n, dtype=self.torch.int64, device=device)
+        if n > 2**31:
+            raise ValueError(f"PyTorch projections are limited to 2^31 elements, got {n}")
+        return self.torch.arange(n, dtype=self.torch.int32, device=device)
 
     def u32_add(self, x, c):
-        return (x + (c & MASK32)).bitwise_and_(MASK32)
+        return x + self.u32(c)
 
     def u32_xor(self, x, c):
-        return x ^ (c & MASK32)
+        return x ^ self.u32(c)
 
     def u32_shr(self, x, k):
-        return x >> k
+        return (x >> k).bitwise_and_((1 << (32 - k)) - 1)
 
     def u32_mul(self, x, c):
-        assert 0 <= c < 2**31
-        return (x * c).bitwise_and_(MASK32)
+        return x * self.u32(c)
 
     def u32_to_unit_float(self, x):
         return (x * 2 + 1).to(self.torch.float32).mul_(_TWO_POW_MINUS_24)
+
+    def mix32(self, x, mul1, mul2):
+        # In place on x (callers pass temporaries): each op is one pass over a small buffer.
+        torch = self.torch
+        scratch = torch.empty_like(x)
+        for shift, mul in ((16, mul1), (15, mul2)):
+            torch.bitwise_right_shift(x, shift, out=scratch)
+            x.bitwise_xor_(scratch.bitwise_and_((1 << (32 - shift)) - 1))
+            x.mul_(self._signed(mul))
+        torch.bitwise_right_shift(x, 15, out=scratch)
+        return x.bitwise_xor_(scratch.bitwise_and_((1 << 17) - 1))
+
+    def box_muller(self, uniform, scale):
+        torch = self.torch
+        pairs = uniform.view(-1, 2)
+        radius = pairs[:, 0].log().mul_(-2.0).sqrt_().mul_(scale)
+        theta = pairs[:, 1].mul(2.0 * 3.141592653589793)
+        out = torch.empty_like(pairs)
+        torch.cos(theta, out=out[:, 0])
+        torch.sin(theta, out=out[:, 1])
+        return out.mul_(radius[:, None]).view(-1)
 
     def rsqrt(self, x):
         return self.torch.rsqrt(x)

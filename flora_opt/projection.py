@@ -96,12 +96,7 @@ def projection_key(seed, stream: int, index, ops: ArrayOps | None = None):
 
 
 def _mix32_array(x, ops: ArrayOps):
-    x = ops.u32_xor(x, ops.u32_shr(x, 16))
-    x = ops.u32_mul(x, MIX_MUL_1)
-    x = ops.u32_xor(x, ops.u32_shr(x, 15))
-    x = ops.u32_mul(x, MIX_MUL_2)
-    x = ops.u32_xor(x, ops.u32_shr(x, 15))
-    return x
+    return ops.mix32(x, MIX_MUL_1, MIX_MUL_2)
 
 
 def gaussian_projection(key: int, rank: int, dim: int, ops: ArrayOps, device=None):
@@ -125,12 +120,7 @@ def gaussian_projection(key: int, rank: int, dim: int, ops: ArrayOps, device=Non
     counter = ops.u32_arange(2 * pairs, device)
     bits = _mix32_array(ops.u32_xor(_mix32_array(ops.u32_add(counter, key), ops), key2), ops)
     uniform = ops.u32_to_unit_float(ops.u32_shr(bits, 9))  # (2 (b >> 9) + 1) * 2^-24
-    uniform = ops.reshape(uniform, (pairs, 2))
-    u1, u2 = uniform[:, 0], uniform[:, 1]
-    radius = ops.sqrt(-2.0 * ops.log(u1)) * (1.0 / math.sqrt(rank))
-    theta = (2.0 * math.pi) * u2
-    values = ops.stack_last(radius * ops.cos(theta), radius * ops.sin(theta))
-    values = ops.reshape(values, (2 * pairs,))
+    values = ops.box_muller(uniform, 1.0 / math.sqrt(rank))
     if 2 * pairs != numel:
         values = values[:numel]
     return ops.reshape(values, (rank, dim))

@@ -27,13 +27,24 @@ _QMAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
 def _quant_utils():
+    import logging
+
+    # torchao logs about optional CUDA kernels it cannot load on import; they are irrelevant
+    # to the pure-PyTorch functions used here.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
     try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
         from torchao.optim import quant_utils
     except ImportError as error:  # pragma: no cover - exercised only without torchao
         raise ImportError(
             "Flora(quantization=True) needs torchao: pip install 'flora-opt[torch]' "
             "(or pip install torchao)"
         ) from error
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     return quant_utils
 
 

@@ -1,0 +1,382 @@
+"""flora_opt.Flora against the float64 reference, transformers' Adafactor, and its own contract."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import flora_opt  # noqa: E402
+from flora_opt import core  # noqa: E402
+from flora_opt.reference import ReferenceFlora  # noqa: E402
+
+# shapes crossing every threshold of section 1 with rank 8 and min_dim_size_to_factor 16
+SHAPES = [(5,), (), (8, 40), (9, 40), (40, 9), (16, 16), (15, 30), (20, 3, 4), (30, 17), (0, 3)]
+OPTIONS = [
+    dict(rank=8, kappa=3),
+    dict(rank=None),
+    dict(rank=8, beta1=None),
+    dict(rank=8, beta1=0.0),
+    dict(rank=8, kappa=2, factorize_second_moment=False, weight_decay=0.1),
+    dict(rank=8, kappa=4, scale_parameter=False, clip_threshold=0.5, decay_rate=-0.5),
+    dict(lr=None, relative_step=True, rank=8, kappa=2),
+    dict(lr=None, relative_step=True, warmup_init=True, rank=8, kappa=2),
+    dict(rank=8, kappa=1, beta1=0.5, eps=(1e-20, 1e-2), seed=12345),
+]
+
+
+def _run_pair(shapes, options, steps, dtype=torch.float32, seed=0):
+    options = dict(options)
+    lr = options.pop("lr", 3e-2)
+    options.setdefault("min_dim_size_to_factor", 16)
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    params = [torch.nn.Parameter(x.to(dtype)) for x in init]
+    opt = flora_opt.Flora(params, lr=lr, **options)
+    ref = ReferenceFlora([p.detach().double().numpy() for p in params], lr=lr, **options)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype)
+        opt.step()
+        ref.step([g.to(dtype).double().numpy() for g in grads])
+    return params, opt, ref
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fast_path_matches_reference_params_and_state(options):
+    params, opt, ref = _run_pair(SHAPES, options, steps=9)
+    for index, (p, expected) in enumerate(zip(params, ref.params)):
+        np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=f"param {index}")
+        state, rstate = opt.state[p], ref.states[index]
+        assert state["step"] == rstate.step == 9
+        assert state["seed"] == rstate.seed
+        if p.numel() == 0:
+            continue
+        if rstate.momentum is not None:
+            np.testing.assert_allclose(state["exp_avg"].numpy(), rstate.momentum, rtol=1e-4, atol=1e-6)
+        else:
+            assert "exp_avg" not in state
+        if rstate.row is not None:
+            np.testing.assert_allclose(state["exp_avg_sq_row"].numpy(), rstate.row, rtol=1e-5)
+            np.testing.assert_allclose(state["exp_avg_sq_col"].numpy(), rstate.col, rtol=1e-5)
+        else:
+            np.testing.assert_allclose(state["exp_avg_sq"].numpy().reshape(rstate.second.shape), rstate.second, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_low_precision_params_use_fp32_math(dtype, tol):
+    params, opt, ref = _run_pair([(12, 40), (40,)], dict(rank=4, kappa=2), steps=5, dtype=dtype)
+    for p, expected in zip(params, ref.params):
+        assert p.dtype == dtype
+        np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=tol, atol=tol)
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == torch.float32, key
+
+
+def test_rank_none_matches_transformers_adafactor_with_momentum():
+    """rank=None, beta1=0.9 is Adafactor with full momentum (transformers.Adafactor).
+
+    Documented difference: transformers factors every matrix; ours only matrices with both
+    dimensions >= min_dim_size_to_factor, so the test sets it to 1.
+    """
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48, 64), (30,), (8, 6, 5)]
+    init = [torch.randn(s) for s in shapes]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    theirs = [torch.nn.Parameter(x.clone()) for x in init]
+    kwargs = dict(lr=1e-2, beta1=0.9, weight_decay=0.01, scale_parameter=True, relative_step=False, warmup_init=False)
+    opt = flora_opt.Flora(ours, rank=None, min_dim_size_to_factor=1, **kwargs)
+    # transformers factors the last two dims of a 3-D tensor; ours views it as (8, 30): compare
+    # the 3-D tensor through an equivalent 2-D parameter on their side.
+    theirs[3] = torch.nn.Parameter(init[3].clone().reshape(8, 30))
+    ref = transformers.Adafactor(theirs, **kwargs)
+    for _ in range(12):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad = g.clone()
+            q.grad = g.clone().reshape(q.shape)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach().reshape(q.shape), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_beta1_none_matches_torch_adafactor_free_transformers_adafactor():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    init = torch.randn(32, 20)
+    p = torch.nn.Parameter(init.clone())
+    q = torch.nn.Parameter(init.clone())
+    opt = flora_opt.Flora([p], lr=1e-2, beta1=None, min_dim_size_to_factor=1)
+    ref = transformers.Adafactor([q], lr=1e-2, beta1=None, relative_step=False, warmup_init=False)
+    for _ in range(8):
+        g = torch.randn(32, 20)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert set(opt.state[p]) == {"step", "seed", "skipped_steps", "exp_avg_sq_row", "exp_avg_sq_col"}
+
+
+def test_flora_trains_a_small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    opt = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16, kappa=10, scale_parameter=False)
+    x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert opt.state[model[0].weight]["exp_avg"].shape == (128, 16)  # (128, 64): columns compressed
+
+
+# ---- param groups, schedulers, closures ------------------------------------------------------
+
+
+def test_param_groups_have_their_own_options():
+    a = torch.nn.Parameter(torch.randn(40, 60))
+    b = torch.nn.Parameter(torch.randn(40, 60))
+    c = torch.nn.Parameter(torch.randn(40, 60))
+    opt = flora_opt.Flora([{"params": [a]}, {"params": [b], "rank": 4, "kappa": 2}], lr=1e-2, rank=8)
+    opt.add_param_group({"params": [c], "rank": None, "lr": 1e-3})
+    for p in (a, b, c):
+        p.grad = torch.randn(40, 60)
+    opt.step()
+    assert opt.state[a]["exp_avg"].shape == (8, 60)
+    assert opt.state[b]["exp_avg"].shape == (4, 60)
+    assert opt.state[c]["exp_avg"].shape == (40, 60)
+    # seeds are distinct per tensor position
+    assert len({opt.state[p]["seed"] for p in (a, b, c)}) == 3
+
+
+def test_lr_scheduler_changes_the_step():
+    def final_param(schedule):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.ones(20, 30))
+        opt = flora_opt.Flora([p], lr=1e-2, rank=4, scale_parameter=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        for _ in range(4):
+            p.grad = torch.ones(20, 30)
+            opt.step()
+            sched.step()
+        return p.detach().clone(), opt.param_groups[0]["lr"]
+
+    constant, lr_c = final_param(lambda s: 1.0)
+    decayed, lr_d = final_param(lambda s: 0.5**s)
+    assert lr_c == pytest.approx(1e-2) and lr_d == pytest.approx(1e-2 * 0.5**4)
+    # the all-ones gradient gives a deterministic update direction: the decayed run moves less
+    assert (1 - decayed).abs().mean() < (1 - constant).abs().mean()
+
+
+def test_closure_and_zero_grad_and_params_without_grad():
+    torch.manual_seed(0)
+    used = torch.nn.Parameter(torch.randn(10, 10))
+    unused = torch.nn.Parameter(torch.randn(10, 10))
+    before = unused.detach().clone()
+    opt = flora_opt.Flora([used, unused], lr=1e-2, rank=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (used**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert unused.grad is None and unused not in opt.state
+    torch.testing.assert_close(unused.detach(), before, rtol=0, atol=0)
+    opt.zero_grad()
+    assert used.grad is None
+
+
+# ---- non-finite, sparse and complex gradients ------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("options", [dict(rank=4), dict(rank=None), dict(beta1=None), dict(factorize_second_moment=False)])
+def test_non_finite_gradient_skips_only_that_tensor(bad, options):
+    torch.manual_seed(0)
+    init = [torch.randn(30, 40), torch.randn(30, 40), torch.randn(7)]
+
+    def run(poison):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = flora_opt.Flora(params, lr=1e-2, min_dim_size_to_factor=8, **options)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if poison and step == 2:
+                params[1].grad[3, 5] = bad
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+            if poison and step == 2:
+                assert any("non-finite gradient" in str(w.message) for w in caught)
+        return params, opt
+
+    clean, clean_opt = run(False)
+    dirty, dirty_opt = run(True)
+    for p in dirty:
+        assert torch.isfinite(p).all()
+        for value in dirty_opt.state[p].values():
+            if isinstance(value, torch.Tensor):
+                assert torch.isfinite(value).all()
+    # untouched tensors are bit-identical to the clean run
+    for index in (0, 2):
+        assert torch.equal(dirty[index], clean[index])
+    assert dirty_opt.state[dirty[1]]["skipped_steps"] == 1
+    assert dirty_opt.state[dirty[1]]["step"] == 3
+    assert dirty_opt.state[dirty[0]]["step"] == 4
+
+
+def test_sparse_gradient_raises():
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    opt = flora_opt.Flora(emb.parameters(), lr=1e-2)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_complex_parameters_raise():
+    with pytest.raises(ValueError, match="complex"):
+        flora_opt.Flora([torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))], lr=1e-2)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+BAD = [
+    (dict(lr=-1e-3), ValueError, r"Invalid lr: -0\.001"),
+    (dict(lr=float("nan")), ValueError, r"Invalid lr: nan"),
+    (dict(lr=None), ValueError, r"Invalid lr: None"),
+    (dict(lr="0.1"), ValueError, r"Invalid lr: '0\.1'"),
+    (dict(rank=0), ValueError, r"Invalid rank: 0"),
+    (dict(rank=-3), ValueError, r"Invalid rank: -3"),
+    (dict(rank=2.5), ValueError, r"Invalid rank: 2\.5"),
+    (dict(kappa=0), ValueError, r"Invalid kappa: 0"),
+    (dict(kappa=1.5), ValueError, r"Invalid kappa: 1\.5"),
+    (dict(beta1=1.0), ValueError, r"Invalid beta1: 1\.0"),
+    (dict(beta1=-0.1), ValueError, r"Invalid beta1: -0\.1"),
+    (dict(decay_rate=0.0), ValueError, r"Invalid decay_rate: 0\.0"),
+    (dict(decay_rate=0.8), ValueError, r"Invalid decay_rate: 0\.8"),
+    (dict(clip_threshold=0.0), ValueError, r"Invalid clip_threshold: 0\.0"),
+    (dict(clip_threshold=-1.0), ValueError, r"Invalid clip_threshold: -1\.0"),
+    (dict(eps=(0.0, 1e-3)), ValueError, r"Invalid eps value at index 0: 0\.0"),
+    (dict(eps=(1e-30, -1e-3)), ValueError, r"Invalid eps value at index 1: -0\.001"),
+    (dict(eps=1e-3), ValueError, r"Invalid eps: 0\.001"),
+    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay: -0\.1"),
+    (dict(lr=None, relative_step=True, warmup_init=True, seed=-1), ValueError, r"Invalid seed: -1"),
+    (dict(seed=2**32), ValueError, r"Invalid seed: 4294967296"),
+    (dict(relative_step=True), ValueError, r"Invalid lr: 0\.01: lr must be None when relative_step=True"),
+    (dict(warmup_init=True), ValueError, r"Invalid warmup_init: True requires relative_step=True"),
+    (dict(quantization="yes"), ValueError, r"Invalid quantization: 'yes'"),
+    (dict(min_dim_size_to_factor=0), ValueError, r"Invalid min_dim_size_to_factor: 0"),
+    (dict(betas=(0.9, 0.99)), TypeError, r"unexpected keyword argument\(s\) 'betas'"),
+    (dict(momentum=0.9), TypeError, r"unexpected keyword argument\(s\) 'momentum'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_arguments_raise_with_name_and_value(kwargs, error, pattern):
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", 1e-2)
+    with pytest.raises(error, match=pattern):
+        flora_opt.Flora([torch.nn.Parameter(torch.randn(3, 3))], lr=lr, **kwargs)
+
+
+def test_bad_param_group_option_raises():
+    opt = flora_opt.Flora([torch.nn.Parameter(torch.randn(3, 3))], lr=1e-2)
+    with pytest.raises(ValueError, match=r"Invalid rank: 0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))], "rank": 0})
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) 'ranks'"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))], "ranks": 2})
+
+
+def test_changing_rank_of_a_live_group_fails_clearly():
+    p = torch.nn.Parameter(torch.randn(20, 30))
+    opt = flora_opt.Flora([p], lr=1e-2, rank=4)
+    p.grad = torch.randn(20, 30)
+    opt.step()
+    opt.param_groups[0]["rank"] = 8
+    with pytest.raises(RuntimeError, match=r"'exp_avg' should have shape \(8, 30\), found \(4, 30\)"):
+        opt.step()
+
+
+# ---- memory: state bytes equal the documented formula ------------------------------------------
+
+
+def _formula_bytes(shape, rank, quantization=False, min_dim=128):
+    """docs/algorithm.md section 11, written out independently of the implementation."""
+    if len(shape) < 2:
+        numel = math.prod(shape)
+        momentum = second = numel
+        factored_bytes = None
+    else:
+        m, n = shape[0], math.prod(shape[1:])
+        numel = m * n
+        momentum = rank * max(m, n) if min(m, n) > rank else numel
+        factored_bytes = 4 * (m + n) if min(m, n) >= min_dim else None
+        second = numel
+
+    def stored(count):
+        if quantization and count >= 4096:
+            return math.ceil(count / 256) * (256 + 4)
+        return 4 * count
+
+    return stored(momentum) + (factored_bytes if factored_bytes is not None else stored(second))
+
+
+@pytest.mark.parametrize("quantization", [False, True])
+@pytest.mark.parametrize("rank", [8, 64])
+def test_state_bytes_equal_formula(rank, quantization):
+    pytest.importorskip("torchao") if quantization else None
+    shapes = [(768, 2304), (3072, 768), (500, 96), (100, 70), (96,), (64, 3, 3, 3), (5000, 256)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = flora_opt.Flora(params, lr=1e-3, rank=rank, quantization=quantization)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    for p, shape in zip(params, shapes):
+        held = sum(v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+        assert held == _formula_bytes(shape, rank, quantization), shape
+    assert opt.state_bytes() == sum(_formula_bytes(s, rank, quantization) for s in shapes)
+    # the headline ratio: a compressed, factored matrix costs r*max(m,n)+m+n floats
+    assert _formula_bytes((768, 3072), 64) == 4 * (64 * 3072 + 768 + 3072)
+
+
+def test_quantized_training_tracks_fp32():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    init = torch.randn(96, 128) * 0.1
+    target = torch.randn(96, 128) * 0.1
+    results = {}
+    for quantization in (False, True):
+        p = torch.nn.Parameter(init.clone())
+        opt = flora_opt.Flora(
+            [p], lr=2e-2, rank=32, kappa=5, quantization=quantization, factorize_second_moment=False, scale_parameter=False
+        )
+        for _ in range(60):
+            loss = ((p - target) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[quantization] = (p.detach().clone(), loss.item(), opt)
+    q_opt = results[True][2]
+    assert q_opt.state[p]["exp_avg_codes"].dtype == torch.uint8
+    assert q_opt.state[p]["exp_avg_sq_codes"].dtype == torch.uint8
+    assert results[True][1] < 0.5 * ((init - target) ** 2).sum().item()
+    rel = (results[True][0] - results[False][0]).norm() / (results[False][0] - init).norm()
+    assert rel < 0.1, rel
+
+
+def test_reports_layout_through_core():
+    layout = core.tensor_layout((768, 3072), core.FloraHyperParams(lr=1.0, rank=256))
+    assert layout.state_shapes() == {"exp_avg": (256, 3072), "exp_avg_sq_row": (768,), "exp_avg_sq_col": (3072,)}
