@@ -1,0 +1,39 @@
+"""Flora for JAX as optax gradient transformations.
+
+* :func:`scale_by_flora`: the Flora update of docs/algorithm.md as a ``GradientTransformation``
+  whose state (:class:`ScaleByFloraState`) is a NamedTuple of arrays only.
+* :func:`flora`: the full optimizer, ``optax.chain(scale_by_flora(...), optax.scale(-1))``;
+  also importable as ``flora_opt.optax_flora``.
+* :func:`compressed_accumulator` and :func:`compressed_multi_steps`: gradient accumulation that
+  keeps micro-batch gradients compressed (docs/algorithm.md section 12), as a set of pure
+  functions for ``lax.scan``/``fori_loop`` loops, or as an ``optax.MultiSteps``-like wrapper.
+* :func:`state_shardings`: ``NamedSharding`` s for the state, for ``jax.jit`` out_shardings.
+
+The per-tensor math is :func:`flora_opt.core.flora_update`, shared with the PyTorch optimizer;
+see ``docs/jax.md`` for the argument mapping between the two.
+"""
+
+from .accumulation import (
+    AccumulatorState,
+    CompressedAccumulator,
+    CompressedMultiStepsState,
+    compressed_accumulator,
+    compressed_multi_steps,
+    has_updated,
+)
+from .sharding import state_shardings
+from .transform import ScaleByFloraState, flora, scale_by_flora, state_bytes
+
+__all__ = [
+    "AccumulatorState",
+    "CompressedAccumulator",
+    "CompressedMultiStepsState",
+    "ScaleByFloraState",
+    "compressed_accumulator",
+    "compressed_multi_steps",
+    "flora",
+    "has_updated",
+    "scale_by_flora",
+    "state_bytes",
+    "state_shardings",
+]

@@ -1,0 +1,286 @@
+"""Compressed gradient accumulation for JAX (docs/algorithm.md section 12).
+
+Accumulating ``K`` micro-batch gradients of an ``m x n`` leaf with ``min(m, n) > tau`` keeps only
+``B = sum_k w_k compress(g_k; Q_c)``, of shape ``(tau, n)`` (``m <= n``) or ``(m, tau)``, where
+``Q_c`` is projection number ``c`` (the cycle: one per optimizer step) of the accumulation
+stream of the leaf's seed ``tensor_seed(seed, i)``. At the end of the cycle the optimizer receives
+``decompress(B; Q_c)``, an unbiased estimate of ``sum_k w_k g_k``; then ``c`` advances (a fresh
+projection) and ``B`` is zeroed. Other leaves accumulate naively in float32.
+
+Two ways to use it:
+
+* :func:`compressed_accumulator` returns pure functions ``init``/``add``/``result``/``reset``
+  over an :class:`AccumulatorState`, for micro-batch loops written with ``jax.lax.scan`` or
+  ``fori_loop`` (the accumulator is the loop carry).
+* :func:`compressed_multi_steps` wraps an optax optimizer like ``optax.MultiSteps``: every call
+  adds one micro-batch gradient, and every ``k``-th call runs the inner optimizer on the mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import core
+from ..ops import get_ops
+from ..projection import STREAM_ACCUMULATION, gaussian_projection, projection_key, tensor_seed
+from .transform import _float_dtype, _is_int, _placeholder
+
+__all__ = [
+    "AccumulatorState",
+    "CompressedAccumulator",
+    "CompressedMultiStepsState",
+    "compressed_accumulator",
+    "compressed_multi_steps",
+    "has_updated",
+]
+
+
+class AccumulatorState(NamedTuple):
+    """State of a :func:`compressed_accumulator`: arrays only.
+
+    Attributes:
+      cycle: int32 scalar ``c``, the number of completed cycles (optimizer steps).
+      seed: per leaf, uint32 scalar ``tensor_seed(seed, i)``.
+      buffer: per leaf, float32: the compressed sum ``(tau, n)``/``(m, tau)`` for eligible
+        leaves, the plain sum (the leaf's shape) for the others, a ``(0,)`` placeholder for
+        non-float leaves.
+    """
+
+    cycle: jax.Array
+    seed: Any
+    buffer: Any
+
+
+class CompressedAccumulator(NamedTuple):
+    """Pure functions of a compressed gradient accumulator (see :func:`compressed_accumulator`).
+
+    Attributes:
+      init: ``init(params) -> AccumulatorState`` (cycle 0, zero buffers).
+      add: ``add(grads, state, weight=1.0) -> state``: ``B += weight * compress(grads; Q_c)``.
+      result: ``result(state, like) -> grads``: ``decompress(B; Q_c)`` for every leaf, with
+        the shapes and dtypes of the tree ``like`` (the params or the gradients).
+      reset: ``reset(state) -> state``: zero the buffers and advance the cycle.
+    """
+
+    init: Callable
+    add: Callable
+    result: Callable
+    reset: Callable
+
+
+class _LeafPlan(NamedTuple):
+    kind: str  # "compressed" | "dense" | "skip"
+    matrix: Optional[tuple]
+    side: Optional[str]
+
+
+def _plan(leaf, tau: Optional[int]) -> _LeafPlan:
+    if _float_dtype(leaf) is None:
+        return _LeafPlan("skip", None, None)
+    shape = tuple(np.shape(leaf))
+    matrix = core.matrix_view(shape)
+    if tau is None or matrix is None or min(matrix) <= tau:
+        return _LeafPlan("dense", None, None)
+    m, n = matrix
+    return _LeafPlan("compressed", matrix, core.SIDE_ROWS if m <= n else core.SIDE_COLS)
+
+
+def _buffer_shape(leaf, plan: _LeafPlan, tau: int):
+    if plan.kind == "compressed":
+        m, n = plan.matrix
+        return (tau, n) if plan.side == core.SIDE_ROWS else (m, tau)
+    return tuple(np.shape(leaf))
+
+
+def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> CompressedAccumulator:
+    """Accumulate gradients compressed to rank ``tau`` (docs/algorithm.md section 12).
+
+    Args:
+      tau (default 256): rank ``r_acc`` of the accumulation projections; a leaf is compressed
+        iff it is a float leaf with ``ndim >= 2`` whose matrix view ``(m, n) = (shape[0], -1)``
+        has ``min(m, n) > tau``. ``None`` disables compression (plain float32 sums).
+      seed (default 0): 32-bit seed; leaf ``i`` (``jax.tree_util.tree_leaves`` order) uses
+        ``tensor_seed(seed, i)`` and projection ``c`` of stream 1 (the momentum uses stream 0, so
+        the same ``seed`` as the optimizer never reuses a momentum projection).
+
+    Returns:
+      A :class:`CompressedAccumulator` of pure, jittable functions.
+
+    Example (a micro-batch loop in ``lax.scan``)::
+
+        acc = compressed_accumulator(tau=64)
+        acc_state = acc.init(params)
+
+        def micro_step(acc_state, batch):
+            grads = jax.grad(loss_fn)(params, batch)
+            return acc.add(grads, acc_state, weight=1.0 / num_micro_batches), None
+
+        acc_state, _ = jax.lax.scan(micro_step, acc_state, micro_batches)
+        grads = acc.result(acc_state, like=params)    # unbiased estimate of the mean gradient
+        updates, opt_state = tx.update(grads, opt_state, params)
+        acc_state = acc.reset(acc_state)                # next cycle: a fresh projection
+    """
+    if tau is not None and (not _is_int(tau) or tau < 1):
+        raise ValueError(f"Invalid tau: {tau!r}: must be an int >= 1, or None to disable compression")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
+    ops = get_ops("jax")
+    base_seed = int(seed)
+
+    def projection(leaf_seed, cycle, plan: _LeafPlan):
+        key = projection_key(leaf_seed, STREAM_ACCUMULATION, cycle, ops)
+        return gaussian_projection(key, tau, min(plan.matrix), ops)
+
+    def init(params) -> AccumulatorState:
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        seeds, buffers = [], []
+        for index, leaf in enumerate(leaves):
+            seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
+            plan = _plan(leaf, tau)
+            if plan.kind == "skip":
+                buffers.append(_placeholder())
+            else:
+                buffers.append(jnp.zeros(_buffer_shape(leaf, plan, tau), jnp.float32))
+        return AccumulatorState(
+            cycle=jnp.zeros((), jnp.int32), seed=treedef.unflatten(seeds), buffer=treedef.unflatten(buffers)
+        )
+
+    def add(grads, state: AccumulatorState, weight=1.0) -> AccumulatorState:
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        seeds = treedef.flatten_up_to(state.seed)
+        buffers = treedef.flatten_up_to(state.buffer)
+        new_buffers = []
+        for grad, leaf_seed, buffer in zip(leaves, seeds, buffers):
+            grad = jnp.asarray(grad)
+            plan = _plan(grad, tau)
+            if plan.kind == "skip":
+                new_buffers.append(buffer)
+                continue
+            grad32 = grad.astype(jnp.float32)
+            if plan.kind == "compressed":
+                grad32 = grad32.reshape(plan.matrix)
+                grad32 = core.compress(grad32, projection(leaf_seed, state.cycle, plan), plan.side, ops)
+            new_buffers.append(buffer + weight * grad32)
+        return state._replace(buffer=treedef.unflatten(new_buffers))
+
+    def result(state: AccumulatorState, like):
+        like_leaves, treedef = jax.tree_util.tree_flatten(like)
+        seeds = treedef.flatten_up_to(state.seed)
+        buffers = treedef.flatten_up_to(state.buffer)
+        out = []
+        for reference, leaf_seed, buffer in zip(like_leaves, seeds, buffers):
+            plan = _plan(reference, tau)
+            shape = tuple(np.shape(reference))
+            dtype = reference.dtype if hasattr(reference, "dtype") else jnp.result_type(reference)
+            if plan.kind == "skip":
+                out.append(jnp.zeros(shape, dtype))
+                continue
+            value = buffer
+            if plan.kind == "compressed":
+                value = core.decompress(buffer, projection(leaf_seed, state.cycle, plan), plan.side, ops)
+            out.append(value.reshape(shape).astype(dtype))
+        return treedef.unflatten(out)
+
+    def reset(state: AccumulatorState) -> AccumulatorState:
+        return AccumulatorState(
+            cycle=optax.safe_increment(state.cycle),
+            seed=state.seed,
+            buffer=jax.tree.map(jnp.zeros_like, state.buffer),
+        )
+
+    return CompressedAccumulator(init, add, result, reset)
+
+
+class CompressedMultiStepsState(NamedTuple):
+    """State of :func:`compressed_multi_steps`.
+
+    Attributes:
+      mini_step: int32, micro-batches accumulated in the current cycle (``0 .. k-1``).
+      inner_opt_state: the wrapped optimizer's state.
+      accumulator: the :class:`AccumulatorState` (its ``cycle`` counts optimizer steps).
+    """
+
+    mini_step: jax.Array
+    inner_opt_state: Any
+    accumulator: AccumulatorState
+
+
+def has_updated(state: CompressedMultiStepsState) -> jax.Array:
+    """True if the last ``update`` ran the inner optimizer (as ``optax.MultiSteps.has_updated``)."""
+    return jnp.logical_and(state.mini_step == 0, state.accumulator.cycle > 0)
+
+
+def compressed_multi_steps(
+    opt: optax.GradientTransformation,
+    every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+    tau: Optional[int] = 256,
+    seed: int = 0,
+    use_grad_mean: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.MultiSteps`` with compressed accumulation (docs/algorithm.md section 12).
+
+    Each ``update`` adds the micro-batch gradient to the compressed buffers and returns zero
+    updates, except every ``k``-th call, which hands ``decompress(B; Q_c)`` (the mean gradient
+    when ``use_grad_mean``, ``w_k = 1/k``; the sum otherwise) to ``opt`` and returns its
+    updates. With ``tau=None`` it accumulates plain float32 sums, like ``optax.MultiSteps``.
+
+    Args:
+      opt: the optimizer to run every ``k`` micro-batches (e.g. :func:`flora_opt.optax.flora`).
+      every_k_schedule: ``k`` (an int >= 1) or a function of the cycle number returning it.
+      tau (default 256): accumulation rank ``r_acc``; ``None`` disables compression.
+      seed (default 0): 32-bit seed of the accumulation projections.
+      use_grad_mean (default True): accumulate the mean (``w_k = 1/k``) instead of the sum.
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` with state :class:`CompressedMultiStepsState`.
+    """
+    if not callable(every_k_schedule) and (not _is_int(every_k_schedule) or every_k_schedule < 1):
+        raise ValueError(f"Invalid every_k_schedule: {every_k_schedule!r}: must be an int >= 1 or a schedule")
+    if not isinstance(use_grad_mean, bool):
+        raise ValueError(f"Invalid use_grad_mean: {use_grad_mean!r}: must be a bool")
+    accumulator = compressed_accumulator(tau=tau, seed=seed)
+    opt = optax.with_extra_args_support(opt)
+
+    def every_k(cycle):
+        if callable(every_k_schedule):
+            return jnp.asarray(every_k_schedule(cycle), jnp.int32)
+        return every_k_schedule
+
+    def init_fn(params):
+        return CompressedMultiStepsState(
+            mini_step=jnp.zeros((), jnp.int32), inner_opt_state=opt.init(params), accumulator=accumulator.init(params)
+        )
+
+    def update_fn(updates, state: CompressedMultiStepsState, params=None, **extra_args):
+        k = every_k(state.accumulator.cycle)
+        weight = 1.0 / jnp.asarray(k, jnp.float32) if use_grad_mean else 1.0
+        acc_state = accumulator.add(updates, state.accumulator, weight=weight)
+        emit = state.mini_step >= k - 1
+
+        def cast_like(tree):
+            return jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype), tree, updates)
+
+        def final(acc_state, inner_state):
+            grads = accumulator.result(acc_state, like=updates)
+            new_updates, new_inner = opt.update(grads, inner_state, params, **extra_args)
+            return cast_like(new_updates), new_inner, accumulator.reset(acc_state)
+
+        def accumulate(acc_state, inner_state):
+            return jax.tree.map(lambda u: jnp.zeros_like(jnp.asarray(u)), updates), inner_state, acc_state
+
+        if isinstance(emit, bool):
+            new_updates, new_inner, acc_state = (final if emit else accumulate)(acc_state, state.inner_opt_state)
+        else:
+            new_updates, new_inner, acc_state = jax.lax.cond(
+                emit, final, accumulate, acc_state, state.inner_opt_state
+            )
+        mini_step = jnp.where(emit, jnp.zeros((), jnp.int32), optax.safe_increment(state.mini_step))
+        return new_updates, CompressedMultiStepsState(mini_step, new_inner, acc_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
