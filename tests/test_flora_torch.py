@@ -380,3 +380,26 @@ def test_quantized_training_tracks_fp32():
 def test_reports_layout_through_core():
     layout = core.tensor_layout((768, 3072), core.FloraHyperParams(lr=1.0, rank=256))
     assert layout.state_shapes() == {"exp_avg": (256, 3072), "exp_avg_sq_row": (768,), "exp_avg_sq_col": (3072,)}
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizer_matches_torchao_codes(signed):
+    pytest.importorskip("torchao")
+    from torchao.optim import quant_utils
+
+    from flora_opt import quantization as q
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=gen) * torch.logspace(-8, 0, 3000)
+    if not signed:
+        x = x.abs()
+    codes, absmax = q.quantize(x, signed)
+    assert codes.shape == (3072,) and absmax.shape == (12,) and codes.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (0, 72))
+    normalised, scale = quant_utils.scale_tensor(padded, 256)
+    expected = quant_utils.quantize_8bit_with_qmap(normalised, q.qmap(signed, x.device))
+    assert torch.equal(codes, expected)
+    restored = q.dequantize(codes, absmax, (3000,), signed)
+    # dynamic-tree code: relative error small for entries near their block's absmax
+    big = x.abs() > 0.1 * absmax.repeat_interleave(256)[:3000]
+    assert ((restored - x).abs()[big] / x.abs()[big]).max() < 0.1

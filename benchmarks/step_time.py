@@ -1,0 +1,164 @@
+"""Optimizer-state bytes per parameter and median ``optimizer.step()`` time, all in one run.
+
+Contenders: AdamW (fused), ``torch.optim.Adafactor``, and Flora at several ranks with and
+without 8-bit quantization, on the parameter shapes of GPT-2-small and of a LLaMA-style 134M
+model built from configs (random weights, random gradients: the step's cost does not depend
+on their values). Steps are interleaved round-robin (one timed step per contender per round),
+so machine noise hits every contender alike; ratios are taken within the run.
+
+    python benchmarks/step_time.py                      # both models, default contenders
+    python benchmarks/step_time.py --models gpt2 --rounds 5 --ranks 32 256
+
+Prints a markdown table and writes JSON to benchmarks/results/step_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import flora_opt  # noqa: E402
+
+MODELS = {
+    "gpt2-small": dict(kind="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    "llama-134m": dict(
+        kind="llama",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def build_params(name: str) -> list[torch.nn.Parameter]:
+    """The model's parameters, built from a config with transformers (no download)."""
+    import transformers
+
+    spec = dict(MODELS[name])
+    kind = spec.pop("kind")
+    with torch.device("meta"):
+        if kind == "gpt2":
+            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**spec))
+        else:
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec))
+    params = []
+    seen = set()
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights
+            continue
+        seen.add(id(p))
+        real = torch.nn.Parameter(torch.randn(p.shape, generator=gen) * 0.02)
+        real.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        params.append(real)
+    return params
+
+
+def contenders(ranks, quantization_options):
+    yield "AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
+    yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)
+    for rank in ranks:
+        for quantization in quantization_options:
+            label = f"Flora r={rank}" + (" 8-bit" if quantization else "")
+            yield label, (lambda r, q: lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=r, kappa=1000, quantization=q))(rank, quantization)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                if value.dim() == 0 and value.dtype in (torch.float32, torch.int64) and value.numel() == 1:
+                    # step counters kept as 0-d tensors by torch.optim: count them too
+                    pass
+                total += value.numel() * value.element_size()
+    return total
+
+
+def run(model: str, ranks, quantization_options, rounds: int, warmup: int) -> list[dict]:
+    params = build_params(model)
+    numel = sum(p.numel() for p in params)
+    built = [(label, make(params)) for label, make in contenders(ranks, quantization_options)]
+    times: dict[str, list[float]] = {label: [] for label, _ in built}
+    for round_index in range(warmup + rounds):
+        for label, optimizer in built:
+            gc.collect()
+            start = time.perf_counter()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[label].append(elapsed)
+        print(f"  [{model}] round {round_index + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+    rows = []
+    reference = statistics.median(times["torch.optim.Adafactor"])
+    for label, optimizer in built:
+        median = statistics.median(times[label])
+        nbytes = state_bytes(optimizer)
+        rows.append(
+            dict(
+                model=model,
+                optimizer=label,
+                params=numel,
+                state_bytes=nbytes,
+                bytes_per_param=nbytes / numel,
+                median_step_s=median,
+                step_vs_adafactor=median / reference,
+                times_s=times[label],
+            )
+        )
+    del built, params
+    gc.collect()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--ranks", nargs="+", type=int, default=[32, 128, 256])
+    parser.add_argument("--no-quantization", action="store_true", help="skip the 8-bit Flora variants")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quantization_options = [False] if args.no_quantization else [False, True]
+    rows = []
+    for model in args.models:
+        rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup))
+    print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['optimizer']} | {row['state_bytes'] / 2**20:.1f} | "
+            f"{row['bytes_per_param']:.3f} | {row['median_step_s']:.3f} | {row['step_vs_adafactor']:.2f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+    )
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
