@@ -432,7 +432,7 @@ def _read_ztext(moddir: Path, versification: str = "") -> list[tuple[str, str]]:
         entries = _ztext_entries(moddir, testament)
         books, refs = _ztext_layout(entries, f"{moddir}/{testament}")
         if versification.upper() == "KJV":
-            n_ch = sum(1 for r, e in zip(refs, entries) if r is None and "<chapter" in e)
+            n_ch = len({r.rpartition(".")[0] for r in refs if r is not None})
             totals = (len(books), n_ch, sum(r is not None for r in refs))
             if totals != _KJV_TOTALS[testament]:
                 raise ValueError(f"{moddir}/{testament}: derived (books, chapters, verses) {totals} "
@@ -669,7 +669,7 @@ def _import_tokenizers():
     return tokenizers
 
 
-def _segments(text: str, target: int = 1 << 16) -> Iterator[str]:
+def _segments(text: str, target: int = 1 << 12) -> Iterator[str]:
     """Cut ``text`` after a lone newline (non-space before, letter/digit after),
     about every ``target`` characters.  Byte-level pre-tokenization makes that
     newline a token of its own either way, so encoding the segments separately

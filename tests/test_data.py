@@ -172,7 +172,8 @@ def test_tokenizer_errors(monkeypatch):
 
 def test_import_needs_only_numpy():
     code = (
-        "import sys; sys.modules['tokenizers'] = None\n"
+        "import sys\n"
+        "for name in ('tokenizers', 'torch', 'jax', 'optax'): sys.modules[name] = None\n"
         "import flora_opt.data as d\n"
         "assert d.encode('ab').tolist() == [97, 98]\n"
         "assert d.load_text('shakespeare_sample', 'validation')\n"
