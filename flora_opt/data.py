@@ -456,7 +456,7 @@ def _read_sword_package(root: Path) -> list[tuple[str, str]]:
             conf.setdefault(key.strip(), value.strip())
     if conf.get("ModDrv", "").lower() != "ztext":
         raise ValueError(f"{confs[0]}: ModDrv={conf.get('ModDrv')} is not zText")
-    moddir = root / "usr/share/sword" / conf["DataPath"].lstrip("./").rstrip("/")
+    moddir = root / "usr/share/sword" / conf["DataPath"].removeprefix("./").rstrip("/")
     return _read_ztext(moddir, conf.get("Versification", "KJV"))
 
 
