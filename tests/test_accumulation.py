@@ -1,17 +1,15 @@
 """Compressed gradient accumulation (docs/algorithm.md section 12): the rule, the math, the memory, the state."""
 
 import math
-import weakref
 
 import numpy as np
 import pytest
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flora_opt
 from flora_opt import core
 from flora_opt.accumulation import CompressedAccumulator
+from flora_opt.memory import LiveTensorBytes
 from flora_opt.ops import get_ops
 from flora_opt.projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, projection_key, tensor_seed
 from flora_opt.reference import reference_key, reference_projection, reference_tensor_seed
@@ -196,37 +194,13 @@ def test_cycle_of_one_micro_batch_is_exact():
 # ---- memory: no full-size gradient between micro-batches ------------------------------------
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storages allocated under the mode and still alive (exact)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self._sizes = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in pytree.tree_leaves(out):
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                key = storage._cdata
-                if key not in self._sizes:
-                    self._sizes[key] = storage.nbytes()
-                    self.live += self._sizes[key]
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-    def _free(self, key):
-        self.live -= self._sizes.pop(key)
-
-
 def test_no_full_size_gradient_between_micro_batches():
     xs = batches(K)
     live = {}
     for rank in (None, RANK):
         model = make_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        tracker = LiveBytes()
+        tracker = LiveTensorBytes()
         with tracker:
             accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K)
             live[rank] = []
