@@ -17,7 +17,7 @@ Examples (CPU, a few minutes)::
 
 The last line reports the validation loss, the peak memory (on a GPU ``torch.cuda.max_memory_allocated``;
 on a CPU the exact peak of live tensor bytes over the first two optimizer steps, measured with
-:class:`flora_opt.memory.LiveTensorBytes`) and the training throughput in tokens/s (steps after the
+:class:`flora_opt.livebytes.LiveTensorBytes`) and the training throughput in tokens/s (steps after the
 measured ones).
 """
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import flora_opt
 from flora_opt import data
-from flora_opt.memory import LiveTensorBytes
+from flora_opt.livebytes import LiveTensorBytes
 
 PRESETS = {
     # name: (architecture, config kwargs)
