@@ -156,6 +156,17 @@ def _float_dtype(value):
     return None
 
 
+def _explicit_sharding(value):
+    """The sharding in ``value``'s type when its mesh has ``Explicit`` axes, else ``None``."""
+    if not isinstance(value, jax.Array):
+        return None
+    sharding = getattr(jax.typeof(value), "sharding", None)
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", None) or ()
+    if any(axis_type == jax.sharding.AxisType.Explicit for axis_type in axis_types):
+        return sharding
+    return None
+
+
 def _state_shapes(layout: TensorLayout) -> dict[str, tuple[int, ...]]:
     """The core's state shapes, except that full states keep the parameter's own shape.
 
@@ -337,7 +348,18 @@ def scale_by_flora(
         for index, (grad, param) in enumerate(zip(grads, param_leaves)):
             leaf_hp = hp if decay_mask is None or decay_mask[index] else hp_no_decay
             leaf_state = {name: field_leaves[name][index] for name in LEAF_FIELDS}
-            update, new_leaf_state = leaf_update(grad, param, leaf_state, leaf_hp, lr)
+            explicit = _explicit_sharding(grad)
+            if explicit is None:
+                update, new_leaf_state = leaf_update(grad, param, leaf_state, leaf_hp, lr)
+            else:
+                # Explicit-axes meshes (jax.make_mesh's default) type every array with its
+                # sharding; the math runs with those axes in auto mode and its results keep
+                # the shardings of the gradient and of the state they replace.
+                out_sharding = (explicit, {name: jax.typeof(v).sharding for name, v in leaf_state.items()})
+                update, new_leaf_state = jax.sharding.auto_axes(
+                    lambda g, p, st, rate, leaf_hp=leaf_hp: leaf_update(g, p, st, leaf_hp, rate),
+                    out_sharding=out_sharding,
+                )(grad, param, leaf_state, lr)
             out_updates.append(update)
             for name in LEAF_FIELDS:
                 out_fields[name].append(new_leaf_state[name])

@@ -1,0 +1,322 @@
+"""optax ``scale_by_flora`` / ``flora``: API, validation, pytrees, dtypes, compilation, checkpoints,
+and the momentum transfer at a resample (docs/algorithm.md sections 4, 9, 11)."""
+
+import math
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+
+import flora_opt  # noqa: E402
+from flora_opt import core  # noqa: E402
+from flora_opt.ops import get_ops  # noqa: E402
+from flora_opt.optax import ScaleByFloraState, flora, scale_by_flora, state_bytes  # noqa: E402
+from flora_opt.projection import tensor_seed  # noqa: E402
+
+
+def _tree_signature(tree):
+    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", None)), tree)
+
+
+def test_public_names():
+    assert flora_opt.optax_flora is flora_opt.optax.flora
+    tx = flora(1e-3)
+    assert isinstance(tx, optax.GradientTransformation)
+    assert isinstance(scale_by_flora(1e-3), optax.GradientTransformation)
+    assert isinstance(tx.init({"w": jnp.ones((3, 3))})[0], ScaleByFloraState)
+
+
+BAD_INPUTS = [
+    (dict(learning_rate=None), ValueError, r"Invalid learning_rate: None"),
+    (dict(learning_rate=-1.0), ValueError, r"Invalid learning_rate: -1.0"),
+    (dict(learning_rate=float("nan")), ValueError, r"Invalid learning_rate: nan"),
+    (dict(learning_rate="fast"), ValueError, r"Invalid learning_rate: 'fast'"),
+    (dict(learning_rate=np.ones(2)), ValueError, r"learning_rate must be 0-d"),
+    (dict(b1=1.0), ValueError, r"Invalid b1: 1.0: must be in \[0, 1\)"),
+    (dict(b1=-0.1), ValueError, r"Invalid b1: -0.1"),
+    (dict(b2=0.0), ValueError, r"Invalid b2: 0.0: must be a float > 0"),
+    (dict(b2=-0.8), ValueError, r"Invalid b2: -0.8"),
+    (dict(tau=0), ValueError, r"Invalid tau: 0: must be an int >= 1, or None"),
+    (dict(tau=2.5), ValueError, r"Invalid tau: 2.5"),
+    (dict(tau=True), ValueError, r"Invalid tau: True"),
+    (dict(seed=-1), ValueError, r"Invalid seed: -1"),
+    (dict(seed=2**32), ValueError, r"Invalid seed: 4294967296"),
+    (dict(kappa=0), ValueError, r"Invalid kappa: 0: must be an int >= 1"),
+    (dict(kappa=10.0), ValueError, r"Invalid kappa: 10.0"),
+    (dict(clipping_threshold=0.0), ValueError, r"Invalid clipping_threshold: 0.0"),
+    (dict(clipping_threshold=math.inf), ValueError, r"Invalid clipping_threshold: inf"),
+    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay: -0.1"),
+    (dict(weight_decay=math.nan), ValueError, r"Invalid weight_decay: nan"),
+    (dict(eps=0.0), ValueError, r"Invalid eps: 0.0: must be a finite float > 0"),
+    (dict(min_parameter_scale=-1e-3), ValueError, r"Invalid min_parameter_scale: -0.001"),
+    (dict(min_dim_size_to_factor=0), ValueError, r"Invalid min_dim_size_to_factor: 0"),
+    (dict(factorized_second_moment="yes"), ValueError, r"Invalid factorized_second_moment: 'yes'"),
+    (dict(multiply_by_parameter_scale=1), ValueError, r"Invalid multiply_by_parameter_scale: 1"),
+    (dict(rank=8), TypeError, r"unexpected keyword argument 'rank'"),
+    (dict(beta1=0.9), TypeError, r"unexpected keyword argument 'beta1'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", BAD_INPUTS, ids=[str(b[0]) for b in BAD_INPUTS])
+@pytest.mark.parametrize("factory", [flora, scale_by_flora], ids=["flora", "scale_by_flora"])
+def test_bad_inputs_raise_naming_the_argument(factory, kwargs, error, pattern):
+    kwargs = dict(kwargs)
+    learning_rate = kwargs.pop("learning_rate", 1e-3)
+    with pytest.raises(error, match=pattern):
+        factory(learning_rate, **kwargs)
+
+
+def test_accepted_edge_values():
+    for kwargs in (
+        dict(b1=None),
+        dict(b1=0.0),
+        dict(tau=None),
+        dict(clipping_threshold=None),
+        dict(weight_decay=None),
+        dict(seed=2**32 - 1),
+        dict(learning_rate=optax.linear_schedule(0.0, 1e-3, 10)),
+        dict(learning_rate=jnp.asarray(1e-3)),
+    ):
+        kwargs = dict(kwargs)
+        flora(kwargs.pop("learning_rate", 1e-3), **kwargs)
+
+
+def test_update_errors():
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+    tx = flora(1e-3)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(params, state)
+    with pytest.raises(ValueError, match="structure"):
+        tx.update({"w": jnp.ones((4, 4))}, state, {"w": jnp.ones((4, 4))})
+    masked = flora(1e-3, weight_decay=0.1, weight_decay_mask={"w": True})
+    with pytest.raises(ValueError, match="weight_decay_mask must have the structure"):
+        masked.update(params, masked.init(params), params)
+    with pytest.raises(ValueError, match="complex"):
+        tx.init({"c": jnp.ones((2,), jnp.complex64)})
+    # Without parameter scaling or weight decay the params are not needed.
+    plain = flora(1e-3, multiply_by_parameter_scale=False)
+    plain.update(params, plain.init(params))
+
+
+def _mixed_params():
+    """Nested dicts, a list, a tuple, None, a scalar, an int leaf, bf16, an empty leaf, a conv."""
+    return {
+        "dense": {"kernel": jnp.full((16, 40), 0.5, jnp.float32), "bias": jnp.zeros((40,))},
+        "blocks": [
+            {"kernel": jnp.full((40, 12), -0.25, jnp.bfloat16)},
+            (jnp.ones((10, 3, 2, 2)), None),
+        ],
+        "scale": jnp.asarray(2.0, jnp.float32),
+        "counter": jnp.arange(3, dtype=jnp.int32),
+        "empty": jnp.zeros((0, 5)),
+        "small": jnp.ones((3, 40)),
+    }
+
+
+def _grads_like(params, t):
+    def grad(p):
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            return jnp.zeros_like(p)
+        values = jnp.sin(jnp.arange(p.size, dtype=jnp.float32) * (1.0 + 0.1 * t)).reshape(p.shape)
+        return values.astype(p.dtype)
+
+    return jax.tree.map(grad, params)
+
+
+def test_pytrees_dtypes_structure_and_no_recompilation():
+    params = _mixed_params()
+    tx = flora(0.01, tau=4, kappa=2, min_dim_size_to_factor=8, weight_decay=0.01)
+    state = tx.init(params)
+    traces = []
+
+    @jax.jit
+    def step(params, state, t):
+        traces.append(1)
+        grads = _grads_like(params, 0)
+        grads = jax.tree.map(lambda g: g * (1 + t).astype(g.dtype) if jnp.issubdtype(g.dtype, jnp.floating) else g, grads)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    params_sig, state_sig = _tree_signature(params), _tree_signature(state)
+    for t in range(5):  # crosses two resamples (kappa = 2)
+        params, state, updates = step(params, state, jnp.asarray(t, jnp.float32))
+        assert _tree_signature(params) == params_sig
+        assert _tree_signature(state) == state_sig
+    assert len(traces) == 1, "the second update call recompiled"
+
+    flora_state = state[0]
+    # Seeds follow jax.tree_util.tree_leaves order.
+    seeds = [int(s) for s in jax.tree_util.tree_leaves(flora_state.seed)]
+    assert seeds == [tensor_seed(0, i) for i in range(len(jax.tree_util.tree_leaves(params)))]
+    assert int(flora_state.count) == 5
+    assert int(flora_state.step["dense"]["kernel"]) == 5
+    # Updates keep the gradient dtype; the state is float32 whatever the parameter dtype.
+    assert updates["blocks"][0]["kernel"].dtype == jnp.bfloat16
+    assert params["blocks"][0]["kernel"].dtype == jnp.bfloat16
+    for leaf in jax.tree_util.tree_leaves((flora_state.exp_avg, flora_state.exp_avg_sq_row, flora_state.exp_avg_sq)):
+        assert leaf.dtype == jnp.float32
+    # Layouts: compressed rows/cols, conv viewed as (10, 12), full momentum, placeholders.
+    assert flora_state.exp_avg["dense"]["kernel"].shape == (4, 40)
+    assert flora_state.exp_avg["blocks"][0]["kernel"].shape == (40, 4)
+    assert flora_state.exp_avg["blocks"][1][0].shape == (4, 12)
+    assert flora_state.exp_avg["small"].shape == (3, 40)
+    assert flora_state.exp_avg_sq_row["dense"]["kernel"].shape == (16,)
+    assert flora_state.exp_avg_sq["dense"]["kernel"].shape == (0,)
+    assert flora_state.exp_avg["counter"].shape == (0,)
+    # Integer leaves are left alone; every float leaf moved and stayed finite.
+    np.testing.assert_array_equal(params["counter"], np.arange(3))
+    assert params["empty"].shape == (0, 5)
+    for leaf in jax.tree_util.tree_leaves(params):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+    assert not np.allclose(params["dense"]["kernel"], 0.5)
+    assert float(params["scale"]) != 2.0
+
+
+def test_python_scalar_leaves():
+    params = {"a": 1.5, "b": [2.0, jnp.ones((2, 2))]}
+    tx = flora(0.1, b1=None)
+    state = tx.init(params)
+    updates, state = tx.update({"a": 0.3, "b": [0.1, jnp.ones((2, 2))]}, state, params)
+    new = optax.apply_updates(params, updates)
+    assert float(new["a"]) < 1.5 and float(new["b"][0]) < 2.0
+
+
+def test_non_finite_gradient_leaves_leaf_unchanged():
+    params = {"w": jnp.ones((16, 40)), "b": jnp.ones((40,))}
+    tx = flora(0.1, tau=4, kappa=2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = _grads_like(params, 0)
+    _, state = update(grads, state, params)
+    bad = dict(grads, w=grads["w"].at[3, 5].set(jnp.nan))
+    updates, new_state = update(bad, state, params)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    for field in ("step", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+        np.testing.assert_array_equal(getattr(new_state[0], field)["w"], getattr(state[0], field)["w"])
+    assert int(new_state[0].step["b"]) == 2 and np.any(np.asarray(updates["b"]) != 0)
+    assert int(new_state[0].count) == 2
+
+
+def test_weight_decay_mask():
+    params = {"w": jnp.full((8, 8), 2.0), "b": jnp.full((8,), 2.0)}
+    grads = _grads_like(params, 0)
+    plain = flora(0.1, b1=None)
+    decayed = flora(0.1, b1=None, weight_decay=0.5, weight_decay_mask=lambda p: {"w": True, "b": False})
+    u0, _ = plain.update(grads, plain.init(params), params)
+    u1, _ = decayed.update(grads, decayed.init(params), params)
+    np.testing.assert_array_equal(u1["b"], u0["b"])
+    # eta = lr * RMS(W) = 0.2; decay eta * wd * W = 0.2 * 0.5 * 2.0 = 0.2 (subtracted).
+    np.testing.assert_allclose(u1["w"] - u0["w"], -0.2, rtol=1e-6)
+
+
+def test_works_inside_optax_multisteps_and_chain():
+    params = {"w": jnp.ones((16, 40)), "b": jnp.ones((40,))}
+    tx = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), flora(0.1, tau=4)), every_k_schedule=2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    u, state = update(_grads_like(params, 0), state, params)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(u))
+    u, state = update(_grads_like(params, 1), state, params)
+    assert all(np.any(np.asarray(x) != 0) for x in jax.tree_util.tree_leaves(u))
+
+
+def test_state_bytes_match_section_11():
+    m, n, r = 512, 256, 32
+    params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32), "b": jax.ShapeDtypeStruct((n,), jnp.float32)}
+    state = jax.eval_shape(flora(1e-3, tau=r).init, params)
+    integers = 4 + 2 * (4 + 4)  # count, and per leaf an int32 step and a uint32 seed
+    placeholders = 0  # (0,) arrays hold no bytes
+    expected = 4 * (r * max(m, n) + m + n) + 4 * (n + n) + integers + placeholders
+    assert state_bytes(state) == expected
+    adamw = state_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
+    assert state_bytes(state) < 0.1 * adamw  # 8 m n for Adam's two moments
+    adafactor = state_bytes(jax.eval_shape(optax.adafactor(1e-3, momentum=0.9).init, params))
+    assert state_bytes(state) < 0.2 * adafactor  # full momentum m n
+
+
+def _run(tx, params, grads, state=None, update=None):
+    update = update or jax.jit(tx.update)
+    state = tx.init(params) if state is None else state
+    for g in grads:
+        u, state = update(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path):
+    params = {"w": jnp.linspace(-1, 1, 16 * 40).reshape(16, 40), "v": jnp.ones((40, 12), jnp.bfloat16), "b": jnp.ones(40)}
+    grads = [_grads_like(params, t) for t in range(8)]
+    tx = flora(0.05, tau=4, kappa=3, min_dim_size_to_factor=8)
+    update = jax.jit(tx.update)
+    full_params, full_state = _run(tx, params, grads, update=update)
+
+    mid_params, mid_state = _run(tx, params, grads[:4], update=update)
+    leaves, _ = jax.tree_util.tree_flatten((mid_params, mid_state))
+    # npz has no bfloat16: store raw bytes and the dtype names (the state itself is fp32/int).
+    arrays = {f"arr_{i}": np.asarray(x).reshape(-1).view(np.uint8) for i, x in enumerate(leaves)}
+    dtypes = np.array([str(np.asarray(x).dtype) for x in leaves])
+    np.savez(tmp_path / "ckpt.npz", dtypes=dtypes, **arrays)
+    del mid_params, mid_state
+    # "Restart": a new optimizer object, its abstract state as the template.
+    tx2 = flora(0.05, tau=4, kappa=3, min_dim_size_to_factor=8)
+    template = (params, jax.eval_shape(tx2.init, params))
+    treedef = jax.tree_util.tree_structure(template)
+    with np.load(tmp_path / "ckpt.npz") as data:
+        restored = [
+            jnp.asarray(data[f"arr_{i}"].view(jnp.dtype(str(name))).reshape(np.shape(leaf)))
+            for i, (name, leaf) in enumerate(zip(data["dtypes"], jax.tree_util.tree_leaves(template)))
+        ]
+    restored_params, restored_state = jax.tree_util.tree_unflatten(treedef, restored)
+    assert _tree_signature(restored_state) == _tree_signature(jax.eval_shape(tx2.init, params))
+    # (The compiled update is reused: compiling tx2.update again would only cost test time.)
+    resumed_params, resumed_state = _run(tx2, restored_params, grads[4:], state=restored_state, update=update)
+    for a, b in zip(jax.tree_util.tree_leaves((full_params, full_state)), jax.tree_util.tree_leaves((resumed_params, resumed_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_momentum_transfer_preserves_momentum_in_expectation():
+    """At a resample, decompressing the transferred momentum gives the pre-resample momentum in
+    expectation over seeds (section 4). The reference JAX code re-projected with the *old* key
+    before switching; its transferred momentum has expectation zero: this test fails on it."""
+    m, n, r, b1 = 16, 48, 8, 0.9
+    g1 = jnp.sin(jnp.arange(m * n, dtype=jnp.float32)).reshape(m, n)
+    g2 = jnp.cos(0.7 * jnp.arange(m * n, dtype=jnp.float32)).reshape(m, n)
+    kw = dict(b1=b1, kappa=2, clipping_threshold=None, multiply_by_parameter_scale=False)
+    tx = scale_by_flora(1.0, tau=r, **kw)
+    params = {"w": jnp.zeros((m, n))}
+    ops = get_ops("jax")
+
+    def run(seed):
+        state = tx.init(params)._replace(seed={"w": seed})
+        _, state = tx.update({"w": g1}, state)
+        u2, state2 = tx.update({"w": g2}, state)
+        u3, _ = tx.update({"w": jnp.zeros((m, n))}, state2)  # t = 3 = kappa + 1: resample
+        # What the reference code did: P_new^T (P_old P_old^T M) -- projected back with the old key.
+        p_old = core.momentum_projection(seed, 0, r, m, ops)
+        p_new = core.momentum_projection(seed, 1, r, m, ops)
+        defect = b1 * p_new.T @ (p_old @ (p_old.T @ state2.exp_avg["w"]))
+        return u2["w"], u3["w"], defect
+
+    seeds = jnp.arange(1, 1025, dtype=jnp.uint32) * jnp.uint32(2654435761)
+    u2, u3, defect = jax.jit(jax.vmap(run))(seeds)
+    exact = scale_by_flora(1.0, tau=None, **kw)  # full momentum: the quantity estimated
+    state = exact.init(params)
+    _, state = exact.update({"w": g1}, state)
+    full_u2, _ = exact.update({"w": g2}, state)
+    target = np.asarray(full_u2["w"])
+
+    def rel(estimate):
+        return np.linalg.norm(np.asarray(estimate) - target) / np.linalg.norm(target)
+
+    assert rel(u2.mean(0)) < 0.1  # compression is unbiased
+    assert rel(u3.mean(0) / b1) < 0.15  # the transfer keeps the momentum in expectation
+    assert rel(defect.mean(0) / b1) > 0.8  # the reference's transfer loses it
+    # Per seed, the transferred momentum stays correlated with the pre-resample one.
+    cos = np.sum(np.asarray(u2 * u3), axis=(1, 2)) / (
+        np.linalg.norm(np.asarray(u2), axis=(1, 2)) * np.linalg.norm(np.asarray(u3), axis=(1, 2))
+    )
+    assert cos.mean() > 0.4, cos.mean()

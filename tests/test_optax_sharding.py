@@ -1,0 +1,136 @@
+"""Flora under ``jax.jit`` with ``NamedSharding`` on a 4-device CPU mesh equals the unsharded run,
+and its compressed states are sharded, not silently replicated.
+
+The mesh needs ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before JAX starts, so the
+check runs in a subprocess and the flag does not leak into other tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("optax")
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    r"""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flora_opt.optax import compressed_multi_steps, flora, state_shardings
+
+    assert jax.device_count() == 4, jax.devices()
+    auto_mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    explicit_mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    specs = {
+        "rows": P(None, "x"),   # (16, 64): compressed rows, momentum (4, 64) along n
+        "cols": P("x", None),   # (64, 16): compressed cols, momentum (64, 4) along m
+        "fact": P("x", None),   # (128, 256): factored, compressed rows
+        "conv": P(None, "x"),   # (8, 4, 3, 3): viewed (8, 36)
+        "bias": P("x"),         # (64,)
+    }
+    shapes = {"rows": (16, 64), "cols": (64, 16), "fact": (128, 256), "conv": (8, 4, 3, 3), "bias": (64,)}
+    rng = np.random.default_rng(0)
+    host = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(6)]
+    report = {}
+
+    optimizers = {
+        "flora": flora(0.05, tau=4, kappa=2, weight_decay=0.01),
+        "accumulate": compressed_multi_steps(flora(0.05, tau=4, kappa=2), every_k_schedule=2, tau=4),
+    }
+    references = {}
+    for name, mesh, key in (
+        ("flora", auto_mesh, "flora"),
+        ("flora_explicit_axes", explicit_mesh, "flora"),
+        ("accumulate", auto_mesh, "accumulate"),
+    ):
+        tx = optimizers[key]
+        param_sh = {k: NamedSharding(mesh, specs[k]) for k in shapes}
+
+        def train_step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        if key not in references:  # unsharded reference (one device)
+            params, state = jax.tree.map(jnp.asarray, host), tx.init(host)
+            ref_step = jax.jit(train_step)
+            for g in grads:
+                params, state = ref_step(params, state, g)
+            references[key] = (params, state)
+        ref_params, ref_state = references[key]
+
+        # Sharded.
+        params = jax.device_put(host, param_sh)
+        opt_sh = state_shardings(jax.eval_shape(tx.init, params), params, param_sh)
+        state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, param_sh), out_shardings=(param_sh, opt_sh))
+        for g in grads:
+            params, state = step(params, state, jax.device_put(g, param_sh))
+        err = max(
+            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+            for a, b in zip(jax.tree_util.tree_leaves((params, state)), jax.tree_util.tree_leaves((ref_params, ref_state)))
+        )
+        scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree_util.tree_leaves(ref_params))
+        inner = state.inner_opt_state[0] if name == "accumulate" else state[0]
+        leaves = {
+            "rows_momentum": inner.exp_avg["rows"],
+            "cols_momentum": inner.exp_avg["cols"],
+            "fact_momentum": inner.exp_avg["fact"],
+            "fact_row": inner.exp_avg_sq_row["fact"],
+            "fact_col": inner.exp_avg_sq_col["fact"],
+            "conv_momentum": inner.exp_avg["conv"],
+            "bias_momentum": inner.exp_avg["bias"],
+        }
+        if name == "accumulate":
+            leaves["rows_buffer"] = state.accumulator.buffer["rows"]
+            leaves["cols_buffer"] = state.accumulator.buffer["cols"]
+        report[name] = {
+            "max_abs_err": err,
+            "param_scale": scale,
+            "states": {
+                k: {"shape": list(v.shape), "spec": str(v.sharding.spec),
+                    "shard_shape": list(v.addressable_shards[0].data.shape)}
+                for k, v in leaves.items()
+            },
+        }
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_equals_unsharded_and_states_are_sharded():
+    env = dict(os.environ)
+    # 4 host devices; a lower LLVM optimisation level halves compile time (both runs use it).
+    flags = " --xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    report = json.loads(line[len("REPORT") :])
+    for name, entry in report.items():
+        assert entry["max_abs_err"] <= 1e-5 * max(1.0, entry["param_scale"]), (name, entry["max_abs_err"])
+        states = entry["states"]
+        # Compressed momentum follows the parameter's sharded dimension: a quarter per device.
+        assert states["rows_momentum"]["shape"] == [4, 64] and states["rows_momentum"]["shard_shape"] == [4, 16]
+        assert states["cols_momentum"]["shape"] == [64, 4] and states["cols_momentum"]["shard_shape"] == [16, 4]
+        assert states["fact_momentum"]["shape"] == [4, 256] and states["fact_momentum"]["shard_shape"] == [4, 256]
+        assert states["fact_row"]["shard_shape"] == [32]  # (128,) along the sharded rows
+        assert states["fact_col"]["shard_shape"] == [256]
+        assert states["conv_momentum"]["shape"] == [4, 36] and states["conv_momentum"]["shard_shape"] == [4, 9]
+        assert states["bias_momentum"]["shard_shape"] == [16]
+    buffers = report["accumulate"]["states"]
+    assert buffers["rows_buffer"]["shard_shape"] == [4, 16]
+    assert buffers["cols_buffer"]["shard_shape"] == [16, 4]
