@@ -186,3 +186,17 @@ def test_bad_accumulation_inputs(kwargs, pattern):
     if "tau" in kwargs or "seed" in kwargs:
         with pytest.raises(ValueError, match=pattern):
             compressed_accumulator(**kwargs)
+
+
+def test_single_micro_batch_cycles_hand_gradients_over_exact():
+    """k = 1: nothing to accumulate, the gradient is not compressed (as on the PyTorch side)."""
+    params = {"rows": jnp.ones((12, 40), jnp.float32)}
+    inner = flora(0.05, tau=4, b1=None)
+    tx = compressed_multi_steps(inner, every_k_schedule=1, tau=4)
+    state, inner_state = tx.init(params), inner.init(params)
+    for t in range(2):
+        g = _micro_grads(t, params)
+        u, state = jax.jit(tx.update)(g, state, params)
+        expected, inner_state = inner.update(g, inner_state, params)
+        np.testing.assert_allclose(u["rows"], expected["rows"], rtol=1e-6, atol=1e-8)
+    assert int(state.accumulator.cycle) == 2

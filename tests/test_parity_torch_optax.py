@@ -216,3 +216,47 @@ def test_optax_matches_float64_reference():
         for k, p in zip(names, ref.params):
             np.testing.assert_allclose(jax_traj[t][k], p, rtol=3e-5, atol=3e-6, err_msg=f"step {t + 1}: {k}")
     assert math.isfinite(float(np.sum([np.sum(p) for p in ref.params])))
+
+
+def test_compressed_accumulation_matches_torch():
+    """Section 12 on both sides: optax ``compressed_multi_steps`` (mean, ``w_k = 1/K``) and the
+    PyTorch ``CompressedAccumulator`` (loss divided by ``K``, ``w_k = 1``) feeding ``Flora``."""
+    accumulation = pytest.importorskip("flora_opt.accumulation")
+    from flora_opt.optax import compressed_multi_steps
+
+    k_micro, cycles, acc_rank, acc_seed = 3, 3, 5, 11
+    params, _ = _problem(seed=4, leaves=FEW)
+    rng = np.random.default_rng(5)
+    micro = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(k_micro * cycles)]
+    kw = dict(b1=0.9, tau=4)
+
+    tx = compressed_multi_steps(
+        flora(0.05, **dict(kw, kappa=2, min_dim_size_to_factor=8)), k_micro, tau=acc_rank, seed=acc_seed
+    )
+    update = jax.jit(tx.update)
+    p, state = jax.tree.map(jnp.asarray, params), tx.init(params)
+    jax_traj = []
+    for i, g in enumerate(micro):
+        u, state = update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, u)
+        if (i + 1) % k_micro == 0:
+            jax_traj.append(jax.tree.map(np.asarray, p))
+
+    names = sorted(params)
+    tparams = [torch.tensor(params[k]).requires_grad_(True) for k in names]
+    opt = flora_opt.Flora(tparams, lr=0.05, **_torch_kwargs(dict(kw, kappa=2)))
+    acc = accumulation.CompressedAccumulator(opt, rank=acc_rank, accumulation_steps=k_micro, seed=acc_seed)
+    assert len(acc.compressed_parameters()) == 2  # a_rows and b_cols; the bias accumulates naively
+    torch_traj = []
+    for g in micro:
+        loss = sum((tp * torch.tensor(g[k] / k_micro)).sum() for tp, k in zip(tparams, names))
+        acc.backward(loss)
+        if acc.sync_gradients:
+            opt.step()
+            opt.zero_grad()
+            torch_traj.append({k: tp.detach().numpy().copy() for k, tp in zip(names, tparams)})
+    assert len(jax_traj) == len(torch_traj) == cycles
+    for c, (a, b) in enumerate(zip(jax_traj, torch_traj)):
+        _assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"accumulation cycle {c}")
+    assert int(state.accumulator.cycle) == acc.cycle == cycles
+    assert not np.allclose(jax_traj[-1]["a_rows"], params["a_rows"])

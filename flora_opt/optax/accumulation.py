@@ -18,7 +18,6 @@ Two ways to use it:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -28,7 +27,7 @@ import optax
 
 from .. import core
 from ..ops import get_ops
-from ..projection import STREAM_ACCUMULATION, gaussian_projection, projection_key, tensor_seed
+from ..projection import tensor_seed
 from .transform import _float_dtype, _is_int, _placeholder
 
 __all__ = [
@@ -74,28 +73,11 @@ class CompressedAccumulator(NamedTuple):
     reset: Callable
 
 
-class _LeafPlan(NamedTuple):
-    kind: str  # "compressed" | "dense" | "skip"
-    matrix: Optional[tuple]
-    side: Optional[str]
-
-
-def _plan(leaf, tau: Optional[int]) -> _LeafPlan:
+def _plan(leaf, tau: Optional[int]):
+    """``core.accumulation_layout`` of a float leaf (section 12); ``None`` for other leaves."""
     if _float_dtype(leaf) is None:
-        return _LeafPlan("skip", None, None)
-    shape = tuple(np.shape(leaf))
-    matrix = core.matrix_view(shape)
-    if tau is None or matrix is None or min(matrix) <= tau:
-        return _LeafPlan("dense", None, None)
-    m, n = matrix
-    return _LeafPlan("compressed", matrix, core.SIDE_ROWS if m <= n else core.SIDE_COLS)
-
-
-def _buffer_shape(leaf, plan: _LeafPlan, tau: int):
-    if plan.kind == "compressed":
-        m, n = plan.matrix
-        return (tau, n) if plan.side == core.SIDE_ROWS else (m, tau)
-    return tuple(np.shape(leaf))
+        return None
+    return core.accumulation_layout(np.shape(leaf), tau)
 
 
 def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> CompressedAccumulator:
@@ -133,9 +115,8 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
     ops = get_ops("jax")
     base_seed = int(seed)
 
-    def projection(leaf_seed, cycle, plan: _LeafPlan):
-        key = projection_key(leaf_seed, STREAM_ACCUMULATION, cycle, ops)
-        return gaussian_projection(key, tau, min(plan.matrix), ops)
+    def projection(leaf_seed, cycle, plan: core.AccumulationLayout):
+        return core.accumulation_projection(leaf_seed, cycle, plan.rank, plan.compressed_dim, ops)
 
     def init(params) -> AccumulatorState:
         leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -143,10 +124,11 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
         for index, leaf in enumerate(leaves):
             seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
             plan = _plan(leaf, tau)
-            if plan.kind == "skip":
+            if plan is None:
                 buffers.append(_placeholder())
             else:
-                buffers.append(jnp.zeros(_buffer_shape(leaf, plan, tau), jnp.float32))
+                shape = plan.buffer_shape() if plan.compressed else plan.shape
+                buffers.append(jnp.zeros(shape, jnp.float32))
         return AccumulatorState(
             cycle=jnp.zeros((), jnp.int32), seed=treedef.unflatten(seeds), buffer=treedef.unflatten(buffers)
         )
@@ -159,11 +141,11 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
         for grad, leaf_seed, buffer in zip(leaves, seeds, buffers):
             grad = jnp.asarray(grad)
             plan = _plan(grad, tau)
-            if plan.kind == "skip":
+            if plan is None:
                 new_buffers.append(buffer)
                 continue
             grad32 = grad.astype(jnp.float32)
-            if plan.kind == "compressed":
+            if plan.compressed:
                 grad32 = grad32.reshape(plan.matrix)
                 grad32 = core.compress(grad32, projection(leaf_seed, state.cycle, plan), plan.side, ops)
             new_buffers.append(buffer + weight * grad32)
@@ -178,11 +160,11 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
             plan = _plan(reference, tau)
             shape = tuple(np.shape(reference))
             dtype = reference.dtype if hasattr(reference, "dtype") else jnp.result_type(reference)
-            if plan.kind == "skip":
+            if plan is None:
                 out.append(jnp.zeros(shape, dtype))
                 continue
             value = buffer
-            if plan.kind == "compressed":
+            if plan.compressed:
                 value = core.decompress(buffer, projection(leaf_seed, state.cycle, plan), plan.side, ops)
             out.append(value.reshape(shape).astype(dtype))
         return treedef.unflatten(out)
@@ -228,7 +210,9 @@ def compressed_multi_steps(
     Each ``update`` adds the micro-batch gradient to the compressed buffers and returns zero
     updates, except every ``k``-th call, which hands ``decompress(B; Q_c)`` (the mean gradient
     when ``use_grad_mean``, ``w_k = 1/k``; the sum otherwise) to ``opt`` and returns its
-    updates. With ``tau=None`` it accumulates plain float32 sums, like ``optax.MultiSteps``.
+    updates. With ``tau=None`` it accumulates plain float32 sums, like ``optax.MultiSteps``. A
+    cycle of a single micro-batch (``k = 1``) hands its gradient over exact, as the PyTorch
+    ``CompressedAccumulator`` does.
 
     Args:
       opt: the optimizer to run every ``k`` micro-batches (e.g. :func:`flora_opt.optax.flora`).
@@ -268,6 +252,16 @@ def compressed_multi_steps(
 
         def final(acc_state, inner_state):
             grads = accumulator.result(acc_state, like=updates)
+            # Section 12: a cycle of one micro-batch has nothing to accumulate, its gradient is
+            # handed over exact (as on the PyTorch side).
+            single = state.mini_step == 0
+            grads = jax.tree.map(
+                lambda g, d: jnp.where(single, (weight * jnp.asarray(g, jnp.float32)).astype(d.dtype), d)
+                if _float_dtype(d) is not None
+                else d,
+                updates,
+                grads,
+            )
             new_updates, new_inner = opt.update(grads, inner_state, params, **extra_args)
             return cast_like(new_updates), new_inner, accumulator.reset(acc_state)
 
