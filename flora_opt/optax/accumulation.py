@@ -28,7 +28,7 @@ import optax
 from .. import core
 from ..ops import get_ops
 from ..projection import tensor_seed
-from .transform import _float_dtype, _is_int, _placeholder
+from .transform import _float_dtype, _is_int, _placeholder, _safe_increment
 
 __all__ = [
     "AccumulatorState",
@@ -171,7 +171,7 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
 
     def reset(state: AccumulatorState) -> AccumulatorState:
         return AccumulatorState(
-            cycle=optax.safe_increment(state.cycle),
+            cycle=_safe_increment(state.cycle),
             seed=state.seed,
             buffer=jax.tree.map(jnp.zeros_like, state.buffer),
         )
@@ -274,7 +274,7 @@ def compressed_multi_steps(
             new_updates, new_inner, acc_state = jax.lax.cond(
                 emit, final, accumulate, acc_state, state.inner_opt_state
             )
-        mini_step = jnp.where(emit, jnp.zeros((), jnp.int32), optax.safe_increment(state.mini_step))
+        mini_step = jnp.where(emit, jnp.zeros((), jnp.int32), _safe_increment(state.mini_step))
         return new_updates, CompressedMultiStepsState(mini_step, new_inner, acc_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

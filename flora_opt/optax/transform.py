@@ -72,6 +72,10 @@ class ScaleByFloraState(NamedTuple):
     exp_avg_sq: Any
 
 
+# optax >= 0.2.4 names it safe_increment; older versions safe_int32_increment.
+_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
+
+
 def _placeholder():
     return jnp.zeros((0,), jnp.float32)
 
@@ -158,11 +162,12 @@ def _float_dtype(value):
 
 def _explicit_sharding(value):
     """The sharding in ``value``'s type when its mesh has ``Explicit`` axes, else ``None``."""
-    if not isinstance(value, jax.Array):
-        return None
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if explicit is None or not hasattr(jax, "typeof") or not isinstance(value, jax.Array):
+        return None  # JAX versions before explicit sharding
     sharding = getattr(jax.typeof(value), "sharding", None)
     axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", None) or ()
-    if any(axis_type == jax.sharding.AxisType.Explicit for axis_type in axis_types):
+    if any(axis_type == explicit for axis_type in axis_types):
         return sharding
     return None
 
@@ -364,7 +369,7 @@ def scale_by_flora(
             for name in LEAF_FIELDS:
                 out_fields[name].append(new_leaf_state[name])
         new_state = ScaleByFloraState(
-            count=optax.safe_increment(state.count),
+            count=_safe_increment(state.count),
             **{name: treedef.unflatten(values) for name, values in out_fields.items()},
         )
         return treedef.unflatten(out_updates), new_state
