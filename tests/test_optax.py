@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import flora_opt  # noqa: E402
 from flora_opt import core  # noqa: E402
 from flora_opt.ops import get_ops  # noqa: E402
-from flora_opt.optax import ScaleByFloraState, flora, scale_by_flora, state_bytes  # noqa: E402
+from flora_opt.optax import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, state_bytes  # noqa: E402
 from flora_opt.projection import tensor_seed  # noqa: E402
 
 
@@ -320,3 +320,19 @@ def test_momentum_transfer_preserves_momentum_in_expectation():
         np.linalg.norm(np.asarray(u2), axis=(1, 2)) * np.linalg.norm(np.asarray(u3), axis=(1, 2))
     )
     assert cos.mean() > 0.4, cos.mean()
+
+
+def test_learning_rate_can_be_injected():
+    tx = optax.inject_hyperparams(flora, static_args=STATIC_ARGS)(learning_rate=0.1, b1=None)
+    params = {"w": jnp.full((4, 4), 1.0, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    first, state = update(params, state, params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.05, jnp.float32)
+    second, state = update(params, state, params)
+    # Same gradient each time; the step follows the injected rate (and beta2_t, with t).
+    plain = flora(0.05, b1=None)
+    _, plain_state = plain.update(params, plain.init(params), params)
+    expected, _ = plain.update(params, plain_state, params)
+    np.testing.assert_allclose(second["w"], expected["w"], rtol=1e-6)
+    assert not np.allclose(first["w"], second["w"])

@@ -22,9 +22,10 @@ from .accumulation import (
     has_updated,
 )
 from .sharding import state_shardings
-from .transform import ScaleByFloraState, flora, scale_by_flora, state_bytes
+from .transform import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, state_bytes
 
 __all__ = [
+    "STATIC_ARGS",
     "AccumulatorState",
     "CompressedAccumulator",
     "CompressedMultiStepsState",

@@ -36,9 +36,27 @@ from ..core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyp
 from ..ops import get_ops
 from ..projection import tensor_seed
 
-__all__ = ["ScaleByFloraState", "scale_by_flora", "flora", "state_bytes"]
+__all__ = ["STATIC_ARGS", "ScaleByFloraState", "scale_by_flora", "flora", "state_bytes"]
 
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+
+# Arguments of flora()/scale_by_flora() that fix the state layout or the compiled update: pass
+# them as ``static_args`` to ``optax.inject_hyperparams`` (only the learning rate can be injected).
+STATIC_ARGS = (
+    "b1",
+    "b2",
+    "tau",
+    "seed",
+    "kappa",
+    "clipping_threshold",
+    "multiply_by_parameter_scale",
+    "weight_decay",
+    "eps",
+    "min_dim_size_to_factor",
+    "factorized_second_moment",
+    "min_parameter_scale",
+    "weight_decay_mask",
+)
 
 # Per-leaf fields of the state, in order (each a tree with the structure of the params).
 LEAF_FIELDS = ("step", "seed", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
