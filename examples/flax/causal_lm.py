@@ -130,6 +130,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print-json", action="store_true", help="end with a 'RESULT {json}' summary line")
     args = parser.parse_args(argv)
     if args.accumulation_steps < 1:
         parser.error(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
@@ -246,13 +247,14 @@ def main(argv=None):
         flush=True,
     )
     progress = tqdm(range(args.max_steps), desc="train")
-    tokens, seconds = 0, 0.0
+    tokens, seconds, losses = 0, 0.0, []
     for step in progress:
         if step:
             inputs, targets = next_batch()
         started = time.perf_counter()
         params, opt_state, acc_state, loss = compiled(params, opt_state, acc_state, inputs, targets)
         loss = float(loss)
+        losses.append(loss)
         if step:  # the first step includes one-off work
             seconds += time.perf_counter() - started
             tokens += k_micro * args.batch_size * args.seq_len
@@ -272,7 +274,10 @@ def main(argv=None):
     print(f"optimizer state: {opt_bytes / 2**20:.2f} MiB ({opt_bytes / n_params:.3f} bytes/param)"
           + (f"; throughput: {tokens / seconds:.0f} tokens/s" if seconds else ""))
     print(f"peak memory: {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'} ({source})")
-    return dict(val_loss=val_loss, optimizer_state_bytes=opt_bytes, peak_bytes=peak)
+    result = dict(val_loss=val_loss, train_losses=losses, optimizer_state_bytes=opt_bytes, peak_bytes=peak)
+    if args.print_json:
+        print("RESULT " + json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -170,7 +170,10 @@ def _validate(
 
 def _float_dtype(value):
     """The leaf's dtype if it is a real floating array or number; ``None`` otherwise."""
-    dtype = np.dtype(jnp.result_type(value)) if not hasattr(value, "dtype") else np.dtype(value.dtype)
+    try:
+        dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.dtype(jnp.result_type(value))
+    except TypeError:  # not an array or a number (e.g. a string in a config-like tree)
+        return None
     if jnp.issubdtype(dtype, jnp.complexfloating):
         raise ValueError(f"Flora does not support complex parameters or gradients (dtype {dtype})")
     if jnp.issubdtype(dtype, jnp.floating):
@@ -312,11 +315,12 @@ def scale_by_flora(
         )
 
     def leaf_update(grad, param, leaf_state: dict[str, Any], leaf_hp: FloraHyperParams, lr):
-        grad = jnp.asarray(grad)
         dtype = _float_dtype(grad)
-        if dtype is None:  # integer / boolean / float0 leaves: nothing to optimise
-            update = grad if grad.dtype == jax.dtypes.float0 else jnp.zeros_like(grad)
-            return update, leaf_state
+        if dtype is None:  # integer / boolean / float0 / non-array leaves: nothing to optimise
+            if not hasattr(grad, "dtype") or grad.dtype == jax.dtypes.float0:
+                return grad, leaf_state
+            return jnp.zeros_like(grad), leaf_state
+        grad = jnp.asarray(grad)
         layout = core.tensor_layout(grad.shape, leaf_hp)
         step = leaf_state["step"]
         new_step = step + 1
