@@ -14,9 +14,9 @@ backward passes, the optimizer step and ``zero_grad``) for:
 * ``flora-layerwise``: the same, with layer-wise updates fused into backward.
 
 What is measured, exactly: every tensor storage allocated by an operator is recorded by
-``flora_opt.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its exact ``nbytes``, and forgotten when its storage
-is freed (a weakref finalizer on the storage); the model is built inside the mode, so parameters
-count too. The peak of the sum is reported. This is the memory a perfect allocator would need:
+``flora_opt.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its
+exact ``nbytes``, and forgotten when its storage is freed (a weakref finalizer on the storage);
+the model is built inside the mode, so parameters count too. The peak of the sum is reported. This is the memory a perfect allocator would need:
 no caching, fragmentation, block rounding, CUDA context or library workspaces.
 By default the tensors are fake (``FakeTensorMode``: shapes, dtypes and lifetimes without data or
 compute; a 1.1B model trains on a 2-core CPU this way), and ``.item()``/``bool()`` on a fake tensor
@@ -147,9 +147,7 @@ def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation
             peak=tracker.peak,
             start=start,
             params=sum(p.numel() * p.element_size() for p in params),
-            optimizer_state=0
-            if optimizer is None
-            else sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)),
+            optimizer_state=0 if optimizer is None else state_bytes(optimizer),
             accumulation_buffers=buffer_peak,
         )
         if device == "cuda":
@@ -162,6 +160,11 @@ def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def state_bytes(optimizer) -> int:
+    tensors = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(v.numel() * v.element_size() for v in tensors)
 
 
 def gib(n: int) -> str:

@@ -363,7 +363,9 @@ class CompressedAccumulator:
                 grad = param.grad
                 param.grad = None
                 projection = self._projection(slot)
-                compressed = core.compress(grad.to(torch.float32).reshape(slot.layout.matrix), projection, slot.layout.side, self._ops)
+                matrix = grad.to(torch.float32).reshape(slot.layout.matrix)
+                compressed = core.compress(matrix, projection, slot.layout.side, self._ops)
+                del matrix
                 del grad
                 if slot.buffer is None:
                     slot.buffer = compressed
