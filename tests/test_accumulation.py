@@ -162,7 +162,7 @@ def test_unbiased_over_seeds_and_error_shrinks_with_rank():
             errors[draws] = ((mean - reference).norm() / reference.norm()).item()
         # ineligible tensors are exact
         torch.testing.assert_close(grads[1], naive[1])
-    assert errors[400] < 0.12, errors
+    assert errors[400] < 0.15, errors  # ~ sqrt(E|error|^2 / 400) = 0.11 at rank 4
     assert errors[400] < errors[25] / 2.5, errors  # 16x draws: ~4x smaller if unbiased
     # error of one draw shrinks like (d + 1) / r
     mse = {}
