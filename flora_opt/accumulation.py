@@ -26,6 +26,7 @@ import math
 from typing import Any, Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import core
 from .layerwise import optimizer_group_index, step_parameter, unwrap_optimizer
@@ -35,6 +36,9 @@ from .projection import tensor_seed
 __all__ = ["CompressedAccumulator"]
 
 STATE_FORMAT = 1
+
+# parameter -> the CompressedAccumulator whose hooks are on it (two would compress twice)
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _is_int(value) -> bool:
@@ -176,9 +180,16 @@ class CompressedAccumulator:
                     self._slots.append(_Slot(param, index, group_index, layout, tensor_seed(seed, index)))
                 index += 1
         self._total_numel = sum(slot.param.numel() for slot in self._slots)
-        for slot in self._slots:
-            if slot.layout.compressed or layerwise:
-                slot.handle = slot.param.register_post_accumulate_grad_hook(self._make_hook(slot))
+        hooked = [slot for slot in self._slots if slot.layout.compressed or layerwise]
+        for slot in hooked:
+            if _OWNERS.get(slot.param) is not None:
+                raise ValueError(
+                    f"parameter {slot.index} (shape {tuple(slot.param.shape)}) is already managed by another "
+                    "CompressedAccumulator; call its remove() first"
+                )
+        for slot in hooked:
+            slot.handle = slot.param.register_post_accumulate_grad_hook(self._make_hook(slot))
+            _OWNERS[slot.param] = self
 
     # ---- public API -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -232,6 +243,8 @@ class CompressedAccumulator:
             if slot.handle is not None:
                 slot.handle.remove()
                 slot.handle = None
+                if _OWNERS.get(slot.param) is self:
+                    del _OWNERS[slot.param]
             slot.buffer = None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

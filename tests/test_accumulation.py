@@ -283,11 +283,14 @@ def test_bf16_parameters_keep_float32_buffers():
 def test_load_state_dict_rejects_other_rank_or_seed():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    state = CompressedAccumulator(optimizer, RANK, accumulation_steps=K).state_dict()
-    with pytest.raises(ValueError, match="rank=8"):
-        CompressedAccumulator(optimizer, 4, accumulation_steps=K).load_state_dict(state)
-    with pytest.raises(ValueError, match="seed=0"):
-        CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=1).load_state_dict(state)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K)
+    state = accumulator.state_dict()
+    accumulator.remove()
+    for rank, seed, pattern in ((4, 0, "rank=8"), (RANK, 1, "seed=0")):
+        accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K, seed=seed)
+        with pytest.raises(ValueError, match=pattern):
+            accumulator.load_state_dict(state)
+        accumulator.remove()
 
 
 # ---- bad arguments -------------------------------------------------------------------------
@@ -336,3 +339,15 @@ def test_micro_batch_contexts_do_not_nest():
         with pytest.raises(RuntimeError, match="cannot be nested"):
             with accumulator.micro_batch():
                 pass
+
+
+def test_one_accumulator_per_parameter():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = CompressedAccumulator(optimizer, RANK, accumulation_steps=K)
+    with pytest.raises(ValueError, match="already managed by another CompressedAccumulator"):
+        CompressedAccumulator(optimizer, RANK, accumulation_steps=K)
+    first.remove()
+    second = CompressedAccumulator(optimizer, RANK, accumulation_steps=K)
+    second.backward(loss_fn(model, batches(1)[0]))
+    assert second.buffer_bytes() > 0
