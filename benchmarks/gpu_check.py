@@ -200,10 +200,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-bench", action="store_true", help="correctness checks only")
     args = parser.parse_args()
     RESULTS["torch"] = torch.__version__
     RESULTS["device"] = torch.cuda.get_device_name()
-    for check in (check_projection, check_flora_cuda_vs_cpu, check_jax, lambda: bench_steps(args.rounds)):
+    checks = [check_projection, check_flora_cuda_vs_cpu, check_jax]
+    if not args.no_bench:
+        checks.append(lambda: bench_steps(args.rounds))
+    for check in checks:
         try:
             check()
         except Exception:  # record and go on: one failure must not hide the other figures
