@@ -5,6 +5,8 @@ use and raise an ImportError naming the extra to install when their framework is
 
 * ``flora_opt.Flora``: the PyTorch optimizer (``pip install 'flora-opt[torch]'``).
 * ``flora_opt.FloraAccelerator``: accelerate integration (``pip install 'flora-opt[torch]'``).
+* ``flora_opt.CompressedAccumulator``, ``flora_opt.enable_layerwise_updates``: the same without
+  accelerate; ``flora_opt.FloraTrainer``: for ``transformers.Trainer`` (``[hf]``).
 * ``flora_opt.optax_flora`` / ``flora_opt.optax``: the optax transformations
   (``pip install 'flora-opt[jax]'``).
 """
@@ -18,10 +20,21 @@ __version__ = "0.1.0"
 _LAZY = {
     "Flora": ("flora_opt.optim", "Flora", "torch", "torch"),
     "FloraAccelerator": ("flora_opt.accelerator", "FloraAccelerator", "torch", "torch"),
+    "CompressedAccumulator": ("flora_opt.accumulation", "CompressedAccumulator", "torch", "torch"),
+    "enable_layerwise_updates": ("flora_opt.layerwise", "enable_layerwise_updates", "torch", "torch"),
+    "FloraTrainer": ("flora_opt.hf", "FloraTrainer", "hf", "transformers"),
     "optax_flora": ("flora_opt.optax", "flora", "jax", "optax"),
 }
 
-__all__ = ["Flora", "FloraAccelerator", "optax_flora", "__version__"]
+__all__ = [
+    "Flora",
+    "FloraAccelerator",
+    "CompressedAccumulator",
+    "enable_layerwise_updates",
+    "FloraTrainer",
+    "optax_flora",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -31,7 +44,7 @@ def __getattr__(name: str):
             module = importlib.import_module(module_name)
         except ImportError as error:
             missing = getattr(error, "name", None) or ""
-            if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax"}:
+            if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax", "transformers"}:
                 raise ImportError(
                     f"flora_opt.{name} needs {framework} ({error}); install it with: "
                     f"pip install 'flora-opt[{extra}]'"
