@@ -51,7 +51,7 @@ ADAFACTOR_GRID = [0.03, 0.1, 0.3]
 ADAM_GRID = [1e-3, 3e-3, 1e-2]
 
 
-def quality_contenders(ranks=(8, 32, 64), peer_rank=32):
+def quality_contenders(ranks=(8, 32, 64), peer_rank=32, interval=QUALITY_INTERVAL):
     out = [
         dict(id="adamw", kind="adamw", label="AdamW", grid=ADAM_GRID, options={}),
         dict(id="adafactor_m", kind="adafactor", label="Adafactor+momentum", grid=ADAFACTOR_GRID,
@@ -59,12 +59,12 @@ def quality_contenders(ranks=(8, 32, 64), peer_rank=32):
     ]
     for rank in ranks:
         out.append(dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", grid=ADAFACTOR_GRID,
-                        options={"rank": rank, "kappa": QUALITY_INTERVAL}))
+                        options={"rank": rank, "kappa": interval}))
     out += [
         dict(id=f"galore_r{peer_rank}", kind="galore", label=f"GaLore r={peer_rank}", grid=[3e-3, 1e-2, 3e-2],
-             options={"rank": peer_rank, "update_proj_gap": QUALITY_INTERVAL}),
+             options={"rank": peer_rank, "update_proj_gap": interval}),
         dict(id=f"apollo_r{peer_rank}", kind="apollo", label=f"APOLLO r={peer_rank}", grid=ADAM_GRID,
-             options={"rank": peer_rank, "update_proj_gap": QUALITY_INTERVAL}),
+             options={"rank": peer_rank, "update_proj_gap": interval}),
         dict(id=f"lora_r{peer_rank}", kind="lora", label=f"LoRA r={peer_rank}", grid=[3e-3, 1e-2, 3e-2],
              options={"rank": peer_rank, "alpha": peer_rank}),
     ]
@@ -218,12 +218,15 @@ def run_step(args, command: str) -> dict:
     python = worker_python(args.python)
     runner = Runner(out, "step", python, 1, args.resume)
     config = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                  threads=args.threads, seed=0)
+                  threads=args.threads, seed=0, device=args.device)
     rows = []
     for spec in step_contenders(args.rank):
         if args.only and spec["id"] not in args.only:
             continue
         if spec["kind"] == "flora_ref":
+            if args.device != "cpu" or not Path(registry.ref_python()).exists():
+                rows.append(dict(ok=False, spec=spec, error="reference venv not available here (CPU only)"))
+                continue
             started = time.perf_counter()
             try:
                 ref = registry.run_ref_worker(config["model"], steps=args.steps, rank=spec["options"]["rank"],
@@ -242,14 +245,15 @@ def run_step(args, command: str) -> dict:
         rows.append(result)
     ok = [r for r in rows if r.get("ok")]
     base = {r["spec"]["id"]: r for r in ok}
-    adamw = base.get("adamw")
+    adamw = base.get("adamw") or (ok[0] if ok else None)
     adafactor = base.get("adafactor_m")
     lines = ["no successful runs"]
     if ok:
         lines = [
             f"Model `{args.model}` ({ok[0]['n_params']:,} parameters, {_mib(ok[0]['param_bytes'])} MiB fp32), "
             f"batch {args.batch_size} x {args.seq_len} tokens (real forward/backward), median "
-            f"`optimizer.step()` time of steps 2-{args.steps}, {args.threads} thread(s).",
+            f"`optimizer.step()` time of steps 2-{args.steps}, "
+            + (f"{args.threads} CPU thread(s)." if args.device == "cpu" else f"on {ok[0].get('device_name') or args.device}."),
             "",
             "| optimizer | state MiB | state / AdamW | formula = measured | step (s) | step / AdamW | "
             "step / Adafactor+m | first step (s) |",
@@ -265,8 +269,8 @@ def run_step(args, command: str) -> dict:
             f"| {r['spec']['label']} | {_mib(r['state_bytes'])} | "
             f"{r['state_bytes'] / adamw['state_bytes']:.3f} | {check} | {r['step_s_median']:.3f} | "
             f"{r['step_s_median'] / adamw['step_s_median']:.2f} | "
-            f"{(r['step_s_median'] / adafactor['step_s_median']) if adafactor else float('nan'):.2f} | "
-            f"{r['first_step_s']:.2f} |"
+            + (f"{r['step_s_median'] / adafactor['step_s_median']:.2f} | " if adafactor else " | ")
+            + f"{r['first_step_s']:.2f} |"
         )
     payload = dict(task="step", command=command, config=config, environment=environment(python), rows=rows)
     _write(out, "step", payload, "\n".join(lines))
@@ -283,7 +287,8 @@ def run_step(args, command: str) -> dict:
         b.set_yticks(list(y), [])
         b.invert_yaxis()
         b.set_xlabel("optimizer.step() median (s)")
-        fig.suptitle(f"{args.model}: state bytes and step time (CPU, {args.threads} thread(s))")
+        where = f"CPU, {args.threads} thread(s)" if args.device == "cpu" else (ok[0].get("device_name") or args.device)
+        fig.suptitle(f"{args.model}: state bytes and step time ({where})")
         fig.tight_layout()
         fig.savefig(out / "step.png", dpi=110)
     return payload
@@ -299,7 +304,7 @@ def run_throughput(args, command: str) -> dict:
     python = worker_python(args.python)
     runner = Runner(out, "throughput", python, 1, args.resume)
     config = dict(model=THROUGHPUT_MODEL, seq_len=128, tokens_per_step=args.tokens_per_step, warmup=1,
-                  steps=args.steps, threads=args.threads, seed=0)
+                  steps=args.steps, threads=args.threads, seed=0, device=args.device)
     rows = []
     for spec in throughput_contenders(args.rank):
         if args.only and spec["id"] not in args.only:
@@ -316,7 +321,8 @@ def run_throughput(args, command: str) -> dict:
         lines += [
             f"LLaMA-style model, dim {THROUGHPUT_MODEL['dim']}, {THROUGHPUT_MODEL['n_layers']} layers "
             f"({ok[0]['n_params']:,} parameters), sequence 128, median of {args.steps} steps after 1 warm-up, "
-            f"{args.threads} thread(s). Cells: tokens/s (optimizer share of the iteration).",
+            + (f"{args.threads} CPU thread(s)" if args.device == "cpu" else f"device {args.device}")
+            + ". Cells: tokens/s (optimizer share of the iteration).",
             "",
             "| optimizer | " + " | ".join(f"{s:,} tok/step" for s in sizes) + " |",
             "|---|" + "---:|" * len(sizes),
@@ -409,7 +415,10 @@ def run_quality(args, command: str) -> dict:
                        eval_every=args.eval_every, eval_batches=8, final_eval_batches=args.final_eval_batches,
                        clip_norm=1.0, threads=args.threads, train_ids=train_path, val_ids=val_path,
                        dataset=info["dataset"])
-    contenders = [c for c in quality_contenders(tuple(args.ranks), args.peer_rank) if not args.only or c["id"] in args.only]
+    contenders = [c for c in quality_contenders(tuple(args.ranks), args.peer_rank, args.interval)
+                  if not args.only or c["id"] in args.only]
+    if args.grid:
+        contenders = [dict(c, grid=list(args.grid)) for c in contenders]
     results: dict[str, dict] = {c["id"]: dict(contender=c, grid=[], seeds=[]) for c in contenders}
 
     def job(c, lr, seed):
@@ -592,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(HERE / "results"), help="results directory (default benchmarks/results)")
     parser.add_argument("--python", default=None, help="interpreter for the workers (default: the peers venv's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--device", default="cpu", help="step/throughput: torch device (default cpu; e.g. cuda)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs with the same configuration")
     parser.add_argument("--only", nargs="+", default=None, metavar="ID", help="run only these contender ids")
     step = parser.add_argument_group("step")
@@ -600,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seq-len", type=int, default=None, help="step: 16; quality: 128")
     step.add_argument("--rank", type=int, default=None, help="step: 256; throughput: 32")
     tp = parser.add_argument_group("throughput")
-    tp.add_argument("--tokens-per-step", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    tp.add_argument("--steps", type=int, default=None, help="step: 6 (first excluded); throughput: 3; quality: 200")
+    tp.add_argument("--tokens-per-step", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    tp.add_argument("--steps", type=int, default=None, help="step: 6 (first excluded); throughput: 4; quality: 200")
     q = parser.add_argument_group("quality")
     q.add_argument("--dataset", default="shakespeare", help="flora_opt.data dataset (default shakespeare)")
     q.add_argument("--vocab-size", type=int, default=1024)
@@ -611,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--peer-rank", type=int, default=32, help="GaLore/APOLLO/LoRA rank (default 32)")
     q.add_argument("--eval-every", type=int, default=50)
     q.add_argument("--final-eval-batches", type=int, default=32)
+    q.add_argument("--interval", type=int, default=QUALITY_INTERVAL,
+                   help=f"Flora kappa and GaLore/APOLLO update_proj_gap (default {QUALITY_INTERVAL})")
+    q.add_argument("--grid", type=float, nargs="+", default=None, help="override every contender's LR grid")
     q.add_argument("--extend", type=int, default=1, help="LR grid extensions when the best is at an edge (default 1)")
     q.add_argument("--cache", default=None, help="token cache (default ~/.cache/flora-opt/bench)")
     return parser
@@ -624,7 +637,7 @@ def main(argv=None) -> int:
     explicit = {k: getattr(args, k) for k in ("batch_size", "seq_len", "rank", "steps")}
     for task in tasks:
         defaults = dict(step=dict(batch_size=1, seq_len=16, rank=256, steps=6),
-                        throughput=dict(batch_size=None, seq_len=128, rank=32, steps=3),
+                        throughput=dict(batch_size=None, seq_len=128, rank=32, steps=4),
                         quality=dict(batch_size=16, seq_len=128, rank=None, steps=200))[task]
         for key, value in defaults.items():
             setattr(args, key, explicit[key] if explicit[key] is not None else value)

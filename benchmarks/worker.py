@@ -100,6 +100,11 @@ def predicted_state_bytes(spec, model) -> int | None:
 # ---- tasks -----------------------------------------------------------------------------------
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def task_step(spec, config) -> dict:
     """State bytes and ``optimizer.step()`` time on a transformers model (same protocol as
     ``benchmarks/peers/ref_worker.py``: random token batches, real forward/backward)."""
@@ -107,19 +112,23 @@ def task_step(spec, config) -> dict:
 
     from flora_opt.memory import optimizer_state_bytes
 
+    device = torch.device(config.get("device", "cpu"))
     model, model_spec = build_model(config["model"], seed=config.get("seed", 0))
-    model.train()
+    model.to(device).train()
     optimizer = build_optimizer(spec, model, spec.get("lr", 1e-3))
     gen = torch.Generator().manual_seed(config.get("seed", 0) + 1)
     vocab = int(model.config.vocab_size)
     step_times, fwd_times = [], []
     for _ in range(config["steps"]):
-        ids = torch.randint(0, vocab, (config["batch_size"], config["seq_len"]), generator=gen)
+        ids = torch.randint(0, vocab, (config["batch_size"], config["seq_len"]), generator=gen).to(device)
+        _sync(device)
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        _sync(device)
         t1 = time.perf_counter()
         optimizer.step()
+        _sync(device)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         fwd_times.append(t1 - t0)
@@ -138,6 +147,9 @@ def task_step(spec, config) -> dict:
         step_s=step_times,
         forward_backward_s_median=statistics.median(fwd_times[1:] or fwd_times),
         optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        max_memory_allocated=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     )
 
 
@@ -150,7 +162,8 @@ def _tiny_llama(config, seed):
 
 def task_throughput(spec, config) -> dict:
     """Training tokens/s at several tokens-per-step sizes (random tokens; timing only)."""
-    model = _tiny_llama(config, config.get("seed", 0))
+    device = torch.device(config.get("device", "cpu"))
+    model = _tiny_llama(config, config.get("seed", 0)).to(device)
     optimizer = build_optimizer(spec, model, spec.get("lr", 1e-3))
     vocab = model.cfg.vocab_size
     seq = config["seq_len"]
@@ -160,13 +173,16 @@ def task_throughput(spec, config) -> dict:
         batch = max(1, tokens // seq)
         fwd, opt = [], []
         for i in range(config["warmup"] + config["steps"]):
-            ids = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
+            ids = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
+            _sync(device)
             t0 = time.perf_counter()
             loss = model(ids[:, :-1], ids[:, 1:])
             loss.backward()
+            _sync(device)
             t1 = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _sync(device)
             t2 = time.perf_counter()
             if i >= config["warmup"]:
                 fwd.append(t1 - t0)

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
             "peak live tensor MiB over one training step (exact, counted per storage; not RSS), "
             "training tokens/s and the final validation loss. Writes results.json, "
             "results.md and demo.png (loss curves and memory bars) to --out.",
-            f"Default: {defaults.steps} steps per optimizer (a few minutes per optimizer on a "
-            f"2-core CPU); --quick: {QUICK['steps']} steps (about a minute in all)."
+            f"Default: {defaults.steps} steps of {defaults.batch_size} x {defaults.seq_len} tokens per optimizer "
+            "(1-2 minutes per optimizer on a 2-core CPU; the same budget as the quality benchmark in "
+            f"docs/benchmarks.md); --quick: {QUICK['steps']} steps (about a minute in all)."
         ),
         epilog=(
             "optimizers: " + ", ".join(OPTIMIZERS) + " (galore/apollo need galore-torch/apollo-torch)\n"
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--quick", action="store_true",
-                      help=f"short run: {QUICK['steps']} steps per optimizer, smaller evaluations (about a minute)")
+                      help=f"short run: {QUICK['steps']} steps per optimizer, smaller curve evaluations "
+                           "(about a minute)")
     demo.add_argument("--steps", type=_positive_int, default=None,
                       help=f"training steps per optimizer (default {defaults.steps}; --quick {QUICK['steps']})")
     demo.add_argument("--optimizers", nargs="+", metavar="NAME", default=None,
@@ -122,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"steps between validation points of the loss curve (default {defaults.eval_every}; "
                            f"--quick {QUICK['eval_every']})")
     demo.add_argument("--eval-batches", type=_positive_int, default=None,
-                      help="batches of the final validation loss (default: the whole validation split; "
-                           f"--quick {QUICK['final_eval_batches']})")
+                      help="batches of the final validation loss (default: the whole validation split)")
     demo.add_argument("--seed", type=int, default=defaults.seed, help="model-init and data seed (default 0)")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--device", default="cpu",
+                      help="torch device to train on (default cpu; e.g. cuda). Peak live memory is counted "
+                           "per tensor storage on any device")
     demo.add_argument("--out", default="flora-opt-demo", help="output directory (default ./flora-opt-demo)")
     demo.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -202,6 +206,12 @@ def _run_demo(args, parser, argv) -> int:
         sub.error(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
     if args.seq_len > DEMO_MODEL["max_seq_len"]:
         sub.error(f"--seq-len {args.seq_len} exceeds the model's maximum {DEMO_MODEL['max_seq_len']}")
+    try:
+        import torch
+
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:
+        sub.error(f"--device {args.device}: {str(error).splitlines()[0]}")
     if args.vocab_size < 256:
         sub.error(f"--vocab-size {args.vocab_size} is below 256 (the byte alphabet of the BPE)")
     settings = DemoSettings(
@@ -215,6 +225,7 @@ def _run_demo(args, parser, argv) -> int:
         optimizers=optimizers,
         lrs=lrs,
         threads=args.threads,
+        device=args.device,
     )
     if args.quick:
         for key, value in QUICK.items():

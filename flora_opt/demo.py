@@ -311,9 +311,13 @@ def train_lm(
         loss.backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         t1 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         t2 = time.perf_counter()
         if tracker is not None:
             tracker.__exit__(None, None, None)
@@ -364,12 +368,12 @@ def train_lm(
 
 @dataclass
 class DemoSettings:
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
     rank: int = 32
     kappa: int = 50
-    eval_every: int = 50
+    eval_every: int = 40
     eval_batches: int = 8
     final_eval_batches: int | None = None
     dataset: str = "shakespeare_sample"
@@ -379,10 +383,11 @@ class DemoSettings:
     lrs: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
     threads: int | None = None
+    device: str = "cpu"
 
 
 #: ``--quick``: about a minute on a 2-core CPU.
-QUICK = dict(steps=60, eval_every=20, eval_batches=4, final_eval_batches=24)
+QUICK = dict(steps=40, eval_every=10, eval_batches=4, final_eval_batches=None)
 
 
 def _environment() -> dict[str, Any]:
@@ -427,6 +432,7 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, progress: bo
     for name in settings.optimizers:
         model = TinyLlama(model_cfg)
         model.load_state_dict(initial)
+        model.to(settings.device)
         lr = settings.lrs.get(name, DEFAULT_LRS[name])
         optimizer = make_optimizer(name, model, lr, settings.rank, settings.kappa)
         result = train_lm(
@@ -442,6 +448,7 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, progress: bo
             eval_batches=settings.eval_batches,
             final_eval_batches=settings.final_eval_batches,
             progress=f"{label(name, settings.rank):<22}" if progress else False,
+            device=settings.device,
         )
         result.update(
             optimizer=name,
