@@ -217,6 +217,7 @@ def run_step(args, command: str) -> dict:
     out = Path(args.out)
     python = worker_python(args.python)
     runner = Runner(out, "step", python, 1, args.resume)
+    env = environment(python)
     config = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                   threads=args.threads, seed=0, device=args.device)
     rows = []
@@ -272,7 +273,7 @@ def run_step(args, command: str) -> dict:
             + (f"{r['step_s_median'] / adafactor['step_s_median']:.2f} | " if adafactor else " | ")
             + f"{r['first_step_s']:.2f} |"
         )
-    payload = dict(task="step", command=command, config=config, environment=environment(python), rows=rows)
+    payload = dict(task="step", command=command, config=config, environment=env, rows=rows)
     _write(out, "step", payload, "\n".join(lines))
     plt = _plt()
     if plt and ok:
@@ -303,6 +304,7 @@ def run_throughput(args, command: str) -> dict:
     out = Path(args.out)
     python = worker_python(args.python)
     runner = Runner(out, "throughput", python, 1, args.resume)
+    env = environment(python)
     config = dict(model=THROUGHPUT_MODEL, seq_len=128, tokens_per_step=args.tokens_per_step, warmup=1,
                   steps=args.steps, threads=args.threads, seed=0, device=args.device)
     rows = []
@@ -340,7 +342,7 @@ def run_throughput(args, command: str) -> dict:
     for r in rows:
         if not r.get("ok"):
             lines.append(f"\n{r['spec']['label']}: unavailable ({r.get('error', '')[:200]})")
-    payload = dict(task="throughput", command=command, config=config, environment=environment(python), rows=rows)
+    payload = dict(task="throughput", command=command, config=config, environment=env, rows=rows)
     _write(out, "throughput", payload, "\n".join(lines))
     plt = _plt()
     if plt and ok and "adamw" in base:
@@ -410,6 +412,7 @@ def run_quality(args, command: str) -> dict:
     python = worker_python(args.python)
     info, train_path, val_path = prepare_quality_data(args)
     runner = Runner(out, "quality", python, args.jobs, args.resume)
+    env = environment(python)
     model = dict(DEMO_MODEL, vocab_size=info["vocab_size"])
     base_config = dict(model=model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                        eval_every=args.eval_every, eval_batches=8, final_eval_batches=args.final_eval_batches,
@@ -417,6 +420,12 @@ def run_quality(args, command: str) -> dict:
                        dataset=info["dataset"])
     contenders = [c for c in quality_contenders(tuple(args.ranks), args.peer_rank, args.interval)
                   if not args.only or c["id"] in args.only]
+    for text in args.contender:
+        extra = json.loads(text)
+        extra.setdefault("options", {})
+        extra.setdefault("label", extra["id"])
+        extra.setdefault("grid", ADAFACTOR_GRID if extra["kind"] in ("flora", "adafactor") else ADAM_GRID)
+        contenders.append(extra)
     if args.grid:
         contenders = [dict(c, grid=list(args.grid)) for c in contenders]
     results: dict[str, dict] = {c["id"]: dict(contender=c, grid=[], seeds=[]) for c in contenders}
@@ -466,7 +475,7 @@ def run_quality(args, command: str) -> dict:
     wall = time.perf_counter() - started
     summary = summarize_quality(results)
     payload = dict(task="quality", command=command, config=base_config, data=info, wall_s=wall,
-                   environment=environment(python), contenders=contenders, summary=summary,
+                   environment=env, contenders=contenders, summary=summary,
                    runs={cid: dict(grid=r["grid"], best_lr=r.get("best_lr"),
                                    seeds=[_slim(s) for s in r["seeds"]]) for cid, r in results.items()})
     _write(out, "quality", payload, quality_markdown(payload))
@@ -559,6 +568,11 @@ def quality_markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def replot(out: Path) -> None:
+    """Redraw quality.png from quality.json (e.g. after changing the plot code)."""
+    plot_quality(json.loads((out / "quality.json").read_text()), out / "quality.png")
+
+
 def plot_quality(payload: dict, path: Path) -> None:
     plt = _plt()
     if plt is None:
@@ -584,7 +598,14 @@ def plot_quality(payload: dict, path: Path) -> None:
         b.annotate(r["label"], (r["state_bytes"] / 2**20, r["mean"]), fontsize=7, xytext=(4, 4),
                    textcoords="offset points")
     b.set_xscale("log")
-    b.set_xlabel("optimizer state (MiB, log)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    states = [r["state_bytes"] / 2**20 for r in payload["summary"] if r["mean"] is not None]
+    if states:
+        b.set_xticks([2.0**k for k in range(-6, 12) if min(states) / 2 <= 2.0**k <= max(states) * 2])
+    b.xaxis.set_major_formatter(ScalarFormatter())
+    b.xaxis.set_minor_formatter(NullFormatter())
+    b.set_xlabel("optimizer state (MiB, log scale)")
     b.set_ylabel("final validation loss")
     b.grid(alpha=0.3)
     fig.tight_layout()
@@ -624,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--interval", type=int, default=QUALITY_INTERVAL,
                    help=f"Flora kappa and GaLore/APOLLO update_proj_gap (default {QUALITY_INTERVAL})")
     q.add_argument("--grid", type=float, nargs="+", default=None, help="override every contender's LR grid")
+    q.add_argument("--contender", action="append", default=[], metavar="JSON",
+                   help='add a contender, e.g. \'{"id": "flora_r32_k10", "kind": "flora", '
+                        '"options": {"rank": 32, "kappa": 10}}\' (repeatable; run even with --only)')
     q.add_argument("--extend", type=int, default=1, help="LR grid extensions when the best is at an edge (default 1)")
     q.add_argument("--cache", default=None, help="token cache (default ~/.cache/flora-opt/bench)")
     return parser

@@ -61,6 +61,8 @@ def formula_method(spec) -> tuple[str | None, int | None]:
     if kind == "adafactor":
         return ("adafactor_momentum" if options.get("beta1") else "adafactor"), None
     if kind == "flora":
+        if options.get("full_momentum_for"):
+            return None, None
         return ("flora_8bit" if options.get("quantization") else "flora"), options.get("rank", 256)
     return None, None
 
@@ -72,6 +74,12 @@ def build_optimizer(spec, model, lr):
     kind, options = spec["kind"], dict(spec.get("options", {}))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if kind == "flora":
+        full = options.pop("full_momentum_for", None)  # name substrings kept at rank=None
+        if full:
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            keep = [p for n, p in named if any(key in n for key in full)]
+            rest = [p for n, p in named if not any(key in n for key in full)]
+            return flora_opt.Flora([{"params": rest}, {"params": keep, "rank": None}], lr=lr, **options)
         return flora_opt.Flora(trainable, lr=lr, **options)
     if kind == "lora":
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)

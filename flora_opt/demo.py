@@ -62,8 +62,8 @@ DEFAULT_LRS = {
     "adafactor": 0.1,
     "flora": 0.1,
     "flora8bit": 0.1,
-    "galore": 1e-2,
-    "apollo": 3e-3,
+    "galore": 3e-2,
+    "apollo": 1e-2,
 }
 
 
@@ -497,13 +497,16 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Validation-loss curves, optimizer-state bars and peak-live-memory bars in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw=dict(width_ratios=[3, 2]))
+    fig, (ax_loss, ax_state, ax_peak) = plt.subplots(
+        1, 3, figsize=(15, 4.5), gridspec_kw=dict(width_ratios=[5, 3, 3])
+    )
     for r in rows:
         tokens = [p["tokens"] for p in r["val_curve"]]
         ax_loss.plot(tokens, [p["val_loss"] for p in r["val_curve"]], marker="o", ms=3, label=r["label"])
@@ -514,16 +517,19 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     ax_loss.legend()
     names = [r["label"] for r in rows]
     y = np.arange(len(rows))
-    state = [r["state_bytes"] / 2**20 for r in rows]
-    peak = [(r["peak_live_bytes"] or 0) / 2**20 for r in rows]
-    ax_mem.barh(y - 0.2, state, height=0.4, label="optimizer state")
-    ax_mem.barh(y + 0.2, peak, height=0.4, label="peak live (one step)")
-    ax_mem.set_yticks(y, names)
-    ax_mem.invert_yaxis()
-    ax_mem.set_xlabel("MiB")
-    ax_mem.set_title("memory")
-    ax_mem.legend(loc="lower right")
-    ax_mem.grid(axis="x", alpha=0.3)
+    colors = [f"C{i}" for i in range(len(rows))]
+    for ax, key, title in ((ax_state, "state_bytes", "optimizer state (exact)"),
+                           (ax_peak, "peak_live_bytes", "peak live tensors, one step")):
+        values = [(r[key] or 0) / 2**20 for r in rows]
+        ax.barh(y, values, color=colors)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_yticks(y, names if ax is ax_state else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_xlabel("MiB")
+        ax.set_title(title)
+        ax.set_xlim(0, max(values + [1e-9]) * 1.3)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
