@@ -186,10 +186,13 @@ class LiveTensorBytes(TorchDispatchMode):
     rounding or fragmentation, and not the process RSS).
 
     Example:
+      >>> model = TinyLlama(LMConfig(vocab_size=256, dim=64, n_layers=1, n_heads=1))
+      >>> ids = torch.randint(0, 256, (2, 17))
       >>> with LiveTensorBytes() as mem:
       ...     mem.track(model.parameters())
-      ...     model(ids, targets).backward()
-      >>> mem.peak
+      ...     model(ids[:, :-1], ids[:, 1:]).backward()
+      >>> mem.peak > sum(p.numel() * 4 for p in model.parameters())
+      True
     """
 
     def __init__(self):

@@ -271,3 +271,24 @@ def test_load_config_errors(tmp_path):
         M.method_state_bytes("sgd", [])
     with pytest.raises(ValueError, match="dtype"):
         M.estimate(params=[M.ParamInfo("w", (4, 4))], dtype="fp8")
+
+
+def test_live_tensor_bytes_counts_storages_exactly():
+    from flora_opt.lm import LiveTensorBytes
+
+    existing = torch.zeros(100)
+    with LiveTensorBytes() as mem:
+        mem.track([existing, existing[10:]])  # a view shares its storage: counted once
+        assert mem.live == 400
+        a = torch.empty(1000, dtype=torch.float32)
+        b = torch.empty(250, dtype=torch.float64)
+        assert mem.live == 400 + 4000 + 2000
+        del a
+        assert mem.live == 400 + 2000
+        c = b.view(50, 5)
+        assert mem.live == 400 + 2000
+        mem.reset_peak()
+        d = c * 2  # a new storage
+        assert mem.peak == 400 + 2000 + 2000
+        del d
+    assert mem.live == 2400 and mem.peak == 4400
