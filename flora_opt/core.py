@@ -56,6 +56,7 @@ class FloraHyperParams:
     warmup_init: bool = False
     factorize_second_moment: bool = True
     min_dim_size_to_factor: int = 128
+    max_aspect_ratio: float | None = 4.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,44 @@ def matrix_view(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return (m, n)
 
 
+def is_embedding_like(m: int, n: int, max_aspect_ratio: float | None) -> bool:
+    """``max(m, n) > max_aspect_ratio * min(m, n)``: token embeddings, LM heads (section 1)."""
+    return max_aspect_ratio is not None and max(m, n) > max_aspect_ratio * min(m, n)
+
+
+def transfer_growth(dim: int, rank: int, beta1: float, kappa: int) -> float:
+    """Factor by which one resample period multiplies the decompressed momentum's expected
+    squared norm (section 4): ``beta1^(2 kappa) (1 + (dim + 1) / rank)``.
+
+    A resample maps the momentum ``x = P_old^T M`` to ``P_new^T P_new x``, unbiased but with
+    ``E||P_new^T P_new x||^2 = (1 + (d + 1) / r) ||x||^2``; between resamples the old momentum
+    decays by ``beta1^kappa``. Above 1 the transferred noise compounds from one resample to the
+    next and training can diverge; the default ``kappa = 1000`` is far below that for any
+    ``beta1 < 0.99``.
+    """
+    return beta1 ** (2 * kappa) * (1.0 + (dim + 1.0) / rank)
+
+
+def min_stable_kappa(dim: int, rank: int, beta1: float) -> int:
+    """Smallest ``kappa`` with :func:`transfer_growth` below 1."""
+    return max(1, math.floor(math.log(1.0 + (dim + 1.0) / rank) / (2.0 * math.log(1.0 / beta1))) + 1)
+
+
+def unstable_transfer_message(layout: "TensorLayout", hp: FloraHyperParams) -> str | None:
+    """A warning text when ``layout``'s compressed momentum sits in the divergent regime."""
+    if layout.momentum != MOMENTUM_COMPRESSED:
+        return None
+    growth = transfer_growth(layout.compressed_dim, layout.rank, hp.beta1, hp.kappa)
+    if growth < 1.0:
+        return None
+    return (
+        f"Flora: kappa={hp.kappa} is too small for a tensor of shape {layout.shape} with rank {layout.rank} "
+        f"and beta1={hp.beta1}: each resample multiplies the momentum's noise by {growth:.2f} and training may "
+        f"diverge; use kappa >= {min_stable_kappa(layout.compressed_dim, layout.rank, hp.beta1)} "
+        "(docs/algorithm.md section 4)"
+    )
+
+
 def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
     """Which state a tensor of ``shape`` gets under ``hp`` (docs/algorithm.md section 1).
 
@@ -119,9 +158,12 @@ def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
     * ``ndim >= 2``: viewed as ``(m, n) = (shape[0], numel / shape[0])``.
       - second moment factored iff ``factorize_second_moment`` and ``min(m, n) >=
         min_dim_size_to_factor``;
-      - momentum compressed iff momentum is on, ``rank`` is not ``None`` and ``min(m, n) > rank``;
-        the smaller dimension is compressed (rows on a tie).
-    Embedding tables are ordinary 2-D tensors: ``(vocab, dim)`` compresses ``dim``.
+      - momentum compressed iff momentum is on, ``rank`` is not ``None``, ``min(m, n) > rank``
+        and the matrix is not embedding-like: ``max(m, n) <= max_aspect_ratio * min(m, n)``
+        (``max_aspect_ratio=None`` drops that test); the smaller dimension is compressed (rows
+        on a tie).
+    Embedding tables and LM heads ``(vocab, dim)`` have ``vocab / dim > 4`` in practice, so by
+    default they keep full momentum.
     """
     shape = tuple(int(s) for s in shape)
     matrix = matrix_view(shape)
@@ -141,7 +183,7 @@ def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
     factored = bool(hp.factorize_second_moment) and min(m, n) >= hp.min_dim_size_to_factor
     if not has_momentum:
         momentum, side, rank = MOMENTUM_NONE, None, None
-    elif hp.rank is not None and min(m, n) > hp.rank:
+    elif hp.rank is not None and min(m, n) > hp.rank and not is_embedding_like(m, n, hp.max_aspect_ratio):
         momentum, side, rank = MOMENTUM_COMPRESSED, (SIDE_ROWS if m <= n else SIDE_COLS), hp.rank
     else:
         momentum, side, rank = MOMENTUM_FULL, None, None

@@ -60,6 +60,7 @@ _DEFAULTS: dict[str, Any] = dict(
     warmup_init=False,
     factorize_second_moment=True,
     min_dim_size_to_factor=128,
+    max_aspect_ratio=4.0,
     seed=0,
     quantization=False,
 )
@@ -134,6 +135,11 @@ def _validate_group(options: dict[str, Any]) -> None:
     min_dim = options["min_dim_size_to_factor"]
     if not _is_int(min_dim) or min_dim < 1:
         raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim!r}: must be an int >= 1")
+    ratio = options["max_aspect_ratio"]
+    if ratio is not None and (
+        not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio >= 1.0 or math.isinf(ratio)
+    ):
+        raise ValueError(f"Invalid max_aspect_ratio: {ratio!r}: must be a finite float >= 1, or None")
     seed = options["seed"]
     if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
@@ -157,6 +163,7 @@ def _hyperparams(group: dict[str, Any]) -> FloraHyperParams:
         warmup_init=group["warmup_init"],
         factorize_second_moment=group["factorize_second_moment"],
         min_dim_size_to_factor=group["min_dim_size_to_factor"],
+        max_aspect_ratio=None if group["max_aspect_ratio"] is None else float(group["max_aspect_ratio"]),
     )
 
 
@@ -192,6 +199,9 @@ class Flora(torch.optim.Optimizer):
         matrices; ``False`` keeps a full (Adam-like) second moment.
       min_dim_size_to_factor (int, default 128): factor only matrices whose smaller dimension
         is at least this (as optax's Adafactor).
+      max_aspect_ratio (float or None, default 4.0): matrices with ``max(m, n) > ratio *
+        min(m, n)`` (token embeddings, LM heads) keep full momentum, as in the reference code;
+        ``None`` compresses them too.
       seed (int, default 0): seed of the projections (32-bit).
       quantization (bool, default False): store the momentum (compressed or not) and any full
         second moment in 8 bits, blockwise (256) with the dynamic-tree code, via torchao.
@@ -259,6 +269,7 @@ class Flora(torch.optim.Optimizer):
             hp.beta1 is not None,
             hp.factorize_second_moment,
             hp.min_dim_size_to_factor,
+            hp.max_aspect_ratio,
         )
         layout = self._layout_cache.get(key)
         if layout is None:
@@ -284,6 +295,9 @@ class Flora(torch.optim.Optimizer):
         return expected
 
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
+        message = core.unstable_transfer_message(layout, _hyperparams(group))
+        if message is not None:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         state = self.state[param]
         state["step"] = 0
         state["seed"] = tensor_seed(group["seed"], index)

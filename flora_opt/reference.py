@@ -85,6 +85,7 @@ class ReferenceFlora:
     warmup_init: bool = False
     factorize_second_moment: bool = True
     min_dim_size_to_factor: int = 128
+    max_aspect_ratio: float | None = 4.0
     seed: int = 0
     states: list = field(default_factory=list)
 
@@ -107,7 +108,9 @@ class ReferenceFlora:
 
     def is_compressed(self, p):
         mn = self.matrix_shape(p)
-        return self.has_momentum() and self.rank is not None and mn is not None and min(mn) > self.rank
+        if not (self.has_momentum() and self.rank is not None and mn is not None and min(mn) > self.rank):
+            return False
+        return self.max_aspect_ratio is None or max(mn) <= self.max_aspect_ratio * min(mn)
 
     def step(self, grads):
         for index, grad in enumerate(grads):

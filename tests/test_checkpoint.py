@@ -111,7 +111,7 @@ def test_bf16_state_dict_keeps_fp32_compressed_state_after_load():
 @pytest.mark.parametrize(
     "change,pattern",
     [
-        (dict(rank=8), r"'exp_avg' should be \(300, 8\)"),
+        (dict(rank=8), r"'exp_avg' should be \(160, 8\)"),
         (dict(quantization=True), r"'exp_avg_codes' should be"),
         (dict(factorize_second_moment=False), r"'exp_avg_sq' should be"),
     ],

@@ -36,7 +36,8 @@ def flora_state_by_hand(model, rank):
             total += 4 * 2 * p.numel()  # full second moment + full momentum
             continue
         m, n = p.shape[0], p.numel() // p.shape[0]
-        momentum = rank * max(m, n) if min(m, n) > rank else m * n
+        compressed = min(m, n) > rank and max(m, n) <= 4 * min(m, n)  # embeddings/head: full
+        momentum = rank * max(m, n) if compressed else m * n
         second = m + n if min(m, n) >= 128 else m * n
         total += 4 * (momentum + second)
     return total
@@ -80,7 +81,8 @@ def test_demo_quick_outputs(demo_run, capsys):
     assert n == sum(p.numel() for p in model.parameters())
     assert rows["flora"]["state_bytes"] == flora_state_by_hand(model, results["settings"]["rank"])
     assert rows["adamw"]["state_bytes"] == 8 * n + 4 * len(list(model.parameters()))
-    assert rows["flora"]["state_bytes"] < 0.2 * rows["adamw"]["state_bytes"]
+    # embedding and head (1024 x 128, ratio 8) keep full momentum by default: 0.22 of AdamW here
+    assert rows["flora"]["state_bytes"] < 0.25 * rows["adamw"]["state_bytes"]
     assert rows["flora8bit"]["state_bytes"] < rows["flora"]["state_bytes"] < rows["adafactor"]["state_bytes"]
     # the markdown table and the plot
     table = (out / "results.md").read_text()
@@ -119,11 +121,13 @@ def test_memory_gpt2_json(capsys):
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"adamw", "adamw8bit_torchao", "adamw8bit_bnb", "adafactor", "adafactor_momentum",
                          "galore", "apollo", "flora", "flora_8bit"}
-    # Flora r=64 on GPT-2 by hand: every matrix is 768 wide, so all are compressed and factored
+    # Flora r=64 on GPT-2 by hand: every matrix is factored; all are compressed except the
+    # token embedding (50257 x 768, aspect ratio > 4), which keeps full momentum
     d, vocab, pos, layers = 768, 50257, 1024, 12
-    matrices = [(vocab, d), (pos, d)] + layers * [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
+    matrices = [(pos, d)] + layers * [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
     vectors = 2 * d + layers * (2 * d + 3 * d + d + 2 * d + 4 * d + d)
     expected = sum(4 * (64 * max(m, n) + m + n) for m, n in matrices) + 4 * 2 * vectors
+    expected += 4 * (vocab * d + vocab + d)
     assert rows["flora"]["state_bytes"] == expected
     assert rows["flora_8bit"]["state_bytes"] < rows["flora"]["state_bytes"]
     for row in rows.values():

@@ -24,6 +24,7 @@ OPTIONS = [
     dict(lr=None, relative_step=True, rank=8, kappa=2),
     dict(lr=None, relative_step=True, warmup_init=True, rank=8, kappa=2),
     dict(rank=8, kappa=1, beta1=0.5, eps=(1e-20, 1e-2), seed=12345),
+    dict(rank=8, kappa=3, max_aspect_ratio=None),
 ]
 
 
@@ -31,6 +32,7 @@ def _run_pair(shapes, options, steps, dtype=torch.float32, seed=0):
     options = dict(options)
     lr = options.pop("lr", 3e-2)
     options.setdefault("min_dim_size_to_factor", 16)
+    options.setdefault("max_aspect_ratio", 3.0)  # (8, 40), (9, 40) embedding-like; (15, 30) not
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen) for s in shapes]
     params = [torch.nn.Parameter(x.to(dtype)) for x in init]
@@ -279,6 +281,8 @@ BAD = [
     (dict(warmup_init=True), ValueError, r"Invalid warmup_init: True requires relative_step=True"),
     (dict(quantization="yes"), ValueError, r"Invalid quantization: 'yes'"),
     (dict(min_dim_size_to_factor=0), ValueError, r"Invalid min_dim_size_to_factor: 0"),
+    (dict(max_aspect_ratio=0.5), ValueError, r"Invalid max_aspect_ratio: 0\.5"),
+    (dict(max_aspect_ratio="4"), ValueError, r"Invalid max_aspect_ratio: '4'"),
     (dict(betas=(0.9, 0.99)), TypeError, r"unexpected keyword argument\(s\) 'betas'"),
     (dict(momentum=0.9), TypeError, r"unexpected keyword argument\(s\) 'momentum'"),
 ]
@@ -313,7 +317,7 @@ def test_changing_rank_of_a_live_group_fails_clearly():
 # ---- memory: state bytes equal the documented formula ------------------------------------------
 
 
-def _formula_bytes(shape, rank, quantization=False, min_dim=128):
+def _formula_bytes(shape, rank, quantization=False, min_dim=128, max_aspect_ratio=4.0):
     """docs/algorithm.md section 11, written out independently of the implementation."""
     if len(shape) < 2:
         numel = math.prod(shape)
@@ -322,7 +326,8 @@ def _formula_bytes(shape, rank, quantization=False, min_dim=128):
     else:
         m, n = shape[0], math.prod(shape[1:])
         numel = m * n
-        momentum = rank * max(m, n) if min(m, n) > rank else numel
+        compressed = min(m, n) > rank and max(m, n) <= max_aspect_ratio * min(m, n)
+        momentum = rank * max(m, n) if compressed else numel
         factored_bytes = 4 * (m + n) if min(m, n) >= min_dim else None
         second = numel
 
@@ -338,7 +343,7 @@ def _formula_bytes(shape, rank, quantization=False, min_dim=128):
 @pytest.mark.parametrize("rank", [8, 64])
 def test_state_bytes_equal_formula(rank, quantization):
     pytest.importorskip("torchao") if quantization else None
-    shapes = [(768, 2304), (3072, 768), (500, 96), (100, 70), (96,), (64, 3, 3, 3), (5000, 256)]
+    shapes = [(768, 2304), (3072, 768), (500, 96), (300, 96), (100, 70), (96,), (64, 3, 3, 3), (5000, 256)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     opt = flora_opt.Flora(params, lr=1e-3, rank=rank, quantization=quantization)
     for p in params:

@@ -35,7 +35,8 @@ CASES = [
 
 @pytest.mark.parametrize("shape,momentum,side,factored,shapes", CASES, ids=[str(c[0]) for c in CASES])
 def test_layout_table(shape, momentum, side, factored, shapes):
-    layout = core.tensor_layout(shape, HP(lr=1.0, rank=R, min_dim_size_to_factor=F))
+    # rank and factoring thresholds alone (the aspect-ratio rule is tested below)
+    layout = core.tensor_layout(shape, HP(lr=1.0, rank=R, min_dim_size_to_factor=F, max_aspect_ratio=None))
     assert layout.momentum == momentum
     assert layout.side == side
     assert layout.factored == factored
@@ -57,3 +58,34 @@ def test_rank_none_keeps_full_momentum():
 def test_factorize_second_moment_false():
     layout = core.tensor_layout((300, 400), HP(lr=1.0, factorize_second_moment=False))
     assert not layout.factored and layout.state_shapes()["exp_avg_sq"] == (300, 400)
+
+
+# (shape, compressed under the default max_aspect_ratio=4)
+ASPECT = [
+    ((100, 400), True),  # ratio exactly 4: compressed (GPT-2's MLP is 768 x 3072)
+    ((100, 401), False),
+    ((401, 100), False),
+    ((400, 100), True),
+    ((50257, 768), False),  # GPT-2 token embedding
+    ((32000, 4096), False),  # LLaMA embedding / LM head
+    ((4096, 11008), True),  # LLaMA MLP
+    ((64, 16, 3, 3), True),  # conv kernel viewed as (64, 144)
+]
+
+
+@pytest.mark.parametrize("shape,compressed", ASPECT, ids=[str(c[0]) for c in ASPECT])
+def test_embedding_like_matrices_keep_full_momentum_by_default(shape, compressed):
+    layout = core.tensor_layout(shape, HP(lr=1.0, rank=R))
+    assert layout.momentum == ("compressed" if compressed else "full")
+    assert core.tensor_layout(shape, HP(lr=1.0, rank=R, max_aspect_ratio=None)).momentum == "compressed"
+    assert core.tensor_layout(shape, HP(lr=1.0, rank=R, max_aspect_ratio=1000.0)).momentum == "compressed"
+
+
+def test_transfer_growth_and_min_stable_kappa():
+    # d=128, r=32, beta1=0.9: kappa=5 diverged in the quality ablation, kappa=10 did not
+    assert core.transfer_growth(128, 32, 0.9, 5) > 1 > core.transfer_growth(128, 32, 0.9, 10)
+    k = core.min_stable_kappa(128, 32, 0.9)
+    assert core.transfer_growth(128, 32, 0.9, k) < 1 <= core.transfer_growth(128, 32, 0.9, k - 1)
+    layout = core.tensor_layout((128, 300), HP(lr=1.0, rank=32, kappa=5))
+    assert "kappa=5 is too small" in core.unstable_transfer_message(layout, HP(lr=1.0, rank=32, kappa=5))
+    assert core.unstable_transfer_message(layout, HP(lr=1.0, rank=32, kappa=1000)) is None

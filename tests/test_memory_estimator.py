@@ -183,15 +183,13 @@ def test_flora_formula_by_hand():
     params = [M.ParamInfo("a", (768, 3072)), M.ParamInfo("b", (1024, 64)), M.ParamInfo("c", (768,)),
               M.ParamInfo("d", (100, 100))]
     expected = 4 * (r * 3072 + 768 + 3072)  # compressed, factored
-    expected += 4 * (1024 * 64 + 1024 * 64)  # min 64: full momentum (64 > 32, compressed) -> see below
-    expected -= 4 * 1024 * 64  # momentum compressed: (1024, 32)
-    expected += 4 * 1024 * r
+    expected += 4 * (1024 * 64 + 1024 * 64)  # ratio 16 > 4: embedding-like, full momentum; min 64 < 128: full v
     expected += 4 * (768 + 768)  # vector: full second moment and momentum
     expected += 4 * (r * 100 + 100 * 100)  # min 100 < 128: unfactored, compressed momentum
     assert M.method_state_bytes("flora", params, r) == expected
     expected_8bit = (
         math.ceil(r * 3072 / 256) * 260 + 4 * (768 + 3072)
-        + math.ceil(1024 * r / 256) * 260 + math.ceil(1024 * 64 / 256) * 260
+        + 2 * math.ceil(1024 * 64 / 256) * 260
         + 4 * (768 + 768)
         + 4 * r * 100 + math.ceil(100 * 100 / 256) * 260  # momentum 3200 < 4096 stays fp32
     )

@@ -33,10 +33,10 @@ SCRIPT = textwrap.dedent(
         "rows": P(None, "x"),   # (16, 64): compressed rows, momentum (4, 64) along n
         "cols": P("x", None),   # (64, 16): compressed cols, momentum (64, 4) along m
         "fact": P("x", None),   # (128, 256): factored, compressed rows
-        "conv": P(None, "x"),   # (8, 4, 3, 3): viewed (8, 36)
+        "conv": P(None, "x"),   # (12, 4, 3, 3): viewed (12, 36)
         "bias": P("x"),         # (64,)
     }
-    shapes = {"rows": (16, 64), "cols": (64, 16), "fact": (128, 256), "conv": (8, 4, 3, 3), "bias": (64,)}
+    shapes = {"rows": (16, 64), "cols": (64, 16), "fact": (128, 256), "conv": (12, 4, 3, 3), "bias": (64,)}
     rng = np.random.default_rng(0)
     host = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(6)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -55,6 +56,7 @@ STATIC_ARGS = (
     "min_dim_size_to_factor",
     "factorized_second_moment",
     "min_parameter_scale",
+    "max_aspect_ratio",
     "weight_decay_mask",
 )
 
@@ -120,6 +122,7 @@ def _validate(
     min_dim_size_to_factor,
     factorized_second_moment,
     min_parameter_scale,
+    max_aspect_ratio=4.0,
 ) -> None:
     """Raise ValueError naming the argument and the bad value (as :class:`flora_opt.Flora`)."""
     if learning_rate is None:
@@ -160,6 +163,10 @@ def _validate(
         raise ValueError(f"Invalid min_parameter_scale: {min_parameter_scale!r}: must be a finite float > 0")
     if not _is_int(min_dim_size_to_factor) or min_dim_size_to_factor < 1:
         raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim_size_to_factor!r}: must be an int >= 1")
+    if max_aspect_ratio is not None and (
+        not _is_number(max_aspect_ratio) or not max_aspect_ratio >= 1.0 or math.isinf(max_aspect_ratio)
+    ):
+        raise ValueError(f"Invalid max_aspect_ratio: {max_aspect_ratio!r}: must be a finite float >= 1, or None")
     for name, flag in (
         ("multiply_by_parameter_scale", multiply_by_parameter_scale),
         ("factorized_second_moment", factorized_second_moment),
@@ -248,6 +255,7 @@ def scale_by_flora(
     *,
     min_parameter_scale: float = 1e-3,
     weight_decay_mask: MaskOrFn = None,
+    max_aspect_ratio: Optional[float] = 4.0,
 ) -> optax.GradientTransformation:
     r"""The Flora step ``Delta_t`` of every leaf (docs/algorithm.md section 8), to be subtracted.
 
@@ -276,6 +284,7 @@ def scale_by_flora(
         min_dim_size_to_factor,
         factorized_second_moment,
         min_parameter_scale,
+        max_aspect_ratio,
     )
     hp = FloraHyperParams(
         lr=None,
@@ -292,6 +301,7 @@ def scale_by_flora(
         warmup_init=False,
         factorize_second_moment=bool(factorized_second_moment),
         min_dim_size_to_factor=int(min_dim_size_to_factor),
+        max_aspect_ratio=None if max_aspect_ratio is None else float(max_aspect_ratio),
     )
     hp_no_decay = dataclasses.replace(hp, weight_decay=0.0)
     needs_params = hp.scale_parameter or hp.weight_decay != 0.0
@@ -306,7 +316,11 @@ def scale_by_flora(
             fields["seed"].append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
             shapes = {}
             if _float_dtype(leaf) is not None:
-                shapes = _state_shapes(core.tensor_layout(np.shape(leaf), hp))
+                layout = core.tensor_layout(np.shape(leaf), hp)
+                shapes = _state_shapes(layout)
+                message = core.unstable_transfer_message(layout, hp)
+                if message is not None:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
             for key, name in _FIELD_OF_KEY.items():
                 fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
         return ScaleByFloraState(
@@ -415,6 +429,7 @@ def flora(
     *,
     min_parameter_scale: float = 1e-3,
     weight_decay_mask: MaskOrFn = None,
+    max_aspect_ratio: Optional[float] = 4.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Flora: Adafactor whose momentum is compressed by regenerated Gaussian projections.
 
@@ -450,6 +465,9 @@ def flora(
         matrices; ``False`` keeps a full second moment. PyTorch: ``factorize_second_moment``.
       min_parameter_scale (keyword, default 1e-3): floor of ``RMS(W)`` in the parameter scale.
         PyTorch: ``eps[1]``.
+      max_aspect_ratio (keyword, default 4.0): leaves whose matrix view has ``max(m, n) >
+        max_aspect_ratio * min(m, n)`` (embeddings, LM heads) keep full momentum; ``None``
+        compresses them too. PyTorch: ``max_aspect_ratio``.
       weight_decay_mask (keyword, default None): a tree of Python bools with the structure of
         the params (or a function of the params returning one); ``False`` leaves get no weight
         decay.
@@ -498,6 +516,7 @@ def flora(
             factorized_second_moment=factorized_second_moment,
             min_parameter_scale=min_parameter_scale,
             weight_decay_mask=weight_decay_mask,
+            max_aspect_ratio=max_aspect_ratio,
         ),
         optax.scale(-1.0),
     )
