@@ -60,6 +60,8 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._track(tensor)
 
     def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":  # no storage behind it
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._sizes:

@@ -17,14 +17,13 @@ creates under a ``TorchDispatchMode`` and forgetting it when its storage is free
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .livebytes import LiveTensorBytes  # re-exported: the demo measures peak memory with it
 
 __all__ = ["LMConfig", "TinyLlama", "LiveTensorBytes", "LORA_TARGETS", "tensor_bytes"]
 
@@ -176,60 +175,3 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Exact live and peak bytes of tensor storages.
-
-    Every storage an operator creates while the mode is active is recorded with its exact
-    ``nbytes`` and forgotten when the storage is freed (a weakref finalizer on it); storages
-    that existed before (parameters, optimizer state) are added with :meth:`track`. ``peak`` is
-    the maximum of the live sum: the memory a perfect allocator would need (no caching, block
-    rounding or fragmentation, and not the process RSS).
-
-    Example:
-      >>> model = TinyLlama(LMConfig(vocab_size=256, dim=64, n_layers=1, n_heads=1))
-      >>> ids = torch.randint(0, 256, (2, 17))
-      >>> with LiveTensorBytes() as mem:
-      ...     mem.track(model.parameters())
-      ...     model(ids[:, :-1], ids[:, 1:]).backward()
-      >>> mem.peak > sum(p.numel() * 4 for p in model.parameters())
-      True
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in pytree.tree_leaves(out):
-            if isinstance(value, torch.Tensor):
-                self._add(value)
-        return out
-
-    def track(self, tensors) -> None:
-        """Count already existing tensors (each storage once)."""
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor):
-                self._add(tensor)
-
-    def _add(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type == "meta":
-            return
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self._sizes:
-            return
-        size = storage.nbytes()
-        self._sizes[key] = size
-        self.live += size
-        if self.live > self.peak:
-            self.peak = self.live
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
