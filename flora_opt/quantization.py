@@ -25,6 +25,7 @@ MIN_QUANTIZED_NUMEL = 4096
 
 _QMAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 _MIDPOINTS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _quant_utils():
@@ -80,13 +81,49 @@ def midpoints(signed: bool, device: torch.device) -> torch.Tensor:
     return _MIDPOINTS[key]
 
 
+def _prefix_table(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup table for :func:`encode`: for each value of a float32's top 16 bits (sign,
+    exponent, 7 mantissa bits), the number of code-map midpoints below that bucket; plus the
+    midpoints padded with +inf.
+
+    Every bucket spans less than 0.8% of its values, while neighbouring entries of the dynamic
+    map are at least 1.4% apart, so a bucket holds at most one midpoint (asserted here) and one
+    comparison finishes the search.
+    """
+    key = (signed, torch.device(device))
+    if key not in _TABLES:
+        mids = midpoints(signed, device)
+        prefixes = torch.arange(-32768, 32768, dtype=torch.int32, device=device)
+        lo = (prefixes << 16).view(torch.float32)
+        hi = ((prefixes << 16) | 0xFFFF).view(torch.float32)
+        low, high = torch.minimum(lo, hi), torch.maximum(lo, hi)  # negative floats sort backwards
+        base = torch.bucketize(low, mids, right=True)
+        top = torch.bucketize(high, mids, right=True)
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        if int((top - base)[finite].max()) > 1:  # pragma: no cover - a property of the code map
+            raise AssertionError("dynamic code map too dense for the 16-bit prefix table")
+        padded = torch.cat([mids, torch.full((1,), float("inf"), device=device)])
+        _TABLES[key] = (base.to(torch.int32), padded)
+    return _TABLES[key]
+
+
+def encode(normalised: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Index of the nearest code-map entry (ties upward) of each finite value in [-1, 1]:
+    ``torch.bucketize(x, midpoints, right=True)``, computed with a 16-bit prefix table and one
+    comparison (about 10x faster than ``bucketize`` on CPU; equal codes, tested)."""
+    table, padded = _prefix_table(signed, normalised.device)
+    prefix = torch.bitwise_right_shift(normalised.view(torch.int32), 16).add_(32768)
+    base = torch.index_select(table, 0, prefix)
+    above = normalised >= torch.index_select(padded, 0, base)
+    return base.add_(above).to(torch.uint8)
+
+
 def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 tensor -> (uint8 codes, float32 absmax per block of 256).
 
-    Codes are the nearest entry of torchao's dynamic map (ties round up), found with one
-    ``torch.bucketize`` over the midpoints: the same codes as
-    ``torchao.optim.quant_utils.quantize_8bit_with_qmap`` (tested), 2-3x faster on CPU than
-    its eight gather passes.
+    Codes are the nearest entry of torchao's dynamic map (ties round up), found by
+    :func:`encode`: the same codes as ``torchao.optim.quant_utils.quantize_8bit_with_qmap``
+    (tested), an order of magnitude faster on CPU than its eight gather passes.
     """
     qu = _quant_utils()
     flat = values.reshape(-1).to(torch.float32)
@@ -94,7 +131,7 @@ def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Te
     if padding:
         flat = torch.nn.functional.pad(flat, (0, padding))
     normalised, absmax = qu.scale_tensor(flat, BLOCK_SIZE)
-    codes = torch.bucketize(normalised, midpoints(signed, flat.device), right=True).to(torch.uint8)
+    codes = encode(normalised.contiguous(), signed)
     return codes, absmax
 
 

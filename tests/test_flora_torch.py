@@ -404,6 +404,13 @@ def test_quantizer_matches_torchao_codes(signed):
     normalised, scale = quant_utils.scale_tensor(padded, 256)
     expected = quant_utils.quantize_8bit_with_qmap(normalised, q.qmap(signed, x.device))
     assert torch.equal(codes, expected)
+    # the prefix-table encoder equals a plain nearest-midpoint search, also exactly at and
+    # next to every midpoint (where rounding direction matters)
+    mids = q.midpoints(signed, x.device)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        torch.tensor([0.0, -0.0, 1.0, 1e-30, -1e-30]), torch.rand(20000, generator=gen) * (2 if signed else 1) - (1 if signed else 0)])
+    probes = probes.clamp(-1.0 if signed else 0.0, 1.0)
+    assert torch.equal(q.encode(probes, signed), torch.bucketize(probes, mids, right=True).to(torch.uint8))
     restored = q.dequantize(codes, absmax, (3000,), signed)
     # dynamic-tree code: relative error small for entries near their block's absmax
     big = x.abs() > 0.1 * absmax.repeat_interleave(256)[:3000]
