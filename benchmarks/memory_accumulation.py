@@ -83,7 +83,8 @@ def model_config(name: str, layers: int | None = None):
     raise ValueError(f"unknown model {name!r}")
 
 
-def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation_rank, fake, device, layers=None):
+def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation_rank, fake, device, layers=None,
+            max_aspect_ratio=4.0, quantization=False):
     """Peak live bytes over one steady-state accumulation cycle, plus the parts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -107,7 +108,9 @@ def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation
         elif method == "adafactor":
             optimizer = torch.optim.Adafactor(params, lr=1e-2, foreach=False)
         else:
-            optimizer = flora_opt.Flora(params, lr=1e-4, rank=rank)
+            optimizer = flora_opt.Flora(
+                params, lr=1e-4, rank=rank, max_aspect_ratio=max_aspect_ratio, quantization=quantization
+            )
             accumulator = CompressedAccumulator(
                 optimizer, accumulation_rank, accumulation_steps=steps, layerwise=method == "flora-layerwise"
             )
@@ -202,6 +205,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=16, help="micro-batches per optimizer step")
     parser.add_argument("--rank", type=int, default=64, help="Flora momentum rank")
     parser.add_argument("--accumulation-rank", type=int, default=64, help="compressed accumulation rank")
+    parser.add_argument(
+        "--max-aspect-ratio", type=lambda v: None if v.lower() == "none" else float(v), default=4.0,
+        help="Flora's max_aspect_ratio (default 4.0, the library default: embeddings and LM heads keep "
+        "full momentum); 'none' compresses them too",
+    )
+    parser.add_argument("--quantization", action="store_true", help="Flora with 8-bit states")
     parser.add_argument("--device", default="cpu", help="cpu (fake tensors by default) or cuda (real tensors)")
     parser.add_argument("--real", action="store_true", help="real tensors on the CPU (slow)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
@@ -209,7 +218,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     checkpointing = [{"no": False, "yes": True}[c] for c in args.checkpointing.split(",")]
-    common = dict(rank=args.rank, accumulation_rank=args.accumulation_rank, device=args.device)
+    common = dict(rank=args.rank, accumulation_rank=args.accumulation_rank, device=args.device,
+                  max_aspect_ratio=args.max_aspect_ratio, quantization=args.quantization)
 
     if args.validate:  # GPT-2 small's width, 2 layers, 128 tokens, 4 micro-batches: fake vs real
         mismatches = 0
@@ -235,8 +245,8 @@ def main(argv=None):
                 results.append(result)
                 print(json.dumps(result), flush=True)
     print()
-    print(f"batch 1 x {args.seq}, {args.steps} micro-batches, Flora rank {args.rank}, accumulation rank "
-          f"{args.accumulation_rank}, {'fake tensors' if fake else 'real tensors on ' + args.device}")
+    print(f"batch 1 x {args.seq}, {args.steps} micro-batches, Flora rank {args.rank} (max_aspect_ratio "
+          f"{args.max_aspect_ratio}{', 8-bit states' if args.quantization else ''}), accumulation rank {args.accumulation_rank}, {'fake tensors' if fake else 'real tensors on ' + args.device}")
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -399,6 +399,7 @@ def flora_update(
         new_state[EXP_AVG_SQ] = second
         normalised = grad * ops.rsqrt(second)
         update_rms = ops.rms(normalised)
+    del grad_sq  # a gradient-sized temporary: freed before the momentum's (eager PyTorch)
     finite = ops.isfinite(update_rms)  # NaN/Inf anywhere in G makes RMS(U) non-finite
     clip = 1.0 / ops.clip_min(update_rms / hp.clip_threshold, 1.0)
     scale = eta * clip  # the update is eta_t * clip_t * U

@@ -323,9 +323,8 @@ class Flora(torch.optim.Optimizer):
     def _write_state(self, state, new_values: dict[str, torch.Tensor], layout: TensorLayout, quantization: bool):
         for key, value in new_values.items():
             if self._quantized(layout, key, quantization):
-                codes, absmax = q.quantize(value, _SIGNED[key])
-                state[key + CODES_SUFFIX] = codes
-                state[key + ABSMAX_SUFFIX] = absmax
+                # written into the existing buffers: no second copy of the codes
+                q.quantize(value, _SIGNED[key], out=(state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]))
             else:
                 state[key] = value
 

@@ -415,3 +415,72 @@ def test_quantizer_matches_torchao_codes(signed):
     # dynamic-tree code: relative error small for entries near their block's absmax
     big = x.abs() > 0.1 * absmax.repeat_interleave(256)[:3000]
     assert ((restored - x).abs()[big] / x.abs()[big]).max() < 0.1
+
+
+@pytest.mark.parametrize("numel", [256 * 7, 256 * 7 - 5, 256 * 9 + 1])
+def test_quantizer_chunks_equal_one_pass(numel, monkeypatch):
+    """Chunked quantize/dequantize (tiny chunks here) give torchao's one-pass codes exactly."""
+    pytest.importorskip("torchao")
+    from torchao.optim import quant_utils
+
+    from flora_opt import quantization as q
+
+    monkeypatch.setattr(q, "CHUNK_BLOCKS", 3)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 0, numel)
+    codes, absmax = q.quantize(x, True)
+    blocks = q.num_blocks(numel)
+    padded = torch.nn.functional.pad(x, (0, blocks * 256 - numel))
+    normalised, scale = quant_utils.scale_tensor(padded, 256)
+    assert torch.equal(codes, quant_utils.quantize_8bit_with_qmap(normalised, q.qmap(True, x.device)))
+    assert torch.equal(absmax, scale)
+    whole = quant_utils.dequant_with_qmap(codes, q.qmap(True, x.device), absmax)[:numel]
+    assert torch.equal(q.dequantize(codes, absmax, (numel,), True), whole)
+    # writing into existing buffers gives the same; buffers of the wrong size are refused
+    out = (torch.full_like(codes, 7), torch.zeros_like(absmax))
+    assert q.quantize(x, True, out=out)[0] is out[0]
+    assert torch.equal(out[0], codes) and torch.equal(out[1], absmax)
+    with pytest.raises(ValueError, match="do not fit"):
+        q.quantize(x, True, out=(codes[:-256], absmax))
+
+
+def test_quantizer_temporaries_are_bounded():
+    """Quantizing a 32 MiB state allocates its codes and scales plus chunk-sized temporaries,
+    not several state-sized copies."""
+    pytest.importorskip("torchao")
+    from flora_opt import quantization as q
+    from flora_opt.livebytes import LiveTensorBytes
+
+    numel = 1 << 23
+    x = torch.randn(numel)
+    q.quantize(x[:4096], True)  # builds the code map and prefix table outside the measurement
+    chunk = q.CHUNK_BLOCKS * q.BLOCK_SIZE
+    # (the tracker also counts storages that existed before, e.g. x's, once a view of them is
+    # an op's output; so the temporaries are the peak above what is live at the end)
+    with LiveTensorBytes() as mem:
+        codes, absmax = q.quantize(x, True)
+    assert mem.peak - mem.live <= 20 * chunk < 4 * numel, (mem.peak, mem.live)
+    with LiveTensorBytes() as mem:
+        restored = q.dequantize(codes, absmax, (numel,), True)
+    assert mem.peak - mem.live <= 16 * chunk < 4 * numel, (mem.peak, mem.live)
+    assert (restored - x).abs().max() <= x.abs().max() * 0.05
+
+
+def test_quantizer_under_fake_tensors_leaves_real_calls_intact():
+    """benchmarks/memory_accumulation.py quantizes fake tensors; the code-map caches must not keep
+    fake tensors for later real calls."""
+    pytest.importorskip("torchao")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flora_opt import quantization as q
+
+    for cache in (q._QMAPS, q._MIDPOINTS, q._TABLES):
+        cache.clear()
+    from flora_opt.livebytes import LiveTensorBytes
+
+    with FakeTensorMode(), LiveTensorBytes(fake_scalars=True):  # as the benchmark nests them
+        codes, absmax = q.quantize(torch.randn(5000), True)
+        assert codes.shape == (5120,) and absmax.shape == (20,)
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    codes, absmax = q.quantize(x, True)
+    assert type(codes) is torch.Tensor
+    assert (q.dequantize(codes, absmax, (5000,), True) - x).abs().max() < 0.05 * x.abs().max()
