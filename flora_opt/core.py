@@ -380,7 +380,7 @@ def flora_update(
     new_state: dict[str, Any] = {}
     eta = step_size(step, param, hp, ops, lr=lr)
     beta2 = beta2_at(step, hp.decay_rate)
-    grad_sq = grad * grad
+    grad_sq = grad * grad  # gradient-sized temporary, reused below (ops.*_into)
 
     # Second moment and the normalised update U = G / sqrt(V_hat), clipped (sections 6-7).
     if layout.factored:
@@ -394,20 +394,25 @@ def flora_update(
         update_sq_sum = ops.sum(row_scale * row_scale * ops.matmul(grad_sq, col_scale * col_scale))
         update_rms = ops.sqrt(update_sq_sum / (m * n))
         normalised = None
+        workspace = grad_sq  # free for dense_update
     else:
-        second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
+        grad_sq_eps = ops.add_into(grad_sq, grad_sq, hp.eps1)
+        second = ops.lerp(state[EXP_AVG_SQ], grad_sq_eps, 1.0 - beta2)
         new_state[EXP_AVG_SQ] = second
-        normalised = grad * ops.rsqrt(second)
+        normalised = ops.mul_into(grad_sq_eps, grad, ops.rsqrt_into(grad_sq_eps, second))
         update_rms = ops.rms(normalised)
-    del grad_sq  # a gradient-sized temporary: freed before the momentum's (eager PyTorch)
+        workspace = None
+    del grad_sq
     finite = ops.isfinite(update_rms)  # NaN/Inf anywhere in G makes RMS(U) non-finite
     clip = 1.0 / ops.clip_min(update_rms / hp.clip_threshold, 1.0)
     scale = eta * clip  # the update is eta_t * clip_t * U
 
     def dense_update():
+        """``eta_t clip_t U`` in full, written over a temporary (called at most once)."""
         if normalised is not None:
-            return normalised * scale
-        return grad * (row_scale[:, None] * scale) * col_scale[None, :]
+            return ops.mul_into(normalised, normalised, scale)
+        scaled = ops.mul_into(workspace, grad, row_scale[:, None] * scale)
+        return ops.mul_into(scaled, scaled, col_scale[None, :])
 
     decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
 
@@ -416,10 +421,11 @@ def flora_update(
         return new_state, Direction("dense", dense_update(), None, decay), finite
     beta1 = hp.beta1
     if layout.momentum == MOMENTUM_FULL:
-        momentum = ops.lerp(state[EXP_AVG], dense_update(), 1.0 - beta1)
+        update = dense_update()
+        momentum = ops.lerp_into(update, state[EXP_AVG], update, 1.0 - beta1)
         new_state[EXP_AVG] = momentum
         return new_state, Direction("dense", momentum, None, decay), finite
-
+    del workspace  # the compressed path needs no gradient-sized temporary
     rank, dim, side = layout.rank, layout.compressed_dim, layout.side
     resample_index = (step - 1) // hp.kappa
     projection = momentum_projection(seed, resample_index, rank, dim, ops, device)

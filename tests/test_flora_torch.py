@@ -357,6 +357,51 @@ def test_state_bytes_equal_formula(rank, quantization):
     assert _formula_bytes((768, 3072), 64) == 4 * (64 * 3072 + 768 + 3072)
 
 
+class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op outputs of ``numel`` elements that got a new storage (not written into an
+    input or ``out=`` buffer)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize(
+    "shape, options, expected",
+    [
+        # factored second moment, full momentum (embedding-like): G^2, reused for the update and
+        # the new momentum
+        ((2048, 256), dict(rank=32), 1),
+        ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: the same buffer is the update
+        ((300, 200), dict(rank=16), 1),  # compressed momentum: G^2 only
+        # full second moment: G^2 (reused for 1/sqrt(V) and the update) and the new V
+        ((4096,), dict(rank=32), 2),
+        ((64, 100), dict(rank=None, factorize_second_moment=False), 2),
+    ],
+)
+def test_step_allocates_few_gradient_sized_tensors(shape, options, expected):
+    """The eager step writes its full-size temporaries over one buffer (ops.*_into): on a CPU
+    a fresh gradient-sized allocation costs more than the arithmetic, and it adds to the peak."""
+    param = torch.nn.Parameter(torch.randn(shape))
+    optimizer = flora_opt.Flora([param], lr=0.01, **options)
+    param.grad = torch.randn(shape)
+    optimizer.step()  # allocates the state
+    param.grad = torch.randn(shape)
+    with _NewFullSizeStorages(param.numel()) as counter:
+        optimizer.step()
+    assert counter.count == expected
+
+
 def test_quantized_training_tracks_fp32():
     pytest.importorskip("torchao")
     torch.manual_seed(0)
