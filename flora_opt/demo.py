@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 #: The model the demo and the quality benchmark train: ~1.1M parameters with a 1024-token BPE
-#: vocabulary, every matrix at least 128 wide so that ranks 8-64 compress all of them.
+#: vocabulary, every block matrix at least 128 wide so that ranks 8-64 compress their momenta (the
+#: 1024 x 128 embedding and head are embedding-like and keep full momentum by default).
 DEMO_MODEL = dict(vocab_size=1024, dim=128, n_layers=4, n_heads=2, max_seq_len=256)
 
 #: Optimizers the demo knows, in display order.

@@ -26,7 +26,7 @@ GaLore (``GaLoreAdamW``)    block matrices: ``s r' (min(m, n) + 2 max(m, n))``, 
 APOLLO (``APOLLOAdamW``)    block matrices: ``s r (min(m, n) + 2 max(m, n)) + 4`` (random
                             projector kept in state, moments, 0-d norm); other tensors ``2 N s``
 Flora (this package)        ``flora_opt.core.tensor_layout``: compressed momentum ``4 r max(m, n)``
-                            if ``min(m, n) > r``, else ``4 N``; factored second moment ``4 (m + n)``
+                            if ``min(m, n) > r`` and ``max(m, n) <= 4 min(m, n)``, else ``4 N``; factored second moment ``4 (m + n)``
                             if ``min(m, n) >= 128``, else ``4 N``; 8-bit states of ``N' >= 4096``
                             elements: ``ceil(N'/256) (256 + 4)`` (docs/algorithm.md section 11)
 ==========================  =====================================================================
@@ -34,7 +34,8 @@ Flora (this package)        ``flora_opt.core.tensor_layout``: compressed momentu
 GaLore and APOLLO project the 2-D weights of the transformer blocks only (their training
 scripts' convention, as ``benchmarks/peers``): a parameter is a *block matrix* when it is 2-D, is
 not an embedding, is not the output head, and its name has an integer component (``...layers.3...``).
-Flora applies to every tensor (embeddings included).
+Flora keeps full momentum for embedding-like matrices (``max(m, n) > max_aspect_ratio * min(m, n)``,
+default 4) and compresses every other matrix view with ``min(m, n) > r``.
 
 The training-step breakdown adds weights and gradients (both in the parameter dtype) to the
 optimizer state. Without layer-wise updates every gradient is alive at ``optimizer.step()``;
