@@ -196,6 +196,19 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def _ratio_or_none(value: str) -> float | None:
+    """``--max-aspect-ratio``: a number >= 1 (as `Flora` accepts), or ``none``."""
+    if value.lower() == "none":
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'none'") from None
+    if not ratio >= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 1 (or 'none')")
+    return ratio
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="gpt2,llama-1b")
@@ -206,7 +219,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=64, help="Flora momentum rank")
     parser.add_argument("--accumulation-rank", type=int, default=64, help="compressed accumulation rank")
     parser.add_argument(
-        "--max-aspect-ratio", type=lambda v: None if v.lower() == "none" else float(v), default=4.0,
+        "--max-aspect-ratio", type=_ratio_or_none, default=4.0,
         help="Flora's max_aspect_ratio (default 4.0, the library default: embeddings and LM heads keep "
         "full momentum); 'none' compresses them too",
     )

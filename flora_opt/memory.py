@@ -67,6 +67,7 @@ __all__ = [
     "format_table",
     "optimizer_state_bytes",
     "optimizer_state_tensors",
+    "storage_key",
 ]
 
 # ---- built-in model configs (published architectures, random init, never downloaded) -------
@@ -456,6 +457,20 @@ def format_table(est: Estimate) -> str:
 # ---- measuring real optimizers ---------------------------------------------------------------
 
 
+def storage_key(t) -> tuple:
+    """Identifies the storage behind ``t`` (meta and storage-less tensors by object identity)."""
+    try:
+        ptr = 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - exotic tensors without a storage
+        ptr = 0
+    return (t.device.type, ptr) if ptr else ("id", id(t))
+
+
+def _view_key(t) -> tuple:
+    """Identifies one view of a storage: two state entries with equal keys are the same tensor."""
+    return (*storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def optimizer_state_tensors(optimizer, max_depth: int = 4) -> list:
     """Every distinct tensor reachable from ``optimizer.state``.
 
@@ -477,10 +492,7 @@ def optimizer_state_tensors(optimizer, max_depth: int = 4) -> list:
             for name in names:
                 add(getattr(t, name))
             return
-        if t.device.type == "meta":
-            key = ("meta", id(t))
-        else:
-            key = (t.untyped_storage().data_ptr() or id(t), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = _view_key(t)
         if key not in seen_views:
             seen_views.add(key)
             found.append(t)

@@ -185,60 +185,15 @@ def _two_groups(model_or_named_params, lowrank_opts: dict, lowrank_filter=None) 
 # --------------------------------------------------------------------------------------------
 
 
-def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """Unwrap tensor subclasses (torchao's OptimState8bit reports the *fp32* nbytes otherwise)."""
-    if type(t) is not torch.Tensor and type(t) is not nn.Parameter and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        out = []
-        for n in names:
-            out.extend(_leaf_tensors(getattr(t, n)))
-        return out
-    return [t]
-
-
 def state_tensors(optimizer: torch.optim.Optimizer, max_depth: int = 4) -> list[torch.Tensor]:
     """All tensors reachable from ``optimizer.state``: plain values, containers, tensor
-    subclasses, and attributes of helper objects kept in the state (GaLore/APOLLO projectors,
-    bitsandbytes QuantState). Each distinct tensor (view) is returned once."""
-    found: list[torch.Tensor] = []
-    seen_obj: set[int] = set()
+    subclasses (unwrapped), and attributes of helper objects kept in the state (GaLore/APOLLO
+    projectors, bitsandbytes QuantState). Each distinct tensor (view) is returned once. The walk
+    is ``flora_opt.memory.optimizer_state_tensors`` (this repository's, on ``PYTHONPATH``), so the
+    benchmarks and ``flora-opt memory`` count state the same way."""
+    from flora_opt.memory import optimizer_state_tensors
 
-    def visit(obj, depth):
-        if depth > max_depth or id(obj) in seen_obj:
-            return
-        seen_obj.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found.extend(_leaf_tensors(obj))
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v, depth + 1)
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            for v in obj:
-                visit(v, depth + 1)
-        elif isinstance(obj, (str, bytes, int, float, bool, type(None), nn.Module, torch.optim.Optimizer)):
-            return
-        elif hasattr(obj, "__dict__"):
-            for v in vars(obj).values():
-                visit(v, depth + 1)
-
-    for per_param in optimizer.state.values():
-        visit(per_param, 0)
-    uniq: dict[tuple, torch.Tensor] = {}
-    for t in found:
-        uniq.setdefault(_view_key(t), t)
-    return list(uniq.values())
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except Exception:  # noqa: BLE001 - exotic tensors without storage
-        ptr = 0
-    return (t.device.type, ptr) if ptr else ("id", id(t))
-
-
-def _view_key(t: torch.Tensor) -> tuple:
-    return (*_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+    return optimizer_state_tensors(optimizer, max_depth)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, storage: bool = False) -> int:
@@ -253,13 +208,15 @@ def state_bytes(optimizer: torch.optim.Optimizer, storage: bool = False) -> int:
     once. It is larger when a state tensor is a slice of a bigger buffer: galore-torch 1.0 keeps
     ``Vh[:r]`` / ``U[:, :r]`` of the SVD, which pins the whole ``min(m,n) x min(m,n)`` factor.
     """
+    from flora_opt.memory import storage_key
+
     tensors = state_tensors(optimizer)
     if not storage:
         return sum(t.numel() * t.element_size() for t in tensors)
     total = 0
     seen: set[tuple] = set()
     for t in tensors:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key in seen:
             continue
         seen.add(key)
