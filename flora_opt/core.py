@@ -360,6 +360,7 @@ def flora_update(
     ops: ArrayOps,
     lr=None,
     device=None,
+    projection_index=None,
 ):
     """One Flora step for one tensor (docs/algorithm.md section 8).
 
@@ -370,6 +371,11 @@ def flora_update(
       step: the new step number ``t >= 1`` (Python int, or a 0-d int array under JAX).
       seed: the tensor's 32-bit seed (Python int or 0-d uint32 array).
       lr: the current learning rate (overrides ``hp.lr``), e.g. from a scheduler.
+      projection_index: index ``k`` of the momentum projection for this step; ``None`` means
+        ``floor((step - 1) / kappa)``. A wrapper that keeps ``k`` in its state (so a ``kappa``
+        changed mid-run moves the next resample instead of jumping to another projection) passes
+        it; at a resample (``step > 1`` and ``(step - 1) % kappa == 0``) the momentum is
+        transferred from projection ``k - 1``.
 
     Returns:
       ``(new_state, direction, finite)``: the float state after the step, the
@@ -427,7 +433,7 @@ def flora_update(
         return new_state, Direction("dense", momentum, None, decay), finite
     del workspace  # the compressed path needs no gradient-sized temporary
     rank, dim, side = layout.rank, layout.compressed_dim, layout.side
-    resample_index = (step - 1) // hp.kappa
+    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
     projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
     momentum = state[EXP_AVG]
 

@@ -36,6 +36,7 @@ import torch
 from . import core
 from . import quantization as q
 from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
+from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
 
@@ -44,105 +45,21 @@ __all__ = ["Flora"]
 _SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}
 CODES_SUFFIX = "_codes"
 ABSMAX_SUFFIX = "_absmax"
-_INT_STATE_KEYS = ("step", "seed", "skipped_steps")
+# "projection" (compressed momentum only): index k of the momentum projection in use
+# (docs/algorithm.md section 4). It
+# advances by one at each resample, so a kappa changed mid-run moves the boundary of the next
+# resample and never jumps to an unrelated projection.
+PROJECTION = "projection"
+_INT_STATE_KEYS = ("step", "seed", "skipped_steps", PROJECTION)
+# Top-level key of Flora.state_dict(); checkpoints of format 1 (before the key and the
+# projection index existed) are recognised by their exact per-parameter key set.
+FORMAT_KEY = "flora_format"
+STATE_FORMAT = 2
+# Options that decide which state a tensor has: the constructor and a checkpoint must agree.
+_LAYOUT_OPTIONS = ("rank", "quantization", "factorize_second_moment", "min_dim_size_to_factor", "max_aspect_ratio")
 
-_DEFAULTS: dict[str, Any] = dict(
-    lr=None,
-    rank=256,
-    kappa=1000,
-    eps=(1e-30, 1e-3),
-    clip_threshold=1.0,
-    decay_rate=-0.8,
-    beta1=0.9,
-    weight_decay=0.0,
-    scale_parameter=True,
-    relative_step=False,
-    warmup_init=False,
-    factorize_second_moment=True,
-    min_dim_size_to_factor=128,
-    max_aspect_ratio=4.0,
-    seed=0,
-    quantization=False,
-)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _validate_group(options: dict[str, Any]) -> None:
-    """Raise ValueError naming the argument and the bad value (torch.optim style)."""
-    lr = options["lr"]
-    if options["relative_step"]:
-        if lr is not None:
-            raise ValueError(
-                f"Invalid lr: {lr!r}: lr must be None when relative_step=True "
-                "(the step size is then min(1e-2, 1/sqrt(t)), scaled by the parameter RMS)"
-            )
-    else:
-        if lr is None:
-            raise ValueError("Invalid lr: None: pass a learning rate, or set relative_step=True")
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-            lr_value = float(lr)
-        elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
-            lr_value = float(lr)
-        else:
-            raise ValueError(f"Invalid lr: {lr!r}: expected a float")
-        if not lr_value >= 0.0 or math.isinf(lr_value):
-            raise ValueError(f"Invalid lr: {lr!r}: must be a finite float >= 0")
-    if options["warmup_init"] and not options["relative_step"]:
-        raise ValueError("Invalid warmup_init: True requires relative_step=True")
-    rank = options["rank"]
-    if rank is not None and (not _is_int(rank) or rank < 1):
-        raise ValueError(f"Invalid rank: {rank!r}: must be an int >= 1, or None for full momentum")
-    kappa = options["kappa"]
-    if not _is_int(kappa) or kappa < 1:
-        raise ValueError(f"Invalid kappa: {kappa!r}: must be an int >= 1")
-    eps = options["eps"]
-    if (
-        not isinstance(eps, (tuple, list))
-        or len(eps) != 2
-        or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in eps)
-    ):
-        raise ValueError(f"Invalid eps: {eps!r}: expected a pair (eps1, eps2) of positive floats")
-    for index, value in enumerate(eps):
-        if not value > 0.0 or math.isinf(value):
-            raise ValueError(f"Invalid eps value at index {index}: {value!r}: must be a finite float > 0")
-    clip = options["clip_threshold"]
-    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0 or math.isinf(clip):
-        raise ValueError(f"Invalid clip_threshold: {clip!r}: must be a finite float > 0")
-    decay_rate = options["decay_rate"]
-    if not isinstance(decay_rate, (int, float)) or isinstance(decay_rate, bool) or not decay_rate < 0.0:
-        raise ValueError(f"Invalid decay_rate: {decay_rate!r}: must be a float < 0 (beta2_t = 1 - t^decay_rate)")
-    beta1 = options["beta1"]
-    if beta1 is not None and (
-        not isinstance(beta1, (int, float)) or isinstance(beta1, bool) or not 0.0 <= beta1 < 1.0
-    ):
-        raise ValueError(f"Invalid beta1: {beta1!r}: must be in [0, 1), or None to disable momentum")
-    weight_decay = options["weight_decay"]
-    if (
-        not isinstance(weight_decay, (int, float))
-        or isinstance(weight_decay, bool)
-        or not weight_decay >= 0.0
-        or math.isinf(weight_decay)
-    ):
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r}: must be a finite float >= 0")
-    for flag in ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment", "quantization"):
-        if not isinstance(options[flag], bool):
-            raise ValueError(f"Invalid {flag}: {options[flag]!r}: must be a bool")
-    min_dim = options["min_dim_size_to_factor"]
-    if not _is_int(min_dim) or min_dim < 1:
-        raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim!r}: must be an int >= 1")
-    ratio = options["max_aspect_ratio"]
-    if ratio is not None and (
-        not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio >= 1.0 or math.isinf(ratio)
-    ):
-        raise ValueError(f"Invalid max_aspect_ratio: {ratio!r}: must be a finite float >= 1, or None")
-    seed = options["seed"]
-    if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
+_DEFAULTS = DEFAULTS
+_validate_group = validate_group
 
 
 def _hyperparams(group: dict[str, Any]) -> FloraHyperParams:
@@ -165,6 +82,31 @@ def _hyperparams(group: dict[str, Any]) -> FloraHyperParams:
         min_dim_size_to_factor=group["min_dim_size_to_factor"],
         max_aspect_ratio=None if group["max_aspect_ratio"] is None else float(group["max_aspect_ratio"]),
     )
+
+
+def _is_symbolic(tensor: torch.Tensor) -> bool:
+    """Meta or fake tensors (memory estimation, deferred init): no values to test or sync on."""
+    if tensor.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return is_fake(tensor)
+
+
+def _apply_direction(target: torch.Tensor, direction: core.Direction) -> None:
+    """``target <- target - decay * target - Delta`` in ``target``'s dtype (section 8)."""
+    dtype = target.dtype
+    if direction.decay is not None:
+        target.mul_(1.0 - direction.decay)
+    value = direction.value.to(dtype)
+    if direction.kind == "dense":
+        target.sub_(value)
+    elif direction.kind == core.SIDE_ROWS:
+        target.addmm_(direction.projection.mT.to(dtype), value, alpha=-1.0)
+    else:
+        target.addmm_(value, direction.projection.to(dtype), alpha=-1.0)
 
 
 class Flora(torch.optim.Optimizer):
@@ -234,25 +176,39 @@ class Flora(torch.optim.Optimizer):
         defaults["lr"] = lr
         if isinstance(defaults["eps"], list):
             defaults["eps"] = tuple(defaults["eps"])
-        _validate_group(defaults)
+        validate_group(defaults)
+        normalize_group(defaults)
         self._layout_cache: dict[tuple, TensorLayout] = {}
+        # parameter -> (group index, index in the group, position in the flattened groups)
+        self._positions: dict[torch.Tensor, tuple[int, int, int]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; it is validated first, so on error the optimizer is unchanged."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         unknown = sorted(set(param_group) - set(_DEFAULTS) - {"params", "name"})
         if unknown:
             raise TypeError(
                 f"Flora param group got unexpected option(s) {', '.join(map(repr, unknown))}; "
                 f"valid options: {', '.join(_DEFAULTS)}"
             )
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if isinstance(group["eps"], list):
-            group["eps"] = tuple(group["eps"])
-        _validate_group(group)
-        for param in group["params"]:
-            if param.is_complex():
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):
+            params = list(params)
+        param_group = dict(param_group, params=params)
+        options = {key: param_group.get(key, self.defaults[key]) for key in _DEFAULTS}
+        if isinstance(options["eps"], list):
+            options["eps"] = tuple(options["eps"])
+        validate_group(options)
+        for param in params if isinstance(params, list) else ():
+            if isinstance(param, torch.Tensor) and param.is_complex():
                 raise ValueError(f"Flora does not support complex parameters (shape {tuple(param.shape)})")
+        super().add_param_group(param_group)
+        normalize_group(self.param_groups[-1])
+        self._index_group(len(self.param_groups) - 1)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -260,6 +216,23 @@ class Flora(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in _DEFAULTS.items():
                 group.setdefault(key, value)
+        self._reindex()
+
+    def _index_group(self, group_index: int) -> None:
+        offset = sum(len(group["params"]) for group in self.param_groups[:group_index])
+        for index, param in enumerate(self.param_groups[group_index]["params"]):
+            self._positions[param] = (group_index, index, offset + index)
+
+    def _reindex(self) -> None:
+        self._positions = {}
+        for group_index in range(len(self.param_groups)):
+            self._index_group(group_index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus ``"flora_format"``, the state format version."""
+        state_dict = super().state_dict()
+        state_dict[FORMAT_KEY] = STATE_FORMAT
+        return state_dict
 
     # ---- layout and state -----------------------------------------------------------------
     def _layout(self, param: torch.Tensor, hp: FloraHyperParams) -> TensorLayout:
@@ -302,6 +275,8 @@ class Flora(torch.optim.Optimizer):
         state["step"] = 0
         state["seed"] = tensor_seed(group["seed"], index)
         state["skipped_steps"] = 0
+        if layout.momentum == core.MOMENTUM_COMPRESSED:
+            state[PROJECTION] = 0
         for key, shape in layout.state_shapes().items():
             if self._quantized(layout, key, group["quantization"]):
                 codes, absmax = q.zeros(shape, param.device)
@@ -366,18 +341,27 @@ class Flora(torch.optim.Optimizer):
     def step_param(self, param: torch.Tensor) -> None:
         """Update one parameter from its ``.grad`` now, exactly as :meth:`step` would update it.
 
-        Used by layer-wise updates (:mod:`flora_opt.layerwise`), which step each tensor inside
+        Used by layer-wise updates (:mod:`flora_opt.accumulation`), which step each tensor inside
         backward as soon as its gradient is complete. Does nothing if ``param.grad`` is None.
+        Finds the parameter in O(1) (an index kept by :meth:`add_param_group`).
         """
-        index = 0
-        for group in self.param_groups:
-            for candidate in group["params"]:
-                if candidate is param:
-                    if param.grad is not None:
-                        self._update_param(param, param.grad, group, _hyperparams(group), index)
-                    return
-                index += 1
-        raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
+        entry = self._positions.get(param)
+        if entry is None or not self._entry_current(param, entry):
+            self._reindex()  # param_groups were edited by hand
+            entry = self._positions.get(param)
+        if entry is None:
+            raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
+        group_index, _, position = entry
+        if param.grad is not None:
+            group = self.param_groups[group_index]
+            self._update_param(param, param.grad, group, _hyperparams(group), position)
+
+    def _entry_current(self, param: torch.Tensor, entry: tuple[int, int, int]) -> bool:
+        group_index, index, _ = entry
+        if group_index >= len(self.param_groups):
+            return False
+        params = self.param_groups[group_index]["params"]
+        return index < len(params) and params[index] is param
 
     def _update_param(self, param: torch.Tensor, grad: torch.Tensor, group, hp: FloraHyperParams, position: int):
         if grad.is_sparse:
@@ -400,6 +384,12 @@ class Flora(torch.optim.Optimizer):
         in_place = param.dtype == torch.float32 and param.is_contiguous()
         param32 = param.view(work_shape) if in_place else param.to(torch.float32).reshape(work_shape)
         step = state["step"] + 1
+        # the projection index advances by one at each resample (section 4); with a constant
+        # kappa it equals floor((step - 1) / kappa)
+        previous = state.get(PROJECTION)
+        if previous is None:
+            previous = max(step - 2, 0) // hp.kappa
+        projection_index = previous + 1 if step > 1 and (step - 1) % hp.kappa == 0 else previous
         lr = group["lr"]
         new_values, direction, finite = core.flora_update(
             grad32,
@@ -412,8 +402,9 @@ class Flora(torch.optim.Optimizer):
             ops,
             lr=None if lr is None else float(lr),
             device=param.device,
+            projection_index=projection_index,
         )
-        if not bool(finite):
+        if not _is_symbolic(param) and not bool(finite):
             state["skipped_steps"] += 1
             warnings.warn(
                 f"Flora: non-finite gradient for a parameter of shape {tuple(param.shape)}; "
@@ -423,17 +414,22 @@ class Flora(torch.optim.Optimizer):
             )
             return
         state["step"] = step
+        if layout.momentum == core.MOMENTUM_COMPRESSED:
+            state[PROJECTION] = projection_index
         self._write_state(state, new_values, layout, group["quantization"])
-        if direction.decay is not None:
-            param32.mul_(1.0 - direction.decay)
-        if direction.kind == "dense":
-            param32.sub_(direction.value)
-        elif direction.kind == core.SIDE_ROWS:
-            param32.addmm_(direction.projection.mT, direction.value, alpha=-1.0)
-        else:
-            param32.addmm_(direction.value, direction.projection, alpha=-1.0)
-        if not in_place:
-            param.copy_(param32.view(param.shape))
+        if in_place or param.dtype != torch.float64:
+            # float32, or bf16/fp16: applied in float32, then rounded once to the parameter dtype
+            _apply_direction(param32, direction)
+            if not in_place:
+                param.copy_(param32.view(param.shape))
+            return
+        # float64: the update is computed in float32 but applied in float64, so the parameter
+        # keeps its precision (lr=0 leaves it bit-identical)
+        del param32
+        target = param.view(work_shape) if param.is_contiguous() else param.reshape(work_shape).clone()
+        _apply_direction(target, direction)
+        if not param.is_contiguous():
+            param.copy_(target.view(param.shape))
 
     def _check_state(self, param, state, layout: TensorLayout, quantization: bool, position: int) -> None:
         expected = self._expected_state(layout, quantization)
@@ -449,27 +445,63 @@ class Flora(torch.optim.Optimizer):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, validating shapes and keeping state dtypes as saved.
+        """Load a state dict, validating it first (on error nothing changes); state dtypes are kept.
+
+        * A state dict that is not this package's Flora state (AdamW, Adafactor, SGD, or the
+          reference ``flora-opt==0.0.3``, whose seeds are ``torch.Generator`` seeds) is refused with
+          a ``ValueError`` that says what it looks like: its momentum cannot be decompressed here.
+        * Saved group options win, as in torch, except those that decide the state layout
+          (``rank``, ``quantization``, ``factorize_second_moment``, ``min_dim_size_to_factor``,
+          ``max_aspect_ratio``, momentum on/off): if the constructor's differ from the
+          checkpoint's, a ``ValueError`` names the option and both values.
+        * Hand-edited or damaged per-parameter state (negative ``step``, missing ``seed``, wrong
+          shapes) raises a ``ValueError`` naming the parameter and the key.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype;
         for bf16/fp16 parameters that would silently downcast the fp32 (possibly compressed)
         state, so the saved tensors are restored as they were, on the parameter's device.
         """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        foreign = _foreign_state_message(state_dict)
+        if foreign is not None:
+            raise ValueError(foreign)
+        version = state_dict.get(FORMAT_KEY)
+        if version is not None and (not is_int(version) or not 1 <= version <= STATE_FORMAT):
+            raise ValueError(
+                f"the checkpoint has {FORMAT_KEY}={version!r}; this flora-opt reads formats 1 to {STATE_FORMAT}: "
+                "it was written by a newer flora-opt (upgrade it) or is not a Flora checkpoint"
+            )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
             )
         pairs = []
+        disagreements = []
         for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"loaded state dict group {group_index} has {len(saved['params'])} parameters, "
                     f"the optimizer's has {len(group['params'])}"
                 )
+            unknown = sorted(set(saved) - set(_DEFAULTS) - {"params", "name"})
+            if unknown:
+                raise ValueError(
+                    f"loaded state dict group {group_index} has unexpected option(s) {', '.join(map(repr, unknown))}; "
+                    f"valid options: {', '.join(_DEFAULTS)}"
+                )
             options = {key: saved.get(key, _DEFAULTS[key]) for key in _DEFAULTS}
-            _validate_group(options)
+            validate_group(options)
+            for key in _LAYOUT_OPTIONS + ("beta1",):
+                mine, theirs = group[key], options[key]
+                differ = (not mine) != (not theirs) if key == "beta1" else mine != theirs
+                if differ:
+                    disagreements.append(
+                        f"group {group_index} was saved with {key}={theirs!r} but this optimizer was built with "
+                        f"{key}={mine!r}"
+                    )
             hp = _hyperparams(options)
             for param, saved_id in zip(group["params"], saved["params"]):
                 pairs.append((param, saved_id, hp, options["quantization"]))
@@ -477,9 +509,7 @@ class Flora(torch.optim.Optimizer):
             if saved_id not in saved_state:
                 continue
             entry = saved_state[saved_id]
-            for key in _INT_STATE_KEYS:
-                if key in entry and not _is_int(entry[key]):
-                    raise ValueError(f"Flora state for parameter {position}: {key!r} must be an int, got {entry[key]!r}")
+            _check_saved_entry(entry, position, version is not None)
             layout = core.tensor_layout(param.shape, hp)
             if param.numel() == 0:
                 continue
@@ -493,12 +523,79 @@ class Flora(torch.optim.Optimizer):
                         f"{key!r} should be {shape} {dtype} under rank={hp.rank}, quantization={quantization}, "
                         f"found {got}"
                     )
+        if disagreements:
+            raise ValueError(
+                "the checkpoint's state layout differs from this optimizer's: "
+                + "; ".join(disagreements)
+                + ". Construct Flora with the checkpoint's options to resume (saved options win, as in "
+                "torch.optim, but these decide the shape of the state), or start the optimizer fresh"
+            )
         super().load_state_dict(state_dict)
-        for param, saved_id, _, _ in pairs:
+        for param, saved_id, hp, _ in pairs:
             if saved_id not in saved_state:
                 continue
             state = self.state[param]
             for key, value in saved_state[saved_id].items():
                 if isinstance(value, torch.Tensor):
                     state[key] = value.to(device=param.device, copy=True)
+            compressed = core.tensor_layout(param.shape, hp).momentum == core.MOMENTUM_COMPRESSED
+            if compressed and PROJECTION not in state:  # format 1: it was floor((step - 1) / kappa)
+                state[PROJECTION] = max(state["step"] - 1, 0) // hp.kappa
+        for group in self.param_groups:
+            normalize_group(group)
         self._layout_cache = {}
+        self._reindex()
+
+
+def _foreign_state_message(state_dict: dict[str, Any]) -> str | None:
+    """What a state dict that is not this package's Flora state looks like (None if it is ours)."""
+    groups = state_dict["param_groups"]
+    entries = [entry for entry in state_dict["state"].values() if isinstance(entry, dict)]
+    group_keys = set().union(*(set(group) for group in groups)) if groups else set()
+    state_keys = set().union(*(set(entry) for entry in entries)) if entries else set()
+    what = None
+    if "betas" in group_keys or "amsgrad" in group_keys:
+        what = "torch.optim.Adam/AdamW's"
+    elif "momentum" in group_keys and "dampening" in group_keys:
+        what = "torch.optim.SGD's"
+    elif "RMS" in state_keys or ({"scale_parameter", "relative_step"} <= group_keys and "kappa" not in group_keys):
+        what = "transformers.Adafactor's"
+    if what is not None:
+        return (
+            f"this is not a Flora state dict (it looks like {what}): its state cannot be converted into "
+            "Flora's compressed momentum and factored statistics. Load only the model weights and start "
+            "Flora fresh"
+        )
+    if groups and not {"rank", "kappa"} <= group_keys:
+        missing = sorted({"rank", "kappa"} - group_keys)
+        return f"this is not a Flora state dict: its param groups lack {', '.join(map(repr, missing))}"
+    if FORMAT_KEY not in state_dict and any("skipped_steps" not in entry for entry in entries):
+        return (
+            "this looks like a checkpoint of the reference flora-opt 0.0.3 (Flora param groups, but "
+            f"per-parameter state without 'skipped_steps' and no {FORMAT_KEY!r} key): its 'seed' is a "
+            "torch.Generator seed, not this package's per-tensor projection seed, so its compressed momentum "
+            "would be decompressed with an unrelated projection (and its defaults rank=None, beta1=None "
+            "differ from ours). Load only the model weights and start Flora fresh"
+        )
+    return None
+
+
+def _check_saved_entry(entry, position: int, has_format: bool) -> None:
+    """Integers of one parameter's saved state (hand-edited or damaged state is refused)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"Flora state for parameter {position} must be a dict, got {type(entry).__name__}")
+    required = ("step", "seed", "skipped_steps") if has_format else ("step", "seed")
+    for key in required:
+        if key not in entry:
+            raise ValueError(f"Flora state for parameter {position}: {key!r} is missing")
+    for key in ("step", "skipped_steps", PROJECTION):
+        if key in entry and (not is_int(entry[key]) or entry[key] < 0):
+            raise ValueError(f"Flora state for parameter {position}: {key!r} must be an int >= 0, got {entry[key]!r}")
+    seed = entry["seed"]
+    if not is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"Flora state for parameter {position}: 'seed' must be an int in [0, 2**32), got {seed!r}")
+    if PROJECTION in entry and entry[PROJECTION] > max(entry["step"] - 1, 0):
+        raise ValueError(
+            f"Flora state for parameter {position}: {PROJECTION!r} must be <= step - 1 "
+            f"({max(entry['step'] - 1, 0)}), got {entry[PROJECTION]!r}"
+        )
