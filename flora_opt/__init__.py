@@ -21,7 +21,7 @@ _LAZY = {
     "Flora": ("flora_opt.optim", "Flora", "torch", "torch"),
     "FloraAccelerator": ("flora_opt.accelerator", "FloraAccelerator", "torch", "torch"),
     "CompressedAccumulator": ("flora_opt.accumulation", "CompressedAccumulator", "torch", "torch"),
-    "enable_layerwise_updates": ("flora_opt.layerwise", "enable_layerwise_updates", "torch", "torch"),
+    "enable_layerwise_updates": ("flora_opt.accumulation", "enable_layerwise_updates", "torch", "torch"),
     "FloraTrainer": ("flora_opt.hf", "FloraTrainer", "hf", "transformers"),
     "optax_flora": ("flora_opt.optax", "flora", "jax", "optax"),
 }

@@ -14,7 +14,7 @@ attached to the optimizer passed to :meth:`prepare`. Any torch optimizer works; 
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import warnings
 
@@ -23,16 +23,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .accumulation import CompressedAccumulator
+from .hyperparams import check_bool, check_int, check_real, check_seed
 
 __all__ = ["FloraAccelerator"]
 
 STATE_FILE = "flora_accumulator_{}.pt"  # one per process: buffers are local to each rank
 
 _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class FloraAccelerator(Accelerator):
@@ -93,28 +90,24 @@ class FloraAccelerator(Accelerator):
         **accelerate_kwargs,
     ):
         rank = accumulation_compression_rank
-        if rank is not None and (not _is_int(rank) or rank < 1):
-            raise ValueError(
-                f"Invalid accumulation_compression_rank: {rank!r}: must be an int >= 1, or None for "
-                "uncompressed accumulation"
-            )
-        if not _is_int(accumulation_seed) or not 0 <= accumulation_seed < 2**32:
-            raise ValueError(f"Invalid accumulation_seed: {accumulation_seed!r}: must be an int in [0, 2**32)")
-        if not isinstance(layerwise, bool):
-            raise ValueError(f"Invalid layerwise: {layerwise!r}: must be a bool")
+        check_int("accumulation_compression_rank", rank, none="for uncompressed accumulation")
+        check_seed("accumulation_seed", accumulation_seed)
+        check_bool("layerwise", layerwise)
         norm = layerwise_max_grad_norm
         if norm is not None:
-            if not isinstance(norm, (int, float)) or isinstance(norm, bool) or not norm > 0 or math.isinf(norm):
-                raise ValueError(f"Invalid layerwise_max_grad_norm: {norm!r}: must be a finite float > 0, or None")
+            check_real("layerwise_max_grad_norm", norm, above=0.0, none="")
             if not layerwise:
                 raise ValueError(
                     f"Invalid layerwise_max_grad_norm: {norm!r}: needs layerwise=True (otherwise call "
                     "accelerator.clip_grad_norm_ as usual)"
                 )
         super().__init__(*args, **accelerate_kwargs)
-        self.accumulation_compression_rank = rank
-        self.accumulation_seed = accumulation_seed
-        self.layerwise = layerwise
+        self.accumulation_compression_rank = None if rank is None else int(rank)
+        self.accumulation_seed = int(accumulation_seed)
+        self.layerwise = bool(layerwise)
+        self._flora_accumulate_depth = 0  # inside accelerator.accumulate()
+        self._flora_sync_backwards = 0  # sync backward calls in the current accumulate() block
+        self._flora_unsynced_since_sync = False  # a non-sync backward since the last sync one
         self.layerwise_max_grad_norm = None if norm is None else float(norm)
         self._flora_accumulator: CompressedAccumulator | None = None
         active = rank is not None or layerwise
@@ -160,12 +153,58 @@ class FloraAccelerator(Accelerator):
             )
         return prepared
 
+    @contextlib.contextmanager
+    def accumulate(self, *models):
+        """``accelerate.Accelerator.accumulate``; also marks one micro-batch for the checks of
+        :meth:`backward`."""
+        self._flora_accumulate_depth += 1
+        self._flora_sync_backwards = 0
+        try:
+            with super().accumulate(*models):
+                yield
+        finally:
+            self._flora_accumulate_depth -= 1
+
     def backward(self, loss, **kwargs):
         accumulator = self._flora_accumulator
         if accumulator is None:
             return super().backward(loss, **kwargs)
-        with accumulator.micro_batch(sync=self.sync_gradients):
+        sync = self.sync_gradients
+        self._check_cycle(accumulator, sync)
+        if not sync:
+            self._flora_unsynced_since_sync = True
+        else:
+            self._flora_unsynced_since_sync = False
+            self._flora_sync_backwards += 1
+        with accumulator.micro_batch(sync=sync):
             return super().backward(loss, **kwargs)
+
+    def _check_cycle(self, accumulator: CompressedAccumulator, sync: bool) -> None:
+        """Refuse the loops whose cycle the accumulator cannot follow (docs/accumulation.md)."""
+        if not sync:
+            return
+        option = "layerwise=True" if self.layerwise else f"accumulation_compression_rank={self.accumulation_compression_rank}"
+        if self.layerwise and self._flora_accumulate_depth > 0 and self._flora_sync_backwards > 0:
+            raise RuntimeError(
+                "FloraAccelerator(layerwise=True): accelerator.backward was called twice in the micro-batch that "
+                "closes the accumulation cycle; layer-wise updates are applied inside the first call, so a second "
+                "one would update the parameters again (or fail on a retained graph). Sum the losses and call "
+                "accelerator.backward once per micro-batch, or use layerwise=False"
+            )
+        steps = self.gradient_accumulation_steps
+        if (
+            steps > 1
+            and self._flora_accumulate_depth == 0
+            and not self._flora_unsynced_since_sync
+            and not self.gradient_state.end_of_dataloader
+        ):
+            raise RuntimeError(
+                f"FloraAccelerator(gradient_accumulation_steps={steps}, {option}): accelerator.backward ran "
+                "outside `with accelerator.accumulate(model):` with every micro-batch marked as the end of a "
+                "cycle, so each micro-batch would be its own cycle (layer-wise: its own update; compressed: "
+                "nothing compressed). Wrap each micro-batch in `with accelerator.accumulate(model):` and call "
+                "optimizer.step() in every iteration, as accelerate's accumulation guide does"
+            )
 
     def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
         accumulator = self._flora_accumulator

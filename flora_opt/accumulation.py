@@ -1,5 +1,12 @@
 r"""Compressed gradient accumulation and layer-wise updates for PyTorch, through post-accumulate-grad hooks.
 
+Layer-wise updates (LOMO-style, :func:`enable_layerwise_updates`): each parameter is updated by its
+optimizer from a post-accumulate-grad hook as soon as its gradient for the cycle is complete, and
+its ``.grad`` is freed right away, so at most a few full-size gradients exist at any time. This is
+exact for optimizers whose update of one tensor depends only on that tensor's gradient and state
+(SGD, Adam(W), Adafactor, :class:`flora_opt.Flora`); it is wrong for optimizers that couple tensors
+(LAMB-style global trust ratios, anything reading all gradients in ``step``).
+
 This is the engine shared by :class:`flora_opt.FloraAccelerator`, :class:`flora_opt.hf.FloraTrainer`
 and plain PyTorch loops. It follows ``docs/algorithm.md`` section 12 (the math is in
 :mod:`flora_opt.core`: :func:`~flora_opt.core.accumulation_layout`,
@@ -29,20 +36,16 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import core
-from .layerwise import optimizer_group_index, step_parameter, unwrap_optimizer
+from .hyperparams import check_bool, check_int, check_real, check_seed, is_int
 from .ops import get_ops
 from .projection import tensor_seed
 
-__all__ = ["CompressedAccumulator"]
+__all__ = ["CompressedAccumulator", "enable_layerwise_updates", "step_parameter", "unwrap_optimizer"]
 
 STATE_FORMAT = 1
 
 # parameter -> the CompressedAccumulator whose hooks are on it (two would compress twice)
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Slot:
@@ -137,32 +140,22 @@ class CompressedAccumulator:
                 f"Invalid optimizer: {type(optimizer).__name__}: expected a torch.optim.Optimizer "
                 "(the accumulator needs its parameter order and, for layer-wise updates, its step)"
             )
-        if rank is not None and (not _is_int(rank) or rank < 1):
-            raise ValueError(f"Invalid rank: {rank!r}: must be an int >= 1, or None for naive accumulation")
-        if not _is_int(accumulation_steps) or accumulation_steps < 1:
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}: must be an int >= 1")
-        if not _is_int(seed) or not 0 <= seed < 2**32:
-            raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
-        if not isinstance(layerwise, bool):
-            raise ValueError(f"Invalid layerwise: {layerwise!r}: must be a bool")
+        check_int("rank", rank, none="for naive accumulation")
+        check_int("accumulation_steps", accumulation_steps)
+        check_seed("seed", seed)
+        check_bool("layerwise", layerwise)
         if max_grad_norm is not None:
-            if (
-                not isinstance(max_grad_norm, (int, float))
-                or isinstance(max_grad_norm, bool)
-                or not max_grad_norm > 0
-                or math.isinf(max_grad_norm)
-            ):
-                raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}: must be a finite float > 0, or None")
+            check_real("max_grad_norm", max_grad_norm, above=0.0, none="")
             if not layerwise:
                 raise ValueError(
                     f"Invalid max_grad_norm: {max_grad_norm!r}: it is only used with layerwise=True; "
                     "without layer-wise updates clip with torch.nn.utils.clip_grad_norm_ before optimizer.step()"
                 )
         self.optimizer = optimizer
-        self.rank = rank
-        self.accumulation_steps = accumulation_steps
-        self.seed = seed
-        self.layerwise = layerwise
+        self.rank = None if rank is None else int(rank)
+        self.accumulation_steps = int(accumulation_steps)
+        self.seed = int(seed)
+        self.layerwise = bool(layerwise)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.cycle = 0
         self.micro_step = 0  # backward passes done in the current cycle
@@ -302,8 +295,23 @@ class CompressedAccumulator:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; buffers keep float32, gradients take the parameter dtype."""
         for key in ("seed", "cycle", "micro_step"):
-            if not _is_int(state_dict.get(key)):
+            if not is_int(state_dict.get(key)):
                 raise ValueError(f"accumulator state: {key!r} must be an int, got {state_dict.get(key)!r}")
+        saved_steps = state_dict.get("accumulation_steps", self.accumulation_steps)
+        if not is_int(saved_steps) or saved_steps < 1:
+            raise ValueError(f"accumulator state: 'accumulation_steps' must be an int >= 1, got {saved_steps!r}")
+        if state_dict["micro_step"] < 0 or state_dict["cycle"] < 0:
+            raise ValueError(
+                f"accumulator state: 'cycle' and 'micro_step' must be >= 0, got cycle={state_dict['cycle']!r}, "
+                f"micro_step={state_dict['micro_step']!r}"
+            )
+        if state_dict["micro_step"] > 0 and saved_steps != self.accumulation_steps:
+            raise ValueError(
+                f"accumulator state was saved in the middle of a cycle (micro_step={state_dict['micro_step']}) "
+                f"with accumulation_steps={saved_steps}; this accumulator has accumulation_steps="
+                f"{self.accumulation_steps}: resume with the same accumulation_steps, or from a checkpoint taken "
+                "at a cycle boundary (there a new accumulation_steps applies from the next cycle)"
+            )
         if state_dict.get("rank") != self.rank or state_dict["seed"] != self.seed:
             raise ValueError(
                 f"accumulator state was saved with rank={state_dict.get('rank')!r}, seed={state_dict['seed']!r}; "
@@ -446,3 +454,100 @@ class CompressedAccumulator:
             f"layerwise={self.layerwise}, max_grad_norm={self.max_grad_norm}, compressed_tensors={compressed}/"
             f"{len(self._slots)}, cycle={self.cycle}, micro_step={self.micro_step})"
         )
+
+
+# ---- layer-wise updates (LOMO-style), for any per-tensor torch optimizer ----------------------
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` wrapper(s), if any."""
+    try:
+        from accelerate.optimizer import AcceleratedOptimizer
+    except ImportError:  # accelerate is optional for the plain-PyTorch API
+        return optimizer
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_group_index(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """Index of the param group holding ``param``."""
+    for index, group in enumerate(optimizer.param_groups):
+        if any(candidate is param for candidate in group["params"]):
+            return index
+    raise ValueError(f"the parameter of shape {tuple(param.shape)} is not in this optimizer")
+
+
+@torch.no_grad()
+def step_parameter(optimizer: torch.optim.Optimizer, param: torch.Tensor, group_index: int | None = None) -> None:
+    """Apply ``optimizer`` to ``param`` alone, from ``param.grad``, as ``optimizer.step()`` would.
+
+    Uses the optimizer's ``step_param(param)`` when it has one (:class:`flora_opt.Flora`, whose
+    projection seeds depend on the tensor's position). Otherwise it runs ``optimizer.step()`` with
+    the optimizer temporarily restricted to ``param``'s group holding only ``param``; per-tensor
+    state (``optimizer.state[param]``) and the group's options (lr from a scheduler, ...) are used
+    as in a full step.
+    """
+    step_param = getattr(optimizer, "step_param", None)
+    if callable(step_param):
+        step_param(param)
+        return
+    if group_index is None:
+        group_index = optimizer_group_index(optimizer, param)
+    groups = optimizer.param_groups
+    group = groups[group_index]
+    params = group["params"]
+    try:
+        group["params"] = [param]
+        optimizer.param_groups = [group]
+        optimizer.step()
+    finally:
+        group["params"] = params
+        optimizer.param_groups = groups
+
+
+def enable_layerwise_updates(
+    optimizer: torch.optim.Optimizer,
+    *,
+    accumulation_steps: int = 1,
+    accumulation_rank: int | None = None,
+    seed: int = 0,
+    max_grad_norm: float | None = None,
+):
+    """Update every parameter of ``optimizer`` inside backward, as soon as its gradient is complete.
+
+    Returns the :class:`CompressedAccumulator` that holds the hooks (call
+    its ``remove()`` to turn layer-wise updates off). With ``accumulation_steps > 1`` run each
+    micro-batch's backward through ``accumulator.backward(loss)`` so the update fires on the last
+    micro-batch of each cycle only; ``accumulation_rank`` compresses the accumulation
+    (docs/algorithm.md section 12). With ``accumulation_steps=1`` a bare ``loss.backward()`` works.
+
+    Args:
+      optimizer: a per-tensor torch optimizer (see the module docstring).
+      accumulation_steps (int, default 1): micro-batches per optimizer step.
+      accumulation_rank (int or None, default None): rank of compressed accumulation.
+      seed (int, default 0): seed of the accumulation projections.
+      max_grad_norm (float or None, default None): clip each tensor ``i`` to norm
+        ``max_grad_norm * sqrt(numel_i / numel_total)`` before its update, which bounds the
+        global norm of the applied gradient by ``max_grad_norm`` (the exact global norm is not
+        known until backward ends). ``accumulator.last_grad_norm`` is the pre-clip global norm.
+
+    Example:
+      >>> import torch
+      >>> from flora_opt import enable_layerwise_updates
+      >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+      >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+      >>> accumulator = enable_layerwise_updates(optimizer)
+      >>> model(torch.randn(16, 64)).pow(2).mean().backward()  # parameters updated here
+      >>> all(p.grad is None for p in model.parameters())
+      True
+      >>> optimizer.step()  # nothing left to update; still safe to call
+    """
+    return CompressedAccumulator(
+        optimizer,
+        accumulation_rank,
+        accumulation_steps=accumulation_steps,
+        seed=seed,
+        layerwise=True,
+        max_grad_norm=max_grad_norm,
+    )

@@ -39,7 +39,7 @@ default 4) and compresses every other matrix view with ``min(m, n) > r``.
 
 The training-step breakdown adds weights and gradients (both in the parameter dtype) to the
 optimizer state. Without layer-wise updates every gradient is alive at ``optimizer.step()``;
-with layer-wise updates (``flora_opt.layerwise``) each gradient is consumed and freed as soon as
+with layer-wise updates (``flora_opt.enable_layerwise_updates``) each gradient is consumed and freed as soon as
 it is complete, so the peak holds the largest single gradient plus the gradients of tied
 parameters (a tied weight's gradient accumulates over two uses, so it lives through most of
 backward). Activations are not included (they depend on batch, sequence and checkpointing).

@@ -486,12 +486,6 @@ class Flora(torch.optim.Optimizer):
                     f"loaded state dict group {group_index} has {len(saved['params'])} parameters, "
                     f"the optimizer's has {len(group['params'])}"
                 )
-            unknown = sorted(set(saved) - set(_DEFAULTS) - {"params", "name"})
-            if unknown:
-                raise ValueError(
-                    f"loaded state dict group {group_index} has unexpected option(s) {', '.join(map(repr, unknown))}; "
-                    f"valid options: {', '.join(_DEFAULTS)}"
-                )
             options = {key: saved.get(key, _DEFAULTS[key]) for key in _DEFAULTS}
             validate_group(options)
             for key in _LAYOUT_OPTIONS + ("beta1",):

@@ -212,3 +212,71 @@ def test_incompatible_usage_fails_clearly():
         with accelerator.accumulate(model):
             model(batch(0)).pow(2).mean().backward()  # bypasses accelerator.backward
     assert math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), 1.0)))
+
+
+# ---- issue 10 items 2 and 3: loops whose cycle layer-wise updates cannot follow ---------------
+
+
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_layerwise_two_backwards_in_the_sync_micro_batch_is_refused(retain_graph):
+    accelerator = flora_opt.FloraAccelerator(gradient_accumulation_steps=2, layerwise=True)
+    model = make_model()
+    optimizer = make_optimizer("flora", model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps = []
+    optimizer.optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    with pytest.raises(RuntimeError, match=r"layerwise=True\): accelerator.backward was called twice in the micro-batch"):
+        for index in range(8):
+            with accelerator.accumulate(model):
+                if retain_graph:
+                    loss = model(batch(index)).pow(2).mean()
+                    accelerator.backward(loss, retain_graph=True)
+                    accelerator.backward(loss)
+                else:
+                    accelerator.backward(model(batch(index)).pow(2).mean())
+                    accelerator.backward(model(batch(100 + index)).pow(2).mean())
+                optimizer.step()
+                optimizer.zero_grad()
+    assert index == 1  # refused in the first sync micro-batch, after one layer-wise update
+
+
+def test_two_backwards_per_micro_batch_without_layerwise_accumulate_everything():
+    def run_two(accelerator_cls, **kwargs):
+        accelerator = accelerator_cls(gradient_accumulation_steps=2, **kwargs)
+        model = make_model()
+        optimizer = make_optimizer("adamw", model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        for index in range(4):
+            with accelerator.accumulate(model):
+                accelerator.backward(model(batch(index)).pow(2).mean())
+                accelerator.backward(model(batch(100 + index)).pow(2).mean())
+                optimizer.step()
+                optimizer.zero_grad()
+        return model
+
+    expected = run_two(Accelerator)
+    model = run_two(flora_opt.FloraAccelerator, accumulation_compression_rank=64)  # larger than every matrix
+    for p, q in zip(expected.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("kwargs", [dict(layerwise=True), dict(accumulation_compression_rank=2)])
+def test_manual_accumulation_without_accumulate_is_refused(kwargs):
+    def manual(accelerator):
+        model = make_model()
+        optimizer = make_optimizer("flora", model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        steps = []
+        optimizer.optimizer.register_step_post_hook(lambda *args: steps.append(1))
+        for index in range(8):
+            accelerator.backward(model(batch(index)).pow(2).mean())
+            if (index + 1) % 4 == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+        return steps
+
+    assert len(manual(Accelerator(gradient_accumulation_steps=4))) == 2
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(RuntimeError, match=r"outside `with accelerator.accumulate\(model\):`"):
+        manual(flora_opt.FloraAccelerator(gradient_accumulation_steps=4, **kwargs))

@@ -293,6 +293,25 @@ def test_load_state_dict_rejects_other_rank_or_seed():
         accumulator.remove()
 
 
+def test_load_state_dict_with_other_accumulation_steps_mid_cycle_is_refused():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=4)
+    for _ in range(3):
+        accumulator.backward(model(torch.randn(2, model[0].in_features)).pow(2).mean())
+    state = accumulator.state_dict()
+    assert state["micro_step"] == 3
+    accumulator.remove()
+    other = CompressedAccumulator(optimizer, RANK, accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"micro_step=3\) with accumulation_steps=4; this accumulator has accumulation_steps=2"):
+        other.load_state_dict(state)
+    assert other.micro_step == 0
+    boundary = dict(state, micro_step=0, buffers={}, grads={})
+    other.load_state_dict(boundary)  # at a cycle boundary the new accumulation_steps applies
+    assert other.accumulation_steps == 2 and other.cycle == state["cycle"]
+    other.remove()
+
+
 # ---- bad arguments -------------------------------------------------------------------------
 
 

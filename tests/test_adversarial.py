@@ -284,7 +284,7 @@ LOAD_BAD = [
     ("projection ahead", _hand_edit(("state", 0, "projection"), 7), r"'projection' must be <= step - 1 \(2\), got 7"),
     ("newer format", _hand_edit(("flora_format",), 99), r"flora_format=99.*newer"),
     ("group lr", _hand_edit(("param_groups", 0, "lr"), -1.0), r"Invalid lr: -1\.0"),
-    ("unknown option", _hand_edit(("param_groups", 0, "ranks"), 4), r"unexpected option\(s\) 'ranks'"),
+    ("group rank", _hand_edit(("param_groups", 0, "rank"), 0), r"Invalid rank: 0"),
 ]
 
 

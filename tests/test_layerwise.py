@@ -8,7 +8,7 @@ import torch.utils.checkpoint
 
 import flora_opt
 from flora_opt.accumulation import CompressedAccumulator
-from flora_opt.layerwise import enable_layerwise_updates, step_parameter
+from flora_opt.accumulation import enable_layerwise_updates, step_parameter
 
 K = 3
 
@@ -226,3 +226,18 @@ def test_gradient_in_two_pieces_is_refused_in_layerwise_mode():
     accumulator = enable_layerwise_updates(optimizer)
     with pytest.raises(RuntimeError, match="two pieces"):
         accumulator.backward(loss_of(x))
+
+
+def test_layerwise_import_path_is_kept_and_has_no_cycle():
+    import ast
+    import importlib
+    import pathlib
+
+    legacy = importlib.import_module("flora_opt.layerwise")
+    assert legacy.enable_layerwise_updates is enable_layerwise_updates
+    assert flora_opt.enable_layerwise_updates is enable_layerwise_updates
+    source = pathlib.Path(importlib.import_module("flora_opt.accumulation").__file__).read_text()
+    imported = {
+        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "layerwise" not in imported
