@@ -86,7 +86,7 @@ def is_real(value) -> bool:
 
 
 def _is_bool(value) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_
+    return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")  # numpy.bool_
 
 
 def _plain(value):

@@ -35,6 +35,11 @@ BAD_INPUTS = [
     (dict(learning_rate=float("nan")), ValueError, r"Invalid learning_rate: nan"),
     (dict(learning_rate="fast"), ValueError, r"Invalid learning_rate: 'fast'"),
     (dict(learning_rate=np.ones(2)), ValueError, r"learning_rate must be 0-d"),
+    (dict(learning_rate=jnp.asarray(-1e-3)), ValueError, r"Invalid learning_rate: -0\.001"),
+    (dict(learning_rate=np.asarray(np.nan)), ValueError, r"Invalid learning_rate: nan"),
+    (dict(learning_rate=jnp.asarray(jnp.inf)), ValueError, r"Invalid learning_rate: inf"),
+    (dict(b2=math.inf), ValueError, r"Invalid b2: inf"),
+    (dict(tau=np.bool_(True)), ValueError, r"Invalid tau: (np\.)?(True|bool)"),
     (dict(b1=1.0), ValueError, r"Invalid b1: 1.0: must be in \[0, 1\)"),
     (dict(b1=-0.1), ValueError, r"Invalid b1: -0.1"),
     (dict(b2=0.0), ValueError, r"Invalid b2: 0.0: must be a float > 0"),
@@ -67,6 +72,16 @@ def test_bad_inputs_raise_naming_the_argument(factory, kwargs, error, pattern):
     learning_rate = kwargs.pop("learning_rate", 1e-3)
     with pytest.raises(error, match=pattern):
         factory(learning_rate, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    params = {"w": jnp.ones((20, 30))}
+    expected = flora(1e-3, tau=4, kappa=10, b1=0.9, seed=3)
+    given = flora(np.float32(1e-3), tau=np.int64(4), kappa=np.int64(10), b1=np.float32(0.9), seed=np.uint32(3))
+    state = given.init(params)
+    assert state[0].exp_avg["w"].shape == expected.init(params)[0].exp_avg["w"].shape == (4, 30)
+    given.update(params, state, params)
+    flora(jnp.asarray(1e-3)).init(params)  # a concrete 0-d array learning rate is checked, then accepted
 
 
 def test_accepted_edge_values():
@@ -336,3 +351,22 @@ def test_learning_rate_can_be_injected():
     expected, _ = plain.update(params, plain_state, params)
     np.testing.assert_allclose(second["w"], expected["w"], rtol=1e-6)
     assert not np.allclose(first["w"], second["w"])
+
+
+@pytest.mark.parametrize("factory", [flora, scale_by_flora], ids=["flora", "scale_by_flora"])
+def test_optax_defaults_agree_with_the_one_table(factory):
+    """flora_opt.hyperparams owns the defaults and the torch -> optax name table."""
+    import inspect
+
+    from flora_opt.hyperparams import DEFAULTS, OPTAX_NAMES
+
+    signature = inspect.signature(factory).parameters
+    for torch_name, optax_name in OPTAX_NAMES.items():
+        if optax_name is None or torch_name == "lr":
+            continue
+        if torch_name == "eps":
+            assert (signature["eps"].default, signature["min_parameter_scale"].default) == DEFAULTS["eps"]
+        elif torch_name == "decay_rate":
+            assert signature["b2"].default == -DEFAULTS["decay_rate"]
+        else:
+            assert signature[optax_name].default == DEFAULTS[torch_name], torch_name

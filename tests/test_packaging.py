@@ -69,3 +69,18 @@ def test_public_names():
     assert "Flora" in dir(flora_opt)
     with pytest.raises(AttributeError):
         flora_opt.NotAThing  # noqa: B018
+
+
+def test_from_flora_opt_optax_import_without_jax_names_the_extra():
+    result = _run(
+        "jax,jaxlib,optax",
+        """
+        try:
+            from flora_opt.optax import flora
+        except ImportError as error:
+            assert "pip install 'flora-opt[jax]'" in str(error), error
+            print("OK")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout

@@ -13,6 +13,14 @@ The per-tensor math is :func:`flora_opt.core.flora_update`, shared with the PyTo
 see ``docs/jax.md`` for the argument mapping between the two.
 """
 
+try:
+    import jax  # noqa: F401
+    import optax  # noqa: F401
+except ImportError as _error:  # name the extra, as the README promises
+    raise ImportError(
+        f"flora_opt.optax needs jax and optax ({_error}); install them with: pip install 'flora-opt[jax]'"
+    ) from _error
+
 from .accumulation import (
     AccumulatorState,
     CompressedAccumulator,

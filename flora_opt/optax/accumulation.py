@@ -28,7 +28,8 @@ import optax
 from .. import core
 from ..ops import get_ops
 from ..projection import tensor_seed
-from .transform import _float_dtype, _is_int, _placeholder, _safe_increment
+from ..hyperparams import is_int
+from .transform import _float_dtype, _placeholder, _safe_increment
 
 __all__ = [
     "AccumulatorState",
@@ -108,9 +109,9 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
         updates, opt_state = tx.update(grads, opt_state, params)
         acc_state = acc.reset(acc_state)                # next cycle: a fresh projection
     """
-    if tau is not None and (not _is_int(tau) or tau < 1):
+    if tau is not None and (not is_int(tau) or tau < 1):
         raise ValueError(f"Invalid tau: {tau!r}: must be an int >= 1, or None to disable compression")
-    if not _is_int(seed) or not 0 <= seed < 2**32:
+    if not is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
     ops = get_ops("jax")
     base_seed = int(seed)
@@ -224,7 +225,7 @@ def compressed_multi_steps(
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`CompressedMultiStepsState`.
     """
-    if not callable(every_k_schedule) and (not _is_int(every_k_schedule) or every_k_schedule < 1):
+    if not callable(every_k_schedule) and (not is_int(every_k_schedule) or every_k_schedule < 1):
         raise ValueError(f"Invalid every_k_schedule: {every_k_schedule!r}: must be an int >= 1 or a schedule")
     if not isinstance(use_grad_mean, bool):
         raise ValueError(f"Invalid use_grad_mean: {use_grad_mean!r}: must be a bool")

@@ -34,6 +34,7 @@ import optax
 
 from .. import core
 from ..core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyperParams, TensorLayout
+from ..hyperparams import check_bool, check_int, check_real, check_seed, is_real
 from ..ops import get_ops
 from ..projection import tensor_seed
 
@@ -100,14 +101,6 @@ def _placeholder():
     return jnp.zeros((0,), jnp.float32)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _validate(
     learning_rate,
     b1,
@@ -124,55 +117,46 @@ def _validate(
     min_parameter_scale,
     max_aspect_ratio=4.0,
 ) -> None:
-    """Raise ValueError naming the argument and the bad value (as :class:`flora_opt.Flora`)."""
+    """Raise ValueError naming the argument and the bad value, with the rules and messages of
+    :mod:`flora_opt.hyperparams` (shared with :class:`flora_opt.Flora`)."""
     if learning_rate is None:
         raise ValueError("Invalid learning_rate: None: pass a float or an optax schedule")
     if not callable(learning_rate):
-        if _is_number(learning_rate):
-            value = float(learning_rate)
-            if not value >= 0.0 or math.isinf(value):
-                raise ValueError(f"Invalid learning_rate: {learning_rate!r}: must be a finite float >= 0")
-        elif isinstance(learning_rate, (jax.Array, np.ndarray)):
+        if isinstance(learning_rate, (jax.Array, np.ndarray)) and not is_real(learning_rate):
             if np.ndim(learning_rate) != 0:
                 raise ValueError(
                     f"Invalid learning_rate: an array learning_rate must be 0-d, got shape {np.shape(learning_rate)}"
                 )
+            if isinstance(learning_rate, jax.core.Tracer):
+                return _validate_rest(locals())  # a traced value (inject_hyperparams under jit)
+            if not jnp.issubdtype(learning_rate.dtype, jnp.floating) and not jnp.issubdtype(
+                learning_rate.dtype, jnp.integer
+            ):
+                raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a real number")
+            check_real("learning_rate", float(learning_rate), at_least=0.0)
+        elif is_real(learning_rate):
+            check_real("learning_rate", learning_rate, at_least=0.0)
         else:
             raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a float or a schedule")
-    if b1 is not None and (not _is_number(b1) or not 0.0 <= b1 < 1.0):
-        raise ValueError(f"Invalid b1: {b1!r}: must be in [0, 1), or None to disable momentum")
-    if not _is_number(b2) or not b2 > 0.0 or math.isinf(b2):
-        raise ValueError(f"Invalid b2: {b2!r}: must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)")
-    if tau is not None and (not _is_int(tau) or tau < 1):
-        raise ValueError(f"Invalid tau: {tau!r}: must be an int >= 1, or None for full momentum")
-    if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
-    if not _is_int(kappa) or kappa < 1:
-        raise ValueError(f"Invalid kappa: {kappa!r}: must be an int >= 1")
-    if clipping_threshold is not None and (
-        not _is_number(clipping_threshold) or not clipping_threshold > 0.0 or math.isinf(clipping_threshold)
-    ):
-        raise ValueError(f"Invalid clipping_threshold: {clipping_threshold!r}: must be a finite float > 0, or None")
-    if weight_decay is not None and (
-        not _is_number(weight_decay) or not weight_decay >= 0.0 or math.isinf(weight_decay)
-    ):
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r}: must be a finite float >= 0, or None")
-    if not _is_number(eps) or not eps > 0.0 or math.isinf(eps):
-        raise ValueError(f"Invalid eps: {eps!r}: must be a finite float > 0")
-    if not _is_number(min_parameter_scale) or not min_parameter_scale > 0.0 or math.isinf(min_parameter_scale):
-        raise ValueError(f"Invalid min_parameter_scale: {min_parameter_scale!r}: must be a finite float > 0")
-    if not _is_int(min_dim_size_to_factor) or min_dim_size_to_factor < 1:
-        raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim_size_to_factor!r}: must be an int >= 1")
-    if max_aspect_ratio is not None and (
-        not _is_number(max_aspect_ratio) or not max_aspect_ratio >= 1.0 or math.isinf(max_aspect_ratio)
-    ):
-        raise ValueError(f"Invalid max_aspect_ratio: {max_aspect_ratio!r}: must be a finite float >= 1, or None")
-    for name, flag in (
-        ("multiply_by_parameter_scale", multiply_by_parameter_scale),
-        ("factorized_second_moment", factorized_second_moment),
-    ):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise ValueError(f"Invalid {name}: {flag!r}: must be a bool")
+    _validate_rest(locals())
+
+
+def _validate_rest(args: dict[str, Any]) -> None:
+    check_real("b1", args["b1"], at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum")
+    check_real(
+        "b2", args["b2"], above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"
+    )
+    check_int("tau", args["tau"], none="for full momentum")
+    check_seed("seed", args["seed"])
+    check_int("kappa", args["kappa"])
+    check_real("clipping_threshold", args["clipping_threshold"], above=0.0, none="")
+    check_real("weight_decay", args["weight_decay"], at_least=0.0, none="")
+    check_real("eps", args["eps"], above=0.0)
+    check_real("min_parameter_scale", args["min_parameter_scale"], above=0.0)
+    check_int("min_dim_size_to_factor", args["min_dim_size_to_factor"])
+    check_real("max_aspect_ratio", args["max_aspect_ratio"], at_least=1.0, none="")
+    check_bool("multiply_by_parameter_scale", args["multiply_by_parameter_scale"])
+    check_bool("factorized_second_moment", args["factorized_second_moment"])
 
 
 def _float_dtype(value):
