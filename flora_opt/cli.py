@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -51,8 +52,8 @@ def _lr_pair(text: str) -> tuple[str, float]:
         lr = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"learning rate in {text!r} is not a number") from None
-    if not lr > 0:
-        raise argparse.ArgumentTypeError(f"learning rate in {text!r} must be > 0")
+    if not lr > 0 or math.isinf(lr):
+        raise argparse.ArgumentTypeError(f"learning rate in {text!r} must be a finite number > 0")
     return name.strip(), lr
 
 
@@ -185,6 +186,8 @@ def _run_demo(args, parser, argv) -> int:
     from .demo import DEMO_MODEL, OPTIMIZERS, QUICK, DemoSettings, available_optimizers, format_results, run_demo
 
     sub = parser._subparsers._group_actions[0].choices["demo"]  # for errors prefixed "flora-opt demo:"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sub.error(f"--out {args.out}: exists and is not a directory")
     available = available_optimizers()
     if args.optimizers is None:
         optimizers = [name for name in OPTIMIZERS if available[name] is None]
@@ -278,16 +281,39 @@ def _run_memory(args, parser) -> int:
     return 0
 
 
+# missing top-level module -> the extra that installs it
+_EXTRAS = {
+    "torch": "torch", "accelerate": "torch", "torchao": "torch",
+    "transformers": "demo", "tokenizers": "demo", "tqdm": "demo", "matplotlib": "demo",
+}
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``flora-opt`` console script. Returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    """Entry point of the ``flora-opt`` console script. Returns the exit status.
+
+    A missing optional dependency ends the command at once with exit status 2 and one line
+    naming the extra to install.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "demo":
+            return _run_demo(args, parser, argv)
+        return _run_memory(args, parser)
+    except ImportError as error:
+        missing = (getattr(error, "name", None) or "").split(".")[0]
+        if missing not in _EXTRAS:
+            raise
+        command = " ".join(a for a in (sys.argv[1:] if argv is None else argv)[:1] if not a.startswith("-"))
+        print(
+            f"flora-opt{' ' + command if command else ''}: error: needs {missing}, which is not installed; "
+            f"install it with: pip install 'flora-opt[{_EXTRAS[missing]}]'",
+            file=sys.stderr,
+        )
         return 2
-    if args.command == "demo":
-        return _run_demo(args, parser, argv)
-    return _run_memory(args, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -164,8 +164,26 @@ class ParamInfo:
 # ---- models --------------------------------------------------------------------------------
 
 
+# size fields of Hugging Face configs that must be positive integers when present
+_SIZE_KEYS = (
+    "n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
+    "num_key_value_heads", "n_inner", "intermediate_size", "vocab_size", "n_positions", "max_position_embeddings",
+)
+
+
+def _check_sizes(config: Mapping[str, Any], source: str) -> None:
+    for key in _SIZE_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+
+
 def load_config(model: str) -> tuple[str, dict[str, Any], str]:
-    """``(name, config dict, source)`` for a preset name or a path to a ``config.json``."""
+    """``(name, config dict, source)`` for a preset name or a path to a ``config.json``.
+
+    Size fields (``n_layer``, ``hidden_size``, ...) must be positive integers."""
     if model in PRESETS:
         config, source = PRESETS[model]
         return model, dict(config), f"preset: {source}"
@@ -181,6 +199,7 @@ def load_config(model: str) -> tuple[str, dict[str, Any], str]:
             raise ModelConfigError(f"cannot read {str(path)!r} as JSON: {error}") from error
         if not isinstance(config, dict) or "model_type" not in config:
             raise ModelConfigError(f"{str(path)!r} is not a Hugging Face config: it has no \"model_type\"")
+        _check_sizes(config, repr(str(path)))
         return path.stem if path.name != "config.json" else path.parent.name or "config", config, str(path)
     raise ModelConfigError(
         f"unknown model {model!r}: not a preset and not a config.json path. Presets: {', '.join(PRESETS)}"

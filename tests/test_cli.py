@@ -162,6 +162,9 @@ def test_memory_rank_none_and_methods(capsys):
         (["demo", "--seq-len", "4096"], "exceeds the model's maximum 256"),
         (["demo", "--vocab-size", "100"], "below 256"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--lr", "flora=inf"], r"argument --lr: learning rate in 'flora=inf' must be a finite number > 0"),
+        (["demo", "--lr", "flora=nan"], r"argument --lr: learning rate in 'flora=nan' must be a finite number > 0"),
+        (["demo", "--out", __file__], r"--out .*test_cli\.py: exists and is not a directory"),
     ],
 )
 def test_bad_arguments(argv, pattern, capsys):
@@ -180,6 +183,34 @@ def test_bad_config_file(tmp_path, capsys):
     path.write_text(json.dumps({"model_type": "no-such-architecture"}))
     status, _, stderr = run_cli(["memory", str(path)], capsys)
     assert status == 2 and "no-such-architecture" in stderr
+
+
+@pytest.mark.parametrize("value", [-1, 0, "12", 1.5])
+def test_memory_config_with_a_bad_size_is_refused(tmp_path, capsys, value):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": value, "n_head": 4}))
+    status, _, stderr = run_cli(["memory", str(path)], capsys)
+    assert status == 2 and f"n_layer must be a positive integer, got {value!r}" in stderr
+
+
+@pytest.mark.parametrize("argv", [["memory", "gpt2"], ["demo", "--quick"]])
+def test_without_torch_the_commands_name_the_extra(argv):
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'accelerate'):\n"
+        "            raise ImportError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from flora_opt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", blocker, *argv], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'flora-opt[torch]'" in lines[0], proc.stderr
 
 
 def test_no_command_prints_help(capsys):
