@@ -407,3 +407,23 @@ def test_no_warnings_on_plain_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _trained()
+
+
+# ---- item 14: the documented overflow bound of the skip rule (docs/algorithm.md section 9) -----
+
+
+@pytest.mark.parametrize("shape", [(10000, 300), (300, 10000), (4000,)])
+def test_finite_gradients_below_the_documented_bound_are_stepped(shape):
+    float_max = torch.finfo(torch.float32).max
+    factored = len(shape) == 2
+    bound = math.sqrt(float_max / max(shape)) if factored else math.sqrt(float_max)  # section 9
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = flora_opt.Flora([p], lr=1e-3, rank=8)
+    p.grad = torch.full(shape, 0.9 * bound)
+    opt.step()
+    assert opt.state[p]["skipped_steps"] == 0 and opt.state[p]["step"] == 1
+    if factored:  # above it the row/column sums of G^2 overflow: the step is skipped, as documented
+        p.grad = torch.full(shape, 1.2 * bound)
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+            opt.step()
+        assert opt.state[p]["skipped_steps"] == 1
