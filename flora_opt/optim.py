@@ -46,20 +46,17 @@ _SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}
 CODES_SUFFIX = "_codes"
 ABSMAX_SUFFIX = "_absmax"
 # "projection" (compressed momentum only): index k of the momentum projection in use
-# (docs/algorithm.md section 4). It
-# advances by one at each resample, so a kappa changed mid-run moves the boundary of the next
-# resample and never jumps to an unrelated projection.
+# (docs/algorithm.md section 4). It advances by one at each resample, so a kappa changed mid-run
+# moves the next resample and never jumps to an unrelated projection.
 PROJECTION = "projection"
-_INT_STATE_KEYS = ("step", "seed", "skipped_steps", PROJECTION)
 # Top-level key of Flora.state_dict(); checkpoints of format 1 (before the key and the
-# projection index existed) are recognised by their exact per-parameter key set.
+# projection index existed) are recognised by their per-parameter keys: they always hold
+# "skipped_steps", which the reference flora-opt 0.0.3's state lacks.
 FORMAT_KEY = "flora_format"
 STATE_FORMAT = 2
 # Options that decide which state a tensor has: the constructor and a checkpoint must agree.
 _LAYOUT_OPTIONS = ("rank", "quantization", "factorize_second_moment", "min_dim_size_to_factor", "max_aspect_ratio")
 
-_DEFAULTS = DEFAULTS
-_validate_group = validate_group
 
 
 def _hyperparams(group: dict[str, Any]) -> FloraHyperParams:
@@ -165,13 +162,13 @@ class Flora(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float | None = None, **kwargs):
-        unknown = sorted(set(kwargs) - set(_DEFAULTS))
+        unknown = sorted(set(kwargs) - set(DEFAULTS))
         if unknown:
             raise TypeError(
                 f"Flora.__init__() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(_DEFAULTS)}"
+                f"valid options: {', '.join(DEFAULTS)}"
             )
-        defaults = dict(_DEFAULTS)
+        defaults = dict(DEFAULTS)
         defaults.update(kwargs)
         defaults["lr"] = lr
         if isinstance(defaults["eps"], list):
@@ -187,11 +184,11 @@ class Flora(torch.optim.Optimizer):
         """Add a param group; it is validated first, so on error the optimizer is unchanged."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        unknown = sorted(set(param_group) - set(_DEFAULTS) - {"params", "name"})
+        unknown = sorted(set(param_group) - set(DEFAULTS) - {"params", "name"})
         if unknown:
             raise TypeError(
                 f"Flora param group got unexpected option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(_DEFAULTS)}"
+                f"valid options: {', '.join(DEFAULTS)}"
             )
         params = param_group.get("params")
         if isinstance(params, torch.Tensor):
@@ -199,7 +196,7 @@ class Flora(torch.optim.Optimizer):
         elif params is not None and not isinstance(params, set):
             params = list(params)
         param_group = dict(param_group, params=params)
-        options = {key: param_group.get(key, self.defaults[key]) for key in _DEFAULTS}
+        options = {key: param_group.get(key, self.defaults[key]) for key in DEFAULTS}
         if isinstance(options["eps"], list):
             options["eps"] = tuple(options["eps"])
         validate_group(options)
@@ -214,7 +211,7 @@ class Flora(torch.optim.Optimizer):
         super().__setstate__(state)
         self._layout_cache = {}
         for group in self.param_groups:
-            for key, value in _DEFAULTS.items():
+            for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
         self._reindex()
 
@@ -486,7 +483,7 @@ class Flora(torch.optim.Optimizer):
                     f"loaded state dict group {group_index} has {len(saved['params'])} parameters, "
                     f"the optimizer's has {len(group['params'])}"
                 )
-            options = {key: saved.get(key, _DEFAULTS[key]) for key in _DEFAULTS}
+            options = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}
             validate_group(options)
             for key in _LAYOUT_OPTIONS + ("beta1",):
                 mine, theirs = group[key], options[key]

@@ -16,7 +16,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
-from flora_opt import core  # noqa: E402
 
 
 def _roundtrip(state_dict):
@@ -427,3 +426,28 @@ def test_finite_gradients_below_the_documented_bound_are_stepped(shape):
         with pytest.warns(RuntimeWarning, match="non-finite gradient"):
             opt.step()
         assert opt.state[p]["skipped_steps"] == 1
+
+
+# ---- item 15: momentum-cycling schedulers, as documented in the README -------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, step_size_up=3, cycle_momentum=False),
+    ],
+    ids=["OneCycleLR", "CyclicLR"],
+)
+def test_momentum_cycling_schedulers_work_with_cycle_momentum_false(make):
+    params, opt = _trained(steps=0)
+    scheduler = make(opt)
+    lrs = []
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert len(set(lrs)) == 5
+    assert opt.param_groups[0]["beta1"] == 0.9
