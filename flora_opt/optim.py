@@ -158,7 +158,12 @@ class Flora(torch.optim.Optimizer):
       plain Adafactor); tensors with ``ndim > 2`` are viewed as ``(shape[0], -1)`` matrices for
       both compression and factoring; a gradient with NaN/Inf skips that tensor's update
       (parameter and state untouched, ``state["skipped_steps"]`` counts it) instead of
-      poisoning it. See docs/algorithm.md, "Deviations".
+      poisoning it; its checkpoints are refused by :meth:`load_state_dict` (their seeds are
+      ``torch.Generator`` seeds). See docs/algorithm.md, "Deviations".
+
+      The update is computed in float32; float64 parameters receive it in float64 (never
+      rounded to float32). A ``kappa`` changed mid-run moves the next resample and carries the
+      momentum over (``state["projection"]`` counts resamples).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float | None = None, **kwargs):
