@@ -107,3 +107,25 @@ def test_flora_trainer_resume_continues_the_cycles(tmp_path):
     assert trainer.accelerator.accumulator.cycle == 4
     for p, q in zip(expected.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+class ShortTokens(Tokens):
+    def __len__(self):
+        return 18  # 9 micro-batches of 2: two cycles of GAS=4, then a cycle of one micro-batch
+
+
+@pytest.mark.parametrize("flora", [dict(layerwise=True), dict(accumulation_compression_rank=4)])
+def test_flora_trainer_epoch_ending_with_a_one_micro_batch_cycle(tmp_path, flora):
+    """The loop checks of FloraAccelerator.backward accept the Trainer's own cycle bookkeeping,
+    including the short last cycle of an epoch."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=GAS,
+        num_train_epochs=2, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+    )
+    trainer = FloraTrainer(model=model, args=args, train_dataset=ShortTokens(), optimizers=(optimizer, None), **flora)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert trainer.accelerator.accumulator.cycle == 6
