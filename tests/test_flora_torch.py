@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
-from flora_opt import core  # noqa: E402
+from flora_opt import core, statebytes  # noqa: E402
 from flora_opt.reference import ReferenceFlora  # noqa: E402
 
 # shapes crossing every threshold of section 1 with rank 8 and min_dim_size_to_factor 16
@@ -352,6 +352,8 @@ def test_state_bytes_equal_formula(rank, quantization):
     for p, shape in zip(params, shapes):
         held = sum(v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
         assert held == _formula_bytes(shape, rank, quantization), shape
+        layout = core.tensor_layout(shape, core.FloraHyperParams(rank=rank))
+        assert statebytes.state_bytes(layout, quantization) == held, shape  # the one shared rule
     assert opt.state_bytes() == sum(_formula_bytes(s, rank, quantization) for s in shapes)
     # the headline ratio: a compressed, factored matrix costs r*max(m,n)+m+n floats
     assert _formula_bytes((768, 3072), 64) == 4 * (64 * 3072 + 768 + 3072)
