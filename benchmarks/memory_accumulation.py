@@ -14,7 +14,7 @@ backward passes, the optimizer step and ``zero_grad``) for:
 * ``flora-layerwise``: the same, with layer-wise updates fused into backward.
 
 What is measured, exactly: every tensor storage allocated by an operator is recorded by
-``flora_opt.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its
+``flora_lab.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its
 exact ``nbytes``, and forgotten when its storage is freed (a weakref finalizer on the storage);
 the model is built inside the mode, so parameters count too. The peak of the sum is reported. This is the memory a perfect allocator would need:
 no caching, fragmentation, block rounding, CUDA context or library workspaces.
@@ -46,7 +46,7 @@ import torch
 
 import flora_opt
 from flora_opt.accumulation import CompressedAccumulator
-from flora_opt.livebytes import LiveTensorBytes
+from flora_lab.livebytes import LiveTensorBytes
 
 METHODS = ("floor", "adamw", "adafactor", "flora", "flora-layerwise")
 

@@ -495,7 +495,7 @@ def test_quantizer_temporaries_are_bounded():
     not several state-sized copies."""
     pytest.importorskip("torchao")
     from flora_opt import quantization as q
-    from flora_opt.livebytes import LiveTensorBytes
+    from flora_lab.livebytes import LiveTensorBytes
 
     numel = 1 << 23
     x = torch.randn(numel)
@@ -522,7 +522,7 @@ def test_quantizer_under_fake_tensors_leaves_real_calls_intact():
 
     for cache in (q._QMAPS, q._MIDPOINTS, q._TABLES):
         cache.clear()
-    from flora_opt.livebytes import LiveTensorBytes
+    from flora_lab.livebytes import LiveTensorBytes
 
     with FakeTensorMode(), LiveTensorBytes(fake_scalars=True):  # as the benchmark nests them
         codes, absmax = q.quantize(torch.randn(5000), True)
