@@ -42,11 +42,12 @@ import contextlib
 import gc
 import json
 import time
+
 import torch
 
 import flora_opt
-from flora_opt.accumulation import CompressedAccumulator
 from flora_lab.livebytes import LiveTensorBytes
+from flora_opt.accumulation import CompressedAccumulator
 
 METHODS = ("floor", "adamw", "adafactor", "flora", "flora-layerwise")
 
@@ -158,7 +159,7 @@ def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation
             result["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         if accumulator is not None:
             accumulator.remove()
-    del model, optimizer, accumulator, params
+    model = optimizer = accumulator = params = None  # free them (the closures above hold the cells)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

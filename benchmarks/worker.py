@@ -38,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+
 def build_optimizer(spec, model, lr):
     """The contender's optimizer over ``model``'s trainable parameters."""
     from flora_lab import contenders
@@ -72,7 +73,6 @@ def task_step(spec, config) -> dict:
     """State bytes and ``optimizer.step()`` time on a transformers model (same protocol as
     ``benchmarks/peers/ref_worker.py``: random token batches, real forward/backward)."""
     from benchmarks.peers.ref_worker import build_model
-
     from flora_opt.memory import optimizer_state_bytes
 
     device = torch.device(config.get("device", "cpu"))

@@ -20,7 +20,6 @@ import warnings
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from .accumulation import CompressedAccumulator
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import core
-from .layerwise import optimizer_group_index, step_parameter, unwrap_optimizer
+from .layerwise import step_parameter, unwrap_optimizer
 from .ops import get_ops
 from .projection import tensor_seed
 

@@ -107,3 +107,29 @@ def test_flora_trainer_resume_continues_the_cycles(tmp_path):
     assert trainer.accelerator.accumulator.cycle == 4
     for p, q in zip(expected.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_flora_trainer_never_swaps_the_trainer_module_accelerator(tmp_path, monkeypatch):
+    """The FloraAccelerator is handed to this Trainer's creation only: transformers.trainer's
+    module-global ``Accelerator`` stays the accelerate class, also while the FloraTrainer builds
+    its accelerator (a process-wide swap would leak into other Trainers and threads)."""
+    import accelerate
+    import transformers.trainer as trainer_module
+
+    import flora_opt.hf as hf
+
+    seen = []
+
+    class Recording(hf.FloraAccelerator):
+        def __init__(self, *args, **kwargs):
+            seen.append(trainer_module.Accelerator)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "FloraAccelerator", Recording)
+    trainer, _ = train(tmp_path, FloraTrainer, max_steps=1, accumulation_compression_rank=4)
+    assert type(trainer.accelerator) is Recording
+    assert seen == [accelerate.Accelerator]
+    assert trainer_module.Accelerator is accelerate.Accelerator
+    plain = transformers.Trainer(model=transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)),
+                                 args=trainer.args)
+    assert type(plain.accelerator) is accelerate.Accelerator

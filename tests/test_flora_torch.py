@@ -494,8 +494,8 @@ def test_quantizer_temporaries_are_bounded():
     """Quantizing a 32 MiB state allocates its codes and scales plus chunk-sized temporaries,
     not several state-sized copies."""
     pytest.importorskip("torchao")
-    from flora_opt import quantization as q
     from flora_lab.livebytes import LiveTensorBytes
+    from flora_opt import quantization as q
 
     numel = 1 << 23
     x = torch.randn(numel)

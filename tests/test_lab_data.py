@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import subprocess
 import sys
 import tarfile
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np

@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
-from flora_opt import memory as M  # noqa: E402
 from flora_lab.lm import LMConfig, TinyLlama  # noqa: E402
+from flora_opt import memory as M  # noqa: E402
 
 
 def _has(module: str) -> bool:

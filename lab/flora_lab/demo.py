@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +191,10 @@ def train_lm(
     """
     import torch
 
+    from flora_opt.memory import optimizer_state_bytes, optimizer_state_tensors
+
     from .data import lm_batches
     from .livebytes import LiveTensorBytes
-    from flora_opt.memory import optimizer_state_bytes, optimizer_state_tensors
 
     if steps < 1:
         raise ValueError(f"Invalid steps: {steps}: must be >= 1")

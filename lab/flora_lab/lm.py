@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 __all__ = ["LMConfig", "TinyLlama", "LORA_TARGETS", "tensor_bytes"]
 
 #: Linear layers of a block, for ``peft.LoraConfig(target_modules=LORA_TARGETS)``.
