@@ -6,7 +6,7 @@ A plain accelerate training loop; the only Flora-specific lines are the optimize
 config preset (``--model gpt2-tiny|gpt2-small|gpt2|llama-1b``) or loaded from a local folder
 (``--model-path``); nothing is downloaded. The text comes from a local file (``--train-file``) or
 from a corpus of :mod:`flora_lab.data` (``--dataset``; ``shakespeare_sample`` ships with the
-package), tokenized with UTF-8 bytes or a byte-level BPE trained on the training split.
+lab), tokenized with UTF-8 bytes or a byte-level BPE trained on the training split.
 
 Examples (CPU, a few minutes)::
 
