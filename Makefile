@@ -1,6 +1,7 @@
 # The two commands a newcomer needs (see README):
 #   make demo   set up .venv and run the main job on the bundled default
 #   make test   set up .venv and run the whole test suite
+#   make lint   ruff check (pyflakes + import order) on the whole repository
 # torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -9,13 +10,15 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.flora-opt-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
-$(STAMP): pyproject.toml
+# The library (flora-opt) and the lab (lab/: flora-lab, the demo, benchmarks' model and data),
+# both editable, in one pip call so that the lab's flora-opt requirement is this checkout.
+$(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[torch,jax,demo,dev]'
+	$(PY) -m pip install --quiet -e '.[torch,jax,dev]' -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,5 +29,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info lab/build lab/*.egg-info

@@ -14,7 +14,7 @@ backward passes, the optimizer step and ``zero_grad``) for:
 * ``flora-layerwise``: the same, with layer-wise updates fused into backward.
 
 What is measured, exactly: every tensor storage allocated by an operator is recorded by
-``flora_opt.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its
+``flora_lab.livebytes.LiveTensorBytes`` (a ``TorchDispatchMode``) when it is created, with its
 exact ``nbytes``, and forgotten when its storage is freed (a weakref finalizer on the storage);
 the model is built inside the mode, so parameters count too. The peak of the sum is reported. This is the memory a perfect allocator would need:
 no caching, fragmentation, block rounding, CUDA context or library workspaces.
@@ -42,11 +42,12 @@ import contextlib
 import gc
 import json
 import time
+
 import torch
 
 import flora_opt
+from flora_lab.livebytes import LiveTensorBytes
 from flora_opt.accumulation import CompressedAccumulator
-from flora_opt.livebytes import LiveTensorBytes
 
 METHODS = ("floor", "adamw", "adafactor", "flora", "flora-layerwise")
 
@@ -158,7 +159,7 @@ def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation
             result["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         if accumulator is not None:
             accumulator.remove()
-    del model, optimizer, accumulator, params
+    model = optimizer = accumulator = params = None  # free them (the closures above hold the cells)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -37,8 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "lab"):  # flora_opt and the lab (flora_lab) of this checkout
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # ---- contenders ------------------------------------------------------------------------------
 
@@ -54,8 +55,8 @@ ADAM_GRID = [1e-3, 3e-3, 1e-2]
 def quality_contenders(ranks=(8, 32, 64), peer_rank=32, interval=QUALITY_INTERVAL):
     out = [
         dict(id="adamw", kind="adamw", label="AdamW", grid=ADAM_GRID, options={}),
-        dict(id="adafactor_m", kind="adafactor", label="Adafactor+momentum", grid=ADAFACTOR_GRID,
-             options={"beta1": 0.9}),
+        dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", grid=ADAFACTOR_GRID,
+             options={}),
     ]
     for rank in ranks:
         out.append(dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", grid=ADAFACTOR_GRID,
@@ -77,13 +78,13 @@ def step_contenders(rank=256):
         dict(id="adamw8bit_torchao", kind="adamw8bit_torchao", label="AdamW 8-bit (torchao)", options={}),
         dict(id="adamw8bit_bnb", kind="adamw8bit_bnb", label="AdamW 8-bit (bitsandbytes)", options={}),
         dict(id="adafactor", kind="adafactor", label="Adafactor (transformers)", options={}),
-        dict(id="adafactor_m", kind="adafactor", label="Adafactor+momentum (transformers)", options={"beta1": 0.9}),
+        dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum (transformers)", options={}),
         dict(id=f"galore_r{rank}", kind="galore", label=f"GaLore r={rank}", options={"rank": rank}),
         dict(id=f"apollo_r{rank}", kind="apollo", label=f"APOLLO r={rank}", options={"rank": rank}),
         dict(id="flora_r32", kind="flora", label="Flora r=32", options={"rank": 32}),
         dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", options={"rank": rank}),
-        dict(id=f"flora_r{rank}_8bit", kind="flora", label=f"Flora r={rank} 8-bit",
-             options={"rank": rank, "quantization": True}),
+        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit",
+             options={"rank": rank}),
         dict(id=f"flora_ref_r{rank}", kind="flora_ref", label=f"reference flora-opt 0.0.3 r={rank}",
              options={"rank": rank}),
     ]
@@ -92,10 +93,10 @@ def step_contenders(rank=256):
 def throughput_contenders(rank=32):
     return [
         dict(id="adamw", kind="adamw", label="AdamW (fused)", options={}),
-        dict(id="adafactor_m", kind="adafactor", label="Adafactor+momentum", options={"beta1": 0.9}),
+        dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", options={}),
         dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", options={"rank": rank}),
-        dict(id=f"flora_r{rank}_8bit", kind="flora", label=f"Flora r={rank} 8-bit",
-             options={"rank": rank, "quantization": True}),
+        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit",
+             options={"rank": rank}),
         dict(id=f"galore_r{rank}", kind="galore", label=f"GaLore r={rank}", options={"rank": rank}),
         dict(id=f"apollo_r{rank}", kind="apollo", label=f"APOLLO r={rank}", options={"rank": rank}),
     ]
@@ -138,7 +139,7 @@ class Runner:
             if cached.get("key") == key and cached.get("ok"):
                 return cached
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "lab")]) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         threads = str(config.get("threads") or "")
         if threads:
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -372,8 +373,8 @@ def prepare_quality_data(args) -> tuple[dict, str, str]:
     """Tokenize the corpus once (BPE trained on its train split) and cache the ids as .npy."""
     import numpy as np
 
-    from flora_opt.data import DataUnavailableError
-    from flora_opt.demo import prepare_data
+    from flora_lab.data import DataUnavailableError
+    from flora_lab.demo import prepare_data
 
     cache = Path(args.cache or os.environ.get("FLORA_OPT_BENCH_CACHE", Path.home() / ".cache" / "flora-opt" / "bench"))
     cache.mkdir(parents=True, exist_ok=True)
@@ -406,7 +407,7 @@ def _next_lr(grid: list[float], edge: str) -> float:
 
 
 def run_quality(args, command: str) -> dict:
-    from flora_opt.demo import DEMO_MODEL
+    from flora_lab.demo import DEMO_MODEL
 
     out = Path(args.out)
     python = worker_python(args.python)
@@ -424,7 +425,7 @@ def run_quality(args, command: str) -> dict:
         extra = json.loads(text)
         extra.setdefault("options", {})
         extra.setdefault("label", extra["id"])
-        extra.setdefault("grid", ADAFACTOR_GRID if extra["kind"] in ("flora", "adafactor") else ADAM_GRID)
+        extra.setdefault("grid", ADAFACTOR_GRID if extra["kind"] in ("flora", "flora_8bit", "adafactor", "adafactor_momentum") else ADAM_GRID)
         contenders.append(extra)
     if args.grid:
         contenders = [dict(c, grid=list(args.grid)) for c in contenders]
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--tokens-per-step", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     tp.add_argument("--steps", type=int, default=None, help="step: 6 (first excluded); throughput: 4; quality: 200")
     q = parser.add_argument_group("quality")
-    q.add_argument("--dataset", default="shakespeare", help="flora_opt.data dataset (default shakespeare)")
+    q.add_argument("--dataset", default="shakespeare", help="flora_lab.data dataset (default shakespeare)")
     q.add_argument("--vocab-size", type=int, default=1024)
     q.add_argument("--seeds", type=int, default=3)
     q.add_argument("--jobs", type=int, default=2, help="quality runs at once (default 2)")

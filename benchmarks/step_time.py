@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flora_opt  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+for _path in (REPO, REPO / "lab"):  # flora_opt and the lab (flora_lab) of this checkout
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+from flora_lab import contenders as registry  # noqa: E402
 
 MODELS = {
     "gpt2-small": dict(kind="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
@@ -68,12 +71,14 @@ def build_params(name: str) -> list[torch.nn.Parameter]:
 
 
 def contenders(ranks, quantization_options):
-    yield "AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
-    yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2)
+    """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
+    yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
+    yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
     for rank in ranks:
         for quantization in quantization_options:
-            label = f"Flora r={rank}" + (" 8-bit" if quantization else "")
-            yield label, (lambda r, q: lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=r, kappa=1000, quantization=q))(rank, quantization)
+            name = "flora_8bit" if quantization else "flora"
+            yield (registry.label(name, rank),
+                   (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -2,12 +2,14 @@
 
     python benchmarks/worker.py --task {step,throughput,quality} --spec JSON --config JSON --out FILE
 
-``--spec`` names the contender: ``{"id", "kind", "label", "options", "lr"}`` with ``kind`` one of
-``adamw``, ``adamw8bit_torchao``, ``adamw8bit_bnb``, ``adafactor`` (``transformers.Adafactor``;
-``options.beta1`` 0.9 for momentum), ``flora`` (this repository's ``flora_opt.Flora``), ``galore``,
-``apollo`` or ``lora`` (peft LoRA adapters trained with AdamW). Peers are built through
-``benchmarks.peers`` (the shared registry, same defaults everywhere). The result is written as
-JSON to ``--out``; failures are recorded there as ``{"ok": false, "error": ...}``.
+``--spec`` names the contender: ``{"id", "kind", "label", "options", "lr"}`` with ``kind`` a name
+of the one contender registry, ``flora_lab.contenders`` (``adamw``, ``adamw8bit_torchao``,
+``adamw8bit_bnb``, ``adafactor``, ``adafactor_momentum``, ``flora``, ``flora_8bit``, ``galore``,
+``apollo``, ...), or ``lora`` (peft LoRA adapters on the lab's model, trained with AdamW). The
+state-bytes prediction of a contender is ``flora_lab.contenders.predicted_state_bytes`` (the
+``flora-opt memory`` formula of the same name). The training loop is the lab's
+(``flora_lab.demo.train_lm``). The result is written as JSON to ``--out``; failures are recorded
+there as ``{"ok": false, "error": ...}``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "lab"):  # flora_opt and the lab (flora_lab) of this checkout
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import logging  # noqa: E402
 
@@ -35,74 +38,27 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# registry name for each kind (flora and lora are built here)
-_REGISTRY_NAME = {
-    "adamw": "adamw",
-    "adamw8bit_torchao": "adamw8bit_torchao",
-    "adamw8bit_bnb": "adamw8bit_bnb",
-    "galore": "galore",
-    "apollo": "apollo",
-}
-
-# flora_opt.memory method predicting each kind's state bytes
-_FORMULA = {
-    "adamw": "adamw",
-    "adamw8bit_torchao": "adamw8bit_torchao",
-    "adamw8bit_bnb": "adamw8bit_bnb",
-    "galore": "galore",
-    "apollo": "apollo",
-}
-
-
-def formula_method(spec) -> tuple[str | None, int | None]:
-    kind, options = spec["kind"], spec.get("options", {})
-    if kind in _FORMULA:
-        return _FORMULA[kind], options.get("rank")
-    if kind == "adafactor":
-        return ("adafactor_momentum" if options.get("beta1") else "adafactor"), None
-    if kind == "flora":
-        if options.get("full_momentum_for"):
-            return None, None
-        return ("flora_8bit" if options.get("quantization") else "flora"), options.get("rank", 256)
-    return None, None
-
 
 def build_optimizer(spec, model, lr):
     """The contender's optimizer over ``model``'s trainable parameters."""
-    import flora_opt
+    from flora_lab import contenders
 
     kind, options = spec["kind"], dict(spec.get("options", {}))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if kind == "flora":
-        full = options.pop("full_momentum_for", None)  # name substrings kept at rank=None
-        if full:
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            keep = [p for n, p in named if any(key in n for key in full)]
-            rest = [p for n, p in named if not any(key in n for key in full)]
-            return flora_opt.Flora([{"params": rest}, {"params": keep, "rank": None}], lr=lr, **options)
-        return flora_opt.Flora(trainable, lr=lr, **options)
-    if kind == "lora":
+    if kind == "lora":  # the adapters were added to the model; AdamW over what is trainable
+        trainable = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    from benchmarks.peers import registry
-
-    if kind == "adafactor":
-        name = "adafactor_hf_momentum" if options.pop("beta1", None) else "adafactor_hf"
-        return registry.make(name, model, lr=lr, **options)
-    if kind in _REGISTRY_NAME:
-        ok, reason = registry.available(_REGISTRY_NAME[kind])
-        if not ok:
-            raise RuntimeError(f"{kind} unavailable: {reason}")
-        return registry.make(_REGISTRY_NAME[kind], model, lr=lr, **options)
-    raise ValueError(f"unknown contender kind {kind!r}")
+    ok, reason = contenders.available(kind)
+    if not ok:
+        raise RuntimeError(f"{kind} unavailable: {reason}")
+    return contenders.make(kind, model, lr=lr, **options)
 
 
 def predicted_state_bytes(spec, model) -> int | None:
-    from flora_opt.memory import method_state_bytes, params_from_module
+    from flora_lab import contenders
 
-    method, rank = formula_method(spec)
-    if method is None:
+    if spec["kind"] == "lora":
         return None
-    return method_state_bytes(method, params_from_module(model), rank)
+    return contenders.predicted_state_bytes(spec["kind"], model, **spec.get("options", {}))
 
 
 # ---- tasks -----------------------------------------------------------------------------------
@@ -117,7 +73,6 @@ def task_step(spec, config) -> dict:
     """State bytes and ``optimizer.step()`` time on a transformers model (same protocol as
     ``benchmarks/peers/ref_worker.py``: random token batches, real forward/backward)."""
     from benchmarks.peers.ref_worker import build_model
-
     from flora_opt.memory import optimizer_state_bytes
 
     device = torch.device(config.get("device", "cpu"))
@@ -162,7 +117,7 @@ def task_step(spec, config) -> dict:
 
 
 def _tiny_llama(config, seed):
-    from flora_opt.lm import LMConfig, TinyLlama
+    from flora_lab.lm import LMConfig, TinyLlama
 
     torch.manual_seed(seed)
     return TinyLlama(LMConfig(**config["model"]))
@@ -206,8 +161,8 @@ def task_throughput(spec, config) -> dict:
 
 def task_quality(spec, config) -> dict:
     """Train from scratch on the prepared token ids and report the validation loss."""
-    from flora_opt.demo import train_lm
-    from flora_opt.lm import LORA_TARGETS
+    from flora_lab.demo import train_lm
+    from flora_lab.lm import LORA_TARGETS
 
     seed = config["seed"]
     train_ids = np.load(config["train_ids"])
@@ -236,7 +191,7 @@ def task_quality(spec, config) -> dict:
     result["train_losses_every"] = every
     result["n_params"] = sum(p.numel() for p in model.parameters())
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result["state_bytes_formula"] = predicted_state_bytes(spec, model) if spec["kind"] != "lora" else None
+    result["state_bytes_formula"] = predicted_state_bytes(spec, model)
     result["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     return result
 

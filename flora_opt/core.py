@@ -451,13 +451,3 @@ def flora_update(
     new_state[EXP_AVG] = momentum
     return new_state, Direction(side, momentum, projection, decay), finite
 
-
-def state_bytes(layout: TensorLayout, quantized_keys: Mapping[str, int] | None = None) -> int:
-    """Bytes of float32 state for ``layout`` (quantized states are counted by the caller)."""
-    total = 0
-    for key, shape in layout.state_shapes().items():
-        if quantized_keys and key in quantized_keys:
-            total += quantized_keys[key]
-        else:
-            total += 4 * math.prod(shape)
-    return total

@@ -17,9 +17,9 @@ The optimizer alone needs nothing from this module: pass it to any Trainer with
 from __future__ import annotations
 
 import functools
+import types
 
 import transformers
-import transformers.trainer as _trainer_module
 
 from .accelerator import FloraAccelerator
 
@@ -84,9 +84,11 @@ class FloraTrainer(transformers.Trainer):
         max_norm = self.args.max_grad_norm
         if options["layerwise"] and max_norm is not None and 0 < max_norm < float("inf"):
             options["layerwise_max_grad_norm"] = float(max_norm)
-        original = _trainer_module.Accelerator
-        _trainer_module.Accelerator = functools.partial(FloraAccelerator, **options)
-        try:
-            return super().create_accelerator_and_postprocess()
-        finally:
-            _trainer_module.Accelerator = original
+        # The Trainer builds ``Accelerator(**args)`` from its module's globals. Run its method
+        # with a copy of those globals in which ``Accelerator`` is the FloraAccelerator: the
+        # change is seen by this call only, never by transformers.trainer (other Trainers,
+        # other threads).
+        base = super().create_accelerator_and_postprocess.__func__
+        scoped_globals = dict(base.__globals__, Accelerator=functools.partial(FloraAccelerator, **options))
+        scoped = types.FunctionType(base.__code__, scoped_globals, base.__name__, base.__defaults__, base.__closure__)
+        return scoped(self)

@@ -272,10 +272,6 @@ def params_from_config(config: Mapping[str, Any], itemsize: int = 4) -> list[Par
 # ---- formulas --------------------------------------------------------------------------------
 
 
-def _matrix(shape) -> tuple[int, int]:
-    return shape[0], math.prod(shape[1:])
-
-
 def _adamw(p: ParamInfo, **_) -> int:
     return 2 * p.numel * p.itemsize + 4
 
@@ -320,19 +316,11 @@ def _apollo(p: ParamInfo, rank: int, **_) -> int:
 
 def _flora(p: ParamInfo, rank: int, quantization: bool = False, beta1: float | None = 0.9, **_) -> int:
     from . import core
-    from . import quantization as q
+    from .statebytes import state_bytes
 
-    layout = core.tensor_layout(p.shape, core.FloraHyperParams(rank=rank, beta1=beta1))
     if p.numel == 0:
         return 0
-    total = 0
-    for key, shape in layout.state_shapes().items():
-        numel = math.prod(shape)
-        if quantization and key in (core.EXP_AVG, core.EXP_AVG_SQ) and q.is_quantized_size(numel):
-            total += q.quantized_nbytes(numel)
-        else:
-            total += 4 * numel
-    return total
+    return state_bytes(core.tensor_layout(p.shape, core.FloraHyperParams(rank=rank, beta1=beta1)), quantization)
 
 
 _FORMULAS = {

@@ -97,16 +97,6 @@ class ArrayOps:
     def clip_min(self, x, floor: float):
         return self.xp.maximum(x, floor)
 
-    def zeros(self, shape, like=None, device=None):
-        raise NotImplementedError
-
-    def to_float32(self, x):
-        raise NotImplementedError
-
-    def scalar(self, value, like=None):
-        """A 0-d float32 array holding ``value``."""
-        raise NotImplementedError
-
     def lerp(self, start, end, weight):
         """``start + weight * (end - start)``; ``weight`` a Python float or 0-d array."""
         return start + weight * (end - start)
@@ -140,12 +130,6 @@ class ArrayOps:
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             return min(a, b)
         return self.xp.minimum(a, b)
-
-    def smax(self, a, b):
-        """Maximum of two scalars that may be Python numbers or 0-d arrays."""
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            return max(a, b)
-        return self.xp.maximum(a, b)
 
     def cond(self, pred, true_fn, false_fn, *operands):
         """``true_fn(*operands) if pred else false_fn(*operands)``; traced under JAX."""
@@ -190,15 +174,6 @@ class NumpyOps(ArrayOps):
 
     def rsqrt(self, x):
         return 1.0 / self.np.sqrt(x)
-
-    def zeros(self, shape, like=None, device=None):
-        return self.np.zeros(shape, dtype=self.float_dtype)
-
-    def to_float32(self, x):
-        return self.np.asarray(x, dtype=self.np.float32)
-
-    def scalar(self, value, like=None):
-        return self.np.asarray(value, dtype=self.float_dtype)
 
 
 class TorchOps(ArrayOps):
@@ -288,18 +263,6 @@ class TorchOps(ArrayOps):
     def clip_min(self, x, floor):
         return self.torch.clamp(x, min=floor)
 
-    def zeros(self, shape, like=None, device=None):
-        if like is not None:
-            device = like.device
-        return self.torch.zeros(shape, dtype=self.torch.float32, device=device)
-
-    def to_float32(self, x):
-        return x.to(self.torch.float32)
-
-    def scalar(self, value, like=None):
-        device = None if like is None else like.device
-        return self.torch.tensor(value, dtype=self.torch.float32, device=device)
-
     def lerp(self, start, end, weight):
         return self.torch.lerp(start, end, weight)
 
@@ -366,15 +329,6 @@ class JaxOps(ArrayOps):
 
         return jax.lax.rsqrt(x)
 
-    def zeros(self, shape, like=None, device=None):
-        return self.jnp.zeros(shape, dtype=self.jnp.float32)
-
-    def to_float32(self, x):
-        return self.jnp.asarray(x, dtype=self.jnp.float32)
-
-    def scalar(self, value, like=None):
-        return self.jnp.asarray(value, dtype=self.jnp.float32)
-
 
 _OPS_CACHE: dict[str, ArrayOps] = {}
 
@@ -387,8 +341,3 @@ def get_ops(name: str) -> ArrayOps:
             raise ValueError(f"unknown array backend {name!r}; expected 'torch', 'jax' or 'numpy'")
         _OPS_CACHE[name] = factory()
     return _OPS_CACHE[name]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-

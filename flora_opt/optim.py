@@ -39,6 +39,7 @@ from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
 from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
+from .statebytes import is_quantized
 
 __all__ = ["Flora"]
 
@@ -254,9 +255,7 @@ class Flora(torch.optim.Optimizer):
 
     @staticmethod
     def _quantized(layout: TensorLayout, key: str, quantization: bool) -> bool:
-        if not quantization or key not in _SIGNED:
-            return False
-        return q.is_quantized_size(math.prod(layout.state_shapes()[key]))
+        return is_quantized(key, math.prod(layout.state_shapes()[key]), quantization)
 
     def _expected_state(self, layout: TensorLayout, quantization: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}

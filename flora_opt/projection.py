@@ -7,16 +7,17 @@ optimizer state, so this module defines, exactly, the map
     (tensor_seed, stream, index, rank, dim)  ->  P in R^{rank x dim},  P_ij ~ N(0, 1/rank)
 
 with nothing but 32-bit integer arithmetic (xor, logical shift, wrapping add and multiply) and one
-Box-Muller transform. PyTorch (int64 tensors holding values in [0, 2^32)), JAX (uint32) and NumPy
-(uint64) produce the *same integer stream*; the Gaussians then differ at most by the last-ulp
+Box-Muller transform. PyTorch (int32 tensors holding the uint32 bit patterns, see
+``flora_opt.ops.TorchOps``), JAX (uint32) and NumPy (uint64, masked) produce the *same integer
+stream*; the Gaussians then differ at most by the last-ulp
 rounding of ``log``/``sqrt``/``cos``/``sin`` between math libraries (a few 1e-7 relative).
 
 Definition (all arithmetic modulo 2^32; ``>>`` is a logical shift):
 
-    mix32(x):                                   # Wellons' "lowbias32" variant, both
-        x ^= x >> 16;  x *= 0x21F0AAAD          # multipliers < 2^31 so that x * c < 2^63
-        x ^= x >> 15;  x *= 0x735A2D97          # fits a signed int64 exactly (PyTorch has
-        x ^= x >> 15                            # no wrapping uint32 multiply)
+    mix32(x):                                   # Wellons' "lowbias32" variant; both
+        x ^= x >> 16;  x *= 0x21F0AAAD          # multipliers < 2^31, so NumPy's uint64
+        x ^= x >> 15;  x *= 0x735A2D97          # product x * c < 2^63 is exact before
+        x ^= x >> 15                            # masking
 
     tensor_seed(seed, i)       = mix32(mix32(seed ^ GOLDEN) + i) # i: the tensor's position
     stream_key(s, stream, k)   = mix32(mix32(s ^ mix32(GOLDEN * (stream + 1))) + mix32(k))

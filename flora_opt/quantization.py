@@ -10,8 +10,9 @@ without torchao's tensor subclass being importable.
 Layout of a quantized state of ``numel`` elements:
   ``codes``  uint8,  ``ceil(numel / 256) * 256`` elements (zero padded),
   ``absmax`` float32, ``ceil(numel / 256)`` elements.
-Tensors with fewer than ``MIN_QUANTIZED_NUMEL`` elements stay float32 (as in bitsandbytes and
-torchao: for them the scales would cost more than they save).
+Which states are quantized and how many bytes they take is decided in one place,
+:mod:`flora_opt.statebytes` (tensors with fewer than ``MIN_QUANTIZED_NUMEL`` elements stay
+float32, as in bitsandbytes and torchao: for them the scales would cost more than they save).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import math
 
 import torch
 
-BLOCK_SIZE = 256
-MIN_QUANTIZED_NUMEL = 4096
+from .statebytes import BLOCK_SIZE, num_blocks
+
 # quantize/dequantize work on this many blocks at a time (2**20 elements): bounded temporaries
 CHUNK_BLOCKS = 4096
 
@@ -50,21 +51,6 @@ def _quant_utils():
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
     return quant_utils
-
-
-def is_quantized_size(numel: int) -> bool:
-    """Whether a state of ``numel`` elements is stored in 8 bits under ``quantization=True``."""
-    return numel >= MIN_QUANTIZED_NUMEL
-
-
-def num_blocks(numel: int) -> int:
-    return math.ceil(numel / BLOCK_SIZE)
-
-
-def quantized_nbytes(numel: int) -> int:
-    """Bytes of a quantized state: one byte per (padded) element plus 4 per block."""
-    blocks = num_blocks(numel)
-    return blocks * BLOCK_SIZE + 4 * blocks
 
 
 def _cached(cache: dict, key, build):

@@ -129,3 +129,29 @@ def test_flora_trainer_epoch_ending_with_a_one_micro_batch_cycle(tmp_path, flora
     trainer.train()
     assert trainer.state.global_step == 6
     assert trainer.accelerator.accumulator.cycle == 6
+
+
+def test_flora_trainer_never_swaps_the_trainer_module_accelerator(tmp_path, monkeypatch):
+    """The FloraAccelerator is handed to this Trainer's creation only: transformers.trainer's
+    module-global ``Accelerator`` stays the accelerate class, also while the FloraTrainer builds
+    its accelerator (a process-wide swap would leak into other Trainers and threads)."""
+    import accelerate
+    import transformers.trainer as trainer_module
+
+    import flora_opt.hf as hf
+
+    seen = []
+
+    class Recording(hf.FloraAccelerator):
+        def __init__(self, *args, **kwargs):
+            seen.append(trainer_module.Accelerator)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "FloraAccelerator", Recording)
+    trainer, _ = train(tmp_path, FloraTrainer, max_steps=1, accumulation_compression_rank=4)
+    assert type(trainer.accelerator) is Recording
+    assert seen == [accelerate.Accelerator]
+    assert trainer_module.Accelerator is accelerate.Accelerator
+    plain = transformers.Trainer(model=transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)),
+                                 args=trainer.args)
+    assert type(plain.accelerator) is accelerate.Accelerator

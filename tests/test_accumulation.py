@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import flora_opt
+from flora_lab.livebytes import LiveTensorBytes
 from flora_opt import core
 from flora_opt.accumulation import CompressedAccumulator
-from flora_opt.livebytes import LiveTensorBytes
 from flora_opt.ops import get_ops
 from flora_opt.projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, projection_key, tensor_seed
 from flora_opt.reference import reference_key, reference_projection, reference_tensor_seed

@@ -48,7 +48,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     argv = ["demo", "--quick", "--steps", "4", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
             "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--out", str(out),
-            "--optimizers", "adamw", "adafactor", "flora", "flora8bit"]
+            "--optimizers", "adamw", "adafactor_momentum", "flora", "flora_8bit"]
     status = cli.main(argv)
     return status, out
 
@@ -58,7 +58,7 @@ def test_demo_quick_outputs(demo_run, capsys):
     assert status == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["optimizer"]: r for r in results["rows"]}
-    assert list(rows) == ["adamw", "adafactor", "flora", "flora8bit"]
+    assert list(rows) == ["adamw", "adafactor_momentum", "flora", "flora_8bit"]
     for row in rows.values():
         for key in ("label", "state_bytes", "peak_live_bytes", "tokens_per_s", "final_val_loss", "val_curve",
                     "train_losses", "lr", "state_vs_adamw"):
@@ -73,7 +73,7 @@ def test_demo_quick_outputs(demo_run, capsys):
         assert row["peak_live_bytes"] > results["model"]["param_bytes"] + row["state_bytes"]
     assert [p["step"] for p in rows["flora"]["val_curve"]] == [2, 4]
     # Flora's state: the documented formula, and far below AdamW's 8 bytes per parameter
-    from flora_opt.lm import LMConfig, TinyLlama
+    from flora_lab.lm import LMConfig, TinyLlama
 
     model = TinyLlama(LMConfig(**{k: results["model"][k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
                                                                      "ffn_dim", "max_seq_len")}))
@@ -83,7 +83,7 @@ def test_demo_quick_outputs(demo_run, capsys):
     assert rows["adamw"]["state_bytes"] == 8 * n + 4 * len(list(model.parameters()))
     # embedding and head (1024 x 128, ratio 8) keep full momentum by default: 0.22 of AdamW here
     assert rows["flora"]["state_bytes"] < 0.25 * rows["adamw"]["state_bytes"]
-    assert rows["flora8bit"]["state_bytes"] < rows["flora"]["state_bytes"] < rows["adafactor"]["state_bytes"]
+    assert rows["flora_8bit"]["state_bytes"] < rows["flora"]["state_bytes"] < rows["adafactor_momentum"]["state_bytes"]
     # the markdown table and the plot
     table = (out / "results.md").read_text()
     assert "| optimizer | state MiB | state / AdamW | peak live MiB | tokens/s | final val loss |" in table
@@ -153,7 +153,7 @@ def test_memory_rank_none_and_methods(capsys):
         (["memory", "gpt2", "--dtype", "fp8"], "argument --dtype: invalid choice"),
         (["memory", "gpt2", "--methods", "sgd"], "argument --methods: invalid choice"),
         (["memory"], "the following arguments are required: MODEL"),
-        (["demo", "--optimizers", "sgd"], "unknown optimizer 'sgd'; valid: adamw, adafactor, flora"),
+        (["demo", "--optimizers", "sgd"], "unknown optimizer 'sgd'; valid: adamw, adafactor_momentum, flora, flora_8bit"),
         (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
         (["demo", "--lr", "flora"], "expected NAME=LR"),
         (["demo", "--lr", "flora=fast"], "is not a number"),
@@ -241,3 +241,39 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "flora_opt", "memory", "nope"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+def test_demo_without_the_lab_names_what_to_install():
+    """The library ships no demo: without flora-lab, ``flora-opt demo`` exits 2 with one line
+    naming what to install, and ``flora-opt memory`` still works."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'flora_lab':\n"
+        "            raise ImportError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from flora_opt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", blocker, "demo", "--quick"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "flora-lab" in lines[0] and "pip install -e lab" in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, "-c", blocker, "memory", "gpt2", "--methods", "flora", "--json"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", blocker, "--help"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_library_ships_no_lab():
+    """The flora_opt package holds no dataset reader, demo model or demo (they live in flora_lab)."""
+    import flora_opt
+
+    root = Path(flora_opt.__file__).parent
+    for name in ("data.py", "demo.py", "lm.py", "livebytes.py", "data"):
+        assert not (root / name).exists(), name

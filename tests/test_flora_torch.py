@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
-from flora_opt import core  # noqa: E402
+from flora_opt import core, statebytes  # noqa: E402
 from flora_opt.reference import ReferenceFlora  # noqa: E402
 
 # shapes crossing every threshold of section 1 with rank 8 and min_dim_size_to_factor 16
@@ -352,6 +352,8 @@ def test_state_bytes_equal_formula(rank, quantization):
     for p, shape in zip(params, shapes):
         held = sum(v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
         assert held == _formula_bytes(shape, rank, quantization), shape
+        layout = core.tensor_layout(shape, core.FloraHyperParams(rank=rank))
+        assert statebytes.state_bytes(layout, quantization) == held, shape  # the one shared rule
     assert opt.state_bytes() == sum(_formula_bytes(s, rank, quantization) for s in shapes)
     # the headline ratio: a compressed, factored matrix costs r*max(m,n)+m+n floats
     assert _formula_bytes((768, 3072), 64) == 4 * (64 * 3072 + 768 + 3072)
@@ -492,8 +494,8 @@ def test_quantizer_temporaries_are_bounded():
     """Quantizing a 32 MiB state allocates its codes and scales plus chunk-sized temporaries,
     not several state-sized copies."""
     pytest.importorskip("torchao")
+    from flora_lab.livebytes import LiveTensorBytes
     from flora_opt import quantization as q
-    from flora_opt.livebytes import LiveTensorBytes
 
     numel = 1 << 23
     x = torch.randn(numel)
@@ -520,7 +522,7 @@ def test_quantizer_under_fake_tensors_leaves_real_calls_intact():
 
     for cache in (q._QMAPS, q._MIDPOINTS, q._TABLES):
         cache.clear()
-    from flora_opt.livebytes import LiveTensorBytes
+    from flora_lab.livebytes import LiveTensorBytes
 
     with FakeTensorMode(), LiveTensorBytes(fake_scalars=True):  # as the benchmark nests them
         codes, absmax = q.quantize(torch.randn(5000), True)

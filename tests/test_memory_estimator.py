@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
+from flora_lab.lm import LMConfig, TinyLlama  # noqa: E402
 from flora_opt import memory as M  # noqa: E402
-from flora_opt.lm import LMConfig, TinyLlama  # noqa: E402
 
 
 def _has(module: str) -> bool:
@@ -272,7 +272,7 @@ def test_load_config_errors(tmp_path):
 
 
 def test_live_tensor_bytes_counts_storages_exactly():
-    from flora_opt.lm import LiveTensorBytes
+    from flora_lab.livebytes import LiveTensorBytes
 
     existing = torch.zeros(100)
     with LiveTensorBytes() as mem:

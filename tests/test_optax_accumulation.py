@@ -200,3 +200,17 @@ def test_single_micro_batch_cycles_hand_gradients_over_exact():
         expected, inner_state = inner.update(g, inner_state, params)
         np.testing.assert_allclose(u["rows"], expected["rows"], rtol=1e-6, atol=1e-8)
     assert int(state.accumulator.cycle) == 2
+
+
+def test_accumulator_functions_name_and_deprecated_alias():
+    import warnings
+
+    import flora_opt.optax as fo
+
+    acc = fo.compressed_accumulator(tau=4)
+    assert isinstance(acc, fo.AccumulatorFunctions)
+    assert "CompressedAccumulator" not in fo.__all__  # the torch flora_opt.CompressedAccumulator owns the name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fo.CompressedAccumulator is fo.AccumulatorFunctions
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)

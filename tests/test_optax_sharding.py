@@ -134,3 +134,113 @@ def test_sharded_equals_unsharded_and_states_are_sharded():
     buffers = report["accumulate"]["states"]
     assert buffers["rows_buffer"]["shard_shape"] == [4, 16]
     assert buffers["cols_buffer"]["shard_shape"] == [16, 4]
+
+
+SQUARE_SCRIPT = textwrap.dedent(
+    r"""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flora_opt.optax import compressed_multi_steps, flora, state_shardings
+
+    mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    specs = {
+        "square": P("a", "b"),         # (256, 256): compressed rows side, factored
+        "square_t": P("b", "a"),       # the same with the axes swapped
+        "full": P("a", "b"),           # (256, 256) with tau=None below: full momentum
+        "unfactored": P("a", "b"),     # (64, 64): below min_dim_size_to_factor, full second moment
+        "conv": P("a", None, "b"),     # (256, 4, 64): matrix view (256, 256), a later dim sharded
+        "bias": P("b"),                # (256,)
+    }
+    shapes = {"square": (256, 256), "square_t": (256, 256), "full": (256, 256), "unfactored": (64, 64),
+              "conv": (256, 4, 64), "bias": (256,)}
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    param_sh = {k: NamedSharding(mesh, specs[k]) for k in shapes}
+    tx = compressed_multi_steps(flora(1e-3, tau=8), every_k_schedule=2, tau=8)
+    abstract = jax.eval_shape(tx.init, params)
+    sh = state_shardings(abstract, params, param_sh)
+    full_sh = state_shardings(jax.eval_shape(flora(1e-3, tau=None).init, params), params, param_sh)
+    inner, inner_shape = sh.inner_opt_state[0], abstract.inner_opt_state[0]
+    report = {}
+    for field in ("step", "seed", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+        for k in shapes:
+            report[f"{field}/{k}"] = [list(getattr(inner_shape, field)[k].shape), repr(tuple(getattr(inner, field)[k].spec))]
+    report["count"] = [[], repr(tuple(inner.count.spec))]
+    for k in shapes:
+        report[f"buffer/{k}"] = [list(abstract.accumulator.buffer[k].shape), repr(tuple(sh.accumulator.buffer[k].spec))]
+        report[f"full_exp_avg/{k}"] = [None, repr(tuple(full_sh[0].exp_avg[k].spec))]
+    # the shardings are usable as they are: init under jit places each leaf as specified
+    real = {k: jax.device_put(jnp.zeros(s, jnp.float32), param_sh[k]) for k, s in shapes.items()}
+    state = jax.jit(tx.init, out_shardings=sh)(real)
+    report["col_shard_shape"] = list(state.inner_opt_state[0].exp_avg_sq_col["square"].addressable_shards[0].data.shape)
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+def test_square_matrix_sharded_on_both_axes_every_state_leaf_by_key():
+    """Each state leaf's spec follows its key in the layout, not its shape: for a square
+    parameter sharded P('a', 'b') the column statistic is P('b') (a shape guess gave P('a'))."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-c", SQUARE_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    got = {k: tuple(v) if k == "col_shard_shape" else v[1] for k, v in json.loads(line[len("REPORT"):]).items()}
+    shapes = {k: v[0] for k, v in json.loads(line[len("REPORT"):]).items() if k != "col_shard_shape"}
+    replicated = "()"
+    expected = {"count": replicated}
+    for k in ("square", "square_t", "full", "unfactored", "conv", "bias"):
+        expected[f"step/{k}"] = replicated
+        expected[f"seed/{k}"] = replicated
+    expected.update({
+        # square P('a', 'b'), rows side (8, 256): the rank side replicated, the columns along 'b'
+        "exp_avg/square": "(None, 'b')",
+        "exp_avg_sq_row/square": "('a',)",
+        "exp_avg_sq_col/square": "('b',)",
+        "exp_avg_sq/square": replicated,  # placeholder
+        "buffer/square": "(None, 'b')",
+        # the same parameter sharded P('b', 'a')
+        "exp_avg/square_t": "(None, 'a')",
+        "exp_avg_sq_row/square_t": "('b',)",
+        "exp_avg_sq_col/square_t": "('a',)",
+        "exp_avg_sq/square_t": replicated,
+        "buffer/square_t": "(None, 'a')",
+        "exp_avg/full": "(None, 'b')",
+        "exp_avg_sq_row/full": "('a',)",
+        "exp_avg_sq_col/full": "('b',)",
+        "exp_avg_sq/full": replicated,
+        "buffer/full": "(None, 'b')",
+        # (64, 64) at tau=8: compressed rows momentum; second moment unfactored, the parameter's spec
+        "exp_avg/unfactored": "(None, 'b')",
+        "exp_avg_sq_row/unfactored": replicated,
+        "exp_avg_sq_col/unfactored": replicated,
+        "exp_avg_sq/unfactored": "('a', 'b')",
+        "buffer/unfactored": "(None, 'b')",
+        # (256, 4, 64) P('a', None, 'b'): the flattened columns cannot follow 'b', so replicated
+        "exp_avg/conv": "(None, None)",
+        "exp_avg_sq_row/conv": "('a',)",
+        "exp_avg_sq_col/conv": "(None,)",
+        "exp_avg_sq/conv": replicated,
+        "buffer/conv": "(None, None)",
+        # a vector keeps its full states with the parameter's spec
+        "exp_avg/bias": "('b',)",
+        "exp_avg_sq_row/bias": replicated,
+        "exp_avg_sq_col/bias": replicated,
+        "exp_avg_sq/bias": "('b',)",
+        "buffer/bias": "('b',)",
+        # tau=None: full momentum of the parameter's shape and spec
+        "full_exp_avg/square": "('a', 'b')",
+        "full_exp_avg/square_t": "('b', 'a')",
+        "full_exp_avg/full": "('a', 'b')",
+        "full_exp_avg/unfactored": "('a', 'b')",
+        "full_exp_avg/bias": "('b',)",
+        "col_shard_shape": (128,),  # (256,) split over the 2 devices of axis 'b'
+    })
+    got.pop("full_exp_avg/conv")  # full momentum of a 3-D parameter: checked in the unsharded tests
+    assert got == expected, {k: (got.get(k), expected.get(k), shapes.get(k)) for k in set(got) | set(expected)
+                             if got.get(k) != expected.get(k)}

@@ -84,3 +84,22 @@ def test_from_flora_opt_optax_import_without_jax_names_the_extra():
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def test_library_does_not_import_the_lab():
+    """flora_opt never imports flora_lab, except the `demo` subcommand of cli.py (lazily)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "flora_opt"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(name.split(".")[0] == "flora_lab" for name in names) and path.name != "cli.py":
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders

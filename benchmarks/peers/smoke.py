@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from . import registry as reg
+from . import registry as reg  # flora_lab.contenders
 from .ref_worker import build_model
 
 # per-contender options used for the tiny models (rank <= the smallest block dimension)
@@ -83,8 +83,8 @@ def expected_state_bytes(name: str, m: int, n: int, r: int) -> int | None:
     return {
         "adamw": 4 * 2 * m * n + 4,
         "adafactor_torch": 4 * (m + n) + 4,
-        "adafactor_hf": 4 * (m + n) + 4,
-        "adafactor_hf_momentum": 4 * (m * n + m + n) + 4,
+        "adafactor": 4 * (m + n) + 4,
+        "adafactor_momentum": 4 * (m * n + m + n) + 4,
         "galore": 4 * (r * lo + 2 * r * hi),
         "galore_adafactor": 4 * (r * lo + r + hi) + 4,
         "apollo": 4 * (r * lo + 2 * r * hi + 1),

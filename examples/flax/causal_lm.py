@@ -3,7 +3,7 @@
 
 The model is a GPT-style decoder written in ``flax.linen`` and built from a config (a preset,
 ``--model tiny|small|gpt2-small``, or a JSON file, ``--config``); the text is a corpus of
-:mod:`flora_opt.data` (``shakespeare_sample`` ships with the package: no download), tokenized
+:mod:`flora_lab.data` (``shakespeare_sample`` ships with the lab: no download), tokenized
 with UTF-8 bytes or a byte-level BPE trained on the training split. Gradient accumulation runs
 inside the jitted train step as a ``jax.lax.scan`` over micro-batches; with
 ``--compressed-accumulation`` the scan carries Flora's compressed accumulator
@@ -44,7 +44,7 @@ except ImportError as error:  # pragma: no cover
     raise SystemExit(f"this example needs flax ({error}): pip install -r examples/flax/requirements.txt")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from flora_opt import data  # noqa: E402
+from flora_lab import data  # noqa: E402
 from flora_opt.optax import compressed_accumulator, flora, state_bytes  # noqa: E402
 
 

@@ -5,8 +5,8 @@ A plain accelerate training loop; the only Flora-specific lines are the optimize
 ``FloraAccelerator`` constructor. The model is a Hugging Face ``transformers`` model built from a
 config preset (``--model gpt2-tiny|gpt2-small|gpt2|llama-1b``) or loaded from a local folder
 (``--model-path``); nothing is downloaded. The text comes from a local file (``--train-file``) or
-from a corpus of :mod:`flora_opt.data` (``--dataset``; ``shakespeare_sample`` ships with the
-package), tokenized with UTF-8 bytes or a byte-level BPE trained on the training split.
+from a corpus of :mod:`flora_lab.data` (``--dataset``; ``shakespeare_sample`` ships with the
+lab), tokenized with UTF-8 bytes or a byte-level BPE trained on the training split.
 
 Examples (CPU, a few minutes)::
 
@@ -17,7 +17,7 @@ Examples (CPU, a few minutes)::
 
 The last line reports the validation loss, the peak memory (on a GPU ``torch.cuda.max_memory_allocated``;
 on a CPU the exact peak of live tensor bytes over the first two optimizer steps, measured with
-:class:`flora_opt.livebytes.LiveTensorBytes`) and the training throughput in tokens/s (steps after the
+:class:`flora_lab.livebytes.LiveTensorBytes`) and the training throughput in tokens/s (steps after the
 measured ones).
 """
 
@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 import flora_opt
-from flora_opt import data
-from flora_opt.livebytes import LiveTensorBytes
+from flora_lab import data
+from flora_lab.livebytes import LiveTensorBytes
 
 PRESETS = {
     # name: (architecture, config kwargs)

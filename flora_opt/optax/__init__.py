@@ -7,11 +7,16 @@
 * :func:`compressed_accumulator` and :func:`compressed_multi_steps`: gradient accumulation that
   keeps micro-batch gradients compressed (docs/algorithm.md section 12), as a set of pure
   functions for ``lax.scan``/``fori_loop`` loops, or as an ``optax.MultiSteps``-like wrapper.
+  :func:`compressed_accumulator` returns an :class:`AccumulatorFunctions` (formerly
+  ``CompressedAccumulator``, a name that collided with the PyTorch
+  ``flora_opt.CompressedAccumulator``; the old name still works with a ``DeprecationWarning``).
 * :func:`state_shardings`: ``NamedSharding`` s for the state, for ``jax.jit`` out_shardings.
 
 The per-tensor math is :func:`flora_opt.core.flora_update`, shared with the PyTorch optimizer;
 see ``docs/jax.md`` for the argument mapping between the two.
 """
+
+import warnings as _warnings
 
 try:
     import jax  # noqa: F401
@@ -22,8 +27,8 @@ except ImportError as _error:  # name the extra, as the README promises
     ) from _error
 
 from .accumulation import (
+    AccumulatorFunctions,
     AccumulatorState,
-    CompressedAccumulator,
     CompressedMultiStepsState,
     compressed_accumulator,
     compressed_multi_steps,
@@ -34,8 +39,8 @@ from .transform import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, st
 
 __all__ = [
     "STATIC_ARGS",
+    "AccumulatorFunctions",
     "AccumulatorState",
-    "CompressedAccumulator",
     "CompressedMultiStepsState",
     "ScaleByFloraState",
     "compressed_accumulator",
@@ -46,3 +51,15 @@ __all__ = [
     "state_bytes",
     "state_shardings",
 ]
+
+
+def __getattr__(name: str):
+    if name == "CompressedAccumulator":  # deprecated alias (docs/jax.md, "Names")
+        _warnings.warn(
+            "flora_opt.optax.CompressedAccumulator is deprecated: use flora_opt.optax.AccumulatorFunctions "
+            "(flora_opt.CompressedAccumulator is the PyTorch accumulator)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return AccumulatorFunctions
+    raise AttributeError(f"module 'flora_opt.optax' has no attribute {name!r}")

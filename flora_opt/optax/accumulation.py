@@ -33,7 +33,7 @@ from .transform import _float_dtype, _placeholder, _safe_increment
 
 __all__ = [
     "AccumulatorState",
-    "CompressedAccumulator",
+    "AccumulatorFunctions",
     "CompressedMultiStepsState",
     "compressed_accumulator",
     "compressed_multi_steps",
@@ -57,8 +57,11 @@ class AccumulatorState(NamedTuple):
     buffer: Any
 
 
-class CompressedAccumulator(NamedTuple):
+class AccumulatorFunctions(NamedTuple):
     """Pure functions of a compressed gradient accumulator (see :func:`compressed_accumulator`).
+
+    Named apart from the PyTorch ``flora_opt.CompressedAccumulator`` (an object with backward
+    hooks); ``flora_opt.optax.CompressedAccumulator`` is a deprecated alias of this class.
 
     Attributes:
       init: ``init(params) -> AccumulatorState`` (cycle 0, zero buffers).
@@ -81,7 +84,7 @@ def _plan(leaf, tau: Optional[int]):
     return core.accumulation_layout(np.shape(leaf), tau)
 
 
-def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> CompressedAccumulator:
+def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> AccumulatorFunctions:
     """Accumulate gradients compressed to rank ``tau`` (docs/algorithm.md section 12).
 
     Args:
@@ -93,7 +96,7 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
         the same ``seed`` as the optimizer never reuses a momentum projection).
 
     Returns:
-      A :class:`CompressedAccumulator` of pure, jittable functions.
+      An :class:`AccumulatorFunctions` of pure, jittable functions.
 
     Example (a micro-batch loop in ``lax.scan``)::
 
@@ -177,7 +180,7 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Compresse
             buffer=jax.tree.map(jnp.zeros_like, state.buffer),
         )
 
-    return CompressedAccumulator(init, add, result, reset)
+    return AccumulatorFunctions(init, add, result, reset)
 
 
 class CompressedMultiStepsState(NamedTuple):

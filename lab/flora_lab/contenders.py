@@ -1,12 +1,18 @@
-"""Uniform constructors for the peer optimizers the benchmarks compare Flora against.
+"""The one contender registry: every optimizer the demo and the benchmarks train, by one name.
 
 Every contender is built the same way::
 
-    from benchmarks.peers import make, available, names
+    from flora_lab import contenders
 
-    ok, reason = available("galore")
+    ok, reason = contenders.available("galore")
     if ok:
-        opt = make("galore", model, lr=1e-3, rank=64)   # -> torch.optim.Optimizer
+        opt = contenders.make("galore", model, lr=1e-3, rank=64)   # -> torch.optim.Optimizer
+
+A contender's name is the name ``flora_opt.memory`` (``flora-opt memory``) gives its state-bytes
+formula when it has one (``adamw``, ``adamw8bit_torchao``, ``adamw8bit_bnb``, ``adafactor``,
+``adafactor_momentum``, ``galore``, ``apollo``, ``flora``, ``flora_8bit``), so
+:func:`predicted_state_bytes` needs no table between names. ``flora`` and ``flora_8bit`` are
+this repository's :class:`flora_opt.Flora`; ``flora_ref`` is the reference ``flora-opt==0.0.3``.
 
 ``model_or_named_params`` is an ``nn.Module`` (its trainable ``named_parameters()`` are used),
 an iterable of ``(name, tensor)`` pairs, or a plain iterable of tensors (then named
@@ -24,30 +30,19 @@ Conventions shared by all contenders (see ``DEFAULTS`` and ``describe(name)``):
   with ``lowrank_filter=callable(name, tensor) -> bool``.
 * Unknown keyword options raise ``TypeError`` (so a typo never silently falls back to a default);
   pass ``ignore_unknown=True`` to drop options a contender does not take (handy when one sweep
-  passes ``rank=`` to every contender).
+  passes ``rank=`` to every contender). :func:`sweep_options` gives the options that set a
+  contender's rank and resample interval, whatever the library calls them.
+* ``register()`` adds a contender defined elsewhere (e.g. a variant under test).
 
-Our own optimizer (``flora_opt.Flora`` of this repo) is deliberately **not** registered here; it
-is added by the benchmark code through the hook ``register()``, e.g.::
-
-    import flora_opt
-    from benchmarks.peers import register, OWN_FLORA
-    register(OWN_FLORA, lambda params, lr, **o: flora_opt.Flora(params, lr=lr, **o),
-             requires=("flora_opt",), description="this repo's Flora")
-
-``register`` receives the *list of trainable tensors* (or param-group dicts if you pass
-``groups=True``). Make sure ``flora_opt`` resolves to this repository (run from the repo root or
-with ``PYTHONPATH`` set to it): the reference ``flora-opt==0.0.3`` shares the import name and is
-only ever installed in its own venv (``$FLORA_REF_VENV``); ``is_reference_flora_module()`` tells
-the two apart.
-
-The reference implementation is reachable two ways:
+The reference implementation is reachable two ways (the benchmark machines' venvs, see
+``benchmarks/peers/README.md``):
 
 * ``make("flora_ref", ...)`` loads the single file ``flora_opt/optimizers/torch/flora.py`` from
   the reference venv's site-packages under the private module name ``_flora_ref_torch`` (it only
   imports torch, accelerate and bitsandbytes, which the peers venv pins to the same versions), so
   it can be stepped in-process side by side with the others;
-* ``run_ref_worker(...)`` runs ``ref_worker.py`` with the reference venv's interpreter in a
-  subprocess (fully isolated) and returns its JSON.
+* ``run_ref_worker(...)`` runs ``benchmarks/peers/ref_worker.py`` with the reference venv's
+  interpreter in a subprocess (fully isolated) and returns its JSON.
 """
 
 from __future__ import annotations
@@ -70,10 +65,11 @@ __all__ = [
     "Contender",
     "REGISTRY",
     "DEFAULTS",
-    "OWN_FLORA",
     "make",
     "available",
     "names",
+    "predicted_state_bytes",
+    "sweep_options",
     "describe",
     "register",
     "unregister",
@@ -90,11 +86,10 @@ __all__ = [
     "run_ref_worker",
 ]
 
-#: Reserved name for this repo's own Flora; register it with ``register(OWN_FLORA, ...)``.
-OWN_FLORA = "flora"
-
 REF_FLORA_VERSION = "0.0.3"
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# benchmarks/peers/ref_worker.py of the repository this lab is installed from (pip install -e lab)
+_REF_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "benchmarks", "peers", "ref_worker.py")
 
 
 def peers_venv() -> str:
@@ -241,6 +236,7 @@ class Contender:
     description: str = ""
     state_formula: str = ""
     extra_check: Callable[[], tuple[bool, str]] | None = None
+    label: str = ""  # display name; ``{rank}`` is filled in by :func:`label`
 
     def available(self) -> tuple[bool, str]:
         for mod in self.requires:
@@ -276,11 +272,12 @@ def register(
     requires: Iterable[str] = (),
     description: str = "",
     state_formula: str = "",
+    label: str = "",
     groups: bool = False,
     accept_any: bool = True,
     replace: bool = False,
 ) -> Contender:
-    """Hook for contenders defined elsewhere (this repo's Flora in particular).
+    """Hook for contenders defined elsewhere (a variant under test, say).
 
     ``make_fn(params, lr, **opts)`` receives the list of trainable tensors, or, with
     ``groups=True``, ``[{"params": other}, {"params": block_matrices}]`` built with the same
@@ -299,7 +296,7 @@ def register(
             params = [p for _, p in named_trainable(model_or_named_params)]
         return make_fn(params, lr, **opts)
 
-    contender = Contender(name, build, defaults, tuple(requires), description, state_formula)
+    contender = Contender(name, build, defaults, tuple(requires), description, state_formula, label=label or name)
     if accept_any:
         contender.make = _make_accept_any(contender)  # type: ignore[method-assign]
     REGISTRY[name] = contender
@@ -325,8 +322,6 @@ def names() -> list[str]:
 
 def available(name: str) -> tuple[bool, str]:
     if name not in REGISTRY:
-        if name == OWN_FLORA:
-            return False, "this repo's Flora is not registered: call register('flora', ...) (see module doc)"
         return False, f"unknown contender {name!r}; known: {names()}"
     return REGISTRY[name].available()
 
@@ -349,12 +344,42 @@ def describe(name: str) -> dict[str, Any]:
     }
 
 
+def label(name: str, rank: int | None = None) -> str:
+    """The contender's display name, e.g. ``Flora r=32``."""
+    return REGISTRY[name].label.format(rank=rank)
+
+
+def sweep_options(name: str, rank: int | None = None, interval: int | None = None) -> dict[str, Any]:
+    """The options setting ``name``'s rank and projection resample interval (Flora's ``kappa``,
+    GaLore/APOLLO's ``update_proj_gap``); a contender without such an option ignores it."""
+    defaults = REGISTRY[name].defaults
+    options: dict[str, Any] = {}
+    if rank is not None and "rank" in defaults:
+        options["rank"] = rank
+    for key in ("kappa", "update_proj_gap"):
+        if interval is not None and key in defaults:
+            options[key] = interval
+    return options
+
+
+def predicted_state_bytes(name: str, model, **options) -> int | None:
+    """The state bytes ``flora_opt.memory`` predicts for contender ``name`` over ``model``'s
+    parameters with ``options`` (``None`` when it has no formula for it)."""
+    from flora_opt.memory import METHODS, method_state_bytes, params_from_module
+
+    if name not in METHODS or options.get("full_momentum_for"):
+        return None
+    merged = {**REGISTRY[name].defaults, **options}
+    return method_state_bytes(name, params_from_module(model), merged.get("rank"))
+
+
 def _params(model_or_named_params):
     return [p for _, p in named_trainable(model_or_named_params)]
 
 
-def _add(name, build, defaults, requires=(), description="", state_formula="", extra_check=None):
-    REGISTRY[name] = Contender(name, build, dict(defaults), tuple(requires), description, state_formula, extra_check)
+def _add(name, build, defaults, requires=(), description="", state_formula="", extra_check=None, label=""):
+    REGISTRY[name] = Contender(name, build, dict(defaults), tuple(requires), description, state_formula, extra_check,
+                               label or name)
     DEFAULTS[name] = REGISTRY[name].defaults
 
 
@@ -371,6 +396,7 @@ _add(
     {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "fused": True, "foreach": None, "lowrank_filter": None},
     requires=("torch",),
     description="torch.optim.AdamW, fused=True (the fused kernel exists for CPU in torch>=2.4)",
+    label="AdamW",
     state_formula="2mn fp32 (exp_avg, exp_avg_sq) + a 0-d step tensor",
 )
 
@@ -392,7 +418,7 @@ _add(
 
 # --- transformers.Adafactor ----------------------------------------------------------------
 
-# Same settings as the reference Flora's defaults, so that adafactor_hf_momentum vs flora_ref
+# Same settings as the reference Flora's defaults, so that adafactor_momentum vs flora_ref
 # differ only in the momentum compression.
 _HF_ADAFACTOR_DEFAULTS = {
     "eps": (1e-30, 1e-3),
@@ -413,19 +439,21 @@ def _build_adafactor_hf(m, lr, lowrank_filter=None, **o):
 
 
 _add(
-    "adafactor_hf",
+    "adafactor",
     _build_adafactor_hf,
     {**_HF_ADAFACTOR_DEFAULTS, "beta1": None},
     requires=("transformers",),
     description="transformers.Adafactor without momentum (beta1=None), external lr, scale_parameter=True",
+    label="Adafactor",
     state_formula="m + n fp32 (exp_avg_sq_row, exp_avg_sq_col) + 0-d RMS tensor; 1-D params: n",
 )
 _add(
-    "adafactor_hf_momentum",
+    "adafactor_momentum",
     _build_adafactor_hf,
     {**_HF_ADAFACTOR_DEFAULTS, "beta1": 0.9},
     requires=("transformers",),
     description="transformers.Adafactor with full first moment (beta1=0.9): the naive Flora baseline",
+    label="Adafactor+momentum",
     state_formula="mn + m + n fp32 (exp_avg, exp_avg_sq_row, exp_avg_sq_col) + 0-d RMS tensor",
 )
 
@@ -456,6 +484,7 @@ _add(
      "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True, "lowrank_filter": None},
     requires=("galore_torch", "transformers"),
     description="galore_torch.GaLoreAdamW; block matrices projected by SVD every update_proj_gap steps",
+    label="GaLore r={rank}",
     state_formula="GaLore paper Table 1: mr + 2nr for m <= n (projector r*min(m,n) + Adam moments 2*r*max(m,n))",
 )
 
@@ -527,6 +556,7 @@ _add(
     {**_APOLLO_COMMON, "rank": 256, "scale_type": "channel", "scale": 1.0},
     requires=("apollo_torch", "transformers"),
     description="apollo_torch.APOLLOAdamW, channel-wise scaling (README: rank 256 for 1B/7B, scale 1)",
+    label="APOLLO r={rank}",
     state_formula="moments 2*r*max(m,n) of the projected grad; apollo-torch 1.0.3 also keeps the random "
                   "projection r*min(m,n) in state (not regenerated from the seed) + a 0-d norm tensor",
 )
@@ -608,6 +638,56 @@ _add(
     requires=("peft",),
     description="AdamW over the trainable params of a peft LoRA model (call wrap_lora first)",
     state_formula="adapters A (r x n) + B (m x r): AdamW state 2r(m+n) fp32 (weights themselves frozen)",
+)
+
+
+# --- this repository's Flora ---------------------------------------------------------------
+
+
+def _flora_defaults() -> dict[str, Any]:
+    """``flora_opt.Flora``'s own defaults (its ``defaults`` dict), the momentum switched on."""
+    from flora_opt.optim import Flora
+
+    defaults = dict(Flora([torch.zeros(1, requires_grad=True)], lr=1.0).defaults)
+    for key in ("lr", "quantization"):
+        defaults.pop(key, None)
+    return {**defaults, "beta1": 0.9, "full_momentum_for": None, "lowrank_filter": None}
+
+
+def _flora_builder(quantization: bool):
+    def build(m, lr, lowrank_filter=None, full_momentum_for=None, **o):
+        from flora_opt.optim import Flora
+
+        named = named_trainable(m)
+        if full_momentum_for:  # parameter-name substrings kept at rank=None (full momentum)
+            keep = [p for n, p in named if any(key in n for key in full_momentum_for)]
+            rest = [p for n, p in named if not any(key in n for key in full_momentum_for)]
+            params = [group for group in ({"params": rest}, {"params": keep, "rank": None}) if group["params"]]
+        else:
+            params = [p for _, p in named]
+        return Flora(params, lr=lr, quantization=quantization, **o)
+
+    return build
+
+
+_add(
+    "flora",
+    _flora_builder(False),
+    _flora_defaults(),
+    requires=("flora_opt",),
+    description="flora_opt.Flora of this repository (beta1=0.9); full_momentum_for=[substrings] keeps "
+                "matching parameters at full momentum",
+    state_formula="docs/algorithm.md section 11: r*max(m,n) + m + n fp32 for compressed, factored matrices",
+    label="Flora r={rank}",
+)
+_add(
+    "flora_8bit",
+    _flora_builder(True),
+    _flora_defaults(),
+    requires=("flora_opt", "torchao"),
+    description="flora_opt.Flora(quantization=True): momentum and unfactored second moments in 8 bits",
+    state_formula="as flora, with exp_avg/exp_avg_sq of >= 4096 elements in 8 bits (flora_opt.statebytes)",
+    label="Flora r={rank} 8-bit",
 )
 
 
@@ -704,7 +784,7 @@ def run_ref_worker(model: str | dict = "llama-tiny", steps: int = 5, rank: int |
                    seed: int = 0, threads: int | None = None, extra: Iterable[str] = (), timeout: float = 1800,
                    python: str | None = None) -> dict:
     """Run ``ref_worker.py`` under the reference venv and return its JSON result."""
-    cmd = [python or ref_python(), os.path.join(_HERE, "ref_worker.py"),
+    cmd = [python or ref_python(), _REF_WORKER,
            "--model", model if isinstance(model, str) else json.dumps(model),
            "--steps", str(steps), "--kappa", str(kappa), "--lr", repr(lr),
            "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--seed", str(seed)]

@@ -25,7 +25,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     Example:
       >>> import torch
-      >>> from flora_opt.livebytes import LiveTensorBytes
+      >>> from flora_lab.livebytes import LiveTensorBytes
       >>> with LiveTensorBytes() as tracker:
       ...     x = torch.zeros(1000)
       ...     y = x * 2

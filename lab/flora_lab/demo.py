@@ -1,9 +1,9 @@
 """``flora-opt demo``: train one small LLaMA-style LM on real text with several optimizers.
 
-The same randomly initialised model (:class:`flora_opt.lm.TinyLlama`) is trained from the same
+The same randomly initialised model (:class:`flora_lab.lm.TinyLlama`) is trained from the same
 seed, on the same batches, for the same number of steps, with each optimizer in turn; the run
 reports, per optimizer, the exact optimizer-state bytes (from the state tensors), the peak of live
-tensor bytes over one full training step (:class:`flora_opt.lm.LiveTensorBytes`), training
+tensor bytes over one full training step (:class:`flora_lab.livebytes.LiveTensorBytes`), training
 tokens/s and the final validation loss, and writes ``results.json`` and ``demo.png``.
 
 :func:`train_lm` and :func:`prepare_data` are shared with the benchmark suite
@@ -12,11 +12,11 @@ tokens/s and the final validation loss, and writes ``results.json`` and ``demo.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,137 +43,62 @@ __all__ = [
 #: 1024 x 128 embedding and head are embedding-like and keep full momentum by default).
 DEMO_MODEL = dict(vocab_size=1024, dim=128, n_layers=4, n_heads=2, max_seq_len=256)
 
-#: Optimizers the demo knows, in display order.
-OPTIMIZERS = ("adamw", "adafactor", "flora", "flora8bit", "galore", "apollo")
-
-_LABELS = {
-    "adamw": "AdamW",
-    "adafactor": "Adafactor+momentum",
-    "flora": "Flora r={rank}",
-    "flora8bit": "Flora r={rank} 8-bit",
-    "galore": "GaLore r={rank}",
-    "apollo": "APOLLO r={rank}",
-}
+#: Optimizers the demo knows (names of :mod:`flora_lab.contenders`), in display order.
+OPTIMIZERS = ("adamw", "adafactor_momentum", "flora", "flora_8bit", "galore", "apollo")
 
 #: Peak learning rates (after warm-up; cosine decay to 10%), tuned for DEMO_MODEL on Shakespeare
 #: by ``benchmarks/run.py quality`` (docs/benchmarks.md). Adafactor and Flora use relative step
 #: sizes (``lr * RMS(W)``), hence the larger values.
 DEFAULT_LRS = {
     "adamw": 3e-3,
-    "adafactor": 0.1,
+    "adafactor_momentum": 0.1,
     "flora": 0.1,
-    "flora8bit": 0.1,
+    "flora_8bit": 0.1,
     "galore": 3e-2,
     "apollo": 1e-2,
 }
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def available_optimizers() -> dict[str, str | None]:
     """``{name: None if usable else the reason}``."""
+    from . import contenders
+
     out: dict[str, str | None] = {}
     for name in OPTIMIZERS:
-        reason = None
-        if name == "flora8bit" and not _importable("torchao"):
-            reason = "needs torchao (pip install torchao)"
-        elif name == "galore" and not _importable("galore_torch"):
-            reason = "galore-torch is not installed"
-        elif name == "apollo" and not _importable("apollo_torch"):
-            reason = "apollo-torch is not installed"
-        out[name] = reason
+        ok, reason = contenders.available(name)
+        out[name] = None if ok else reason
     return out
 
 
 def label(name: str, rank: int) -> str:
-    return _LABELS[name].format(rank=rank)
+    from . import contenders
+
+    return contenders.label(name, rank)
 
 
 # ---- optimizers ------------------------------------------------------------------------------
 
 
-def _lowrank_groups(model, options: dict) -> list[dict]:
-    """GaLore/APOLLO convention: block matrices in the low-rank group, the rest plain."""
-    from .memory import params_from_module
-
-    infos = {info.name: info for info in params_from_module(model)}
-    low, other = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (low if infos[name].block_matrix else other).append(p)
-    groups = [{"params": other}] if other else []
-    if low:
-        groups.append({"params": low, **options})
-    return groups
-
-
 def make_optimizer(name: str, model, lr: float, rank: int = 32, interval: int = 50):
-    """The demo's optimizers, all with weight decay 0 and library defaults otherwise.
+    """The demo's optimizer ``name``: the contender of that name (:mod:`flora_lab.contenders`,
+    weight decay 0 and the libraries' defaults otherwise) with its rank and resample interval set.
 
     ``interval`` is Flora's resample interval ``kappa`` and GaLore/APOLLO's
     ``update_proj_gap``: the libraries' defaults (1000, 200) are meant for runs of many
     thousand steps, where a short run would keep one subspace throughout.
-
-    ``adafactor`` is ``transformers.Adafactor(beta1=0.9, scale_parameter=True,
-    relative_step=False)`` when transformers is importable, else the identical
-    ``flora_opt.Flora(rank=None)`` (docs/algorithm.md section 13). GaLore uses
-    ``scale=0.25`` and APOLLO channel-wise scaling with ``scale=1`` (their
-    READMEs' defaults); both project the block matrices only.
     """
-    import torch
+    from . import contenders
 
-    from .optim import Flora
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if name == "adafactor":
-        if _importable("transformers"):
-            from transformers.optimization import Adafactor
-
-            return Adafactor(params, lr=lr, beta1=0.9, scale_parameter=True, relative_step=False, warmup_init=False)
-        return Flora(params, lr=lr, rank=None, beta1=0.9)
-    if name == "flora":
-        return Flora(params, lr=lr, rank=rank, kappa=interval, beta1=0.9)
-    if name == "flora8bit":
-        return Flora(params, lr=lr, rank=rank, kappa=interval, beta1=0.9, quantization=True)
-    if name == "galore":
-        import galore_torch
-
-        groups = _lowrank_groups(model, dict(rank=rank, update_proj_gap=interval, scale=0.25, proj_type="std"))
-        return galore_torch.GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
-    if name == "apollo":
-        import apollo_torch
-
-        groups = _lowrank_groups(
-            model,
-            dict(rank=rank, proj="random", scale_type="channel", scale=1.0, update_proj_gap=interval,
-                 proj_type="std"),
-        )
-        return apollo_torch.APOLLOAdamW(groups, lr=lr, weight_decay=0.0)
-    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    return contenders.make(name, model, lr, **contenders.sweep_options(name, rank, interval))
 
 
 def formula_state_bytes(name: str, model, rank: int) -> int | None:
     """The state bytes ``flora_opt.memory`` predicts for the demo optimizer ``name``."""
-    from .memory import method_state_bytes, params_from_module
+    from . import contenders
 
-    method = {
-        "adamw": "adamw",
-        "adafactor": "adafactor_momentum",
-        "flora": "flora",
-        "flora8bit": "flora_8bit",
-        "galore": "galore",
-        "apollo": "apollo",
-    }[name]
-    if name == "adafactor" and not _importable("transformers"):
-        return None
-    return method_state_bytes(method, params_from_module(model), rank)
+    return contenders.predicted_state_bytes(name, model, **contenders.sweep_options(name, rank))
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -258,17 +183,18 @@ def train_lm(
 ) -> dict[str, Any]:
     """Train ``model`` with ``optimizer`` for ``steps`` steps; return curves, memory and speed.
 
-    Batches come from :func:`flora_opt.data.lm_batches` with ``data_seed``, so every optimizer
+    Batches come from :func:`flora_lab.data.lm_batches` with ``data_seed``, so every optimizer
     sees the same tokens. The learning rate of every param group follows :func:`lr_lambda` (its
     ``lr`` at call time is the peak). Gradients are clipped to global norm ``clip_norm``.
-    ``measure_memory_step`` (1-based) runs under :class:`~flora_opt.lm.LiveTensorBytes` and is
+    ``measure_memory_step`` (1-based) runs under :class:`~flora_lab.livebytes.LiveTensorBytes` and is
     left out of the timing; the others are timed with forward, backward and step separately.
     """
     import torch
 
+    from flora_opt.memory import optimizer_state_bytes, optimizer_state_tensors
+
     from .data import lm_batches
-    from .lm import LiveTensorBytes
-    from .memory import optimizer_state_bytes, optimizer_state_tensors
+    from .livebytes import LiveTensorBytes
 
     if steps < 1:
         raise ValueError(f"Invalid steps: {steps}: must be >= 1")
@@ -301,27 +227,25 @@ def train_lm(
         if device is not None:
             x, y = x.to(device), y.to(device)
         measure = step == measure_memory_step
-        tracker = LiveTensorBytes() if measure else None
+        with LiveTensorBytes() if measure else contextlib.nullcontext() as tracker:
+            if tracker is not None:
+                tracker.track(list(model.parameters()) + list(model.buffers()))
+                tracker.track(p.grad for p in trainable if p.grad is not None)
+                tracker.track(optimizer_state_tensors(optimizer))
+            t0 = time.perf_counter()
+            loss = model(x, y)
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            t1 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            t2 = time.perf_counter()
         if tracker is not None:
-            tracker.__enter__()
-            tracker.track(list(model.parameters()) + list(model.buffers()))
-            tracker.track(p.grad for p in trainable if p.grad is not None)
-            tracker.track(optimizer_state_tensors(optimizer))
-        t0 = time.perf_counter()
-        loss = model(x, y)
-        loss.backward()
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        t1 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        t2 = time.perf_counter()
-        if tracker is not None:
-            tracker.__exit__(None, None, None)
             peak_live = tracker.peak
         elif step > 1:  # step 1 allocates the state; it is not timed either
             times["forward_backward"] += t1 - t0
@@ -394,7 +318,7 @@ QUICK = dict(steps=40, eval_every=10, eval_batches=4, final_eval_batches=None)
 def _environment() -> dict[str, Any]:
     import torch
 
-    from . import __version__
+    from flora_opt import __version__
 
     return dict(
         flora_opt=__version__,
