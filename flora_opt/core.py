@@ -231,7 +231,7 @@ def compress_scaled(grad, row_scale, col_scale, projection, side: str, ops: Arra
 def momentum_projection(seed, step_index, rank: int, dim: int, ops: ArrayOps, device=None):
     """Momentum projection number ``step_index`` (= floor((t - 1) / kappa)) of a tensor."""
     key = projection_key(seed, STREAM_MOMENTUM, step_index, ops)
-    return gaussian_projection(key, rank, dim, ops, device)
+    return ops.shard_projection(gaussian_projection(key, rank, dim, ops, device))
 
 
 # ---- compressed gradient accumulation (section 12) ----------------------------------------

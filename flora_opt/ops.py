@@ -139,6 +139,11 @@ class ArrayOps:
         """A Python int or integer array as this backend's uint32 representation."""
         return x & MASK32 if isinstance(x, int) else x
 
+    def shard_projection(self, projection):
+        """The momentum projection as the sharded backend needs it (identity here; a ``DTensor``
+        backend places it so that ``P G`` over a row-sharded ``G`` is a partial sum)."""
+        return projection
+
 
 class NumpyOps(ArrayOps):
     """NumPy, used by the float64 reference implementation and for checks."""

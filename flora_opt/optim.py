@@ -33,9 +33,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import core
+from . import core, distributed
 from . import quantization as q
 from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
+from .distributed import is_dtensor
 from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
@@ -283,6 +284,8 @@ class Flora(torch.optim.Optimizer):
                 codes, absmax = q.zeros(shape, param.device)
                 state[key + CODES_SUFFIX] = codes
                 state[key + ABSMAX_SUFFIX] = absmax
+            elif is_dtensor(param):  # FSDP2: the state is sharded with the parameter
+                state[key] = distributed.state_zeros(param, layout, key, shape)
             else:
                 state[key] = torch.zeros(shape, dtype=torch.float32, device=param.device)
         return state
@@ -372,6 +375,8 @@ class Flora(torch.optim.Optimizer):
         if grad.shape != param.shape:
             raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(param.shape)}")
         layout = self._layout(param, hp)
+        if is_dtensor(param):  # FSDP2 / DTensor: the same core on global DTensor operands
+            distributed.check_supported(param, group["quantization"])
         state = self.state[param]
         if "step" not in state:
             state = self._init_state(param, layout, group, position)
@@ -379,7 +384,10 @@ class Flora(torch.optim.Optimizer):
             state["step"] += 1
             return
         self._check_state(param, state, layout, group["quantization"], position)
-        ops = get_ops("torch")
+        if is_dtensor(param):
+            ops = distributed.dtensor_ops(param, layout)
+        else:
+            ops = get_ops("torch")
         work_shape = layout.work_shape
         grad32 = grad.to(torch.float32).reshape(work_shape)
         in_place = param.dtype == torch.float32 and param.is_contiguous()
@@ -417,6 +425,8 @@ class Flora(torch.optim.Optimizer):
         state["step"] = step
         if layout.momentum == core.MOMENTUM_COMPRESSED:
             state[PROJECTION] = projection_index
+        if is_dtensor(param):
+            new_values = distributed.place_state(param, layout, new_values)
         self._write_state(state, new_values, layout, group["quantization"])
         if in_place or param.dtype != torch.float64:
             # float32, or bf16/fp16: applied in float32, then rounded once to the parameter dtype

@@ -1,0 +1,219 @@
+r"""Flora on sharded parameters: FSDP2 / ``DTensor`` (``fully_shard``, ``Shard(0)``).
+
+:class:`flora_opt.Flora` steps a ``DTensor`` parameter by running the one math core,
+:func:`flora_opt.core.flora_update`, on ``DTensor`` operands: the gradient, the parameter view,
+the state and the projection are all ``DTensor``\ s on the parameter's mesh, so every reduction
+the core writes with an explicit axis (``docs/algorithm.md`` section 14) becomes a partial sum
+on each rank that ``DTensor`` all-reduces or reduce-scatters, and nothing else is communicated.
+Whatever the core computes (including a changed update rule) is computed on the *global* tensor,
+so the result is the single-process result up to the order of floating-point summation.
+
+For an ``m x n`` weight sharded by rows (``Shard(0)``: rank ``k`` holds rows ``[lo_k, hi_k)``,
+``torch.chunk`` split) with gradient ``G``:
+
+* factored second moment: ``R = mean_j G^2`` is local (``Shard(0)``, ``m / world`` floats per
+  rank); ``C = mean_i G^2`` is a partial sum, all-reduced (``n`` floats, replicated);
+  ``mean(R)``, ``RMS(W)``, ``RMS(U)``: one all-reduced scalar each;
+* compressed momentum, rows side (``m <= n``, ``P in R^{r x m}``): the shard uses columns
+  ``[lo_k, hi_k)`` of ``P`` (the counter-based generator gives every rank the same ``P``);
+  ``P G = sum_k P[:, lo_k:hi_k] G_k`` is a partial ``r x n`` product, reduce-scattered into the
+  momentum ``M`` (``Shard(0)``: ``r / world`` rows of ``M`` per rank); the transfer
+  ``P_new P_old^T`` is an all-reduced ``r x r`` block; applying ``P^T M`` all-gathers the
+  ``r x n`` momentum (never the ``m x n`` gradient or update);
+* compressed momentum, cols side (``m > n``, ``P in R^{r x n}``): ``G P^T`` and ``M P`` are
+  local (``M`` is ``m x r``, ``Shard(0)`` like the parameter);
+* full momentum and a full second moment: elementwise, local, ``Shard(0)``.
+
+So each rank holds ``1 / world`` of every state except the column statistic ``C`` (``n``
+floats), and the largest collective is an ``r x max(m, n)`` block. Vectors (biases, norms) are
+sharded too and need only scalar all-reduces.
+
+Limits: a one-dimensional mesh with ``Shard(0)`` or ``Replicate()`` parameters (FSDP2's
+``fully_shard`` on one mesh dimension, or DDP-style replication); ``quantization=True`` on
+sharded parameters raises (the 8-bit blocks of 256 elements would cross shard boundaries and
+make the numerics depend on the world size); see ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import core
+from .core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, TensorLayout
+from .ops import TorchOps
+
+__all__ = [
+    "is_dtensor",
+    "DTensorOps",
+    "dtensor_ops",
+    "state_zeros",
+    "place_state",
+    "local_state_bytes",
+    "check_supported",
+]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (without importing it eagerly)."""
+    cls = type(tensor)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def _dtensor_api():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor, Replicate, Shard
+
+
+def check_supported(param, quantization: bool) -> None:
+    """Raise a clear error for sharded parameters this module cannot step exactly."""
+    _, Replicate, Shard = _dtensor_api()
+    mesh = param.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"Flora steps DTensor parameters on a one-dimensional mesh (FSDP2 fully_shard); got a {mesh.ndim}-D mesh "
+            f"with placements {param.placements} (HSDP and tensor parallelism are not supported yet)"
+        )
+    placement = param.placements[0]
+    if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+        raise NotImplementedError(
+            f"Flora steps DTensor parameters sharded along dim 0 (FSDP2's Shard(0)) or replicated; got {placement} "
+            f"for a parameter of shape {tuple(param.shape)}"
+        )
+    if quantization:
+        raise NotImplementedError(
+            "Flora(quantization=True) is not supported for DTensor (FSDP2) parameters: 8-bit blocks of 256 elements "
+            "would cross shard boundaries, making the numerics depend on the world size. Use quantization=False "
+            "under FSDP2 (the state is already split across ranks), see docs/distributed.md"
+        )
+
+
+def _sharded(param) -> bool:
+    _, _, Shard = _dtensor_api()
+    return isinstance(param.placements[0], Shard)
+
+
+def state_placements(param, layout: TensorLayout, key: str):
+    """Placements of state ``key`` of a ``DTensor`` parameter (see the module docstring).
+
+    Everything that has the parameter's rows is ``Shard(0)`` like the parameter; the column
+    statistic ``C`` is replicated; the rows-side compressed momentum ``(r, n)`` is ``Shard(0)``
+    over its ``r`` rows, so each rank keeps ``1 / world`` of it.
+    """
+    _, Replicate, Shard = _dtensor_api()
+    if not _sharded(param) or key == EXP_AVG_SQ_COL:
+        return (Replicate(),)
+    if key in (EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_ROW):
+        return (Shard(0),)
+    raise KeyError(key)  # pragma: no cover - every layout key is listed above
+
+
+def state_zeros(param, layout: TensorLayout, key: str, shape) -> torch.Tensor:
+    """A float32 zero ``DTensor`` of global ``shape`` for state ``key``, allocated shard by shard."""
+    DTensor, _, _ = _dtensor_api()
+    placements = state_placements(param, layout, key)
+    mesh = param.device_mesh
+    local_shape, _ = _local_shape_and_offset(tuple(shape), mesh, placements)
+    local = torch.zeros(local_shape, dtype=torch.float32, device=param.to_local().device)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(shape))
+
+
+def place_state(param, layout: TensorLayout, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (new state from the core) with the placements of :func:`state_placements`.
+
+    ``DTensor`` may return a state replicated (e.g. after an all-reduce it chose over a
+    reduce-scatter); keeping only this rank's shard is a local slice, no communication.
+    """
+    placed = {}
+    for key, value in values.items():
+        placements = state_placements(param, layout, key)
+        if is_dtensor(value) and tuple(value.placements) != tuple(placements):
+            value = value.redistribute(value.device_mesh, placements)
+        placed[key] = value
+    return placed
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
+def _local_shape_and_offset(shape: tuple[int, ...], mesh, placements) -> tuple[tuple[int, ...], int]:
+    """``torch.chunk`` split of dim 0 (DTensor's and FSDP2's rule): this rank's shape and row offset."""
+    _, _, Shard = _dtensor_api()
+    if not isinstance(placements[0], Shard):
+        return shape, 0
+    world = mesh.size()
+    rank = mesh.get_local_rank()
+    chunk = math.ceil(shape[0] / world) if shape[0] else 0
+    lo = min(rank * chunk, shape[0])
+    hi = min(lo + chunk, shape[0])
+    return (hi - lo,) + tuple(shape[1:]), lo
+
+
+class DTensorOps(TorchOps):
+    """:class:`~flora_opt.ops.TorchOps` for one ``DTensor`` parameter's step.
+
+    The core's operands are ``DTensor``\ s, so its reductions are global; this backend only
+    (a) computes functionally where ``TorchOps`` writes into temporaries (``out=`` is not
+    defined for ``DTensor`` operands), and (b) places the momentum projection
+    (:meth:`shard_projection`): on the rows side ``P`` (``r x m``) is ``Shard(1)``, each rank
+    keeping the columns that meet its rows of the gradient, so ``P G`` is a partial ``r x n``
+    product; on the cols side it is replicated.
+    """
+
+    name = "torch-dtensor"
+
+    def __init__(self, mesh, row_sharded: bool, layout: TensorLayout):
+        super().__init__()
+        self.mesh = mesh
+        self.row_sharded = row_sharded
+        self.layout = layout
+
+    def mul_into(self, out, a, b):
+        return a * b
+
+    def add_into(self, out, a, b):
+        return a + b
+
+    def rsqrt_into(self, out, x):
+        return self.torch.rsqrt(x)
+
+    def lerp_into(self, out, start, end, weight):
+        return self.torch.lerp(start, end, weight)
+
+    def shard_projection(self, projection):
+        DTensor, Replicate, Shard = _dtensor_api()
+        if is_dtensor(projection):
+            return projection
+        rank, dim = projection.shape
+        if self.row_sharded and self.layout.side == core.SIDE_ROWS:
+            (local_m, _), lo = _local_shape_and_offset((dim, rank), self.mesh, (Shard(0),))
+            local = projection[:, lo:lo + local_m].contiguous()
+            return DTensor.from_local(local, self.mesh, (Shard(1),), run_check=False,
+                                      shape=projection.shape, stride=projection.stride())
+        return DTensor.from_local(projection, self.mesh, (Replicate(),), run_check=False,
+                                  shape=projection.shape, stride=projection.stride())
+
+
+def dtensor_ops(param, layout: TensorLayout) -> DTensorOps:
+    """The backend for one step of the ``DTensor`` parameter ``param`` with ``layout``."""
+    return DTensorOps(param.device_mesh, _sharded(param), layout)
+
+
+def local_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state held by *this* rank (the local shards of ``DTensor`` states)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if is_dtensor(value) else value
+                total += local.numel() * local.element_size()
+    return total
