@@ -177,6 +177,13 @@ class DTensorOps(TorchOps):
         self.row_sharded = row_sharded
         self.layout = layout
 
+    def mean(self, x, axis=None):
+        # sum / count, not DTensor's mean: a mean over unevenly sharded rows is not a
+        # Partial(avg) of the local means, and DTensor would gather the operand instead
+        if axis is None:
+            return x.sum() / max(x.numel(), 1)
+        return x.sum(dim=axis) / x.shape[axis]
+
     def mul_into(self, out, a, b):
         return a * b
 
