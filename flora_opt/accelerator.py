@@ -49,6 +49,12 @@ class FloraAccelerator(Accelerator):
         sync micro-batch, as soon as its gradient is complete (LOMO-style; single process only,
         not with fp16 loss scaling). ``optimizer.step()``/``zero_grad()`` stay in your loop and
         keep working; after a layer-wise backward there is nothing left for them to do.
+      compressed_communication (bool, default True): under DDP with
+        ``accumulation_compression_rank``, all-reduce each cycle's compressed ``r x max(m, n)``
+        buffers instead of the decompressed gradients (a DDP communication hook,
+        :func:`flora_opt.distributed.compressed_allreduce_hook`; the same mean gradient, at
+        ``r / min(m, n)`` of the bytes for the compressed tensors). ``False``: DDP reduces the
+        decompressed gradients.
       layerwise_max_grad_norm (float or None, default None): clipping in layer-wise mode. Each
         tensor ``i`` is clipped to ``max_norm * sqrt(numel_i / numel_total)`` before its update
         (so the applied gradient has global norm ``<= max_norm``); ``clip_grad_norm_(params,
@@ -86,12 +92,14 @@ class FloraAccelerator(Accelerator):
         accumulation_seed: int = 0,
         layerwise: bool = False,
         layerwise_max_grad_norm: float | None = None,
+        compressed_communication: bool = True,
         **accelerate_kwargs,
     ):
         rank = accumulation_compression_rank
         check_int("accumulation_compression_rank", rank, none="for uncompressed accumulation")
         check_seed("accumulation_seed", accumulation_seed)
         check_bool("layerwise", layerwise)
+        check_bool("compressed_communication", compressed_communication)
         norm = layerwise_max_grad_norm
         if norm is not None:
             check_real("layerwise_max_grad_norm", norm, above=0.0, none="")
@@ -104,6 +112,9 @@ class FloraAccelerator(Accelerator):
         self.accumulation_compression_rank = None if rank is None else int(rank)
         self.accumulation_seed = int(accumulation_seed)
         self.layerwise = bool(layerwise)
+        self.compressed_communication = bool(compressed_communication)
+        self.flora_comm_state = None  # flora_opt.distributed.CompressedAllreduceState under DDP
+        self._flora_ddp_models: list[torch.nn.parallel.DistributedDataParallel] = []
         self._flora_accumulate_depth = 0  # inside accelerator.accumulate()
         self._flora_sync_backwards = 0  # sync backward calls in the current accumulate() block
         self._flora_unsynced_since_sync = False  # a non-sync backward since the last sync one
@@ -133,6 +144,12 @@ class FloraAccelerator(Accelerator):
     def accumulator(self) -> CompressedAccumulator | None:
         """The :class:`CompressedAccumulator` attached at ``prepare`` (None when inactive)."""
         return self._flora_accumulator
+
+    def prepare_model(self, model: torch.nn.Module, device_placement=None, evaluation_mode=False):
+        prepared = super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) and prepared not in self._flora_ddp_models:
+            self._flora_ddp_models.append(prepared)  # the DDP wrapper, for the compressed comm hook
+        return prepared
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement=None):
         prepared = super().prepare_optimizer(optimizer, device_placement=device_placement)
@@ -175,8 +192,22 @@ class FloraAccelerator(Accelerator):
         else:
             self._flora_unsynced_since_sync = False
             self._flora_sync_backwards += 1
+        if sync and self.flora_comm_state is None:
+            self._flora_register_comm_hook(accumulator)
         with accumulator.micro_batch(sync=sync):
             return super().backward(loss, **kwargs)
+
+    def _flora_register_comm_hook(self, accumulator: CompressedAccumulator) -> None:
+        """Under DDP, all-reduce the compressed buffers instead of the gradients (once, before the
+        first sync backward; flora_opt.distributed.compressed_allreduce_hook)."""
+        if not self.compressed_communication or accumulator.rank is None or self.num_processes == 1:
+            return
+        ddp = self._flora_ddp_models
+        if len(ddp) != 1:
+            return  # no DDP model (or several): DDP's own reduction, of the decompressed gradients
+        from .distributed import register_compressed_allreduce
+
+        self.flora_comm_state = register_compressed_allreduce(ddp[0], accumulator)
 
     def _check_cycle(self, accumulator: CompressedAccumulator, sync: bool) -> None:
         """Refuse the loops whose cycle the accumulator cannot follow (docs/accumulation.md)."""

@@ -162,6 +162,10 @@ class CompressedAccumulator:
         self.sync_gradients = False  # whether the last (or current) micro-batch closes a cycle
         self.last_grad_norm: torch.Tensor | None = None  # layer-wise: global norm of the last cycle
         self._sync: bool | None = None  # set while a managed backward runs
+        # set by flora_opt.distributed.register_compressed_allreduce (DDP): the sync micro-batch's
+        # buffers are kept until the DDP comm hook has all-reduced them instead of the gradients
+        self.communicate_compressed = False
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
         self._norm_sq: torch.Tensor | None = None
         self._ops = get_ops("torch")
         self._slots: list[_Slot] = []
@@ -228,6 +232,7 @@ class CompressedAccumulator:
         """Drop the current cycle's compressed buffers (``zero_grad`` for the compressed part)."""
         for slot in self._slots:
             slot.buffer = None
+        self._pending.clear()
         self.micro_step = 0
 
     def remove(self) -> None:
@@ -406,6 +411,8 @@ class CompressedAccumulator:
         if projection is None:
             projection = self._projection(slot)
         dense = core.decompress(slot.buffer, projection, slot.layout.side, self._ops)
+        if self.communicate_compressed:  # the DDP comm hook reduces B, not .grad
+            self._pending[id(slot.param)] = (slot.buffer, projection, slot.layout.side)
         slot.buffer = None
         param = slot.param
         dense = dense.view(param.shape)
@@ -444,6 +451,7 @@ class CompressedAccumulator:
         if self.layerwise:
             self.last_grad_norm = None if self._norm_sq is None else self._norm_sq.sqrt()
             self._norm_sq = None
+        self._pending.clear()
         self.cycle += 1
         self.micro_step = 0
 

@@ -53,6 +53,9 @@ __all__ = [
     "place_state",
     "local_state_bytes",
     "check_supported",
+    "CompressedAllreduceState",
+    "compressed_allreduce_hook",
+    "register_compressed_allreduce",
 ]
 
 
@@ -224,3 +227,115 @@ def local_state_bytes(optimizer) -> int:
                 local = value.to_local() if is_dtensor(value) else value
                 total += local.numel() * local.element_size()
     return total
+
+
+# ---- DDP: all-reduce the compressed accumulation buffers instead of the gradients ----------------
+
+
+class CompressedAllreduceState:
+    """State of :func:`compressed_allreduce_hook`: the accumulator whose buffers are reduced.
+
+    Pickles without its process group and accumulator (like PowerSGD's state, which drops its
+    process group), so it can be checkpointed; the accumulator's own state (seed, cycle, buffers)
+    is checkpointed by the accumulator, and a restored state needs ``accumulator`` and
+    ``process_group`` set again before use. ``calls``
+    and ``elements`` count the hook's all-reduces and the elements they carried (for tests and
+    benchmarks).
+    """
+
+    def __init__(self, accumulator, process_group=None):
+        self.accumulator = accumulator
+        self.process_group = process_group
+        self.calls = 0
+        self.elements = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("process_group", None)
+        state.pop("accumulator", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.process_group = None
+        self.accumulator = None
+
+
+def compressed_allreduce_hook(state: CompressedAllreduceState, bucket):
+    r"""DDP communication hook: all-reduce compressed buffers, not decompressed gradients.
+
+    At the sync micro-batch of a cycle, rank ``i`` holds ``B_i = sum_k Q_c g_{i,k}`` for every
+    compressed tensor (all ranks use the same ``Q_c``: same seed, same cycle). Compression is
+    linear, so the mean gradient DDP would compute is
+
+    .. math::
+       \frac1W \sum_i Q_c^\top B_i = Q_c^\top \Big(\frac1W \sum_i B_i\Big),
+
+    and the hook all-reduces the ``r x max(m, n)`` buffers (divided by ``W`` first, as DDP's
+    default hook does) and writes ``decompress(mean B)`` into the bucket. Tensors without a
+    pending buffer (uncompressed: vectors, small or embedding-like matrices, and cycles of one
+    micro-batch) are reduced exactly as DDP's default ``allreduce_hook`` would. One all-reduce
+    per bucket, of ``sum(r max(m, n))`` + uncompressed elements. Every rank decompresses the same
+    reduced buffer, so the gradients, and the parameters after the step, are bit-identical
+    across ranks.
+    """
+    import torch.distributed as dist
+
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    pending = state.accumulator._pending
+    gradients = bucket.gradients()
+    pieces = []
+    plan = []
+    for param, grad in zip(bucket.parameters(), gradients):
+        entry = pending.pop(id(param), None)
+        source = grad if entry is None else entry[0]
+        pieces.append(source.reshape(-1).to(grad.dtype if entry is None else torch.float32))
+        plan.append((grad, entry, source.numel()))
+    if all(entry is None for _, entry, _ in plan):
+        flat = bucket.buffer()
+    else:
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+    flat.div_(world)
+    state.calls += 1
+    state.elements += flat.numel()
+    future = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    buffer = bucket.buffer()
+    ops = state.accumulator._ops
+
+    def unpack(fut):
+        reduced = fut.value()[0]
+        if reduced.data_ptr() == buffer.data_ptr():
+            return buffer
+        offset = 0
+        for grad, entry, numel in plan:
+            part = reduced[offset:offset + numel]
+            offset += numel
+            if entry is None:
+                grad.copy_(part.view_as(grad))
+            else:
+                compressed, projection, side = entry
+                dense = core.decompress(part.view(compressed.shape), projection, side, ops)
+                grad.copy_(dense.view_as(grad))
+        return buffer
+
+    return future.then(unpack)
+
+
+def register_compressed_allreduce(ddp_model, accumulator, process_group=None) -> CompressedAllreduceState:
+    """Make ``ddp_model`` (a ``DistributedDataParallel``) all-reduce ``accumulator``'s compressed
+    buffers at the end of each accumulation cycle instead of the full gradients.
+
+    Run the non-sync micro-batches under ``ddp_model.no_sync()`` (``accelerate``'s
+    ``accumulate`` does), so DDP communicates once per cycle; see
+    :func:`compressed_allreduce_hook` for what is sent. Returns the hook's state.
+    """
+    if accumulator.layerwise:
+        raise ValueError(
+            "compressed all-reduce under DDP needs layerwise=False: layer-wise updates step each tensor inside "
+            "backward, before DDP has reduced its gradient"
+        )
+    state = CompressedAllreduceState(accumulator, process_group)
+    ddp_model.register_comm_hook(state, compressed_allreduce_hook)
+    accumulator.communicate_compressed = True
+    return state

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, torch.distributed.run) with compressed accumulation under DDP."""
+"""Two CPU processes (gloo, torch.distributed.run) with compressed accumulation under DDP, reducing the
+decompressed gradients (``compressed_communication=False``)."""
 
 import json
 import os
@@ -17,7 +18,10 @@ WORKER = textwrap.dedent(
     import flora_opt
 
     K, CYCLES = 4, 3
-    accelerator = flora_opt.FloraAccelerator(gradient_accumulation_steps=K, accumulation_compression_rank=4, cpu=True)
+    # compressed_communication=False: DDP reduces the decompressed gradients (the default, the compressed
+    # buffers' all-reduce, is tested in tests/test_distributed_ddp.py)
+    accelerator = flora_opt.FloraAccelerator(gradient_accumulation_steps=K, accumulation_compression_rank=4, cpu=True,
+                                             compressed_communication=False)
     rank = accelerator.process_index
     torch.manual_seed(0)  # same initial weights on both ranks
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

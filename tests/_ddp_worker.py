@@ -1,0 +1,100 @@
+"""Worker for tests/test_distributed_ddp.py, run under ``torch.distributed.run`` (gloo, CPU).
+
+``python -m torch.distributed.run --nproc_per_node=W _ddp_worker.py MODE OUT``
+
+DDP with compressed gradient accumulation whose compressed buffers are all-reduced at the end of
+each cycle (``flora_opt.distributed.register_compressed_allreduce``), against single-process
+compressed accumulation over the same global batch. MODE is ``plain`` (DDP +
+``CompressedAccumulator``) or ``accelerate`` (``FloraAccelerator``).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import flora_opt
+from flora_opt.accumulation import CompressedAccumulator
+
+K, CYCLES, RANK, PER_RANK = 3, 3, 4, 4
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    )
+
+
+def micro_batch(index, world):
+    return torch.randn(PER_RANK * world, 24, generator=torch.Generator().manual_seed(index))
+
+
+def main():
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "accelerate":
+        accelerator = flora_opt.FloraAccelerator(
+            gradient_accumulation_steps=K, accumulation_compression_rank=RANK, cpu=True
+        )
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    # single-process compressed accumulation over the global batch (every rank computes it)
+    reference = build()
+    reference_opt = flora_opt.Flora(reference.parameters(), lr=1e-2, rank=RANK)
+    reference_acc = CompressedAccumulator(reference_opt, rank=RANK, accumulation_steps=K)
+    for index in range(K * CYCLES):
+        reference_acc.backward(reference(micro_batch(index, world)).pow(2).mean() / K)
+        if reference_acc.sync_gradients:
+            reference_opt.step()
+            reference_opt.zero_grad()
+
+    model = build()
+    optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=RANK)
+    if mode == "accelerate":
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = None
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        accumulator = CompressedAccumulator(optimizer, rank=RANK, accumulation_steps=K)
+        state = flora_opt.distributed.register_compressed_allreduce(model, accumulator)
+    identical = True
+    for index in range(K * CYCLES):
+        local = micro_batch(index, world)[rank * PER_RANK:(rank + 1) * PER_RANK]
+        if mode == "accelerate":
+            with accelerator.accumulate(model):
+                accelerator.backward(model(local).pow(2).mean())
+                optimizer.step()
+                optimizer.zero_grad()
+            state = accelerator.flora_comm_state
+        else:
+            sync = (index + 1) % K == 0
+            context = model.no_sync() if not sync else torch.enable_grad()
+            with context:
+                accumulator.backward(model(local).pow(2).mean() / K, sync=sync)
+            if sync:
+                optimizer.step()
+                optimizer.zero_grad()
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        identical = identical and all(torch.equal(gathered[0], g) for g in gathered)
+    error = 0.0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        error = max(error, ((p.detach() - q.detach()).abs().max() / q.abs().max()).item())
+    result = dict(identical=identical, error=error, calls=state.calls, elements=state.elements,
+                  numel=sum(p.numel() for p in model.parameters()))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # see tests/_fsdp_worker.py
+
+
+if __name__ == "__main__":
+    main()
