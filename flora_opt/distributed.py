@@ -28,10 +28,14 @@ So each rank holds ``1 / world`` of every state except the column statistic ``C`
 floats), and the largest collective is an ``r x max(m, n)`` block. Vectors (biases, norms) are
 sharded too and need only scalar all-reduces.
 
+8-bit state (``quantization=True``) keeps the single-process blocks of 256 consecutive elements
+of the global state: codes are sharded like the state, the per-block scales are replicated and
+a block straddling a shard boundary gets the maximum of the ranks' partial maxima (one MAX
+all-reduce of the scales), so codes and scales do not depend on the world size
+(:func:`quantized_zeros`).
+
 Limits: a one-dimensional mesh with ``Shard(0)`` or ``Replicate()`` parameters (FSDP2's
-``fully_shard`` on one mesh dimension, or DDP-style replication); ``quantization=True`` on
-sharded parameters raises (the 8-bit blocks of 256 elements would cross shard boundaries and
-make the numerics depend on the world size); see ``docs/distributed.md``.
+``fully_shard`` on one mesh dimension, or DDP-style replication); see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ __all__ = [
     "place_state",
     "local_state_bytes",
     "check_supported",
+    "quantized_zeros",
+    "dequantize_state",
+    "quantize_state",
     "CompressedAllreduceState",
     "compressed_allreduce_hook",
     "register_compressed_allreduce",
@@ -71,7 +78,7 @@ def _dtensor_api():
     return DTensor, Replicate, Shard
 
 
-def check_supported(param, quantization: bool) -> None:
+def check_supported(param, quantization: bool = False) -> None:
     """Raise a clear error for sharded parameters this module cannot step exactly."""
     _, Replicate, Shard = _dtensor_api()
     mesh = param.device_mesh
@@ -85,12 +92,6 @@ def check_supported(param, quantization: bool) -> None:
         raise NotImplementedError(
             f"Flora steps DTensor parameters sharded along dim 0 (FSDP2's Shard(0)) or replicated; got {placement} "
             f"for a parameter of shape {tuple(param.shape)}"
-        )
-    if quantization:
-        raise NotImplementedError(
-            "Flora(quantization=True) is not supported for DTensor (FSDP2) parameters: 8-bit blocks of 256 elements "
-            "would cross shard boundaries, making the numerics depend on the world size. Use quantization=False "
-            "under FSDP2 (the state is already split across ranks), see docs/distributed.md"
         )
 
 
@@ -216,6 +217,81 @@ class DTensorOps(TorchOps):
 def dtensor_ops(param, layout: TensorLayout) -> DTensorOps:
     """The backend for one step of the ``DTensor`` parameter ``param`` with ``layout``."""
     return DTensorOps(param.device_mesh, _sharded(param), layout)
+
+
+# ---- 8-bit state of DTensor parameters -------------------------------------------------------
+
+
+def _dtensor_zeros(param, placements, shape, dtype) -> torch.Tensor:
+    DTensor, _, _ = _dtensor_api()
+    mesh = param.device_mesh
+    local_shape, _ = _local_shape_and_offset(tuple(shape), mesh, placements)
+    local = torch.zeros(local_shape, dtype=dtype, device=param.to_local().device)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(shape))
+
+
+def quantized_zeros(param, layout: TensorLayout, key: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Codes and absmax of an all-zero 8-bit state of a ``DTensor`` parameter.
+
+    The blocks are the single-process blocks: 256 consecutive elements of the *global*
+    row-major state (``docs/algorithm.md`` section 10), wherever the shard boundaries fall.
+    ``codes`` (``uint8``) has the state's shape and placements, so rank ``k`` keeps the codes of
+    its own elements; ``absmax`` (``ceil(numel / 256)`` float32, ``numel / 64`` bytes) is
+    replicated. A block that straddles a shard boundary is shared: its absmax is the maximum of
+    the ranks' partial maxima (one all-reduce of the ``absmax`` vector per step). Codes and
+    scales are therefore bit-identical to the single-process ones at every world size, and both
+    reshard under DCP (codes like the state, absmax replicated).
+    """
+    from . import quantization as q
+
+    _, Replicate, _ = _dtensor_api()
+    codes = _dtensor_zeros(param, state_placements(param, layout, key), shape, torch.uint8)
+    absmax = _dtensor_zeros(param, (Replicate(),), (q.num_blocks(math.prod(shape)),), torch.float32)
+    return codes, absmax
+
+
+def _block_index(codes) -> torch.Tensor:
+    """Global block number of each local element of a ``DTensor`` state (row-major, 256 per block)."""
+    from .quantization import BLOCK_SIZE
+
+    local = codes.to_local()
+    _, row_offset = _local_shape_and_offset(tuple(codes.shape), codes.device_mesh, codes.placements)
+    row_length = math.prod(codes.shape[1:]) if codes.ndim > 1 else 1
+    start = row_offset * row_length
+    return torch.arange(start, start + local.numel(), device=local.device).div_(BLOCK_SIZE, rounding_mode="floor")
+
+
+def dequantize_state(codes, absmax, signed: bool) -> torch.Tensor:
+    """float32 ``DTensor`` of the state from its codes and (replicated) absmax: ``qmap[code] * absmax[block]``,
+    the same product as :func:`flora_opt.quantization.dequantize`."""
+    from . import quantization as q
+
+    DTensor, _, _ = _dtensor_api()
+    local = codes.to_local()
+    values = q.qmap(signed, local.device)[local.reshape(-1).int()] * absmax.to_local()[_block_index(codes)]
+    return DTensor.from_local(values.view(local.shape), codes.device_mesh, codes.placements, run_check=False,
+                              shape=codes.shape, stride=_contiguous_stride(codes.shape))
+
+
+def quantize_state(value, codes, absmax, signed: bool) -> None:
+    """Re-quantize ``value`` (a float32 ``DTensor`` with ``codes``' placements) into ``codes`` and
+    ``absmax`` in place, with the single-process blocks (see :func:`quantized_zeros`)."""
+    import torch.distributed as dist
+
+    from . import quantization as q
+
+    local_values = value.to_local().reshape(-1)
+    blocks = _block_index(codes)
+    block_max = torch.zeros(absmax.shape[0], dtype=torch.float32, device=local_values.device)
+    block_max.scatter_reduce_(0, blocks, local_values.abs(), "amax")
+    _, _, Shard = _dtensor_api()
+    if isinstance(codes.placements[0], Shard):
+        dist.all_reduce(block_max, op=dist.ReduceOp.MAX, group=codes.device_mesh.get_group())
+    scale = block_max.clip_(1e-12)  # torchao's scale_tensor: amax of |x| over the block, clipped
+    normalised = local_values / scale[blocks]
+    codes.to_local().view(-1).copy_(q.encode(normalised.contiguous(), signed))
+    absmax.to_local().copy_(scale)
 
 
 def local_state_bytes(optimizer) -> int:

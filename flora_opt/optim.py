@@ -258,12 +258,16 @@ class Flora(torch.optim.Optimizer):
     def _quantized(layout: TensorLayout, key: str, quantization: bool) -> bool:
         return is_quantized(key, math.prod(layout.state_shapes()[key]), quantization)
 
-    def _expected_state(self, layout: TensorLayout, quantization: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def _expected_state(
+        self, layout: TensorLayout, quantization: bool, sharded: bool = False
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for key, shape in layout.state_shapes().items():
             if self._quantized(layout, key, quantization):
                 blocks = q.num_blocks(math.prod(shape))
-                expected[key + CODES_SUFFIX] = ((blocks * q.BLOCK_SIZE,), torch.uint8)
+                # DTensor (FSDP2) codes keep the state's shape, so they shard like it (distributed.py)
+                codes_shape = tuple(shape) if sharded else (blocks * q.BLOCK_SIZE,)
+                expected[key + CODES_SUFFIX] = (codes_shape, torch.uint8)
                 expected[key + ABSMAX_SUFFIX] = ((blocks,), torch.float32)
             else:
                 expected[key] = (shape, torch.float32)
@@ -281,7 +285,10 @@ class Flora(torch.optim.Optimizer):
             state[PROJECTION] = 0
         for key, shape in layout.state_shapes().items():
             if self._quantized(layout, key, group["quantization"]):
-                codes, absmax = q.zeros(shape, param.device)
+                if is_dtensor(param):
+                    codes, absmax = distributed.quantized_zeros(param, layout, key, shape)
+                else:
+                    codes, absmax = q.zeros(shape, param.device)
                 state[key + CODES_SUFFIX] = codes
                 state[key + ABSMAX_SUFFIX] = absmax
             elif is_dtensor(param):  # FSDP2: the state is sharded with the parameter
@@ -294,7 +301,11 @@ class Flora(torch.optim.Optimizer):
         values = {}
         for key, shape in layout.state_shapes().items():
             if self._quantized(layout, key, quantization):
-                values[key] = q.dequantize(state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX], shape, _SIGNED[key])
+                codes, absmax = state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]
+                if is_dtensor(codes):
+                    values[key] = distributed.dequantize_state(codes, absmax, _SIGNED[key])
+                else:
+                    values[key] = q.dequantize(codes, absmax, shape, _SIGNED[key])
             else:
                 values[key] = state[key]
         return values
@@ -303,7 +314,11 @@ class Flora(torch.optim.Optimizer):
         for key, value in new_values.items():
             if self._quantized(layout, key, quantization):
                 # written into the existing buffers: no second copy of the codes
-                q.quantize(value, _SIGNED[key], out=(state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]))
+                codes, absmax = state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]
+                if is_dtensor(codes):
+                    distributed.quantize_state(value, codes, absmax, _SIGNED[key])
+                else:
+                    q.quantize(value, _SIGNED[key], out=(codes, absmax))
             else:
                 state[key] = value
 
@@ -443,7 +458,7 @@ class Flora(torch.optim.Optimizer):
             param.copy_(target.view(param.shape))
 
     def _check_state(self, param, state, layout: TensorLayout, quantization: bool, position: int) -> None:
-        expected = self._expected_state(layout, quantization)
+        expected = self._expected_state(layout, quantization, is_dtensor(param))
         for key, (shape, dtype) in expected.items():
             value = state.get(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
@@ -518,7 +533,7 @@ class Flora(torch.optim.Optimizer):
             layout = core.tensor_layout(param.shape, hp)
             if param.numel() == 0:
                 continue
-            expected = self._expected_state(layout, quantization)
+            expected = self._expected_state(layout, quantization, is_dtensor(param))
             for key, (shape, dtype) in expected.items():
                 value = entry.get(key)
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:

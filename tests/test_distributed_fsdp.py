@@ -53,7 +53,6 @@ def check_parity(results, world):
         assert max(sizes) < SMALLEST_COMPRESSED_MATRIX
         names = {name for name, _ in result["collectives"]}
         assert any("all_reduce" in name for name in names)
-        assert "not supported for DTensor" in result["quantization_error"]
     # the state is split, not copied: only the column statistics are replicated
     total = sum(result["local_state_bytes"] for result in results)
     assert total == results[0]["reference_state_bytes"] + (world - 1) * REPLICATED_BYTES
@@ -101,3 +100,31 @@ def test_dcp_saved_at_world_two_resumes_at_one_and_two(tmp_path):
             assert resumed == expected  # bit-exact at the same world size
         else:  # across sizes the cross-shard sums are ordered differently: rounding only
             assert max(abs(a - b) for a, b in zip(resumed, expected)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fsdp2_quantized_state_uses_the_single_process_blocks(tmp_path):
+    # 8-bit states of 4800-5000 elements split at elements 2400 / 2500: blocks of 256 straddle the
+    # boundary; their scale is the max over both ranks, so codes and scales are the single-process ones
+    out = tmp_path / "quantized.json"
+    run_worker(2, "quantized", out)
+    results = json.loads(out.read_text())
+    for result in results:
+        codes = result["codes"]
+        assert sorted(codes) == ["0.exp_avg_codes", "2.exp_avg_codes", "6.exp_avg_codes", "6.exp_avg_sq_codes"]
+        for entry in codes.values():
+            assert entry["scale_error"] < 1e-5, codes
+            # the cross-shard sums round differently, so a value within a rounding of a code midpoint
+            # may take the neighbouring code (measured: 1 of 19600 codes at one step, none at the end)
+            assert entry["mismatched"] <= entry["numel"] // 1000, codes
+        # that rare code flip is the whole difference: measured 3.3e-5 (2.8e-7 without quantization)
+        assert result["error"] < 3e-4, result["error"]
+    # codes shard with the state; only the block scales (numel / 256 floats each) are replicated
+    assert results[0]["codes"]["0.exp_avg_codes"]["local"] == [150, 16]
+    assert results[0]["codes"]["2.exp_avg_codes"]["local"] == [8, 300]
+    total = sum(result["local_state_bytes"] for result in results)
+    # the single process pads codes to whole blocks (2 x 64 + 2 x 120 bytes); the shards hold unpadded
+    # codes; replicated on both ranks: the column statistics (130 + 300 floats) and the scales (19 + 19
+    # + 20 + 20 floats)
+    assert total == results[0]["reference_state_bytes"] - (2 * 64 + 2 * 120) + 4 * (130 + 300 + 19 + 19 + 20 + 20)
