@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed_fsdp.py, run under ``torch.distributed.run`` (gloo, CPU).
 
-``python -m torch.distributed.run --nproc_per_node=W _fsdp_worker.py MODE OUT [CKPT]``
+``python -m torch.distributed.run --nproc_per_node=W _fsdp_worker.py MODE OUT [CKPT [quantized]]``
 
 Modes:
   parity    FSDP2 Flora vs single-process Flora on the same global batch, 8 steps (kappa=3: two
@@ -28,8 +28,8 @@ import flora_opt
 from flora_opt.distributed import local_state_bytes
 
 OPTIONS = dict(lr=1e-2, rank=4, kappa=3, min_dim_size_to_factor=8, weight_decay=0.1)
-BATCH_PER_RANK_AT_4 = 2  # the global batch is 8 samples at every world size
-GLOBAL_BATCH = 8
+QUANTIZED_OPTIONS = dict(lr=1e-2, rank=16, kappa=3, min_dim_size_to_factor=8, quantization=True)
+GLOBAL_BATCH = 8  # at every world size
 
 
 class Collectives(TorchDispatchMode):
@@ -103,6 +103,18 @@ def train(model, optimizer, steps, first, rank, world, mode=None):
         optimizer.zero_grad()
 
 
+def quantized_batch(step):
+    return torch.randn(GLOBAL_BATCH, 130, generator=torch.Generator().manual_seed(step))
+
+
+def train_quantized(model, optimizer, steps, first, rank, world):
+    per = GLOBAL_BATCH // world
+    for step in range(first, first + steps):
+        model(quantized_batch(step)[rank * per:(rank + 1) * per]).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def full_params(model):
     return [p.full_tensor().tolist() for p in model.parameters()]
 
@@ -143,20 +155,15 @@ def main():
             steps=[optimizer.state[p]["step"] for p in model.parameters()],
         )
     elif mode == "quantized":
-        options = dict(lr=1e-2, rank=16, kappa=3, min_dim_size_to_factor=8, quantization=True)
         reference = build_quantized()
-        reference_opt = flora_opt.Flora(reference.parameters(), **options)
+        reference_opt = flora_opt.Flora(reference.parameters(), **QUANTIZED_OPTIONS)
         model = shard(build_quantized())
-        optimizer = flora_opt.Flora(model.parameters(), **options)
+        optimizer = flora_opt.Flora(model.parameters(), **QUANTIZED_OPTIONS)
         for step in range(8):
-            x = torch.randn(GLOBAL_BATCH, 130, generator=torch.Generator().manual_seed(step))
-            reference(x).pow(2).mean().backward()
+            reference(quantized_batch(step)).pow(2).mean().backward()
             reference_opt.step()
             reference_opt.zero_grad()
-            per = GLOBAL_BATCH // world
-            model(x[rank * per:(rank + 1) * per]).pow(2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            train_quantized(model, optimizer, 1, step, rank, world)
         error = 0.0
         for p, q in zip(model.parameters(), reference.parameters()):
             error = max(error, ((p.full_tensor() - q).abs().max() / q.abs().max()).item())
@@ -181,10 +188,13 @@ def main():
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         checkpoint = sys.argv[3]
-        model = shard(build())
-        optimizer = flora_opt.Flora(model.parameters(), **OPTIONS)
+        quantized = len(sys.argv) > 4 and sys.argv[4] == "quantized"
+        model = shard(build_quantized() if quantized else build())
+        options = dict(QUANTIZED_OPTIONS) if quantized else dict(OPTIONS)
+        optimizer = flora_opt.Flora(model.parameters(), **options)
+        steps = (lambda *args: train_quantized(*args)) if quantized else train
         if mode == "save":
-            train(model, optimizer, 4, 0, rank, world)
+            steps(model, optimizer, 4, 0, rank, world)
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
         else:
@@ -193,7 +203,7 @@ def main():
             dcp.load(state, checkpoint_id=checkpoint)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             result["loaded_steps"] = [optimizer.state[p]["step"] for p in model.parameters()]
-        train(model, optimizer, 4, 4, rank, world)
+        steps(model, optimizer, 4, 4, rank, world)
         result["params"] = full_params(model)
         result["local_state_bytes"] = local_state_bytes(optimizer)
     else:  # pragma: no cover

@@ -83,23 +83,26 @@ def test_fsdp2_four_processes_match_single_process_uneven_shards(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_dcp_saved_at_world_two_resumes_at_one_and_two(tmp_path):
+@pytest.mark.parametrize("variant", ["float32", "quantized"])
+def test_dcp_saved_at_world_two_resumes_at_one_and_two(tmp_path, variant):
     checkpoint = tmp_path / "ckpt"
     uninterrupted = tmp_path / "uninterrupted.json"
-    run_worker(2, "save", uninterrupted, checkpoint)
+    run_worker(2, "save", uninterrupted, checkpoint, variant)
     expected = json.loads(uninterrupted.read_text())
     assert expected[0]["params"] == expected[1]["params"]
     expected = flat(expected[0]["params"])
     for world in (2, 1):
         out = tmp_path / f"resumed{world}.json"
-        run_worker(world, "resume", out, checkpoint)
+        run_worker(world, "resume", out, checkpoint, variant)
         results = json.loads(out.read_text())
-        assert all(result["loaded_steps"] == [4] * 8 for result in results)
+        assert all(result["loaded_steps"] == [4] * len(result["loaded_steps"]) for result in results)
         resumed = flat(results[0]["params"])
         if world == 2:
             assert resumed == expected  # bit-exact at the same world size
         else:  # across sizes the cross-shard sums are ordered differently: rounding only
-            assert max(abs(a - b) for a, b in zip(resumed, expected)) < 1e-6
+            difference = max(abs(a - b) for a, b in zip(resumed, expected))
+            # 8-bit: a value within a rounding of a code midpoint may take the neighbouring code
+            assert difference < (1e-4 if variant == "quantized" else 1e-6), difference
 
 
 @pytest.mark.slow
