@@ -29,6 +29,20 @@ __all__ = ["FloraAccelerator"]
 STATE_FILE = "flora_accumulator_{}.pt"  # one per process: buffers are local to each rank
 
 _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+# why compressed accumulation / layer-wise updates cannot run under each engine, and what to use
+_UNSUPPORTED_WHY = {
+    "FSDP": (
+        "FSDP reduce-scatters every micro-batch's gradient into sharded DTensor gradients, so there is no full "
+        "local gradient to compress and no per-tensor point to update inside backward. Under FSDP2 use "
+        "FloraAccelerator without these options (or accelerate's Accelerator): flora_opt.Flora steps the sharded "
+        "parameters and shards its state with them (docs/distributed.md)"
+    ),
+    "DEEPSPEED": (
+        "DeepSpeed owns the gradient buffers (ZeRO partitions and reduces them in its engine) and the optimizer "
+        "step, so hooks on a parameter's .grad never see the micro-batch gradients. Use DDP (compressed "
+        "all-reduce of the accumulation buffers) or FSDP2 (sharded Flora state), docs/distributed.md"
+    ),
+}
 
 
 class FloraAccelerator(Accelerator):
@@ -123,9 +137,11 @@ class FloraAccelerator(Accelerator):
         active = rank is not None or layerwise
         if active and self.distributed_type.name in _UNSUPPORTED:
             option = "layerwise=True" if rank is None else f"accumulation_compression_rank={rank}"
+            why = _UNSUPPORTED_WHY.get(
+                self.distributed_type.name, "sharded or engine-managed gradients; it works with a single process and DDP"
+            )
             raise ValueError(
-                f"FloraAccelerator: {option} is not supported with distributed_type={self.distributed_type.name} "
-                "(sharded or engine-managed gradients); it works with a single process and with DDP"
+                f"FloraAccelerator: {option} is not supported with distributed_type={self.distributed_type.name}: {why}"
             )
         if layerwise and self.num_processes > 1:
             raise ValueError(
