@@ -178,6 +178,14 @@ class CompressedAccumulator:
                 index += 1
         self._total_numel = sum(slot.param.numel() for slot in self._slots)
         hooked = [slot for slot in self._slots if slot.layout.compressed or layerwise]
+        if any(type(slot.param).__name__ == "DTensor" for slot in hooked):
+            raise ValueError(
+                "CompressedAccumulator does not support DTensor (FSDP2) parameters: FSDP2 reduce-scatters each "
+                "micro-batch's gradient into a sharded gradient, so there is no full local gradient to compress and "
+                "no point inside backward where a tensor's update is complete. Under FSDP2 accumulate with "
+                "model.set_requires_gradient_sync(False) on all but the last micro-batch; flora_opt.Flora shards its "
+                "state with the parameters (docs/distributed.md)"
+            )
         for slot in hooked:
             if _OWNERS.get(slot.param) is not None:
                 raise ValueError(

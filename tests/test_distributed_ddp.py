@@ -60,3 +60,39 @@ def test_comm_state_pickles_without_process_group():
     state.calls = 5
     restored = pickle.loads(pickle.dumps(state))
     assert restored.process_group is None and restored.accumulator is None and restored.calls == 5
+
+
+def test_accumulator_refuses_dtensor_parameters(tmp_path):
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import flora_opt
+    from flora_opt.accumulation import CompressedAccumulator
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(32, 32), mesh, [Shard(0)]))
+        optimizer = flora_opt.Flora([param], lr=1e-3, rank=4)
+        with pytest.raises(ValueError, match="DTensor .FSDP2. parameters.*set_requires_gradient_sync"):
+            CompressedAccumulator(optimizer, rank=4, accumulation_steps=2)
+        with pytest.raises(ValueError, match="DTensor"):
+            flora_opt.enable_layerwise_updates(optimizer)
+        # Flora itself steps it (world 1): the same update as on the plain tensor, up to rounding
+        plain = torch.nn.Parameter(param.full_tensor().clone())
+        reference = flora_opt.Flora([plain], lr=1e-2, rank=4, min_dim_size_to_factor=8)
+        optimizer = flora_opt.Flora([param], lr=1e-2, rank=4, min_dim_size_to_factor=8)
+        for step in range(3):
+            grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(step))
+            plain.grad = grad
+            param.grad = distribute_tensor(grad, mesh, [Shard(0)])
+            reference.step()
+            optimizer.step()
+        torch.testing.assert_close(param.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
+        assert type(optimizer.state[param]["exp_avg"]).__name__ == "DTensor"
+    finally:
+        dist.destroy_process_group()
