@@ -2,7 +2,7 @@ r"""Flora on sharded parameters: FSDP2 / ``DTensor`` (``fully_shard``, ``Shard(0
 
 :class:`flora_opt.Flora` steps a ``DTensor`` parameter by running the one math core,
 :func:`flora_opt.core.flora_update`, on ``DTensor`` operands: the gradient, the parameter view,
-the state and the projection are all ``DTensor``\ s on the parameter's mesh, so every reduction
+the state and the projection are all ``DTensor`` objects on the parameter's mesh, so every reduction
 the core writes with an explicit axis (``docs/algorithm.md`` section 14) becomes a partial sum
 on each rank that ``DTensor`` all-reduces or reduce-scatters, and nothing else is communicated.
 Whatever the core computes (including a changed update rule) is computed on the *global* tensor,
@@ -165,7 +165,7 @@ def _local_shape_and_offset(shape: tuple[int, ...], mesh, placements) -> tuple[t
 class DTensorOps(TorchOps):
     """:class:`~flora_opt.ops.TorchOps` for one ``DTensor`` parameter's step.
 
-    The core's operands are ``DTensor``\ s, so its reductions are global; this backend only
+    The core works on ``DTensor`` objects, so its reductions are global; this backend only
     (a) computes functionally where ``TorchOps`` writes into temporaries (``out=`` is not
     defined for ``DTensor`` operands), and (b) places the momentum projection
     (:meth:`shard_projection`): on the rows side ``P`` (``r x m``) is ``Shard(1)``, each rank
