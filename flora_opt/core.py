@@ -331,22 +331,32 @@ def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
 
 
 class Direction(NamedTuple):
-    """The step ``Delta`` to subtract from the parameter, possibly in low-rank form.
+    """The step to subtract from the parameter: ``p <- p - decay * p - value``.
 
-    ``kind == "dense"``: ``Delta = value``. ``"rows"``: ``Delta = P^T value``.
-    ``"cols"``: ``Delta = value P``. ``decay`` is ``eta_t * weight_decay`` (or None): the
-    parameter update is ``p <- p - decay * p - Delta``.
+    ``value`` is ``eta_t clip_t D_t`` (section 8), dense, in the gradient's work shape;
+    ``decay`` is ``eta_t * weight_decay`` (or None).
     """
 
-    kind: str
     value: Any
-    projection: Any
     decay: Any
 
-    def dense(self, ops: ArrayOps):
-        if self.kind == "dense":
-            return self.value
-        return decompress(self.value, self.projection, self.kind, ops)
+
+def history_scale(momentum, projection, side: str, ops: ArrayOps):
+    """``||M|| / ||decompress(M)||``: rescales the decompressed history to the norm of the
+    momentum it estimates (section 8).
+
+    ``E ||P x||^2 = ||x||^2`` makes ``||M||`` an unbiased estimate of the uncompressed
+    momentum's norm, while ``||P^T P x||^2`` is about ``(1 + (d + 1) / r)`` times too large.
+    ``||P^T M||^2 = <P P^T, M M^T>`` costs two ``r x r`` products, never an ``m x n`` one.
+    """
+    if side == SIDE_ROWS:
+        gram_m = ops.matmul(momentum, ops.transpose(momentum))
+    else:
+        gram_m = ops.matmul(ops.transpose(momentum), momentum)
+    gram_p = ops.matmul(projection, ops.transpose(projection))
+    decompressed_sq = ops.sum(gram_p * gram_m)
+    momentum_sq = ops.sum(momentum * momentum)
+    return ops.sqrt(momentum_sq / ops.clip_min(decompressed_sq, 1e-30))
 
 
 def flora_update(
@@ -363,6 +373,11 @@ def flora_update(
     projection_index=None,
 ):
     """One Flora step for one tensor (docs/algorithm.md section 8).
+
+    ``U = G / sqrt(Vhat)``; the direction ``D`` is ``U`` (no momentum), the momentum
+    ``M_t = beta1 M_{t-1} + (1 - beta1) U`` (full), or, compressed, the exact current update plus
+    the decompressed, norm-matched history ``D = (1 - beta1) U + beta1 s P^T M_{t-1}`` with
+    ``M_t = beta1 M_{t-1} + (1 - beta1) P U``; then ``D`` is RMS-clipped and scaled by ``eta_t``.
 
     Args:
       grad: float32 gradient, already viewed as ``layout.work_shape``.
@@ -388,54 +403,55 @@ def flora_update(
     beta2 = beta2_at(step, hp.decay_rate)
     grad_sq = grad * grad  # gradient-sized temporary, reused below (ops.*_into)
 
-    # Second moment and the normalised update U = G / sqrt(V_hat), clipped (sections 6-7).
+    # Second moment and the normalised update U = G / sqrt(V_hat) (sections 6-7).
     if layout.factored:
         row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
         col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
         new_state[EXP_AVG_SQ_ROW] = row
         new_state[EXP_AVG_SQ_COL] = col
-        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
-        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
-        m, n = layout.matrix
-        update_sq_sum = ops.sum(row_scale * row_scale * ops.matmul(grad_sq, col_scale * col_scale))
-        update_rms = ops.sqrt(update_sq_sum / (m * n))
-        normalised = None
-        workspace = grad_sq  # free for dense_update
+        row_scale = ops.rsqrt(row / ops.mean(row))  # U_ij = a_i G_ij b_j
+        normalised = ops.mul_into(grad_sq, grad, row_scale[:, None])
+        normalised = ops.mul_into(normalised, normalised, ops.rsqrt(col)[None, :])
     else:
         grad_sq_eps = ops.add_into(grad_sq, grad_sq, hp.eps1)
         second = ops.lerp(state[EXP_AVG_SQ], grad_sq_eps, 1.0 - beta2)
         new_state[EXP_AVG_SQ] = second
         normalised = ops.mul_into(grad_sq_eps, grad, ops.rsqrt_into(grad_sq_eps, second))
-        update_rms = ops.rms(normalised)
-        workspace = None
     del grad_sq
-    finite = ops.isfinite(update_rms)  # NaN/Inf anywhere in G makes RMS(U) non-finite
-    clip = 1.0 / ops.clip_min(update_rms / hp.clip_threshold, 1.0)
-    scale = eta * clip  # the update is eta_t * clip_t * U
 
-    def dense_update():
-        """``eta_t clip_t U`` in full, written over a temporary (called at most once)."""
-        if normalised is not None:
-            return ops.mul_into(normalised, normalised, scale)
-        scaled = ops.mul_into(workspace, grad, row_scale[:, None] * scale)
-        return ops.mul_into(scaled, scaled, col_scale[None, :])
-
-    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
-
-    # First moment (sections 3-4, 8).
+    # First moment (sections 3-4, 8): the direction D before clipping.
     if layout.momentum == MOMENTUM_NONE:
-        return new_state, Direction("dense", dense_update(), None, decay), finite
-    beta1 = hp.beta1
-    if layout.momentum == MOMENTUM_FULL:
-        update = dense_update()
-        momentum = ops.lerp_into(update, state[EXP_AVG], update, 1.0 - beta1)
-        new_state[EXP_AVG] = momentum
-        return new_state, Direction("dense", momentum, None, decay), finite
-    del workspace  # the compressed path needs no gradient-sized temporary
+        direction = normalised
+    elif layout.momentum == MOMENTUM_FULL:
+        new_state[EXP_AVG] = ops.lerp_into(normalised, state[EXP_AVG], normalised, 1.0 - hp.beta1)
+        direction = new_state[EXP_AVG]
+    else:
+        direction, new_state[EXP_AVG] = _compressed_momentum(normalised, state[EXP_AVG], step, seed, layout, hp,
+                                                             ops, device, projection_index)
+
+    # Update clipping on the combined direction (section 7), then the step size (section 5).
+    direction_rms = ops.rms(direction)
+    finite = ops.isfinite(direction_rms)  # NaN/Inf anywhere in G makes RMS(D) non-finite
+    scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
+    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+    if layout.momentum == MOMENTUM_FULL:  # D is the new momentum itself: scale a copy
+        value = direction * scale
+    else:
+        value = ops.mul_into(direction, direction, scale)
+    return new_state, Direction(value, decay), finite
+
+
+def _compressed_momentum(normalised, momentum, step, seed, layout: TensorLayout, hp: FloraHyperParams,
+                         ops: ArrayOps, device, projection_index=None):
+    """``(D, M_t)`` for a compressed momentum (section 8, step 3c).
+
+    ``D = (1 - beta1) U + beta1 s P^T M`` and ``M_t = beta1 M + (1 - beta1) P U`` (rows; the
+    transposed forms for cols), with ``M`` carried into ``P`` first at a resample and
+    ``s = ||M|| / ||P^T M||`` (:func:`history_scale`).
+    """
     rank, dim, side = layout.rank, layout.compressed_dim, layout.side
     resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
     projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
-    momentum = state[EXP_AVG]
 
     def transferred(c):
         old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
@@ -443,11 +459,7 @@ def flora_update(
 
     is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
     momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    if normalised is not None:
-        compressed_update = compress(normalised, projection, side, ops) * scale
-    else:
-        compressed_update = compress_scaled(grad, row_scale, col_scale, projection, side, ops) * scale
-    momentum = ops.lerp(momentum, compressed_update, 1.0 - beta1)
-    new_state[EXP_AVG] = momentum
-    return new_state, Direction(side, momentum, projection, decay), finite
-
+    history = decompress(momentum, projection, side, ops)  # the one new gradient-sized tensor
+    history = ops.mul_into(history, history, history_scale(momentum, projection, side, ops))
+    new_momentum = ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - hp.beta1)
+    return ops.lerp_into(history, normalised, history, hp.beta1), new_momentum

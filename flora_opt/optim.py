@@ -99,13 +99,7 @@ def _apply_direction(target: torch.Tensor, direction: core.Direction) -> None:
     dtype = target.dtype
     if direction.decay is not None:
         target.mul_(1.0 - direction.decay)
-    value = direction.value.to(dtype)
-    if direction.kind == "dense":
-        target.sub_(value)
-    elif direction.kind == core.SIDE_ROWS:
-        target.addmm_(direction.projection.mT.to(dtype), value, alpha=-1.0)
-    else:
-        target.addmm_(value, direction.projection.to(dtype), alpha=-1.0)
+    target.sub_(direction.value.to(dtype))
 
 
 class Flora(torch.optim.Optimizer):

@@ -156,21 +156,14 @@ class ReferenceFlora:
             new_second = second
         U = G / np.sqrt(V)
 
-        # Section 7: update clipping.
-        rms_u = math.sqrt(np.mean(U * U))
-        if not math.isfinite(rms_u):  # Section 9: skip the tensor's step.
-            st.skipped_steps += 1
-            return
-        U = U / max(1.0, rms_u / self.clip_threshold)
-
-        # Sections 3, 4 and 8: momentum and the step.
+        # Section 8: the direction D before clipping.
         if not self.has_momentum():
-            delta = eta * U
+            D = U
         elif not self.is_compressed(p):
             M = st.momentum if st.momentum is not None else np.zeros(G.shape)
-            M = self.beta1 * M + (1 - self.beta1) * eta * U
-            st.momentum = M
-            delta = M
+            M = self.beta1 * M + (1 - self.beta1) * U
+            new_momentum = M
+            D = M
         else:
             m, n = mn
             d = min(m, n)
@@ -178,13 +171,24 @@ class ReferenceFlora:
             P = reference_projection(reference_key(st.seed, 0, k), self.rank, d)
             rows = m <= n
             M = st.momentum if st.momentum is not None else np.zeros((self.rank, n) if rows else (m, self.rank))
-            if t > 1 and (t - 1) % self.kappa == 0:
+            if t > 1 and (t - 1) % self.kappa == 0:  # Section 4: carry the momentum into P_k.
                 P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
                 M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
-            compressed = P @ U if rows else U @ P.T
-            M = self.beta1 * M + (1 - self.beta1) * eta * compressed
-            st.momentum = M
-            delta = P.T @ M if rows else M @ P
+            H = P.T @ M if rows else M @ P
+            norm_h = math.sqrt(np.sum(H * H))
+            if norm_h > 0:  # rescale the history to the norm of the momentum it estimates
+                H = H * (math.sqrt(np.sum(M * M)) / norm_h)
+            D = (1 - self.beta1) * U + self.beta1 * H
+            new_momentum = self.beta1 * M + (1 - self.beta1) * (P @ U if rows else U @ P.T)
+
+        # Sections 7 and 9: clip the combined direction; a non-finite one skips the step.
+        rms_d = math.sqrt(np.mean(D * D))
+        if not math.isfinite(rms_d):
+            st.skipped_steps += 1
+            return
+        delta = eta * D / max(1.0, rms_d / self.clip_threshold)
+        if self.has_momentum():
+            st.momentum = new_momentum
 
         W_new = W - eta * self.weight_decay * W - delta
         self.params[index] = W_new.reshape(p.shape)

@@ -79,33 +79,73 @@ def test_low_precision_params_use_fp32_math(dtype, tol):
                 assert value.dtype == torch.float32, key
 
 
-def test_rank_none_matches_transformers_adafactor_with_momentum():
-    """rank=None, beta1=0.9 is Adafactor with full momentum (transformers.Adafactor).
+def _momentum_before_clipping_adafactor(params, grads_per_step, lr, beta1, weight_decay):
+    """Written out from docs/algorithm.md section 8 for ``rank=None``: Adafactor (factored for
+    matrices, full for vectors) whose momentum averages the unclipped ``U``; clipping and the
+    parameter-scaled step apply to the momentum. Independent of flora_opt's code."""
+    params = [p.clone().double() for p in params]
+    state = [dict() for _ in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        beta2 = 1.0 - t**-0.8
+        for k, (w, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            st = state[k]
+            eta = lr * max(1e-3, w.pow(2).mean().sqrt().item())
+            sq = g * g + 1e-30
+            if w.ndim == 2:
+                st["r"] = beta2 * st.get("r", 0.0) + (1 - beta2) * sq.mean(1)
+                st["c"] = beta2 * st.get("c", 0.0) + (1 - beta2) * sq.mean(0)
+                u = g / torch.sqrt(st["r"][:, None] * st["c"][None, :] / st["r"].mean())
+            else:
+                st["v"] = beta2 * st.get("v", 0.0) + (1 - beta2) * sq
+                u = g / st["v"].sqrt()
+            st["m"] = beta1 * st.get("m", 0.0) + (1 - beta1) * u
+            d = st["m"] / max(1.0, st["m"].pow(2).mean().sqrt().item())
+            params[k] = w - eta * weight_decay * w - eta * d
+    return params
 
-    Documented difference: transformers factors every matrix; ours only matrices with both
-    dimensions >= min_dim_size_to_factor, so the test sets it to 1.
-    """
+
+def test_rank_none_is_adafactor_with_momentum_before_clipping():
+    """rank=None, beta1=0.9 is the full-momentum form of the rule (docs/algorithm.md section 8),
+    not transformers.Adafactor(beta1=0.9), which averages the clipped, lr-scaled update."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    shapes = [(64, 48), (48, 64), (30,), (8, 6, 5)]
+    shapes = [(160, 130), (130, 160), (30,)]
     init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * (1 + 5 * (t % 3)) for s in shapes] for t in range(12)]
+    kwargs = dict(lr=1e-2, beta1=0.9, weight_decay=0.01)
     ours = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = flora_opt.Flora(ours, rank=None, **kwargs)
     theirs = [torch.nn.Parameter(x.clone()) for x in init]
-    kwargs = dict(lr=1e-2, beta1=0.9, weight_decay=0.01, scale_parameter=True, relative_step=False, warmup_init=False)
-    opt = flora_opt.Flora(ours, rank=None, min_dim_size_to_factor=1, **kwargs)
-    # transformers factors the last two dims of a 3-D tensor; ours views it as (8, 30): compare
-    # the 3-D tensor through an equivalent 2-D parameter on their side.
-    theirs[3] = torch.nn.Parameter(init[3].clone().reshape(8, 30))
-    ref = transformers.Adafactor(theirs, **kwargs)
-    for _ in range(12):
-        grads = [torch.randn(s) for s in shapes]
-        for p, q, g in zip(ours, theirs, grads):
-            p.grad = g.clone()
-            q.grad = g.clone().reshape(q.shape)
+    hf = transformers.Adafactor(theirs, scale_parameter=True, relative_step=False, warmup_init=False, **kwargs)
+    for step_grads in grads:
+        for p, q, g in zip(ours, theirs, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        hf.step()
+    expected = _momentum_before_clipping_adafactor(init, grads, **kwargs)
+    for p, e, q in zip(ours, expected, theirs):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(p.detach(), q.detach(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(160, 130), (30,)])
+def test_beta1_none_matches_transformers_adafactor_at_the_defaults(shape):
+    """Without momentum, Flora at its defaults is transformers.Adafactor(beta1=None) step for step
+    for vectors and for matrices whose both sides are >= min_dim_size_to_factor (128): the
+    conditions under which both factor the same tensors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    init = torch.randn(shape)
+    p, q = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt = flora_opt.Flora([p], lr=1e-2, beta1=None, weight_decay=0.01)
+    ref = transformers.Adafactor([q], lr=1e-2, beta1=None, weight_decay=0.01, relative_step=False, warmup_init=False)
+    for _ in range(8):
+        g = torch.randn(shape)
+        p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         ref.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.detach().reshape(q.shape), q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_beta1_none_matches_torch_adafactor_free_transformers_adafactor():
@@ -381,14 +421,14 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize(
     "shape, options, expected",
     [
-        # factored second moment, full momentum (embedding-like): G^2, reused for the update and
-        # the new momentum
-        ((2048, 256), dict(rank=32), 1),
+        # factored second moment, full momentum (embedding-like): G^2, reused for U and the new
+        # momentum, and the scaled step (the momentum itself must survive)
+        ((2048, 256), dict(rank=32), 2),
         ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: the same buffer is the update
-        ((300, 200), dict(rank=16), 1),  # compressed momentum: G^2 only
-        # full second moment: G^2 (reused for 1/sqrt(V) and the update) and the new V
-        ((4096,), dict(rank=32), 2),
-        ((64, 100), dict(rank=None, factorize_second_moment=False), 2),
+        ((300, 200), dict(rank=16), 2),  # compressed momentum: G^2 (U) and P^T M (then D)
+        # full second moment: G^2 (reused for 1/sqrt(V), U and M), the new V and the scaled step
+        ((4096,), dict(rank=32), 3),
+        ((64, 100), dict(rank=None, factorize_second_moment=False), 3),
     ],
 )
 def test_step_allocates_few_gradient_sized_tensors(shape, options, expected):

@@ -332,7 +332,7 @@ def scale_by_flora(
         new_core_state, direction, finite = core.flora_update(
             grad32, param32, core_state, new_step, leaf_state["seed"], layout, leaf_hp, ops, lr=lr
         )
-        delta = direction.dense(ops)
+        delta = direction.value
         if direction.decay is not None:
             delta = delta + direction.decay * param32
         # Section 9: a non-finite gradient leaves the update at zero and the state unchanged.
