@@ -167,7 +167,9 @@ class DTensorOps(TorchOps):
 
     The core works on ``DTensor`` objects, so its reductions are global; this backend only
     (a) computes functionally where ``TorchOps`` writes into temporaries (``out=`` is not
-    defined for ``DTensor`` operands), and (b) places the momentum projection
+    defined for ``DTensor`` operands), (b) keeps a product with a row-sharded left operand
+    row-sharded (:meth:`matmul`: the compressed-size right operand is replicated), so no
+    ``m x n`` matrix is ever reduced or gathered, and (c) places the momentum projection
     (:meth:`shard_projection`): on the rows side ``P`` (``r x m``) is ``Shard(1)``, each rank
     keeping the columns that meet its rows of the gradient, so ``P G`` is a partial ``r x n``
     product; on the cols side it is replicated.
@@ -187,6 +189,18 @@ class DTensorOps(TorchOps):
         if axis is None:
             return x.sum() / max(x.numel(), 1)
         return x.sum(dim=axis) / x.shape[axis]
+
+    def matmul(self, a, b):
+        # A row-sharded left operand (G, P^T, an (m, r) momentum) keeps the product row-sharded:
+        # the right operand (r x n, n x r, r x r or a vector: compressed size) is replicated
+        # first. Left to itself, DTensor may instead reshard the left operand and return a
+        # Partial m x n product, whose reduction would move a full gradient-sized matrix.
+        _, Replicate, Shard = _dtensor_api()
+        if is_dtensor(a) and is_dtensor(b):
+            row_sharded = isinstance(a.placements[0], Shard) and a.placements[0].dim == 0 and a.ndim == 2
+            if row_sharded and not isinstance(b.placements[0], Replicate):
+                b = b.redistribute(b.device_mesh, (Replicate(),))
+        return a @ b
 
     def mul_into(self, out, a, b):
         return a * b
