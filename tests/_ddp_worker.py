@@ -5,7 +5,8 @@
 DDP with compressed gradient accumulation whose compressed buffers are all-reduced at the end of
 each cycle (``flora_opt.distributed.register_compressed_allreduce``), against single-process
 compressed accumulation over the same global batch. MODE is ``plain`` (DDP +
-``CompressedAccumulator``) or ``accelerate`` (``FloraAccelerator``).
+``CompressedAccumulator``), ``accelerate`` (``FloraAccelerator``) or ``trainer``
+(``flora_opt.hf.FloraTrainer``, parameters across ranks and all-reduce count only).
 """
 
 import json
@@ -32,8 +33,56 @@ def micro_batch(index, world):
     return torch.randn(PER_RANK * world, 24, generator=torch.Generator().manual_seed(index))
 
 
+def trainer(out):
+    """FloraTrainer under DDP (torchrun, gloo): compressed all-reduce, parameters identical across ranks."""
+    import tempfile
+
+    import transformers
+
+    from flora_opt.hf import FloraTrainer
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, index):
+            ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(index))
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    optimizer = flora_opt.Flora(model.parameters(), lr=1e-3, rank=4)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = transformers.TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=K, max_steps=2,
+            use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no", logging_strategy="no",
+            dataloader_num_workers=0, seed=0,
+        )
+        trainer = FloraTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(optimizer, None),
+                               accumulation_compression_rank=4)
+        trainer.train()
+        state = trainer.accelerator.flora_comm_state
+        flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    result = dict(identical=all(torch.equal(gathered[0], g) for g in gathered), calls=None if state is None else state.calls,
+                  ddp=isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
+    if mode == "trainer":
+        return trainer(out)
     if mode == "accelerate":
         accelerator = flora_opt.FloraAccelerator(
             gradient_accumulation_steps=K, accumulation_compression_rank=RANK, cpu=True

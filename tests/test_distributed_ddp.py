@@ -48,6 +48,17 @@ def test_ddp_all_reduces_compressed_buffers_and_matches_single_process(tmp_path,
     assert result["numel"] == 40 * 24 + 16 * 40 + UNCOMPRESSED_ELEMENTS
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_flora_trainer_under_ddp_all_reduces_compressed_buffers(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "result.json"
+    run_worker(2, "trainer", out)
+    result = json.loads(out.read_text())
+    assert result["ddp"] and result["identical"]
+    assert result["calls"] == 2  # max_steps=2: one all-reduce of the compressed buffers per optimizer step
+
+
 def test_comm_state_pickles_without_process_group():
     torch = pytest.importorskip("torch")
     import flora_opt
