@@ -105,5 +105,10 @@ def test_accumulator_refuses_dtensor_parameters(tmp_path):
             optimizer.step()
         torch.testing.assert_close(param.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
         assert type(optimizer.state[param]["exp_avg"]).__name__ == "DTensor"
+        # tensor-parallel placements are refused with the reason, not stepped wrongly
+        column = torch.nn.Parameter(distribute_tensor(torch.randn(32, 32), mesh, [Shard(1)]))
+        column.grad = distribute_tensor(torch.randn(32, 32), mesh, [Shard(1)])
+        with pytest.raises(NotImplementedError, match=r"sharded along dim 0 .*got S\(1\)|Shard\(dim=1\)"):
+            flora_opt.Flora([column], lr=1e-2, rank=4).step()
     finally:
         dist.destroy_process_group()
