@@ -7,8 +7,7 @@ import torch
 import torch.utils.checkpoint
 
 import flora_opt
-from flora_opt.accumulation import CompressedAccumulator
-from flora_opt.accumulation import enable_layerwise_updates, step_parameter
+from flora_opt.accumulation import CompressedAccumulator, enable_layerwise_updates, step_parameter
 
 K = 3
 

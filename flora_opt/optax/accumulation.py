@@ -26,9 +26,9 @@ import numpy as np
 import optax
 
 from .. import core
+from ..hyperparams import is_int
 from ..ops import get_ops
 from ..projection import tensor_seed
-from ..hyperparams import is_int
 from .transform import _float_dtype, _placeholder, _safe_increment
 
 __all__ = [
