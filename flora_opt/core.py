@@ -331,22 +331,48 @@ def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
 
 
 class Direction(NamedTuple):
-    """The step ``Delta`` to subtract from the parameter, possibly in low-rank form.
+    """The step of one tensor: ``p <- p - decay * p - value`` (docs/algorithm.md section 8).
 
-    ``kind == "dense"``: ``Delta = value``. ``"rows"``: ``Delta = P^T value``.
-    ``"cols"``: ``Delta = value P``. ``decay`` is ``eta_t * weight_decay`` (or None): the
-    parameter update is ``p <- p - decay * p - Delta``.
+    ``value`` is the dense ``Delta = eta_t D`` in the gradient's working shape; ``decay`` is
+    ``eta_t * weight_decay`` (``None`` without weight decay).
     """
 
-    kind: str
     value: Any
-    projection: Any
     decay: Any
 
-    def dense(self, ops: ArrayOps):
-        if self.kind == "dense":
-            return self.value
-        return decompress(self.value, self.projection, self.kind, ops)
+
+def apply_direction(param, direction: Direction, ops: ArrayOps):
+    """``p - decay * p - Delta`` as a new array (the one rule both frameworks apply)."""
+    if direction.decay is None:
+        return param - direction.value
+    return param - direction.decay * param - direction.value
+
+
+def keep_if_finite(finite, new, old, ops: ArrayOps):
+    """Section 9, the one skip rule: ``new`` where the tensor's step is finite, else ``old``.
+
+    ``finite`` is the flag returned by :func:`flora_update` (0-d, or broadcastable for a stack of
+    tensors); a skipped tensor keeps its parameter and its state.
+    """
+    return ops.where(finite, new, old)
+
+
+def norm_ratio(momentum, projection, side: str, ops: ArrayOps):
+    """``s = ||M||_F / ||decompress(M)||_F`` (0 when the decompression is 0), through ``r x r``
+    products only.
+
+    rows: ``||P^T M||^2 = sum((P P^T) * (M M^T))``; cols: ``||M P||^2 = sum((M^T M) * (P P^T))``.
+    """
+    gram_p = ops.matmul(projection, ops.transpose(projection))
+    if side == SIDE_ROWS:
+        gram_m = ops.matmul(momentum, ops.transpose(momentum))
+    else:
+        gram_m = ops.matmul(ops.transpose(momentum), momentum)
+    decompressed_sq = ops.sum(gram_p * gram_m)
+    momentum_sq = ops.sum(momentum * momentum)
+    positive = decompressed_sq > 0
+    safe = ops.where(positive, decompressed_sq, 1.0)
+    return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
 def flora_update(
@@ -362,7 +388,19 @@ def flora_update(
     device=None,
     projection_index=None,
 ):
-    """One Flora step for one tensor (docs/algorithm.md section 8).
+    """One Flora step for one tensor (docs/algorithm.md section 8); a pure function.
+
+    With ``U = G / sqrt(Vhat)`` (Adafactor's second moment, section 6, not clipped):
+
+    * no momentum: ``D = U``;
+    * full momentum: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``;
+    * compressed momentum: ``P = P_k`` (after the transfer at a resample, section 4),
+      ``H = decompress(M_{t-1})``, ``s = ||M_{t-1}||_F / ||H||_F`` (0 when ``H = 0``),
+      ``D = (1 - beta1) U + beta1 s H``, ``M_t = beta1 M_{t-1} + (1 - beta1) compress(U)``;
+
+    then ``D <- D / max(1, RMS(D) / d_clip)`` and ``Delta = eta_t D``; the parameter becomes
+    ``p - eta_t lambda p - Delta`` (:func:`apply_direction`). A non-finite ``RMS(D)`` skips the
+    tensor (:func:`keep_if_finite`).
 
     Args:
       grad: float32 gradient, already viewed as ``layout.work_shape``.
@@ -378,17 +416,17 @@ def flora_update(
         transferred from projection ``k - 1``.
 
     Returns:
-      ``(new_state, direction, finite)``: the float state after the step, the
-      :class:`Direction` whose application gives ``p_t``, and a 0-d boolean array that is
-      false when the gradient held NaN/Inf (or squares overflowing float32). Wrappers must
-      then discard ``new_state`` and ``direction`` (section 9: the tensor's step is skipped).
+      ``(new_state, direction, finite)``: new arrays (nothing is written into ``grad``,
+      ``param`` or ``state``), the :class:`Direction` and a 0-d boolean array that is false when
+      ``RMS(D)`` is not finite (NaN/Inf in the gradient, or squares overflowing float32).
+      Wrappers then keep the old parameter and state (section 9).
     """
     new_state: dict[str, Any] = {}
     eta = step_size(step, param, hp, ops, lr=lr)
     beta2 = beta2_at(step, hp.decay_rate)
-    grad_sq = grad * grad  # gradient-sized temporary, reused below (ops.*_into)
+    grad_sq = grad * grad
 
-    # Second moment and the normalised update U = G / sqrt(V_hat), clipped (sections 6-7).
+    # Second moment and the normalised update U = G / sqrt(V_hat) (section 6).
     if layout.factored:
         row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
         col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
@@ -396,58 +434,36 @@ def flora_update(
         new_state[EXP_AVG_SQ_COL] = col
         row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
         col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
-        m, n = layout.matrix
-        update_sq_sum = ops.sum(row_scale * row_scale * ops.matmul(grad_sq, col_scale * col_scale))
-        update_rms = ops.sqrt(update_sq_sum / (m * n))
-        normalised = None
-        workspace = grad_sq  # free for dense_update
+        normalised = grad * row_scale[:, None] * col_scale[None, :]
     else:
-        grad_sq_eps = ops.add_into(grad_sq, grad_sq, hp.eps1)
-        second = ops.lerp(state[EXP_AVG_SQ], grad_sq_eps, 1.0 - beta2)
+        second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
         new_state[EXP_AVG_SQ] = second
-        normalised = ops.mul_into(grad_sq_eps, grad, ops.rsqrt_into(grad_sq_eps, second))
-        update_rms = ops.rms(normalised)
-        workspace = None
-    del grad_sq
-    finite = ops.isfinite(update_rms)  # NaN/Inf anywhere in G makes RMS(U) non-finite
-    clip = 1.0 / ops.clip_min(update_rms / hp.clip_threshold, 1.0)
-    scale = eta * clip  # the update is eta_t * clip_t * U
+        normalised = grad * ops.rsqrt(second)
 
-    def dense_update():
-        """``eta_t clip_t U`` in full, written over a temporary (called at most once)."""
-        if normalised is not None:
-            return ops.mul_into(normalised, normalised, scale)
-        scaled = ops.mul_into(workspace, grad, row_scale[:, None] * scale)
-        return ops.mul_into(scaled, scaled, col_scale[None, :])
-
-    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
-
-    # First moment (sections 3-4, 8).
+    # First moment and the direction D (sections 3-4, 8).
     if layout.momentum == MOMENTUM_NONE:
-        return new_state, Direction("dense", dense_update(), None, decay), finite
-    beta1 = hp.beta1
-    if layout.momentum == MOMENTUM_FULL:
-        update = dense_update()
-        momentum = ops.lerp_into(update, state[EXP_AVG], update, 1.0 - beta1)
-        new_state[EXP_AVG] = momentum
-        return new_state, Direction("dense", momentum, None, decay), finite
-    del workspace  # the compressed path needs no gradient-sized temporary
-    rank, dim, side = layout.rank, layout.compressed_dim, layout.side
-    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
-    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
-    momentum = state[EXP_AVG]
-
-    def transferred(c):
-        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
-        return transfer(c, old, projection, side, ops)
-
-    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
-    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    if normalised is not None:
-        compressed_update = compress(normalised, projection, side, ops) * scale
+        direction = normalised
+    elif layout.momentum == MOMENTUM_FULL:
+        direction = ops.lerp(state[EXP_AVG], normalised, 1.0 - hp.beta1)
+        new_state[EXP_AVG] = direction
     else:
-        compressed_update = compress_scaled(grad, row_scale, col_scale, projection, side, ops) * scale
-    momentum = ops.lerp(momentum, compressed_update, 1.0 - beta1)
-    new_state[EXP_AVG] = momentum
-    return new_state, Direction(side, momentum, projection, decay), finite
+        beta1, rank, dim, side = hp.beta1, layout.rank, layout.compressed_dim, layout.side
+        resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
+        projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
 
+        def transferred(c):
+            old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
+            return transfer(c, old, projection, side, ops)
+
+        is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
+        momentum = ops.cond(is_resample, transferred, lambda c: c, state[EXP_AVG])
+        history = decompress(momentum, projection, side, ops) * (beta1 * norm_ratio(momentum, projection, side, ops))
+        direction = (1.0 - beta1) * normalised + history
+        new_state[EXP_AVG] = ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)
+
+    # Update clipping on the combined direction (section 7), step size, weight decay.
+    direction_rms = ops.rms(direction)
+    finite = ops.isfinite(direction_rms)  # NaN/Inf anywhere in G makes RMS(D) non-finite
+    scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
+    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+    return new_state, Direction(direction * scale, decay), finite

@@ -36,6 +36,7 @@ import torch
 from . import core
 from . import quantization as q
 from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
+from .engine import Engine
 from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
@@ -94,17 +95,11 @@ def _is_symbolic(tensor: torch.Tensor) -> bool:
 
 
 def _apply_direction(target: torch.Tensor, direction: core.Direction) -> None:
-    """``target <- target - decay * target - Delta`` in ``target``'s dtype (section 8)."""
-    dtype = target.dtype
+    """``target <- target - decay * target - Delta`` in place, in ``target``'s dtype (section 8):
+    the in-place form of :func:`flora_opt.core.apply_direction` (tested equal to it)."""
     if direction.decay is not None:
         target.mul_(1.0 - direction.decay)
-    value = direction.value.to(dtype)
-    if direction.kind == "dense":
-        target.sub_(value)
-    elif direction.kind == core.SIDE_ROWS:
-        target.addmm_(direction.projection.mT.to(dtype), value, alpha=-1.0)
-    else:
-        target.addmm_(value, direction.projection.to(dtype), alpha=-1.0)
+    target.sub_(direction.value.to(target.dtype))
 
 
 class Flora(torch.optim.Optimizer):
@@ -184,6 +179,7 @@ class Flora(torch.optim.Optimizer):
         self._layout_cache: dict[tuple, TensorLayout] = {}
         # parameter -> (group index, index in the group, position in the flattened groups)
         self._positions: dict[torch.Tensor, tuple[int, int, int]] = {}
+        self._engine = Engine(self)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -216,6 +212,7 @@ class Flora(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layout_cache = {}
+        self._engine = Engine(self)
         for group in self.param_groups:
             for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
@@ -232,10 +229,27 @@ class Flora(torch.optim.Optimizer):
             self._index_group(group_index)
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict`` plus ``"flora_format"``, the state format version."""
+        """``torch.optim.Optimizer.state_dict`` plus ``"flora_format"``, the state format version.
+
+        Calls :meth:`synchronize` first, so the integers saved are exact.
+        """
+        self.synchronize()
         state_dict = super().state_dict()
         state_dict[FORMAT_KEY] = STATE_FORMAT
         return state_dict
+
+    def synchronize(self) -> int:
+        """Bring ``state["step"]``, ``state["projection"]`` and ``state["skipped_steps"]`` up to date.
+
+        The grouped :meth:`step` keeps the step count, projection index and skip count of each
+        tensor on its device and never reads them back inside the step (no host sync); the host
+        integers advance as if no step were skipped. This reads the device counters once (one
+        device-to-host copy), corrects the integers of tensors whose steps were skipped, and
+        raises the non-finite ``RuntimeWarning`` for them. Called by :meth:`state_dict`,
+        :meth:`load_state_dict` and :meth:`step_param`; call it to read the counts during
+        training. Returns the number of skipped tensor steps it found.
+        """
+        return self._engine.synchronize()
 
     # ---- layout and state -----------------------------------------------------------------
     def _layout(self, param: torch.Tensor, hp: FloraHyperParams) -> TensorLayout:
@@ -325,9 +339,12 @@ class Flora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        bucket_groups: dict[tuple, tuple[dict, FloraHyperParams, TensorLayout]] = {}
         index = 0
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             hp = None
+            grouped = group.get("foreach") is not False
             for param in group["params"]:
                 position = index
                 index += 1
@@ -335,8 +352,34 @@ class Flora(torch.optim.Optimizer):
                     continue
                 if hp is None:
                     hp = _hyperparams(group)
-                self._update_param(param, param.grad, group, hp, position)
+                if not grouped or not self._groupable(param, param.grad):
+                    self._update_param(param, param.grad, group, hp, position)
+                    continue
+                layout = self._layout(param, hp)
+                state = self.state[param]
+                if "step" not in state:
+                    state = self._init_state(param, layout, group, position)
+                self._check_state(param, state, layout, group["quantization"], position)
+                key = (group_index, layout, param.dtype, param.device)
+                buckets.setdefault(key, []).append(param)
+                bucket_groups[key] = (group, hp, layout)
+        for key, params in buckets.items():
+            group, hp, layout = bucket_groups[key]
+            self._engine.step_bucket(params, group, hp, layout)
         return loss
+
+    @staticmethod
+    def _groupable(param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Tensors the grouped step takes; the others (errors, empty, meta/fake) go per tensor."""
+        return (
+            not grad.is_sparse
+            and not grad.is_complex()
+            and not param.is_complex()
+            and grad.shape == param.shape
+            and param.numel() > 0
+            and param.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            and not _is_symbolic(param)
+        )
 
     @torch.no_grad()
     def step_param(self, param: torch.Tensor) -> None:
@@ -353,6 +396,8 @@ class Flora(torch.optim.Optimizer):
         if entry is None:
             raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
         group_index, _, position = entry
+        if param in self._engine.counters:
+            self._engine.synchronize([param])
         if param.grad is not None:
             group = self.param_groups[group_index]
             self._update_param(param, param.grad, group, _hyperparams(group), position)
@@ -464,6 +509,7 @@ class Flora(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
+        self.synchronize()
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         foreign = _foreign_state_message(state_dict)

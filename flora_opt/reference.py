@@ -154,23 +154,16 @@ class ReferenceFlora:
             second = beta2 * second + (1 - beta2) * (G * G + self.eps[0])
             V = second
             new_second = second
-        U = G / np.sqrt(V)
+        U = G / np.sqrt(V)  # Section 6: not clipped; clipping acts on D (section 7).
 
-        # Section 7: update clipping.
-        rms_u = math.sqrt(np.mean(U * U))
-        if not math.isfinite(rms_u):  # Section 9: skip the tensor's step.
-            st.skipped_steps += 1
-            return
-        U = U / max(1.0, rms_u / self.clip_threshold)
-
-        # Sections 3, 4 and 8: momentum and the step.
+        # Sections 3, 4 and 8: momentum and the direction D.
         if not self.has_momentum():
-            delta = eta * U
+            D = U
         elif not self.is_compressed(p):
             M = st.momentum if st.momentum is not None else np.zeros(G.shape)
-            M = self.beta1 * M + (1 - self.beta1) * eta * U
-            st.momentum = M
-            delta = M
+            M = self.beta1 * M + (1 - self.beta1) * U
+            new_momentum = M
+            D = M
         else:
             m, n = mn
             d = min(m, n)
@@ -181,10 +174,21 @@ class ReferenceFlora:
             if t > 1 and (t - 1) % self.kappa == 0:
                 P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
                 M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
+            H = P.T @ M if rows else M @ P  # decompress(M_{t-1}), after the transfer
+            norm_h = math.sqrt(np.sum(H * H))
+            s = math.sqrt(np.sum(M * M)) / norm_h if norm_h > 0 else 0.0
+            D = (1 - self.beta1) * U + self.beta1 * s * H
             compressed = P @ U if rows else U @ P.T
-            M = self.beta1 * M + (1 - self.beta1) * eta * compressed
-            st.momentum = M
-            delta = P.T @ M if rows else M @ P
+            new_momentum = self.beta1 * M + (1 - self.beta1) * compressed
+
+        # Section 7: clipping of D; section 9: a non-finite RMS(D) skips the tensor's step.
+        rms_d = math.sqrt(np.mean(D * D))
+        if not math.isfinite(rms_d):
+            st.skipped_steps += 1
+            return
+        delta = eta * D / max(1.0, rms_d / self.clip_threshold)
+        if self.has_momentum():
+            st.momentum = new_momentum
 
         W_new = W - eta * self.weight_decay * W - delta
         self.params[index] = W_new.reshape(p.shape)
