@@ -342,10 +342,11 @@ class Direction(NamedTuple):
 
 
 def apply_direction(param, direction: Direction, ops: ArrayOps):
-    """``p - decay * p - Delta`` as a new array (the one rule both frameworks apply)."""
+    """``(1 - decay) p - Delta`` as a new array (the one rule both frameworks apply; the torch
+    optimizer's in-place form ``p.mul_(1 - decay).sub_(Delta)`` rounds the same way)."""
     if direction.decay is None:
         return param - direction.value
-    return param - direction.decay * param - direction.value
+    return param * (1.0 - direction.decay) - direction.value
 
 
 def keep_if_finite(finite, new, old, ops: ArrayOps):

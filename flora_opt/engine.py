@@ -149,11 +149,8 @@ class Engine:
         numel = math.prod(work)
         device = params[0].device
 
-        grads = [p.grad for p in params]
-        if count == 1 and grads[0].dtype == torch.float32 and grads[0].is_contiguous():
-            G = grads[0].view(shape)
-        else:
-            G = torch.stack(grads).view(shape).to(torch.float32)
+        # our own float32 copy of the gradients, overwritten by U below
+        G = torch.stack([p.grad for p in params]).view(shape).to(torch.float32)
         counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
@@ -186,20 +183,25 @@ class Engine:
                for key, s in state_shapes.items()}
         new: dict[str, torch.Tensor] = {}
 
-        # Second moment and U = G / sqrt(V_hat) (section 6), U written over G^2.
-        grad_sq = G * G
+        # Second moment and U = G / sqrt(V_hat) (section 6), U written over the copy G.
+        spare = None  # a free full-size buffer, if any, for Delta
         if layout.factored:
-            row = torch.lerp(old[EXP_AVG_SQ_ROW], grad_sq.mean(dim=2) + hp.eps1, weight[:, None])
-            col = torch.lerp(old[EXP_AVG_SQ_COL], grad_sq.mean(dim=1) + hp.eps1, weight[:, None])
+            m, n = work
+            # mean_j G_ij^2 as a squared norm: no G^2 temporary (rounding differs by ~1 ulp)
+            row_mean = torch.linalg.vector_norm(G, dim=2).square_().div_(n).add_(hp.eps1)
+            col_mean = torch.linalg.vector_norm(G, dim=1).square_().div_(m).add_(hp.eps1)
+            row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
+            col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
-            U = torch.mul(G, row_scale[:, :, None], out=grad_sq).mul_(torch.rsqrt(col)[:, None, :])
+            U = G.mul_(row_scale[:, :, None]).mul_(torch.rsqrt(col)[:, None, :])
         else:
             view_weight = weight.view((count,) + (1,) * len(work))
-            second = torch.lerp(old[EXP_AVG_SQ], grad_sq.add_(hp.eps1), view_weight)
+            grad_sq = torch.mul(G, G).add_(hp.eps1)
+            second = torch.lerp(old[EXP_AVG_SQ], grad_sq, view_weight)
             new[EXP_AVG_SQ] = second
-            U = torch.rsqrt(second, out=grad_sq).mul_(G)
-        del G
+            U = G.mul_(torch.rsqrt(second, out=grad_sq))
+            spare = grad_sq
 
         # First moment and the direction D (sections 3-4, 8).
         if layout.momentum == core.MOMENTUM_NONE:
@@ -215,8 +217,8 @@ class Engine:
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
         expand = (count,) + (1,) * len(work)
-        if layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs its own buffer
-            delta = torch.mul(D, scale.view(expand))
+        if layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
+            delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
         else:  # D is U or a temporary: scaled in place
             delta = D.mul_(scale.view(expand))
         delta.masked_fill_(~finite.view(expand), 0.0)
