@@ -68,6 +68,8 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
     single tensor."""
     if len(tensors) == 1 and tensors[0].is_contiguous():
         return tensors[0].view(shape)
+    if torch.compiler.is_compiling():  # views' bases are not traced; the compiler removes the copy
+        return torch.stack(tensors).view(shape)
     base = tensors[0]._base
     if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
         size = tensors[0].numel()
@@ -76,6 +78,18 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
                for i, t in enumerate(tensors)):
             return base.view(shape)
     return torch.stack(tensors).view(shape)
+
+
+@torch.compiler.disable
+def _advance_host_integers(states, kappa: int) -> None:
+    """The checkpoint's integers, advanced as if no step were skipped (exact unless one was; see
+    :meth:`Engine.synchronize`). Kept out of ``torch.compile`` graphs: Python integers that
+    change at every step would make each step a new graph."""
+    for state in states:
+        step = state["step"] + 1
+        if PROJECTION in state and step > 1 and (step - 1) % kappa == 0:
+            state[PROJECTION] += 1
+        state["step"] = step
 
 
 class Engine:
@@ -234,12 +248,7 @@ class Engine:
             increments[:, PROJ] = resample.to(torch.int64) * (1 - skipped)
         torch._foreach_add_([self.counters[p] for p in params], list(increments.unbind(0)))
 
-        # Host integers, optimistic (exact unless a step was skipped; see synchronize()).
-        for state in states:
-            step = state["step"] + 1
-            if PROJECTION in state and step > 1 and (step - 1) % hp.kappa == 0:
-                state[PROJECTION] += 1
-            state["step"] = step
+        _advance_host_integers(states, hp.kappa)
 
         # Apply: p <- p - decay * p - Delta (core.apply_direction, in place), masked decay.
         if hp.weight_decay != 0:

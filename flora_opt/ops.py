@@ -224,10 +224,8 @@ class TorchOps(ArrayOps):
         pairs = uniform.view(-1, 2)
         radius = pairs[:, 0].log().mul_(-2.0).sqrt_().mul_(scale)
         theta = pairs[:, 1].mul(2.0 * 3.141592653589793)
-        out = torch.empty_like(pairs)
-        torch.cos(theta, out=out[:, 0])
-        torch.sin(theta, out=out[:, 1])
-        return out.mul_(radius[:, None]).view(-1)
+        # stacked rather than written through out= column views, which torch.compile cannot trace
+        return torch.stack([torch.cos(theta).mul_(radius), torch.sin(theta).mul_(radius)], dim=1).view(-1)
 
     def rsqrt(self, x):
         return self.torch.rsqrt(x)

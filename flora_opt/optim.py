@@ -87,6 +87,8 @@ def _is_symbolic(tensor: torch.Tensor) -> bool:
     """Meta or fake tensors (memory estimation, deferred init): no values to test or sync on."""
     if tensor.device.type == "meta":
         return True
+    if torch.compiler.is_compiling():  # real tensors under torch.compile(optimizer.step)
+        return False
     try:
         from torch._subclasses.fake_tensor import is_fake
     except ImportError:  # pragma: no cover - very old torch
@@ -282,6 +284,7 @@ class Flora(torch.optim.Optimizer):
                 expected[key] = (shape, torch.float32)
         return expected
 
+    @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
         message = core.unstable_transfer_message(layout, _hyperparams(group))
         if message is not None:
