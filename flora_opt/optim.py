@@ -6,12 +6,14 @@ r"""``flora_opt.Flora``: the Flora optimizer for PyTorch, a thin wrapper over :m
      \rho_t = \text{lr or } \min(10^{-2}, 1/\sqrt t) \\
    &\hat V_t:\ \text{Adafactor's factored (or full) second moment of } G_t, \quad
      \beta_{2,t} = 1 - t^{\text{decay\_rate}} \\
-   &U_t = G_t / \sqrt{\hat V_t}, \qquad U_t \leftarrow U_t / \max(1, \mathrm{RMS}(U_t)/d) \\
+   &U_t = G_t / \sqrt{\hat V_t} \\
    &P_k \in \mathbb R^{r\times \min(m,n)},\ (P_k)_{ij}\sim\mathcal N(0, 1/r),
      \ k = \lfloor (t-1)/\kappa \rfloor \text{ (regenerated from a seed)} \\
    &\text{if } t>1,\ (t-1) \bmod \kappa = 0:\ M \leftarrow P_k P_{k-1}^\top M \\
-   &M_t = \beta_1 M_{t-1} + (1-\beta_1)\,\eta_t P_k U_t, \qquad
-     W_t = W_{t-1} - \eta_t \lambda W_{t-1} - P_k^\top M_t
+   &s = \|M\|_F / \|P_k^\top M\|_F, \quad D_t = (1-\beta_1) U_t + \beta_1 s P_k^\top M, \quad
+     M_t = \beta_1 M + (1-\beta_1) P_k U_t \\
+   &D_t \leftarrow D_t / \max(1, \mathrm{RMS}(D_t)/d), \qquad
+     W_t = (1 - \eta_t \lambda) W_{t-1} - \eta_t D_t
    \end{aligned}
 
 (shown for an ``m x n`` weight with ``m <= n``; for ``m > n`` the columns are compressed).
@@ -142,6 +144,10 @@ class Flora(torch.optim.Optimizer):
       seed (int, default 0): seed of the projections (32-bit).
       quantization (bool, default False): store the momentum (compressed or not) and any full
         second moment in 8 bits, blockwise (256) with the dynamic-tree code, via torchao.
+      foreach (bool or None, default None): ``None``/``True``: the grouped step (tensors of
+        a group with the same layout stepped together, no host sync after the first step,
+        :mod:`flora_opt.engine`); ``False``: the per-tensor reference path (one
+        :func:`flora_opt.core.flora_update` per tensor, as :meth:`step_param` uses).
 
     Example:
       >>> import torch, flora_opt
@@ -158,6 +164,11 @@ class Flora(torch.optim.Optimizer):
       (parameter and state untouched, ``state["skipped_steps"]`` counts it) instead of
       poisoning it; its checkpoints are refused by :meth:`load_state_dict` (their seeds are
       ``torch.Generator`` seeds). See docs/algorithm.md, "Deviations".
+
+      The grouped step keeps step counts and skip counts on the device; ``state["step"]``,
+      ``state["projection"]`` and ``state["skipped_steps"]`` are exact after
+      :meth:`synchronize` (called by :meth:`state_dict`), which also raises the non-finite
+      warning; without skipped steps they are always exact.
 
       The update is computed in float32; float64 parameters receive it in float64 (never
       rounded to float32). A ``kappa`` changed mid-run moves the next resample and carries the
