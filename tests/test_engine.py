@@ -238,3 +238,50 @@ def test_resume_is_bit_exact_and_the_format_is_unchanged(writer_foreach):
         for name, value in a["state"][key].items():
             other = b["state"][key][name]
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+
+def test_compiled_step_has_no_recompiles_across_resamples_and_matches_eager():
+    """``torch.compile(optimizer.step)`` traces a fixed set of graphs: after the first two steps
+    (state creation, then the steady step) no new graph is compiled, also across resamples
+    (kappa=2) and a skipped step, because everything that changes per step is a device tensor
+    and the host integers are advanced outside the graph. The ``.grad`` tensors are kept from one
+    step to the next (``zero_grad(set_to_none=False)``); see docs/algorithm.md section 8."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    shapes = [(40, 60), (40, 60), (60, 40), (30,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = flora_opt.Flora(params, lr=1e-2, rank=4, kappa=2)
+    eager = flora_opt.Flora(eager_params, lr=1e-2, rank=4, kappa=2)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend=backend)
+    for p, q in zip(params, eager_params):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    gen = torch.Generator().manual_seed(3)
+    counts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index in range(7):
+            for p, q in zip(params, eager_params):
+                new = torch.randn(p.shape, generator=gen)
+                if index == 4 and p is params[1]:
+                    new[0, 0] = float("nan")
+                p.grad.copy_(new)
+                q.grad.copy_(new)
+            step()
+            eager.step()
+            counts.append(len(graphs))
+        opt.synchronize()
+        eager.synchronize()
+    torch._dynamo.reset()
+    assert counts[2:] == [counts[1]] * 5, counts
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.state[params[1]]["skipped_steps"] == 1 and opt.state[params[1]]["step"] == 6
