@@ -279,21 +279,26 @@ class Engine:
         P, P_old = both[: len(keys)], both[len(keys):]
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
-        if side == core.SIDE_ROWS:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
+        rows = side == core.SIDE_ROWS
+        if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
             momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             gram_m = torch.bmm(momentum, momentum.mT)
-            history = torch.bmm(P.mT, momentum)  # decompress: (T, m, n)
             compressed = torch.bmm(P, U)
         else:  # M: (T, m, r);  M <- M (P_old P^T)
             momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
             gram_m = torch.bmm(momentum.mT, momentum)
-            history = torch.bmm(momentum, P)
             compressed = torch.bmm(U, P.mT)
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
         momentum_sq = (momentum * momentum).sum(dim=(1, 2))
         positive = decompressed_sq > 0
         ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
-        D = history.mul_((beta1 * ratio).view(-1, 1, 1)).add_(U, alpha=1.0 - beta1)
+        # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
+        # already taken), so no full-size temporary for the history
+        scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
+        if rows:
+            D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
+        else:
+            D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1)
         return D, new_momentum, resample
 

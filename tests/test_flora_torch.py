@@ -387,12 +387,14 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize(
     "shape, options, expected",
     [
-        # factored second moment, full momentum (embedding-like): G^2, reused for U and then the
-        # new momentum M_t, and Delta = eta_t clip(M_t) (M_t is state, so Delta needs its own)
+        # factored second moment, full momentum (embedding-like): the copy of G, overwritten by U
+        # and then the new momentum M_t, and Delta = eta_t clip(M_t) (M_t is state: its own buffer)
         ((2048, 256), dict(rank=32), 2),
-        ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: G^2 -> U -> Delta, one buffer
-        ((300, 200), dict(rank=16), 2),  # compressed momentum: G^2 (-> U) and H = P^T M (-> D -> Delta)
-        # full second moment: G^2 (-> U -> M_t), the new V, and Delta
+        ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: copy of G -> U -> Delta
+        # compressed momentum: the copy of G -> U -> D = (1 - beta1) U + P^T (beta1 s M) (one
+        # baddbmm over U) -> Delta
+        ((300, 200), dict(rank=16), 1),
+        # full second moment: the copy of G (-> U -> M_t), G^2 (-> V^-1/2 -> Delta), the new V
         ((4096,), dict(rank=32), 3),
         ((64, 100), dict(rank=None, factorize_second_moment=False), 3),
     ],
