@@ -110,13 +110,15 @@ class Engine:
             self.counters[param] = counter
         return counter
 
-    def synchronize(self, params=None) -> int:
+    def synchronize(self, params=None, drop: bool = False) -> int:
         """Make the host integers of the state exact (``step``, ``projection``,
         ``skipped_steps``) from the device counters, and warn if steps were skipped.
 
-        One device-to-host copy for all the parameters (or only ``params``); the counters are
-        then dropped and rebuilt from the host integers at the next step. Returns the number of
-        skipped tensor steps found.
+        One device-to-host copy for all the parameters (or only ``params``). The counters' pending
+        skips are then zeroed on the device (no host-to-device copy at the next step), or, with
+        ``drop`` (the host state is about to be replaced or stepped by the per-tensor path), the
+        counters are dropped and rebuilt from the host integers at the next grouped step.
+        Returns the number of skipped tensor steps found.
         """
         chosen = list(self.counters) if params is None else [p for p in params if p in self.counters]
         if not chosen:
@@ -136,7 +138,10 @@ class Engine:
                     state["skipped_steps"] += int(pending)
                     skipped.append((tuple(param.shape), int(pending)))
         for param in chosen:
-            del self.counters[param]
+            if drop:
+                del self.counters[param]
+            else:
+                self.counters[param][PENDING] = 0
         if skipped:
             shapes = ", ".join(f"{shape} x{count}" for shape, count in skipped[:8])
             more = "" if len(skipped) <= 8 else f" and {len(skipped) - 8} more"
@@ -189,7 +194,8 @@ class Engine:
                 norms = torch.linalg.vector_norm(W.to(torch.float32), dim=dims)
             eta = (norms / math.sqrt(numel)).clamp(min=hp.eps2) * rho
         else:
-            eta = torch.as_tensor(rho, dtype=torch.float32, device=device).expand(count)
+            # a fill on the device (torch.as_tensor of a float would be a host-to-device copy)
+            eta = rho if isinstance(rho, torch.Tensor) else torch.full((count,), rho, dtype=torch.float32, device=device)
         weight = t_float.pow(hp.decay_rate).to(torch.float32)  # 1 - beta2_t
 
         state_shapes = layout.state_shapes()

@@ -411,7 +411,7 @@ class Flora(torch.optim.Optimizer):
             raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
         group_index, _, position = entry
         if param in self._engine.counters:
-            self._engine.synchronize([param])
+            self._engine.synchronize([param], drop=True)
         if param.grad is not None:
             group = self.param_groups[group_index]
             self._update_param(param, param.grad, group, _hyperparams(group), position)
@@ -523,7 +523,7 @@ class Flora(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
-        self.synchronize()
+        self._engine.synchronize(drop=True)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         foreign = _foreign_state_message(state_dict)
