@@ -285,3 +285,27 @@ def test_compiled_step_has_no_recompiles_across_resamples_and_matches_eager():
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert opt.state[params[1]]["skipped_steps"] == 1 and opt.state[params[1]]["step"] == 6
+
+
+def test_8bit_grouped_step_has_no_host_sync_and_constant_op_count():
+    """Quantized states are dequantized and requantized as one stack per bucket: no host sync,
+    and the op count does not depend on how many tensors share a layout."""
+    pytest.importorskip("torchao")
+    counts = {}
+    for copies in (2, 8):
+        params = [torch.nn.Parameter(torch.randn(s)) for _ in range(copies) for s in [(256, 300), (300, 256), (5000,)]]
+        opt = flora_opt.Flora(params, lr=1e-2, rank=16, kappa=2, quantization=True)
+        per_step = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                with _CountOps() as counter:
+                    opt.step()
+                per_step.append(counter.ops)
+        assert opt.state[params[0]]["exp_avg_codes"].dtype == torch.uint8
+        for ops in per_step[1:]:
+            assert ops["aten._local_scalar_dense.default"] == 0
+        counts[copies] = sum(per_step[-1].values())
+    assert counts[8] == counts[2], counts
