@@ -374,7 +374,7 @@ class Flora(torch.optim.Optimizer):
                 if "step" not in state:
                     state = self._init_state(param, layout, group, position)
                 self._check_state(param, state, layout, group["quantization"], position)
-                key = (group_index, layout, param.dtype, param.device)
+                key = (group_index, layout, param.dtype, param.grad.dtype, param.device)
                 buckets.setdefault(key, []).append(param)
                 bucket_groups[key] = (group, hp, layout)
         for key, params in buckets.items():
