@@ -376,6 +376,60 @@ def norm_ratio(momentum, projection, side: str, ops: ArrayOps):
     return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
+def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps):
+    """Section 6: the second moment and ``U = G / sqrt(Vhat)`` (not clipped).
+
+    Returns ``(U, new_state)`` with the second-moment keys of ``state`` (``exp_avg_sq_row`` and
+    ``exp_avg_sq_col`` when factored, else ``exp_avg_sq``). Factored:
+    ``R_t = beta2_t R + (1 - beta2_t) mean_j (G^2 + eps1)``, ``C_t`` likewise over rows,
+    ``U_ij = G_ij a_i b_j`` with ``a = (R / mean(R))^{-1/2}``, ``b = C^{-1/2}``.
+    """
+    new_state: dict[str, Any] = {}
+    beta2 = beta2_at(step, hp.decay_rate)
+    grad_sq = grad * grad
+    if layout.factored:
+        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
+        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
+        new_state[EXP_AVG_SQ_ROW] = row
+        new_state[EXP_AVG_SQ_COL] = col
+        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
+        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
+        return grad * row_scale[:, None] * col_scale[None, :], new_state
+    second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
+    new_state[EXP_AVG_SQ] = second
+    return grad * ops.rsqrt(second), new_state
+
+
+def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps,
+                       device=None, projection_index=None):
+    """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``.
+
+    none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
+    ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
+    ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
+    (rows; columns: ``M P`` and ``U P^T``). Returns ``(D, new_state)`` with ``exp_avg`` when
+    there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
+    """
+    if layout.momentum == MOMENTUM_NONE:
+        return normalised, {}
+    if layout.momentum == MOMENTUM_FULL:
+        direction = ops.lerp(momentum, normalised, 1.0 - hp.beta1)
+        return direction, {EXP_AVG: direction}
+    beta1, rank, dim, side = hp.beta1, layout.rank, layout.compressed_dim, layout.side
+    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
+    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
+
+    def transferred(c):
+        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
+        return transfer(c, old, projection, side, ops)
+
+    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
+    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
+    history = decompress(momentum, projection, side, ops) * (beta1 * norm_ratio(momentum, projection, side, ops))
+    direction = (1.0 - beta1) * normalised + history
+    return direction, {EXP_AVG: ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)}
+
+
 def flora_update(
     grad,
     param,
@@ -424,43 +478,12 @@ def flora_update(
     """
     new_state: dict[str, Any] = {}
     eta = step_size(step, param, hp, ops, lr=lr)
-    beta2 = beta2_at(step, hp.decay_rate)
-    grad_sq = grad * grad
-
-    # Second moment and the normalised update U = G / sqrt(V_hat) (section 6).
-    if layout.factored:
-        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
-        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
-        new_state[EXP_AVG_SQ_ROW] = row
-        new_state[EXP_AVG_SQ_COL] = col
-        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
-        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
-        normalised = grad * row_scale[:, None] * col_scale[None, :]
-    else:
-        second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
-        new_state[EXP_AVG_SQ] = second
-        normalised = grad * ops.rsqrt(second)
-
-    # First moment and the direction D (sections 3-4, 8).
-    if layout.momentum == MOMENTUM_NONE:
-        direction = normalised
-    elif layout.momentum == MOMENTUM_FULL:
-        direction = ops.lerp(state[EXP_AVG], normalised, 1.0 - hp.beta1)
-        new_state[EXP_AVG] = direction
-    else:
-        beta1, rank, dim, side = hp.beta1, layout.rank, layout.compressed_dim, layout.side
-        resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
-        projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
-
-        def transferred(c):
-            old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
-            return transfer(c, old, projection, side, ops)
-
-        is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
-        momentum = ops.cond(is_resample, transferred, lambda c: c, state[EXP_AVG])
-        history = decompress(momentum, projection, side, ops) * (beta1 * norm_ratio(momentum, projection, side, ops))
-        direction = (1.0 - beta1) * normalised + history
-        new_state[EXP_AVG] = ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)
+    normalised, second_state = normalised_update(grad, state, step, layout, hp, ops)
+    new_state.update(second_state)
+    direction, momentum_state = momentum_direction(
+        normalised, state.get(EXP_AVG), step, seed, layout, hp, ops, device=device, projection_index=projection_index
+    )
+    new_state.update(momentum_state)
 
     # Update clipping on the combined direction (section 7), step size, weight decay.
     direction_rms = ops.rms(direction)
