@@ -358,9 +358,10 @@ def keep_if_finite(finite, new, old, ops: ArrayOps):
     return ops.where(finite, new, old)
 
 
-def norm_ratio(momentum, projection, side: str, ops: ArrayOps):
+def history_scale(momentum, projection, side: str, ops: ArrayOps):
     """``s = ||M||_F / ||decompress(M)||_F`` (0 when the decompression is 0), through ``r x r``
-    products only.
+    products only: rescales the decompressed history to the norm of the momentum it estimates
+    (``E ||P x||^2 = ||x||^2``, while ``||P^T P x||^2`` is about ``(1 + (d + 1) / r)`` times too large).
 
     rows: ``||P^T M||^2 = sum((P P^T) * (M M^T))``; cols: ``||M P||^2 = sum((M^T M) * (P P^T))``.
     """
@@ -425,7 +426,7 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
 
     is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
     momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    history = decompress(momentum, projection, side, ops) * (beta1 * norm_ratio(momentum, projection, side, ops))
+    history = decompress(momentum, projection, side, ops) * (beta1 * history_scale(momentum, projection, side, ops))
     direction = (1.0 - beta1) * normalised + history
     return direction, {EXP_AVG: ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)}
 
