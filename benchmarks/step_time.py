@@ -6,8 +6,13 @@ model built from configs (random weights, random gradients: the step's cost does
 on their values). Steps are interleaved round-robin (one timed step per contender per round),
 so machine noise hits every contender alike; ratios are taken within the run.
 
-    python benchmarks/step_time.py                      # both models, default contenders
-    python benchmarks/step_time.py --models gpt2 --rounds 5 --ranks 32 256
+    python benchmarks/step_time.py                      # all models, default contenders
+    python benchmarks/step_time.py --models gpt2-small --rounds 5 --ranks 32 256
+    python benchmarks/step_time.py --models llama-48x256 --ranks 32 --no-quantization --per-tensor \
+        --adafactor-foreach                             # issue 11: many small tensors
+
+``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
+default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``.
 
 Prints a markdown table and writes JSON to benchmarks/results/step_time.json.
 """
@@ -43,6 +48,16 @@ MODELS = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
+    # LLaMA-style, width 256, 48 layers (issue 11's many-small-tensors shape; byte-level vocab)
+    "llama-48x256": dict(
+        kind="llama",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=48,
+        num_attention_heads=4,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -70,15 +85,21 @@ def build_params(name: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def contenders(ranks, quantization_options):
+def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False):
     """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
     yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
-    yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
+    if adafactor_foreach:
+        yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)
+    else:
+        yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
     for rank in ranks:
         for quantization in quantization_options:
             name = "flora_8bit" if quantization else "flora"
             yield (registry.label(name, rank),
                    (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
+            if per_tensor:
+                yield (registry.label(name, rank) + " (per-tensor)",
+                       (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, foreach=False))(name, rank))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -93,10 +114,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def run(model: str, ranks, quantization_options, rounds: int, warmup: int) -> list[dict]:
+def run(model: str, ranks, quantization_options, rounds: int, warmup: int, per_tensor=False,
+        adafactor_foreach=False) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
-    built = [(label, make(params)) for label, make in contenders(ranks, quantization_options)]
+    built = [(label, make(params)) for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach)]
     times: dict[str, list[float]] = {label: [] for label, _ in built}
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
@@ -129,6 +151,16 @@ def run(model: str, ranks, quantization_options, rounds: int, warmup: int) -> li
     return rows
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -136,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--no-quantization", action="store_true", help="skip the 8-bit Flora variants")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--per-tensor", action="store_true", help="also time Flora's per-tensor path (foreach=False)")
+    parser.add_argument("--adafactor-foreach", action="store_true", help="reference: torch.optim.Adafactor(foreach=True)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
     args = parser.parse_args(argv)
@@ -144,7 +178,8 @@ def main(argv=None):
     quantization_options = [False] if args.no_quantization else [False, True]
     rows = []
     for model in args.models:
-        rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup))
+        rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup, args.per_tensor,
+                        args.adafactor_foreach))
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
@@ -160,6 +195,8 @@ def main(argv=None):
         threads=torch.get_num_threads(),
         cpu=platform.processor() or platform.machine(),
         cpu_count=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        commit=_commit(),
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"\nwrote {out}", file=sys.stderr)

@@ -331,32 +331,104 @@ def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
 
 
 class Direction(NamedTuple):
-    """The step to subtract from the parameter: ``p <- p - decay * p - value``.
+    """The step of one tensor: ``p <- p - decay * p - value`` (docs/algorithm.md section 8).
 
-    ``value`` is ``eta_t clip_t D_t`` (section 8), dense, in the gradient's work shape;
-    ``decay`` is ``eta_t * weight_decay`` (or None).
+    ``value`` is the dense ``Delta = eta_t D`` in the gradient's working shape; ``decay`` is
+    ``eta_t * weight_decay`` (``None`` without weight decay).
     """
 
     value: Any
     decay: Any
 
 
-def history_scale(momentum, projection, side: str, ops: ArrayOps):
-    """``||M|| / ||decompress(M)||``: rescales the decompressed history to the norm of the
-    momentum it estimates (section 8).
+def apply_direction(param, direction: Direction, ops: ArrayOps):
+    """``(1 - decay) p - Delta`` as a new array (the one rule both frameworks apply; the torch
+    optimizer's in-place form ``p.mul_(1 - decay).sub_(Delta)`` rounds the same way)."""
+    if direction.decay is None:
+        return param - direction.value
+    return param * (1.0 - direction.decay) - direction.value
 
-    ``E ||P x||^2 = ||x||^2`` makes ``||M||`` an unbiased estimate of the uncompressed
-    momentum's norm, while ``||P^T P x||^2`` is about ``(1 + (d + 1) / r)`` times too large.
-    ``||P^T M||^2 = <P P^T, M M^T>`` costs two ``r x r`` products, never an ``m x n`` one.
+
+def keep_if_finite(finite, new, old, ops: ArrayOps):
+    """Section 9, the one skip rule: ``new`` where the tensor's step is finite, else ``old``.
+
+    ``finite`` is the flag returned by :func:`flora_update` (0-d, or broadcastable for a stack of
+    tensors); a skipped tensor keeps its parameter and its state.
     """
+    return ops.where(finite, new, old)
+
+
+def history_scale(momentum, projection, side: str, ops: ArrayOps):
+    """``s = ||M||_F / ||decompress(M)||_F`` (0 when the decompression is 0), through ``r x r``
+    products only: rescales the decompressed history to the norm of the momentum it estimates
+    (``E ||P x||^2 = ||x||^2``, while ``||P^T P x||^2`` is about ``(1 + (d + 1) / r)`` times too large).
+
+    rows: ``||P^T M||^2 = sum((P P^T) * (M M^T))``; cols: ``||M P||^2 = sum((M^T M) * (P P^T))``.
+    """
+    gram_p = ops.matmul(projection, ops.transpose(projection))
     if side == SIDE_ROWS:
         gram_m = ops.matmul(momentum, ops.transpose(momentum))
     else:
         gram_m = ops.matmul(ops.transpose(momentum), momentum)
-    gram_p = ops.matmul(projection, ops.transpose(projection))
     decompressed_sq = ops.sum(gram_p * gram_m)
     momentum_sq = ops.sum(momentum * momentum)
-    return ops.sqrt(momentum_sq / ops.clip_min(decompressed_sq, 1e-30))
+    positive = decompressed_sq > 0
+    safe = ops.where(positive, decompressed_sq, 1.0)
+    return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
+
+
+def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps):
+    """Section 6: the second moment and ``U = G / sqrt(Vhat)`` (not clipped).
+
+    Returns ``(U, new_state)`` with the second-moment keys of ``state`` (``exp_avg_sq_row`` and
+    ``exp_avg_sq_col`` when factored, else ``exp_avg_sq``). Factored:
+    ``R_t = beta2_t R + (1 - beta2_t) mean_j (G^2 + eps1)``, ``C_t`` likewise over rows,
+    ``U_ij = G_ij a_i b_j`` with ``a = (R / mean(R))^{-1/2}``, ``b = C^{-1/2}``.
+    """
+    new_state: dict[str, Any] = {}
+    beta2 = beta2_at(step, hp.decay_rate)
+    grad_sq = grad * grad
+    if layout.factored:
+        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
+        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
+        new_state[EXP_AVG_SQ_ROW] = row
+        new_state[EXP_AVG_SQ_COL] = col
+        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
+        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
+        return grad * row_scale[:, None] * col_scale[None, :], new_state
+    second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
+    new_state[EXP_AVG_SQ] = second
+    return grad * ops.rsqrt(second), new_state
+
+
+def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps,
+                       device=None, projection_index=None):
+    """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``.
+
+    none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
+    ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
+    ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
+    (rows; columns: ``M P`` and ``U P^T``). Returns ``(D, new_state)`` with ``exp_avg`` when
+    there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
+    """
+    if layout.momentum == MOMENTUM_NONE:
+        return normalised, {}
+    if layout.momentum == MOMENTUM_FULL:
+        direction = ops.lerp(momentum, normalised, 1.0 - hp.beta1)
+        return direction, {EXP_AVG: direction}
+    beta1, rank, dim, side = hp.beta1, layout.rank, layout.compressed_dim, layout.side
+    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
+    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
+
+    def transferred(c):
+        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
+        return transfer(c, old, projection, side, ops)
+
+    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
+    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
+    history = decompress(momentum, projection, side, ops) * (beta1 * history_scale(momentum, projection, side, ops))
+    direction = (1.0 - beta1) * normalised + history
+    return direction, {EXP_AVG: ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)}
 
 
 def flora_update(
@@ -372,12 +444,19 @@ def flora_update(
     device=None,
     projection_index=None,
 ):
-    """One Flora step for one tensor (docs/algorithm.md section 8).
+    """One Flora step for one tensor (docs/algorithm.md section 8); a pure function.
 
-    ``U = G / sqrt(Vhat)``; the direction ``D`` is ``U`` (no momentum), the momentum
-    ``M_t = beta1 M_{t-1} + (1 - beta1) U`` (full), or, compressed, the exact current update plus
-    the decompressed, norm-matched history ``D = (1 - beta1) U + beta1 s P^T M_{t-1}`` with
-    ``M_t = beta1 M_{t-1} + (1 - beta1) P U``; then ``D`` is RMS-clipped and scaled by ``eta_t``.
+    With ``U = G / sqrt(Vhat)`` (Adafactor's second moment, section 6, not clipped):
+
+    * no momentum: ``D = U``;
+    * full momentum: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``;
+    * compressed momentum: ``P = P_k`` (after the transfer at a resample, section 4),
+      ``H = decompress(M_{t-1})``, ``s = ||M_{t-1}||_F / ||H||_F`` (0 when ``H = 0``),
+      ``D = (1 - beta1) U + beta1 s H``, ``M_t = beta1 M_{t-1} + (1 - beta1) compress(U)``;
+
+    then ``D <- D / max(1, RMS(D) / d_clip)`` and ``Delta = eta_t D``; the parameter becomes
+    ``p - eta_t lambda p - Delta`` (:func:`apply_direction`). A non-finite ``RMS(D)`` skips the
+    tensor (:func:`keep_if_finite`).
 
     Args:
       grad: float32 gradient, already viewed as ``layout.work_shape``.
@@ -393,73 +472,23 @@ def flora_update(
         transferred from projection ``k - 1``.
 
     Returns:
-      ``(new_state, direction, finite)``: the float state after the step, the
-      :class:`Direction` whose application gives ``p_t``, and a 0-d boolean array that is
-      false when the gradient held NaN/Inf (or squares overflowing float32). Wrappers must
-      then discard ``new_state`` and ``direction`` (section 9: the tensor's step is skipped).
+      ``(new_state, direction, finite)``: new arrays (nothing is written into ``grad``,
+      ``param`` or ``state``), the :class:`Direction` and a 0-d boolean array that is false when
+      ``RMS(D)`` is not finite (NaN/Inf in the gradient, or squares overflowing float32).
+      Wrappers then keep the old parameter and state (section 9).
     """
     new_state: dict[str, Any] = {}
     eta = step_size(step, param, hp, ops, lr=lr)
-    beta2 = beta2_at(step, hp.decay_rate)
-    grad_sq = grad * grad  # gradient-sized temporary, reused below (ops.*_into)
+    normalised, second_state = normalised_update(grad, state, step, layout, hp, ops)
+    new_state.update(second_state)
+    direction, momentum_state = momentum_direction(
+        normalised, state.get(EXP_AVG), step, seed, layout, hp, ops, device=device, projection_index=projection_index
+    )
+    new_state.update(momentum_state)
 
-    # Second moment and the normalised update U = G / sqrt(V_hat) (sections 6-7).
-    if layout.factored:
-        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
-        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
-        new_state[EXP_AVG_SQ_ROW] = row
-        new_state[EXP_AVG_SQ_COL] = col
-        row_scale = ops.rsqrt(row / ops.mean(row))  # U_ij = a_i G_ij b_j
-        normalised = ops.mul_into(grad_sq, grad, row_scale[:, None])
-        normalised = ops.mul_into(normalised, normalised, ops.rsqrt(col)[None, :])
-    else:
-        grad_sq_eps = ops.add_into(grad_sq, grad_sq, hp.eps1)
-        second = ops.lerp(state[EXP_AVG_SQ], grad_sq_eps, 1.0 - beta2)
-        new_state[EXP_AVG_SQ] = second
-        normalised = ops.mul_into(grad_sq_eps, grad, ops.rsqrt_into(grad_sq_eps, second))
-    del grad_sq
-
-    # First moment (sections 3-4, 8): the direction D before clipping.
-    if layout.momentum == MOMENTUM_NONE:
-        direction = normalised
-    elif layout.momentum == MOMENTUM_FULL:
-        new_state[EXP_AVG] = ops.lerp_into(normalised, state[EXP_AVG], normalised, 1.0 - hp.beta1)
-        direction = new_state[EXP_AVG]
-    else:
-        direction, new_state[EXP_AVG] = _compressed_momentum(normalised, state[EXP_AVG], step, seed, layout, hp,
-                                                             ops, device, projection_index)
-
-    # Update clipping on the combined direction (section 7), then the step size (section 5).
+    # Update clipping on the combined direction (section 7), step size, weight decay.
     direction_rms = ops.rms(direction)
     finite = ops.isfinite(direction_rms)  # NaN/Inf anywhere in G makes RMS(D) non-finite
     scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
     decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
-    if layout.momentum == MOMENTUM_FULL:  # D is the new momentum itself: scale a copy
-        value = direction * scale
-    else:
-        value = ops.mul_into(direction, direction, scale)
-    return new_state, Direction(value, decay), finite
-
-
-def _compressed_momentum(normalised, momentum, step, seed, layout: TensorLayout, hp: FloraHyperParams,
-                         ops: ArrayOps, device, projection_index=None):
-    """``(D, M_t)`` for a compressed momentum (section 8, step 3c).
-
-    ``D = (1 - beta1) U + beta1 s P^T M`` and ``M_t = beta1 M + (1 - beta1) P U`` (rows; the
-    transposed forms for cols), with ``M`` carried into ``P`` first at a resample and
-    ``s = ||M|| / ||P^T M||`` (:func:`history_scale`).
-    """
-    rank, dim, side = layout.rank, layout.compressed_dim, layout.side
-    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
-    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
-
-    def transferred(c):
-        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
-        return transfer(c, old, projection, side, ops)
-
-    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
-    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    history = decompress(momentum, projection, side, ops)  # the one new gradient-sized tensor
-    history = ops.mul_into(history, history, history_scale(momentum, projection, side, ops))
-    new_momentum = ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - hp.beta1)
-    return ops.lerp_into(history, normalised, history, hp.beta1), new_momentum
+    return new_state, Direction(direction * scale, decay), finite

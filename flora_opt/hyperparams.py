@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = dict(
     max_aspect_ratio=4.0,
     seed=0,
     quantization=False,
+    foreach=None,
 )
 
 # torch option -> optax argument of flora_opt.optax.flora (docs/jax.md). ``decay_rate = -b2``;
@@ -70,6 +71,7 @@ OPTAX_NAMES: dict[str, str | tuple[str, str] | None] = dict(
     max_aspect_ratio="max_aspect_ratio",
     seed="seed",
     quantization=None,
+    foreach=None,
 )
 
 _FLAGS = ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment", "quantization")
@@ -197,6 +199,8 @@ def validate_group(options: dict[str, Any]) -> None:
     check_int("min_dim_size_to_factor", options["min_dim_size_to_factor"])
     check_real("max_aspect_ratio", options["max_aspect_ratio"], at_least=1.0, none="")
     check_seed("seed", options["seed"])
+    if options.get("foreach") is not None:
+        check_bool("foreach", options["foreach"])
 
 
 def normalize_group(group: dict[str, Any]) -> None:

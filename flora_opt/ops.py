@@ -101,22 +101,9 @@ class ArrayOps:
         """``start + weight * (end - start)``; ``weight`` a Python float or 0-d array."""
         return start + weight * (end - start)
 
-    # ---- results that may reuse a temporary's storage ----------------------------------------
-    # ``out`` is a temporary the caller owns and no longer needs, of the result's shape; it may
-    # be one of the operands. Eager PyTorch writes into it: a fresh gradient-sized allocation
-    # costs more than the arithmetic on a CPU (page faults), and it raises peak memory. The
-    # functional backends (JAX, NumPy) ignore it.
-    def mul_into(self, out, a, b):
-        return a * b
-
-    def add_into(self, out, a, b):
-        return a + b
-
-    def rsqrt_into(self, out, x):
-        return self.rsqrt(x)
-
-    def lerp_into(self, out, start, end, weight):
-        return self.lerp(start, end, weight)
+    def where(self, cond, a, b):
+        """``a`` where ``cond`` else ``b`` (elementwise, broadcasting; scalars allowed)."""
+        return self.xp.where(cond, a, b)
 
     def isfinite(self, x):
         return self.xp.isfinite(x)
@@ -242,10 +229,8 @@ class TorchOps(ArrayOps):
         pairs = uniform.view(-1, 2)
         radius = pairs[:, 0].log().mul_(-2.0).sqrt_().mul_(scale)
         theta = pairs[:, 1].mul(2.0 * 3.141592653589793)
-        out = torch.empty_like(pairs)
-        torch.cos(theta, out=out[:, 0])
-        torch.sin(theta, out=out[:, 1])
-        return out.mul_(radius[:, None]).view(-1)
+        # stacked rather than written through out= column views, which torch.compile cannot trace
+        return torch.stack([torch.cos(theta).mul_(radius), torch.sin(theta).mul_(radius)], dim=1).view(-1)
 
     def rsqrt(self, x):
         return self.torch.rsqrt(x)
@@ -270,18 +255,6 @@ class TorchOps(ArrayOps):
 
     def lerp(self, start, end, weight):
         return self.torch.lerp(start, end, weight)
-
-    def mul_into(self, out, a, b):
-        return self.torch.mul(a, b, out=out)
-
-    def add_into(self, out, a, b):
-        return self.torch.add(a, b, out=out)
-
-    def rsqrt_into(self, out, x):
-        return self.torch.rsqrt(x, out=out)
-
-    def lerp_into(self, out, start, end, weight):
-        return self.torch.lerp(start, end, weight, out=out)
 
     def rms(self, x):
         return self.torch.linalg.vector_norm(x) / (max(x.numel(), 1) ** 0.5)

@@ -6,12 +6,14 @@ r"""``flora_opt.Flora``: the Flora optimizer for PyTorch, a thin wrapper over :m
      \rho_t = \text{lr or } \min(10^{-2}, 1/\sqrt t) \\
    &\hat V_t:\ \text{Adafactor's factored (or full) second moment of } G_t, \quad
      \beta_{2,t} = 1 - t^{\text{decay\_rate}} \\
-   &U_t = G_t / \sqrt{\hat V_t}, \qquad U_t \leftarrow U_t / \max(1, \mathrm{RMS}(U_t)/d) \\
+   &U_t = G_t / \sqrt{\hat V_t} \\
    &P_k \in \mathbb R^{r\times \min(m,n)},\ (P_k)_{ij}\sim\mathcal N(0, 1/r),
      \ k = \lfloor (t-1)/\kappa \rfloor \text{ (regenerated from a seed)} \\
    &\text{if } t>1,\ (t-1) \bmod \kappa = 0:\ M \leftarrow P_k P_{k-1}^\top M \\
-   &M_t = \beta_1 M_{t-1} + (1-\beta_1)\,\eta_t P_k U_t, \qquad
-     W_t = W_{t-1} - \eta_t \lambda W_{t-1} - P_k^\top M_t
+   &s = \|M\|_F / \|P_k^\top M\|_F, \quad D_t = (1-\beta_1) U_t + \beta_1 s P_k^\top M, \quad
+     M_t = \beta_1 M + (1-\beta_1) P_k U_t \\
+   &D_t \leftarrow D_t / \max(1, \mathrm{RMS}(D_t)/d), \qquad
+     W_t = (1 - \eta_t \lambda) W_{t-1} - \eta_t D_t
    \end{aligned}
 
 (shown for an ``m x n`` weight with ``m <= n``; for ``m > n`` the columns are compressed).
@@ -37,6 +39,7 @@ from . import core, distributed
 from . import quantization as q
 from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
 from .distributed import is_dtensor
+from .engine import Engine
 from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
@@ -87,6 +90,8 @@ def _is_symbolic(tensor: torch.Tensor) -> bool:
     """Meta or fake tensors (memory estimation, deferred init): no values to test or sync on."""
     if tensor.device.type == "meta":
         return True
+    if torch.compiler.is_compiling():  # real tensors under torch.compile(optimizer.step)
+        return False
     try:
         from torch._subclasses.fake_tensor import is_fake
     except ImportError:  # pragma: no cover - very old torch
@@ -95,11 +100,11 @@ def _is_symbolic(tensor: torch.Tensor) -> bool:
 
 
 def _apply_direction(target: torch.Tensor, direction: core.Direction) -> None:
-    """``target <- target - decay * target - Delta`` in ``target``'s dtype (section 8)."""
-    dtype = target.dtype
+    """``target <- target - decay * target - Delta`` in place, in ``target``'s dtype (section 8):
+    the in-place form of :func:`flora_opt.core.apply_direction` (tested equal to it)."""
     if direction.decay is not None:
         target.mul_(1.0 - direction.decay)
-    target.sub_(direction.value.to(dtype))
+    target.sub_(direction.value.to(target.dtype))
 
 
 class Flora(torch.optim.Optimizer):
@@ -140,6 +145,10 @@ class Flora(torch.optim.Optimizer):
       seed (int, default 0): seed of the projections (32-bit).
       quantization (bool, default False): store the momentum (compressed or not) and any full
         second moment in 8 bits, blockwise (256) with the dynamic-tree code, via torchao.
+      foreach (bool or None, default None): ``None``/``True``: the grouped step (tensors of
+        a group with the same layout stepped together, no host sync after the first step,
+        :mod:`flora_opt.engine`); ``False``: the per-tensor reference path (one
+        :func:`flora_opt.core.flora_update` per tensor, as :meth:`step_param` uses).
 
     Example:
       >>> import torch, flora_opt
@@ -156,6 +165,11 @@ class Flora(torch.optim.Optimizer):
       (parameter and state untouched, ``state["skipped_steps"]`` counts it) instead of
       poisoning it; its checkpoints are refused by :meth:`load_state_dict` (their seeds are
       ``torch.Generator`` seeds). See docs/algorithm.md, "Deviations".
+
+      The grouped step keeps step counts and skip counts on the device; ``state["step"]``,
+      ``state["projection"]`` and ``state["skipped_steps"]`` are exact after
+      :meth:`synchronize` (called by :meth:`state_dict`), which also raises the non-finite
+      warning; without skipped steps they are always exact.
 
       The update is computed in float32; float64 parameters receive it in float64 (never
       rounded to float32). A ``kappa`` changed mid-run moves the next resample and carries the
@@ -179,6 +193,7 @@ class Flora(torch.optim.Optimizer):
         self._layout_cache: dict[tuple, TensorLayout] = {}
         # parameter -> (group index, index in the group, position in the flattened groups)
         self._positions: dict[torch.Tensor, tuple[int, int, int]] = {}
+        self._engine = Engine(self)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -211,6 +226,7 @@ class Flora(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layout_cache = {}
+        self._engine = Engine(self)
         for group in self.param_groups:
             for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
@@ -227,10 +243,27 @@ class Flora(torch.optim.Optimizer):
             self._index_group(group_index)
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict`` plus ``"flora_format"``, the state format version."""
+        """``torch.optim.Optimizer.state_dict`` plus ``"flora_format"``, the state format version.
+
+        Calls :meth:`synchronize` first, so the integers saved are exact.
+        """
+        self.synchronize()
         state_dict = super().state_dict()
         state_dict[FORMAT_KEY] = STATE_FORMAT
         return state_dict
+
+    def synchronize(self) -> int:
+        """Bring ``state["step"]``, ``state["projection"]`` and ``state["skipped_steps"]`` up to date.
+
+        The grouped :meth:`step` keeps the step count, projection index and skip count of each
+        tensor on its device and never reads them back inside the step (no host sync); the host
+        integers advance as if no step were skipped. This reads the device counters once (one
+        device-to-host copy), corrects the integers of tensors whose steps were skipped, and
+        raises the non-finite ``RuntimeWarning`` for them. Called by :meth:`state_dict`,
+        :meth:`load_state_dict` and :meth:`step_param`; call it to read the counts during
+        training. Returns the number of skipped tensor steps it found.
+        """
+        return self._engine.synchronize()
 
     # ---- layout and state -----------------------------------------------------------------
     def _layout(self, param: torch.Tensor, hp: FloraHyperParams) -> TensorLayout:
@@ -267,6 +300,7 @@ class Flora(torch.optim.Optimizer):
                 expected[key] = (shape, torch.float32)
         return expected
 
+    @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
         message = core.unstable_transfer_message(layout, _hyperparams(group))
         if message is not None:
@@ -337,9 +371,12 @@ class Flora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        bucket_groups: dict[tuple, tuple[dict, FloraHyperParams, TensorLayout]] = {}
         index = 0
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             hp = None
+            grouped = group.get("foreach") is not False
             for param in group["params"]:
                 position = index
                 index += 1
@@ -347,8 +384,35 @@ class Flora(torch.optim.Optimizer):
                     continue
                 if hp is None:
                     hp = _hyperparams(group)
-                self._update_param(param, param.grad, group, hp, position)
+                if not grouped or not self._groupable(param, param.grad):
+                    self._update_param(param, param.grad, group, hp, position)
+                    continue
+                layout = self._layout(param, hp)
+                state = self.state[param]
+                if "step" not in state:
+                    state = self._init_state(param, layout, group, position)
+                self._check_state(param, state, layout, group["quantization"], position)
+                key = (group_index, layout, param.dtype, param.grad.dtype, param.device)
+                buckets.setdefault(key, []).append(param)
+                bucket_groups[key] = (group, hp, layout)
+        for key, params in buckets.items():
+            group, hp, layout = bucket_groups[key]
+            self._engine.step_bucket(params, group, hp, layout)
         return loss
+
+    @staticmethod
+    def _groupable(param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Tensors the grouped step takes; the others (errors, empty, meta/fake) go per tensor."""
+        return (
+            not grad.is_sparse
+            and not grad.is_complex()
+            and not param.is_complex()
+            and grad.shape == param.shape
+            and param.numel() > 0
+            and param.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            and not _is_symbolic(param)
+            and not is_dtensor(param)  # FSDP2 shards step per tensor (flora_opt.distributed)
+        )
 
     @torch.no_grad()
     def step_param(self, param: torch.Tensor) -> None:
@@ -365,6 +429,8 @@ class Flora(torch.optim.Optimizer):
         if entry is None:
             raise ValueError(f"step_param: the parameter of shape {tuple(param.shape)} is not in this optimizer")
         group_index, _, position = entry
+        if param in self._engine.counters:
+            self._engine.synchronize([param], drop=True)
         if param.grad is not None:
             group = self.param_groups[group_index]
             self._update_param(param, param.grad, group, _hyperparams(group), position)
@@ -483,6 +549,7 @@ class Flora(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
+        self._engine.synchronize(drop=True)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         foreign = _foreign_state_message(state_dict)

@@ -61,6 +61,7 @@ __all__ = [
     "stream_key",
     "projection_key",
     "gaussian_projection",
+    "gaussian_projections",
 ]
 
 
@@ -125,3 +126,25 @@ def gaussian_projection(key: int, rank: int, dim: int, ops: ArrayOps, device=Non
     if 2 * pairs != numel:
         values = values[:numel]
     return ops.reshape(values, (rank, dim))
+
+
+def gaussian_projections(keys, rank: int, dim: int, ops: ArrayOps, device=None):
+    """A stack of projections, ``(T, rank, dim)``, one per key of the 1-d integer array ``keys``
+    (from :func:`projection_key` on arrays of seeds and indices), in one call.
+
+    Row ``i`` is :func:`gaussian_projection` of ``keys[i]``: the same integers, element for
+    element (the counter restarts at 0 for every key), then the same Box-Muller.
+    """
+    if rank < 1 or dim < 1:
+        raise ValueError(f"projection shape must be positive, got ({rank}, {dim})")
+    numel = rank * dim
+    pairs = (numel + 1) // 2
+    keys = ops.reshape(keys, (-1, 1))
+    key2 = _mix32_array(ops.u32_xor(keys, GOLDEN), ops)
+    counter = ops.u32_arange(2 * pairs, device)
+    bits = _mix32_array(ops.u32_xor(_mix32_array(ops.u32_add(counter[None, :], keys), ops), key2), ops)
+    uniform = ops.u32_to_unit_float(ops.u32_shr(bits, 9))
+    values = ops.reshape(ops.box_muller(uniform, 1.0 / math.sqrt(rank)), (-1, 2 * pairs))
+    if 2 * pairs != numel:
+        values = values[:, :numel]
+    return ops.reshape(values, (-1, rank, dim))

@@ -128,7 +128,7 @@ def test_projection_count_per_step():
         return original(*args, **kwargs)
 
     p = torch.nn.Parameter(torch.randn(16, 24))
-    opt = flora_opt.Flora([p], lr=1e-2, rank=4, kappa=3)
+    opt = flora_opt.Flora([p], lr=1e-2, rank=4, kappa=3, foreach=False)  # the per-tensor path
     core_module = core
     core_module.gaussian_projection, saved = counting, core_module.gaussian_projection
     try:
@@ -142,3 +142,31 @@ def test_projection_count_per_step():
         core_module.gaussian_projection = saved
     assert per_step == [1, 1, 1, 2, 1, 1, 2]
     assert math.isfinite(p.sum().item())
+
+
+def test_grouped_step_generates_a_bucket_s_projections_in_one_call():
+    """The grouped step decides resamples on the device, so it generates the current and the
+    previous projection of every compressed tensor of a bucket at each step, in one call."""
+    torch = pytest.importorskip("torch")
+    import flora_opt
+    from flora_opt import engine
+
+    calls = []
+    original = engine.gaussian_projections
+
+    def counting(keys, *args, **kwargs):
+        calls.append(keys.numel())
+        return original(keys, *args, **kwargs)
+
+    params = [torch.nn.Parameter(torch.randn(16, 24)) for _ in range(3)]
+    opt = flora_opt.Flora(params, lr=1e-2, rank=4, kappa=3)
+    engine.gaussian_projections = counting
+    try:
+        for _ in range(4):
+            calls.clear()
+            for p in params:
+                p.grad = torch.randn(16, 24)
+            opt.step()
+            assert calls == [6]  # one call: 3 tensors x (current, previous)
+    finally:
+        engine.gaussian_projections = original

@@ -111,6 +111,7 @@ def _run_torch(params, grads, kw, lr, param_dtype=torch.float32):
             p.grad = torch.tensor(g[k]).to(param_dtype)
         opt.step()
         trajectory.append({k: p.detach().float().numpy().copy() for k, p in zip(names, tparams)})
+    opt.synchronize()  # exact host integers; the grouped step's non-finite warning is raised here
     return trajectory, opt, tparams
 
 

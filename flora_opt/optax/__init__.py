@@ -10,6 +10,8 @@
   :func:`compressed_accumulator` returns an :class:`AccumulatorFunctions` (formerly
   ``CompressedAccumulator``, a name that collided with the PyTorch
   ``flora_opt.CompressedAccumulator``; the old name still works with a ``DeprecationWarning``).
+* :func:`compressed_ema`: Flora's momentum alone, a transformation that can replace
+  ``optax.ema`` in a chain (no learning rate, so ``optax.inject_hyperparams`` needs no list).
 * :func:`state_shardings`: ``NamedSharding`` s for the state, for ``jax.jit`` out_shardings.
 
 The per-tensor math is :func:`flora_opt.core.flora_update`, shared with the PyTorch optimizer;
@@ -34,6 +36,7 @@ from .accumulation import (
     compressed_multi_steps,
     has_updated,
 )
+from .ema import CompressedEmaState, compressed_ema
 from .sharding import state_shardings
 from .transform import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, state_bytes
 
@@ -41,9 +44,11 @@ __all__ = [
     "STATIC_ARGS",
     "AccumulatorFunctions",
     "AccumulatorState",
+    "CompressedEmaState",
     "CompressedMultiStepsState",
     "ScaleByFloraState",
     "compressed_accumulator",
+    "compressed_ema",
     "compressed_multi_steps",
     "flora",
     "has_updated",

@@ -335,14 +335,14 @@ def scale_by_flora(
         delta = direction.value
         if direction.decay is not None:
             delta = delta + direction.decay * param32
-        # Section 9: a non-finite gradient leaves the update at zero and the state unchanged.
-        update = jnp.where(finite, delta, jnp.zeros_like(delta)).reshape(grad.shape).astype(dtype)
+        # Section 9 (core.keep_if_finite): a non-finite step leaves the update at zero and the state unchanged.
+        update = core.keep_if_finite(finite, delta, jnp.zeros_like(delta), ops).reshape(grad.shape).astype(dtype)
         new_state = dict(leaf_state)
-        new_state["step"] = jnp.where(finite, new_step, step)
+        new_state["step"] = core.keep_if_finite(finite, new_step, step, ops)
         for key, value in new_core_state.items():
             name = _FIELD_OF_KEY[key]
             old = leaf_state[name]
-            new_state[name] = jnp.where(finite, value.reshape(old.shape).astype(jnp.float32), old)
+            new_state[name] = core.keep_if_finite(finite, value.reshape(old.shape).astype(jnp.float32), old, ops)
         return update, new_state
 
     def update_fn(updates, state: ScaleByFloraState, params=None):

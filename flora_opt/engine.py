@@ -1,0 +1,342 @@
+r"""The grouped, sync-free Flora step for PyTorch (the default path of :meth:`flora_opt.Flora.step`).
+
+Tensors of one param group with the same layout (shape, compressed side, rank, factoring),
+parameter dtype, device and quantization form a *bucket* and are stepped together, on stacks
+``(T, m, n)`` (or ``(T, N)`` for vectors): the same math as :func:`flora_opt.core.flora_update`
+(docs/algorithm.md section 8), with
+
+.. math::
+   U = G / \sqrt{\hat V}, \quad
+   D = \begin{cases} U & \text{no momentum} \\ M_t = \beta_1 M_{t-1} + (1-\beta_1) U & \text{full} \\
+   (1-\beta_1) U + \beta_1 s\, P^\top M_{t-1},\ s = \|M_{t-1}\|_F / \|P^\top M_{t-1}\|_F & \text{compressed}
+   \end{cases} \\
+   D \leftarrow D / \max(1, \mathrm{RMS}(D)/d), \quad W \leftarrow W - \eta_t \lambda W - \eta_t D
+
+per tensor, where
+
+* the projections of a bucket are generated in one call from the vectors of seeds and
+  projection indices (:func:`flora_opt.projection.gaussian_projections`), and compression,
+  decompression and the momentum transfer are batched matrix products (``bmm``);
+* the step number ``t``, the projection index ``k`` and the count of skipped steps live in a
+  small ``int64`` tensor per parameter on its device (:attr:`Engine.counters`), so ``beta2_t``,
+  ``rho_t``, the resample test ``(t - 1) mod kappa = 0`` and ``k`` are computed on the device:
+  ``step()`` reads nothing back to the host (no ``.item()``/``bool()``) after the first step;
+* a non-finite ``RMS(D)`` (section 9) is decided per tensor on the device: the tensor's update
+  and weight decay are masked to zero and its state keeps its old values (``torch.where``);
+* the host integers of the checkpoint format (``state["step"]``, ``state["projection"]``,
+  ``state["skipped_steps"]``) are advanced optimistically (as if no step were skipped) and made
+  exact by :meth:`Engine.synchronize` (one device-to-host copy), which also raises the
+  non-finite warning. :meth:`flora_opt.Flora.state_dict`, :meth:`~flora_opt.Flora.load_state_dict`,
+  :meth:`~flora_opt.Flora.step_param` and :meth:`~flora_opt.Flora.synchronize` call it. Without
+  skipped steps the host integers are always exact.
+
+Precision: float32, as the per-tensor path; results equal :func:`flora_opt.core.flora_update`
+up to float32 rounding (batched reductions and matrix products sum in another order): the
+projections are bit-identical, parameters and states agree to about ``1e-6`` relative.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from . import core
+from . import quantization as q
+from .core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyperParams, TensorLayout
+from .ops import get_ops
+from .projection import STREAM_MOMENTUM, gaussian_projections, projection_key
+
+# Columns of a parameter's counter tensor.
+STEP, PROJ, PENDING, SEED = 0, 1, 2, 3
+_SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}
+CODES_SUFFIX = "_codes"
+ABSMAX_SUFFIX = "_absmax"
+PROJECTION = "projection"
+
+
+def _u32_signed(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
+    """``torch.stack(tensors).view(shape)``, without a copy when the tensors already are the
+    consecutive rows of one contiguous stack (what the previous step left in the state) or a
+    single tensor."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].view(shape)
+    if torch.compiler.is_compiling():  # views' bases are not traced; the compiler removes the copy
+        return torch.stack(tensors).view(shape)
+    base = tensors[0]._base
+    if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
+        size = tensors[0].numel()
+        start = base.storage_offset()
+        if all(t._base is base and t.is_contiguous() and t.storage_offset() == start + i * size
+               for i, t in enumerate(tensors)):
+            return base.view(shape)
+    return torch.stack(tensors).view(shape)
+
+
+@torch.compiler.disable
+def _advance_host_integers(states, kappa: int) -> None:
+    """The checkpoint's integers, advanced as if no step were skipped (exact unless one was; see
+    :meth:`Engine.synchronize`). Kept out of ``torch.compile`` graphs: Python integers that
+    change at every step would make each step a new graph."""
+    for state in states:
+        step = state["step"] + 1
+        if PROJECTION in state and step > 1 and (step - 1) % kappa == 0:
+            state[PROJECTION] += 1
+        state["step"] = step
+
+
+class Engine:
+    """Device counters and the bucketed step of one :class:`flora_opt.Flora` optimizer."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        # parameter -> int64 tensor (4,) on its device: step, projection index, pending skips,
+        # seed (its uint32 bit pattern as a signed 32-bit value)
+        self.counters: dict[torch.Tensor, torch.Tensor] = {}
+
+    # ---- counters ---------------------------------------------------------------------------
+    def _counter(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        counter = self.counters.get(param)
+        if counter is None:
+            values = [state["step"], state.get(PROJECTION, 0), 0, _u32_signed(state["seed"])]
+            counter = torch.tensor(values, dtype=torch.int64, device=param.device)
+            self.counters[param] = counter
+        return counter
+
+    def synchronize(self, params=None, drop: bool = False) -> int:
+        """Make the host integers of the state exact (``step``, ``projection``,
+        ``skipped_steps``) from the device counters, and warn if steps were skipped.
+
+        One device-to-host copy for all the parameters (or only ``params``). The counters' pending
+        skips are then zeroed on the device (no host-to-device copy at the next step), or, with
+        ``drop`` (the host state is about to be replaced or stepped by the per-tensor path), the
+        counters are dropped and rebuilt from the host integers at the next grouped step.
+        Returns the number of skipped tensor steps found.
+        """
+        chosen = list(self.counters) if params is None else [p for p in params if p in self.counters]
+        if not chosen:
+            return 0
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for param in chosen:
+            by_device.setdefault(self.counters[param].device, []).append(param)
+        skipped = []
+        for device_params in by_device.values():
+            values = torch.stack([self.counters[p] for p in device_params]).tolist()
+            for param, (step, proj, pending, _) in zip(device_params, values):
+                state = self.optimizer.state[param]
+                state["step"] = int(step)
+                if PROJECTION in state:
+                    state[PROJECTION] = int(proj)
+                if pending:
+                    state["skipped_steps"] += int(pending)
+                    skipped.append((tuple(param.shape), int(pending)))
+        for param in chosen:
+            if drop:
+                del self.counters[param]
+            else:
+                self.counters[param][PENDING] = 0
+        if skipped:
+            shapes = ", ".join(f"{shape} x{count}" for shape, count in skipped[:8])
+            more = "" if len(skipped) <= 8 else f" and {len(skipped) - 8} more"
+            warnings.warn(
+                f"Flora: non-finite gradient for {len(skipped)} parameter(s) (shape x skipped steps: {shapes}{more}); "
+                "those updates were skipped (parameter and state unchanged)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return sum(count for _, count in skipped)
+
+    # ---- one bucket -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step_bucket(self, params: list[torch.Tensor], group: dict[str, Any], hp: FloraHyperParams,
+                    layout: TensorLayout) -> None:
+        """One step of every tensor in ``params`` (same layout, dtype, device and options)."""
+        optimizer = self.optimizer
+        quantization = group["quantization"]
+        states = [optimizer.state[p] for p in params]
+        count = len(params)
+        work = tuple(layout.work_shape) if layout.matrix is not None else (max(math.prod(layout.shape), 1),)
+        shape = (count,) + work
+        dims = tuple(range(1, len(shape)))
+        numel = math.prod(work)
+        device = params[0].device
+
+        # our own float32 copy of the gradients, overwritten by U below
+        G = torch.stack([p.grad for p in params]).view(shape).to(torch.float32)
+        counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
+        t = counters[:, STEP] + 1
+        t_float = t.to(torch.float64)
+        lr = group["lr"]
+
+        # eta_t (section 5), per tensor: (T,) float32
+        if hp.relative_step:
+            floor = 1e-6 * t_float if hp.warmup_init else torch.full_like(t_float, 1e-2)
+            rho = torch.minimum(floor, t_float.pow(-0.5)).to(torch.float32)
+        else:
+            rho = float(lr)
+        in_place = params[0].dtype == torch.float32
+        if in_place:
+            W = None
+        else:  # bf16/fp16 applied in float32 and rounded once; float64 applied in float64
+            W = torch.stack(params).view(shape)
+            W = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+        if hp.scale_parameter:
+            if W is None:
+                norms = torch.stack(torch._foreach_norm(params))
+            else:
+                norms = torch.linalg.vector_norm(W.to(torch.float32), dim=dims)
+            eta = (norms / math.sqrt(numel)).clamp(min=hp.eps2) * rho
+        else:
+            # a fill on the device (torch.as_tensor of a float would be a host-to-device copy)
+            eta = rho if isinstance(rho, torch.Tensor) else torch.full((count,), rho, dtype=torch.float32, device=device)
+        weight = t_float.pow(hp.decay_rate).to(torch.float32)  # 1 - beta2_t
+
+        state_shapes = layout.state_shapes()
+        old = {key: self._read(states, key, self._stack_shape(count, s, layout, work), quantization, layout)
+               for key, s in state_shapes.items()}
+        new: dict[str, torch.Tensor] = {}
+
+        # Second moment and U = G / sqrt(V_hat) (section 6), U written over the copy G.
+        spare = None  # a free full-size buffer, if any, for Delta
+        if layout.factored:
+            m, n = work
+            # mean_j G_ij^2 as a squared norm: no G^2 temporary (rounding differs by ~1 ulp)
+            row_mean = torch.linalg.vector_norm(G, dim=2).square_().div_(n).add_(hp.eps1)
+            col_mean = torch.linalg.vector_norm(G, dim=1).square_().div_(m).add_(hp.eps1)
+            row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
+            col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
+            new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
+            row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
+            U = G.mul_(row_scale[:, :, None]).mul_(torch.rsqrt(col)[:, None, :])
+        else:
+            view_weight = weight.view((count,) + (1,) * len(work))
+            grad_sq = torch.mul(G, G).add_(hp.eps1)
+            second = torch.lerp(old[EXP_AVG_SQ], grad_sq, view_weight)
+            new[EXP_AVG_SQ] = second
+            U = G.mul_(torch.rsqrt(second, out=grad_sq))
+            spare = grad_sq
+
+        # First moment and the direction D (sections 3-4, 8).
+        if layout.momentum == core.MOMENTUM_NONE:
+            D = U
+        elif layout.momentum == core.MOMENTUM_FULL:
+            D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
+            new[EXP_AVG] = D
+        else:
+            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device)
+
+        # Clipping of D (section 7), the skip rule (section 9), the step size.
+        rms = torch.linalg.vector_norm(D, dim=dims) / math.sqrt(numel)
+        finite = torch.isfinite(rms)
+        scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
+        expand = (count,) + (1,) * len(work)
+        if layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
+            delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
+        else:  # D is U or a temporary: scaled in place
+            delta = D.mul_(scale.view(expand))
+        delta.masked_fill_(~finite.view(expand), 0.0)
+
+        # Write the state (a skipped tensor keeps its old values) and the counters.
+        for key, value in new.items():
+            mask = finite.view((count,) + (1,) * (value.dim() - 1))
+            value = torch.where(mask, value, old[key], out=value)
+            self._write(states, key, value, state_shapes[key], quantization, layout)
+        skipped = (~finite).to(torch.int64)
+        increments = torch.stack([1 - skipped, torch.zeros_like(skipped), skipped, torch.zeros_like(skipped)], dim=1)
+        if layout.momentum == core.MOMENTUM_COMPRESSED:
+            increments[:, PROJ] = resample.to(torch.int64) * (1 - skipped)
+        torch._foreach_add_([self.counters[p] for p in params], list(increments.unbind(0)))
+
+        _advance_host_integers(states, hp.kappa)
+
+        # Apply: p <- p - decay * p - Delta (core.apply_direction, in place), masked decay.
+        if hp.weight_decay != 0:
+            keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0)
+        else:
+            keep = None
+        if in_place:
+            if keep is not None:
+                torch._foreach_mul_(params, list(keep.unbind(0)))
+            torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
+            return
+        if keep is not None:
+            W.mul_(keep.view(expand))
+        W.sub_(delta.to(W.dtype))
+        torch._foreach_copy_(params, list(W.view((count,) + tuple(layout.shape)).unbind(0)))
+
+    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device):
+        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``."""
+        beta1, rank, side = hp.beta1, layout.rank, layout.side
+        dim = layout.compressed_dim
+        ops = get_ops("torch")
+        resample = (t > 1) & ((t - 1) % hp.kappa == 0)
+        index = counters[:, PROJ] + resample.to(torch.int64)
+        seeds = counters[:, SEED].to(torch.int32)
+        keys = projection_key(seeds, STREAM_MOMENTUM, index.to(torch.int32), ops)
+        old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
+        both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
+        P, P_old = both[: len(keys)], both[len(keys):]
+        gram_p = torch.bmm(P, P.mT)  # (T, r, r)
+        mask = resample.view(-1, 1, 1)
+        rows = side == core.SIDE_ROWS
+        if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
+            momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
+            gram_m = torch.bmm(momentum, momentum.mT)
+            compressed = torch.bmm(P, U)
+        else:  # M: (T, m, r);  M <- M (P_old P^T)
+            momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
+            gram_m = torch.bmm(momentum.mT, momentum)
+            compressed = torch.bmm(U, P.mT)
+        decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
+        momentum_sq = (momentum * momentum).sum(dim=(1, 2))
+        positive = decompressed_sq > 0
+        ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
+        # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
+        # already taken), so no full-size temporary for the history
+        scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
+        if rows:
+            D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
+        else:
+            D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
+        new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1)
+        return D, new_momentum, resample
+
+    # ---- state (8-bit states dequantized and requantized as one stack) ----------------------
+    @staticmethod
+    def _stack_shape(count: int, state_shape, layout: TensorLayout, work) -> tuple[int, ...]:
+        """A stack of states: full-size states take the work shape (a scalar's () is (1,))."""
+        if layout.matrix is None:
+            return (count,) + tuple(work)
+        return (count,) + tuple(state_shape)
+
+    def _read(self, states, key: str, shape, quantization: bool, layout: TensorLayout) -> torch.Tensor:
+        numel = math.prod(shape[1:])
+        if not self.optimizer._quantized(layout, key, quantization):
+            return _stacked([s[key] for s in states], shape)
+        codes = torch.cat([s[key + CODES_SUFFIX] for s in states])
+        absmax = torch.cat([s[key + ABSMAX_SUFFIX] for s in states])
+        padded = absmax.numel() // len(states) * q.BLOCK_SIZE
+        values = q.dequantize(codes, absmax, (len(states), padded), _SIGNED[key])
+        return values[:, :numel].reshape(shape)
+
+    def _write(self, states, key: str, value: torch.Tensor, state_shape, quantization: bool,
+               layout: TensorLayout) -> None:
+        count = len(states)
+        if not self.optimizer._quantized(layout, key, quantization):
+            for state, row in zip(states, value.view((count,) + tuple(state_shape)).unbind(0)):
+                state[key] = row
+            return
+        flat = value.reshape(count, -1)
+        padded = states[0][key + ABSMAX_SUFFIX].numel() * q.BLOCK_SIZE
+        if padded != flat.shape[1]:
+            flat = torch.nn.functional.pad(flat, (0, padded - flat.shape[1]))
+        codes, absmax = q.quantize(flat, _SIGNED[key])
+        torch._foreach_copy_([s[key + CODES_SUFFIX] for s in states], list(codes.view(count, -1).unbind(0)))
+        torch._foreach_copy_([s[key + ABSMAX_SUFFIX] for s in states], list(absmax.view(count, -1).unbind(0)))
