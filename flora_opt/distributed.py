@@ -202,18 +202,6 @@ class DTensorOps(TorchOps):
                 b = b.redistribute(b.device_mesh, (Replicate(),))
         return a @ b
 
-    def mul_into(self, out, a, b):
-        return a * b
-
-    def add_into(self, out, a, b):
-        return a + b
-
-    def rsqrt_into(self, out, x):
-        return self.torch.rsqrt(x)
-
-    def lerp_into(self, out, start, end, weight):
-        return self.torch.lerp(start, end, weight)
-
     def shard_projection(self, projection):
         DTensor, Replicate, Shard = _dtensor_api()
         if is_dtensor(projection):
