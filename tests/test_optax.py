@@ -418,3 +418,49 @@ def test_optax_defaults_agree_with_the_one_table(factory):
             assert signature["b2"].default == -DEFAULTS["decay_rate"]
         else:
             assert signature[optax_name].default == DEFAULTS[torch_name], torch_name
+
+
+def test_the_small_stages():
+    """clip_by_rms, add_weight_decay, scale_by_param_rms and zero_non_finite, each on its own."""
+    from flora_opt.optax import add_weight_decay, clip_by_rms, scale_by_param_rms, zero_non_finite
+
+    u = {"w": jnp.arange(12.0).reshape(3, 4), "n": jnp.arange(3)}
+    params = {"w": jnp.full((3, 4), 2.0, jnp.bfloat16), "n": jnp.arange(3)}
+    clip = clip_by_rms(1.0)
+    clipped, _ = clip.update(u, clip.init(params))
+    expected, _ = optax.clip_by_block_rms(1.0).update(u, None)
+    np.testing.assert_allclose(clipped["w"], expected["w"], rtol=1e-6)
+    np.testing.assert_array_equal(clipped["n"], u["n"])  # integer leaves pass through
+    # A finite leaf whose RMS overflows is NaN (optax's clip maps it to 0): the step is skipped.
+    huge, _ = clip.update({"w": jnp.full((3, 4), 1e30)}, None)
+    assert np.all(np.isnan(np.asarray(huge["w"])))
+    assert np.all(np.asarray(optax.clip_by_block_rms(1.0).update({"w": jnp.full((3, 4), 1e30)}, None)[0]["w"]) == 0)
+    np.testing.assert_array_equal(clip_by_rms(None).update(u, None)[0]["w"], u["w"])
+
+    decay = add_weight_decay(0.5, mask={"w": False, "n": True})
+    decayed, _ = decay.update(u, decay.init(params), params)
+    np.testing.assert_array_equal(decayed["w"], u["w"])
+    decayed, _ = add_weight_decay(0.5).update(u, None, params)
+    np.testing.assert_allclose(decayed["w"], u["w"] + 1.0)
+
+    scaled, _ = scale_by_param_rms(1e-3).update(u, None, params)
+    np.testing.assert_allclose(scaled["w"], 2.0 * u["w"])  # RMS(W) = 2
+    scaled, _ = scale_by_param_rms(5.0).update(u, None, params)
+    np.testing.assert_allclose(scaled["w"], 5.0 * u["w"])  # the floor
+    with pytest.raises(ValueError, match="needs params"):
+        scale_by_param_rms().update(u, None)
+
+    bad = {"w": u["w"].at[1, 1].set(jnp.inf), "n": u["n"]}
+    out, _ = zero_non_finite().update(bad, None, params)
+    assert out["w"].dtype == jnp.bfloat16 and np.all(np.asarray(out["w"], np.float32) == 0)
+    out, _ = zero_non_finite().update(u, None, params)
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float32), np.asarray(u["w"].astype(jnp.bfloat16), np.float32))
+
+
+def test_flora_is_a_chain_of_the_documented_stages():
+    params = {"w": jnp.ones((16, 40))}
+    kinds = [type(s).__name__ for s in flora(1e-3, tau=4, weight_decay=0.1).init(params)]
+    # second moment, momentum, clip, weight decay, learning rate, parameter scale, sign, non-finite
+    assert kinds == ["ScaleBySecondMomentState", "CompressedEmaState"] + ["EmptyState"] * 6
+    assert len(flora(1e-3, b1=None, multiply_by_parameter_scale=False).init(params)) == 5
+    assert isinstance(flora(optax.constant_schedule(1e-3)).init(params)[3], optax.ScaleByScheduleState)
