@@ -38,6 +38,7 @@ differ from the PyTorch single decision on ``RMS(D)``: only at the float32 overf
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -438,8 +439,9 @@ def zero_non_finite() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _parts(learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay, eps,
-           min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask, max_aspect_ratio):
+def _parts(*, learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay,
+           eps, min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask,
+           max_aspect_ratio):
     """Validate, then the chain's stages up to (not including) the sign flip."""
     _validate(
         learning_rate, b1=b1, b2=b2, tau=tau, seed=seed, kappa=kappa, clipping_threshold=clipping_threshold,
@@ -459,38 +461,6 @@ def _parts(learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply
     if multiply_by_parameter_scale:
         parts.append(scale_by_param_rms(min_parameter_scale))
     return parts
-
-
-def scale_by_flora(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Optional[float] = 0.9,
-    b2: float = 0.8,
-    tau: Optional[int] = 256,
-    seed: int = 0,
-    kappa: int = 1000,
-    clipping_threshold: Optional[float] = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    weight_decay: Optional[float] = 0.0,
-    eps: float = 1e-30,
-    min_dim_size_to_factor: int = 128,
-    factorized_second_moment: bool = True,
-    *,
-    min_parameter_scale: float = 1e-3,
-    weight_decay_mask: MaskOrFn = None,
-    max_aspect_ratio: Optional[float] = 4.0,
-) -> optax.GradientTransformationExtraArgs:
-    r"""The Flora step ``Delta_t = eta_t (D_clip + lambda W)`` of every leaf, to be *subtracted*:
-    :func:`flora` without its final ``optax.scale(-1)`` (kept for code written against the former
-    monolithic transformation; its state is now the chain's tuple).
-
-    Args: see :func:`flora`.
-    """
-    return optax.chain(
-        *_parts(learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay,
-                eps, min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask,
-                max_aspect_ratio),
-        zero_non_finite(),
-    )
 
 
 def flora(
@@ -587,13 +557,21 @@ def flora(
       at zero and its state unchanged; the momentum averages the normalised gradient ``U_t``, the
       history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference added unscaled weight decay after the step).
     """
-    return optax.chain(
-        *_parts(learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay,
-                eps, min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask,
-                max_aspect_ratio),
-        optax.scale(-1.0),
-        zero_non_finite(),
-    )
+    return optax.chain(*_parts(**locals()), optax.scale(-1.0), zero_non_finite())
+
+
+def scale_by_flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    r"""The Flora step ``Delta_t = eta_t (D_clip + lambda W)`` of every leaf, to be *subtracted*:
+    :func:`flora` without its ``optax.scale(-1)`` (kept for code written against the former
+    monolithic transformation; its state is now the chain's tuple). Same arguments as
+    :func:`flora` (its signature is :func:`flora`'s, so the defaults have one home)."""
+    bound = _FLORA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return optax.chain(*_parts(**bound.arguments), zero_non_finite())
+
+
+_FLORA_SIGNATURE = inspect.signature(flora)
+scale_by_flora.__signature__ = _FLORA_SIGNATURE
 
 
 def state_bytes(state) -> int:
