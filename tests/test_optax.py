@@ -391,6 +391,11 @@ def test_learning_rate_can_be_injected_without_static_arguments():
     # init fixes the layout: under jit the injected tau is traced, which is refused clearly.
     with pytest.raises(ValueError, match="traced value"):
         jax.jit(injected.init)(params)
+    # ...unless the five arguments that fix the layout are static (docs/jax.md); the rest stay injected.
+    layout_args = ("b1", "tau", "seed", "min_dim_size_to_factor", "max_aspect_ratio")
+    jitted_init = optax.inject_hyperparams(flora, static_args=layout_args)(learning_rate=rates[0], **kw)
+    state = jax.jit(jitted_init.init)(params)
+    assert "kappa" in state.hyperparams and _stages(state.inner_state)[1].exp_avg["w"].shape == (4, 40)
 
 
 def test_compressed_ema_is_the_momentum_stage_of_flora():

@@ -101,7 +101,8 @@ def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1
 
     def init_fn(params):
         b1_value = _static("b1", b1)
-        hp = core.FloraHyperParams(rank=_static("tau", tau), kappa=_static("kappa", kappa),
+        kappa_value = _concrete(kappa)  # only for the stability warning: skipped when traced
+        hp = core.FloraHyperParams(rank=_static("tau", tau), kappa=1 if _traced(kappa_value) else kappa_value,
                                    beta1=None if not b1_value else float(b1_value),
                                    max_aspect_ratio=_static("max_aspect_ratio", max_aspect_ratio))
         base_seed = _static("seed", seed)
@@ -114,7 +115,7 @@ def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1
             if _float_dtype(leaf) is not None:
                 layout = core.tensor_layout(jnp.shape(leaf), hp)
                 shape = _state_shapes(layout).get(core.EXP_AVG)
-                message = core.unstable_transfer_message(layout, hp)
+                message = None if _traced(kappa_value) else core.unstable_transfer_message(layout, hp)
                 if message is not None:
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
             momenta.append(jnp.zeros(shape, jnp.float32) if shape is not None else _placeholder())
