@@ -13,8 +13,22 @@ import jax.numpy as jnp  # noqa: E402
 import flora_opt  # noqa: E402
 from flora_opt import core  # noqa: E402
 from flora_opt.ops import get_ops  # noqa: E402
-from flora_opt.optax import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, state_bytes  # noqa: E402
+from flora_opt.optax import (  # noqa: E402
+    STATIC_ARGS,
+    CompressedEmaState,
+    ScaleBySecondMomentState,
+    compressed_ema,
+    flora,
+    scale_by_flora,
+    state_bytes,
+)
 from flora_opt.projection import tensor_seed  # noqa: E402
+
+
+def _stages(state):
+    """The states of the chain's second-moment and momentum stages (``None``: no momentum stage)."""
+    second = next(s for s in state if isinstance(s, ScaleBySecondMomentState))
+    return second, next((s for s in state if isinstance(s, CompressedEmaState)), None)
 
 
 def _tree_signature(tree):
@@ -26,7 +40,9 @@ def test_public_names():
     tx = flora(1e-3)
     assert isinstance(tx, optax.GradientTransformation)
     assert isinstance(scale_by_flora(1e-3), optax.GradientTransformation)
-    assert isinstance(tx.init({"w": jnp.ones((3, 3))})[0], ScaleByFloraState)
+    state = tx.init({"w": jnp.ones((3, 3))})
+    assert isinstance(state[0], ScaleBySecondMomentState) and isinstance(state[1], CompressedEmaState)
+    assert STATIC_ARGS == ()  # kept as a no-op: the chain needs no static arguments
 
 
 BAD_INPUTS = [
@@ -79,7 +95,7 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     expected = flora(1e-3, tau=4, kappa=10, b1=0.9, seed=3)
     given = flora(np.float32(1e-3), tau=np.int64(4), kappa=np.int64(10), b1=np.float32(0.9), seed=np.uint32(3))
     state = given.init(params)
-    assert state[0].exp_avg["w"].shape == expected.init(params)[0].exp_avg["w"].shape == (4, 30)
+    assert _stages(state)[1].exp_avg["w"].shape == _stages(expected.init(params))[1].exp_avg["w"].shape == (4, 30)
     given.update(params, state, params)
     flora(jnp.asarray(1e-3)).init(params)  # a concrete 0-d array learning rate is checked, then accepted
 
@@ -163,25 +179,24 @@ def test_pytrees_dtypes_structure_and_no_recompilation():
         assert _tree_signature(state) == state_sig
     assert len(traces) == 1, "the second update call recompiled"
 
-    flora_state = state[0]
+    second, ema = _stages(state)
     # Seeds follow jax.tree_util.tree_leaves order.
-    seeds = [int(s) for s in jax.tree_util.tree_leaves(flora_state.seed)]
+    seeds = [int(s) for s in jax.tree_util.tree_leaves(ema.seed)]
     assert seeds == [tensor_seed(0, i) for i in range(len(jax.tree_util.tree_leaves(params)))]
-    assert int(flora_state.count) == 5
-    assert int(flora_state.step["dense"]["kernel"]) == 5
+    assert int(second.step["dense"]["kernel"]) == int(ema.step["dense"]["kernel"]) == 5
     # Updates keep the gradient dtype; the state is float32 whatever the parameter dtype.
     assert updates["blocks"][0]["kernel"].dtype == jnp.bfloat16
     assert params["blocks"][0]["kernel"].dtype == jnp.bfloat16
-    for leaf in jax.tree_util.tree_leaves((flora_state.exp_avg, flora_state.exp_avg_sq_row, flora_state.exp_avg_sq)):
+    for leaf in jax.tree_util.tree_leaves((ema.exp_avg, second.exp_avg_sq_row, second.exp_avg_sq)):
         assert leaf.dtype == jnp.float32
     # Layouts: compressed rows/cols, conv viewed as (10, 12), full momentum, placeholders.
-    assert flora_state.exp_avg["dense"]["kernel"].shape == (4, 40)
-    assert flora_state.exp_avg["blocks"][0]["kernel"].shape == (40, 4)
-    assert flora_state.exp_avg["blocks"][1][0].shape == (4, 12)
-    assert flora_state.exp_avg["small"].shape == (3, 40)
-    assert flora_state.exp_avg_sq_row["dense"]["kernel"].shape == (16,)
-    assert flora_state.exp_avg_sq["dense"]["kernel"].shape == (0,)
-    assert flora_state.exp_avg["counter"].shape == (0,)
+    assert ema.exp_avg["dense"]["kernel"].shape == (4, 40)
+    assert ema.exp_avg["blocks"][0]["kernel"].shape == (40, 4)
+    assert ema.exp_avg["blocks"][1][0].shape == (4, 12)
+    assert ema.exp_avg["small"].shape == (3, 40)
+    assert second.exp_avg_sq_row["dense"]["kernel"].shape == (16,)
+    assert second.exp_avg_sq["dense"]["kernel"].shape == (0,)
+    assert ema.exp_avg["counter"].shape == (0,)
     # Integer leaves are left alone; every float leaf moved and stayed finite.
     np.testing.assert_array_equal(params["counter"], np.arange(3))
     assert params["empty"].shape == (0, 5)
@@ -210,10 +225,13 @@ def test_non_finite_gradient_leaves_leaf_unchanged():
     bad = dict(grads, w=grads["w"].at[3, 5].set(jnp.nan))
     updates, new_state = update(bad, state, params)
     np.testing.assert_array_equal(updates["w"], 0.0)
-    for field in ("step", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+    # The second moment (stage 0) and the momentum (stage 1) keep the leaf's state and step.
+    for field in ("step", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
         np.testing.assert_array_equal(getattr(new_state[0], field)["w"], getattr(state[0], field)["w"])
-    assert int(new_state[0].step["b"]) == 2 and np.any(np.asarray(updates["b"]) != 0)
-    assert int(new_state[0].count) == 2
+    for field in ("step", "exp_avg"):
+        np.testing.assert_array_equal(getattr(new_state[1], field)["w"], getattr(state[1], field)["w"])
+    assert int(new_state[0].step["b"]) == int(new_state[1].step["b"]) == 2
+    assert np.any(np.asarray(updates["b"]) != 0)
 
 
 def test_weight_decay_mask():
@@ -243,7 +261,9 @@ def test_state_bytes_match_section_11():
     m, n, r = 512, 256, 32
     params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32), "b": jax.ShapeDtypeStruct((n,), jnp.float32)}
     state = jax.eval_shape(flora(1e-3, tau=r).init, params)
-    integers = 4 + 2 * (4 + 4)  # count, and per leaf an int32 step and a uint32 seed
+    # Per leaf: the second moment's int32 step, the momentum's int32 step and uint32 seed (a
+    # constant learning rate keeps no count).
+    integers = 2 * (4 + 4 + 4)
     placeholders = 0  # (0,) arrays hold no bytes
     expected = 4 * (r * max(m, n) + m + n) + 4 * (n + n) + integers + placeholders
     assert state_bytes(state) == expected
@@ -308,14 +328,15 @@ def test_momentum_transfer_preserves_momentum_in_expectation():
     ops = get_ops("jax")
 
     def run(seed):
-        state = tx.init(params)._replace(seed={"w": seed})
+        state = tx.init(params)
+        state = (state[0], state[1]._replace(seed={"w": seed}), *state[2:])
         _, state = tx.update({"w": g1}, state)
         _, state2 = tx.update({"w": g2}, state)
         _, state3 = tx.update({"w": jnp.zeros((m, n))}, state2)  # t = 3 = kappa + 1: resample
         p_old = core.momentum_projection(seed, 0, r, m, ops)
         p_new = core.momentum_projection(seed, 1, r, m, ops)
-        before = p_old.T @ state2.exp_avg["w"]
-        after = p_new.T @ state3.exp_avg["w"] / b1  # U = 0 at t = 3: M_3 = b1 * transferred M_2
+        before = p_old.T @ state2[1].exp_avg["w"]
+        after = p_new.T @ state3[1].exp_avg["w"] / b1  # U = 0 at t = 3: M_3 = b1 * transferred M_2
         # What the reference code did: P_new^T (P_old P_old^T M) -- projected back with the old key.
         defect = p_new.T @ (p_old @ before)
         return before, after, defect
@@ -326,7 +347,7 @@ def test_momentum_transfer_preserves_momentum_in_expectation():
     state = exact.init(params)
     _, state = exact.update({"w": g1}, state)
     _, state = exact.update({"w": g2}, state)
-    target = np.asarray(state.exp_avg["w"])
+    target = np.asarray(state[1].exp_avg["w"])
 
     def rel(estimate):
         return np.linalg.norm(np.asarray(estimate) - target) / np.linalg.norm(target)
@@ -341,20 +362,48 @@ def test_momentum_transfer_preserves_momentum_in_expectation():
     assert cos.mean() > 0.4, cos.mean()
 
 
-def test_learning_rate_can_be_injected():
-    tx = optax.inject_hyperparams(flora, static_args=STATIC_ARGS)(learning_rate=0.1, b1=None)
-    params = {"w": jnp.full((4, 4), 1.0, jnp.float32)}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    first, state = update(params, state, params)
-    state.hyperparams["learning_rate"] = jnp.asarray(0.05, jnp.float32)
-    second, state = update(params, state, params)
-    # Same gradient each time; the step follows the injected rate (and beta2_t, with t).
-    plain = flora(0.05, b1=None)
-    _, plain_state = plain.update(params, plain.init(params), params)
-    expected, _ = plain.update(params, plain_state, params)
-    np.testing.assert_allclose(second["w"], expected["w"], rtol=1e-6)
-    assert not np.allclose(first["w"], second["w"])
+def test_learning_rate_can_be_injected_without_static_arguments():
+    """``inject_hyperparams(flora)`` with no static list: every numeric argument (tau, kappa, seed,
+    min_dim_size_to_factor, ...) becomes a state array, traced in the jitted update; the layout
+    comes from the state, so the compressed step still follows the injected learning rate step for
+    step (compared with the same rates given as a schedule)."""
+    kw = dict(tau=4, kappa=2, min_dim_size_to_factor=8, weight_decay=0.1)
+    params = {"w": jnp.linspace(-1.0, 1.0, 16 * 40).reshape(16, 40), "b": jnp.ones((40,))}
+    grads = [_grads_like(params, t) for t in range(5)]  # crosses two resamples (kappa = 2)
+    rates = [0.1, 0.1, 0.05, 0.05, 0.02]
+    injected = optax.inject_hyperparams(flora)(learning_rate=rates[0], **kw)
+    state = injected.init(params)
+    assert {"tau", "kappa", "seed", "b1", "min_dim_size_to_factor"} <= set(state.hyperparams)
+    scheduled = flora(lambda count: jnp.asarray(rates)[count], **kw)
+    plain_state = scheduled.init(params)
+    update, plain_update = jax.jit(injected.update), jax.jit(scheduled.update)
+    p, q = params, params
+    for g, rate in zip(grads, rates):
+        state.hyperparams["learning_rate"] = jnp.asarray(rate, jnp.float32)
+        u, state = update(g, state, p)
+        v, plain_state = plain_update(g, plain_state, q)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+        for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert _stages(state.inner_state)[1].exp_avg["w"].shape == (4, 40)
+    # The old static list is an empty tuple now: code that passes it still works.
+    optax.inject_hyperparams(flora, static_args=STATIC_ARGS)(learning_rate=0.1).init(params)
+    # init fixes the layout: under jit the injected tau is traced, which is refused clearly.
+    with pytest.raises(ValueError, match="traced value"):
+        jax.jit(injected.init)(params)
+    # ...unless the five arguments that fix the layout are static (docs/jax.md); the rest stay injected.
+    layout_args = ("b1", "tau", "seed", "min_dim_size_to_factor", "max_aspect_ratio")
+    jitted_init = optax.inject_hyperparams(flora, static_args=layout_args)(learning_rate=rates[0], **kw)
+    state = jax.jit(jitted_init.init)(params)
+    assert "kappa" in state.hyperparams and _stages(state.inner_state)[1].exp_avg["w"].shape == (4, 40)
+
+
+def test_compressed_ema_is_the_momentum_stage_of_flora():
+    """flora's momentum stage is compressed_ema itself: same state for the same arguments."""
+    params = {"w": jnp.ones((16, 40))}
+    assert _tree_signature(compressed_ema(0.9, tau=4, kappa=10).init(params)) == _tree_signature(
+        flora(1e-3, tau=4, kappa=10).init(params)[1]
+    )
 
 
 @pytest.mark.parametrize("factory", [flora, scale_by_flora], ids=["flora", "scale_by_flora"])
@@ -374,3 +423,49 @@ def test_optax_defaults_agree_with_the_one_table(factory):
             assert signature["b2"].default == -DEFAULTS["decay_rate"]
         else:
             assert signature[optax_name].default == DEFAULTS[torch_name], torch_name
+
+
+def test_the_small_stages():
+    """clip_by_rms, add_weight_decay, scale_by_param_rms and zero_non_finite, each on its own."""
+    from flora_opt.optax import add_weight_decay, clip_by_rms, scale_by_param_rms, zero_non_finite
+
+    u = {"w": jnp.arange(12.0).reshape(3, 4), "n": jnp.arange(3)}
+    params = {"w": jnp.full((3, 4), 2.0, jnp.bfloat16), "n": jnp.arange(3)}
+    clip = clip_by_rms(1.0)
+    clipped, _ = clip.update(u, clip.init(params))
+    expected, _ = optax.clip_by_block_rms(1.0).update(u, None)
+    np.testing.assert_allclose(clipped["w"], expected["w"], rtol=1e-6)
+    np.testing.assert_array_equal(clipped["n"], u["n"])  # integer leaves pass through
+    # A finite leaf whose RMS overflows is NaN (optax's clip maps it to 0): the step is skipped.
+    huge, _ = clip.update({"w": jnp.full((3, 4), 1e30)}, None)
+    assert np.all(np.isnan(np.asarray(huge["w"])))
+    assert np.all(np.asarray(optax.clip_by_block_rms(1.0).update({"w": jnp.full((3, 4), 1e30)}, None)[0]["w"]) == 0)
+    np.testing.assert_array_equal(clip_by_rms(None).update(u, None)[0]["w"], u["w"])
+
+    decay = add_weight_decay(0.5, mask={"w": False, "n": True})
+    decayed, _ = decay.update(u, decay.init(params), params)
+    np.testing.assert_array_equal(decayed["w"], u["w"])
+    decayed, _ = add_weight_decay(0.5).update(u, None, params)
+    np.testing.assert_allclose(decayed["w"], u["w"] + 1.0)
+
+    scaled, _ = scale_by_param_rms(1e-3).update(u, None, params)
+    np.testing.assert_allclose(scaled["w"], 2.0 * u["w"])  # RMS(W) = 2
+    scaled, _ = scale_by_param_rms(5.0).update(u, None, params)
+    np.testing.assert_allclose(scaled["w"], 5.0 * u["w"])  # the floor
+    with pytest.raises(ValueError, match="needs params"):
+        scale_by_param_rms().update(u, None)
+
+    bad = {"w": u["w"].at[1, 1].set(jnp.inf), "n": u["n"]}
+    out, _ = zero_non_finite().update(bad, None, params)
+    assert out["w"].dtype == jnp.bfloat16 and np.all(np.asarray(out["w"], np.float32) == 0)
+    out, _ = zero_non_finite().update(u, None, params)
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float32), np.asarray(u["w"].astype(jnp.bfloat16), np.float32))
+
+
+def test_flora_is_a_chain_of_the_documented_stages():
+    params = {"w": jnp.ones((16, 40))}
+    kinds = [type(s).__name__ for s in flora(1e-3, tau=4, weight_decay=0.1).init(params)]
+    # second moment, momentum, clip, weight decay, learning rate, parameter scale, sign, non-finite
+    assert kinds == ["ScaleBySecondMomentState", "CompressedEmaState"] + ["EmptyState"] * 6
+    assert len(flora(1e-3, b1=None, multiply_by_parameter_scale=False).init(params)) == 5
+    assert isinstance(flora(optax.constant_schedule(1e-3)).init(params)[3], optax.ScaleByScheduleState)

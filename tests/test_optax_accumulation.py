@@ -136,7 +136,7 @@ def test_multi_steps_matches_scan_loop_and_resumes_bit_exactly():
         if t == K + 1:  # checkpoint in the middle of the second cycle
             saved = jax.tree.map(np.asarray, (p, state))
     assert history == [False, False, True, False, False, True]
-    assert int(state.accumulator.cycle) == 2 and int(state.inner_opt_state[0].count) == 2
+    assert int(state.accumulator.cycle) == 2 and int(state.inner_opt_state[0].step["rows"]) == 2  # inner steps
 
     # Resume from the host copy: bit-exact.
     rp, rstate = jax.tree.map(jnp.asarray, saved)

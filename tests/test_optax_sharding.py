@@ -79,15 +79,15 @@ SCRIPT = textwrap.dedent(
             for a, b in zip(jax.tree_util.tree_leaves((params, state)), jax.tree_util.tree_leaves((ref_params, ref_state)))
         )
         scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree_util.tree_leaves(ref_params))
-        inner = state.inner_opt_state[0] if name == "accumulate" else state[0]
+        second, ema = (state.inner_opt_state if name == "accumulate" else state)[:2]  # the chain's stages
         leaves = {
-            "rows_momentum": inner.exp_avg["rows"],
-            "cols_momentum": inner.exp_avg["cols"],
-            "fact_momentum": inner.exp_avg["fact"],
-            "fact_row": inner.exp_avg_sq_row["fact"],
-            "fact_col": inner.exp_avg_sq_col["fact"],
-            "conv_momentum": inner.exp_avg["conv"],
-            "bias_momentum": inner.exp_avg["bias"],
+            "rows_momentum": ema.exp_avg["rows"],
+            "cols_momentum": ema.exp_avg["cols"],
+            "fact_momentum": ema.exp_avg["fact"],
+            "fact_row": second.exp_avg_sq_row["fact"],
+            "fact_col": second.exp_avg_sq_col["fact"],
+            "conv_momentum": ema.exp_avg["conv"],
+            "bias_momentum": ema.exp_avg["bias"],
         }
         if name == "accumulate":
             leaves["rows_buffer"] = state.accumulator.buffer["rows"]
@@ -160,15 +160,17 @@ SQUARE_SCRIPT = textwrap.dedent(
     abstract = jax.eval_shape(tx.init, params)
     sh = state_shardings(abstract, params, param_sh)
     full_sh = state_shardings(jax.eval_shape(flora(1e-3, tau=None).init, params), params, param_sh)
-    inner, inner_shape = sh.inner_opt_state[0], abstract.inner_opt_state[0]
     report = {}
-    for field in ("step", "seed", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-        for k in shapes:
-            report[f"{field}/{k}"] = [list(getattr(inner_shape, field)[k].shape), repr(tuple(getattr(inner, field)[k].spec))]
-    report["count"] = [[], repr(tuple(inner.count.spec))]
+    # stage 0: second moment (step, exp_avg_sq_*); stage 1: compressed_ema (step, seed, exp_avg)
+    for stage, fields in ((0, ("step", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")), (1, ("step", "seed", "exp_avg"))):
+        inner, inner_shape = sh.inner_opt_state[stage], abstract.inner_opt_state[stage]
+        for field in fields:
+            for k in shapes:
+                name = f"ema_{field}" if (stage, field) == (1, "step") else field
+                report[f"{name}/{k}"] = [list(getattr(inner_shape, field)[k].shape), repr(tuple(getattr(inner, field)[k].spec))]
     for k in shapes:
         report[f"buffer/{k}"] = [list(abstract.accumulator.buffer[k].shape), repr(tuple(sh.accumulator.buffer[k].spec))]
-        report[f"full_exp_avg/{k}"] = [None, repr(tuple(full_sh[0].exp_avg[k].spec))]
+        report[f"full_exp_avg/{k}"] = [None, repr(tuple(full_sh[1].exp_avg[k].spec))]
     # the shardings are usable as they are: init under jit places each leaf as specified
     real = {k: jax.device_put(jnp.zeros(s, jnp.float32), param_sh[k]) for k, s in shapes.items()}
     state = jax.jit(tx.init, out_shardings=sh)(real)
@@ -193,9 +195,10 @@ def test_square_matrix_sharded_on_both_axes_every_state_leaf_by_key():
     got = {k: tuple(v) if k == "col_shard_shape" else v[1] for k, v in json.loads(line[len("REPORT"):]).items()}
     shapes = {k: v[0] for k, v in json.loads(line[len("REPORT"):]).items() if k != "col_shard_shape"}
     replicated = "()"
-    expected = {"count": replicated}
+    expected = {}
     for k in ("square", "square_t", "full", "unfactored", "conv", "bias"):
         expected[f"step/{k}"] = replicated
+        expected[f"ema_step/{k}"] = replicated
         expected[f"seed/{k}"] = replicated
     expected.update({
         # square P('a', 'b'), rows side (8, 256): the rank side replicated, the columns along 'b'

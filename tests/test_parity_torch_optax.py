@@ -17,7 +17,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import flora_opt  # noqa: E402
-from flora_opt.optax import flora  # noqa: E402
+from flora_opt.optax import CompressedEmaState, ScaleBySecondMomentState, flora  # noqa: E402
 
 KAPPA = 3
 STEPS = 2 * KAPPA + 2
@@ -115,6 +115,12 @@ def _run_torch(params, grads, kw, lr, param_dtype=torch.float32):
     return trajectory, opt, tparams
 
 
+def _stages(state):
+    """The states of the chain's second-moment and momentum stages (``None``: no momentum stage)."""
+    second = next(s for s in state if isinstance(s, ScaleBySecondMomentState))
+    return second, next((s for s in state if isinstance(s, CompressedEmaState)), None)
+
+
 def _assert_close(a, b, rtol, atol, what):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=f"{what}: leaf {k}")
@@ -128,25 +134,28 @@ def test_parameters_match_torch_every_step(name, kw, lr):
     for t, (a, b) in enumerate(zip(jax_traj, torch_traj)):
         _assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"{name} step {t + 1}")
     # The states agree too, compressed momentum included (same projections on both sides).
-    flora_state = jax_state[0]
+    second, ema = _stages(jax_state)
+    assert (ema is None) == (kw["b1"] is None)
     for k, p in zip(sorted(params), tparams):
         st = opt.state[p]
-        assert int(flora_state.step[k]) == st["step"] == STEPS
-        assert int(flora_state.seed[k]) == st["seed"]
+        assert int(second.step[k]) == st["step"] == STEPS
+        if ema is not None:
+            assert int(ema.step[k]) == STEPS
+            assert int(ema.seed[k]) == st["seed"]
         if "exp_avg" in st:
             np.testing.assert_allclose(
-                np.asarray(flora_state.exp_avg[k]).reshape(st["exp_avg"].shape),
+                np.asarray(ema.exp_avg[k]).reshape(st["exp_avg"].shape),
                 st["exp_avg"].numpy(),
                 rtol=1e-4,
                 atol=1e-6,
                 err_msg=f"{name}: momentum of {k}",
             )
         else:
-            assert flora_state.exp_avg[k].shape == (0,)
+            assert ema is None or ema.exp_avg[k].shape == (0,)
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
             if key in st:
                 np.testing.assert_allclose(
-                    np.asarray(getattr(flora_state, key)[k]).reshape(st[key].shape),
+                    np.asarray(getattr(second, key)[k]).reshape(st[key].shape),
                     st[key].numpy(),
                     rtol=1e-5,
                     err_msg=f"{name}: {key} of {k}",
@@ -156,13 +165,13 @@ def test_parameters_match_torch_every_step(name, kw, lr):
 def test_momentum_kinds_cover_every_layout():
     """The golden problem really exercises compressed rows/cols, ndim>2, full and no momentum."""
     params, _ = _problem()
-    state = _jitted_update(dict(b1=0.9, tau=4), 0.05)[0].init(params)[0]
-    assert state.exp_avg["a_rows"].shape == (4, 40)
-    assert state.exp_avg["b_cols"].shape == (40, 4)
-    assert state.exp_avg["c_conv"].shape == (4, 12)
-    assert state.exp_avg["d_small"].shape == (3, 40)
-    assert state.exp_avg_sq_row["a_rows"].shape == (16,)
-    assert state.exp_avg_sq["d_small"].shape == (3, 40)
+    second, ema = _stages(_jitted_update(dict(b1=0.9, tau=4), 0.05)[0].init(params))
+    assert ema.exp_avg["a_rows"].shape == (4, 40)
+    assert ema.exp_avg["b_cols"].shape == (40, 4)
+    assert ema.exp_avg["c_conv"].shape == (4, 12)
+    assert ema.exp_avg["d_small"].shape == (3, 40)
+    assert second.exp_avg_sq_row["a_rows"].shape == (16,)
+    assert second.exp_avg_sq["d_small"].shape == (3, 40)
 
 
 def test_non_finite_gradient_skips_the_same_steps():
@@ -178,7 +187,9 @@ def test_non_finite_gradient_skips_the_same_steps():
     for t, (a, b) in enumerate(zip(jax_traj, torch_traj)):
         _assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"step {t + 1}")
     np.testing.assert_array_equal(jax_traj[1]["a_rows"], jax_traj[0]["a_rows"])  # skipped: unchanged
-    steps = jax_state[0].step
+    second, ema = _stages(jax_state)
+    steps = second.step
+    assert jax.tree.map(int, ema.step) == jax.tree.map(int, steps)  # both stages skipped the same steps
     assert int(steps["a_rows"]) == int(steps["e_bias"]) == int(steps["b_cols"]) == STEPS - 1
     assert int(steps["c_conv"]) == STEPS
     for k, p in zip(sorted(params), tparams):
@@ -198,7 +209,7 @@ def test_bf16_parameters_match_torch():
             scale = np.sqrt(np.mean(b[k] ** 2)) * 2.0**-8
             assert np.max(np.abs(a[k] - b[k])) <= 8 * scale, f"step {t + 1}: leaf {k}"
             assert np.mean(a[k] != b[k]) < 0.25, f"step {t + 1}: leaf {k}"
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(jax_state[0].exp_avg))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(_stages(jax_state)[1].exp_avg))
 
 
 def test_optax_matches_float64_reference():
@@ -260,4 +271,5 @@ def test_compressed_accumulation_matches_torch():
     for c, (a, b) in enumerate(zip(jax_traj, torch_traj)):
         _assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"accumulation cycle {c}")
     assert int(state.accumulator.cycle) == acc.cycle == cycles
+    assert int(_stages(state.inner_opt_state)[0].step["a_rows"]) == cycles
     assert not np.allclose(jax_traj[-1]["a_rows"], params["a_rows"])

@@ -1,9 +1,12 @@
 """Flora for JAX as optax gradient transformations.
 
-* :func:`scale_by_flora`: the Flora update of docs/algorithm.md as a ``GradientTransformation``
-  whose state (:class:`ScaleByFloraState`) is a NamedTuple of arrays only.
-* :func:`flora`: the full optimizer, ``optax.chain(scale_by_flora(...), optax.scale(-1))``;
-  also importable as ``flora_opt.optax_flora``.
+* :func:`flora`: the full optimizer (docs/algorithm.md section 8), an ``optax.chain`` of
+  :func:`scale_by_second_moment`, :func:`compressed_ema`, :func:`clip_by_rms`,
+  :func:`add_weight_decay`, ``optax.scale_by_learning_rate``, :func:`scale_by_param_rms`,
+  ``optax.scale(-1)`` and :func:`zero_non_finite`, built like ``optax.adafactor``; its state is a
+  tuple of NamedTuples of arrays. Also importable as ``flora_opt.optax_flora``;
+  ``optax.inject_hyperparams(flora)(learning_rate=...)`` needs no static arguments.
+* :func:`scale_by_flora`: the same chain without the sign flip (emits the step to subtract).
 * :func:`compressed_accumulator` and :func:`compressed_multi_steps`: gradient accumulation that
   keeps micro-batch gradients compressed (docs/algorithm.md section 12), as a set of pure
   functions for ``lax.scan``/``fori_loop`` loops, or as an ``optax.MultiSteps``-like wrapper.
@@ -14,7 +17,8 @@
   ``optax.ema`` in a chain (no learning rate, so ``optax.inject_hyperparams`` needs no list).
 * :func:`state_shardings`: ``NamedSharding`` s for the state, for ``jax.jit`` out_shardings.
 
-The per-tensor math is :func:`flora_opt.core.flora_update`, shared with the PyTorch optimizer;
+The per-tensor math is that of :mod:`flora_opt.core` (``normalised_update``,
+``momentum_direction``, ``keep_if_finite``), shared with the PyTorch optimizer;
 see ``docs/jax.md`` for the argument mapping between the two.
 """
 
@@ -38,7 +42,18 @@ from .accumulation import (
 )
 from .ema import CompressedEmaState, compressed_ema
 from .sharding import state_shardings
-from .transform import STATIC_ARGS, ScaleByFloraState, flora, scale_by_flora, state_bytes
+from .transform import (
+    STATIC_ARGS,
+    ScaleBySecondMomentState,
+    add_weight_decay,
+    clip_by_rms,
+    flora,
+    scale_by_flora,
+    scale_by_param_rms,
+    scale_by_second_moment,
+    state_bytes,
+    zero_non_finite,
+)
 
 __all__ = [
     "STATIC_ARGS",
@@ -46,15 +61,20 @@ __all__ = [
     "AccumulatorState",
     "CompressedEmaState",
     "CompressedMultiStepsState",
-    "ScaleByFloraState",
+    "ScaleBySecondMomentState",
+    "add_weight_decay",
+    "clip_by_rms",
     "compressed_accumulator",
     "compressed_ema",
     "compressed_multi_steps",
     "flora",
     "has_updated",
     "scale_by_flora",
+    "scale_by_param_rms",
+    "scale_by_second_moment",
     "state_bytes",
     "state_shardings",
+    "zero_non_finite",
 ]
 
 

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -35,74 +36,118 @@ from .. import core
 from ..hyperparams import check_int, check_real, check_seed
 from ..ops import get_ops
 from ..projection import tensor_seed
-from .transform import _float_dtype, _placeholder
+from .transform import _concrete, _flatten_state, _float_dtype, _on_leaf, _placeholder, _state_shapes, _static, _traced
 
 __all__ = ["CompressedEmaState", "compressed_ema"]
 
 
 class CompressedEmaState(NamedTuple):
-    """Per-leaf step counts (int32), seeds (uint32) and momenta (placeholders where unused)."""
+    """Per-leaf step counts (int32), seeds (uint32) and momenta (float32; placeholders where unused).
+
+    A momentum is compressed ``(tau, n)`` (``m <= n``) or ``(m, tau)``, full (the parameter's
+    shape), or a ``(0,)`` placeholder; ``update`` reads the layout back from these shapes.
+    """
 
     step: optax.Params
     seed: optax.Params
     exp_avg: optax.Params
 
 
-def compressed_ema(b1: float = 0.9, tau: int | None = 256, kappa: int = 1000, seed: int = 0,
+def _layout_from_state(shape, momentum_shape) -> core.TensorLayout:
+    """The momentum layout that ``init`` chose, recovered from the state's shape (so ``update``
+    needs neither ``tau`` nor ``max_aspect_ratio`` as Python values)."""
+    matrix = core.matrix_view(shape)
+    if matrix is not None and min(matrix) == 0:
+        matrix = None
+    if momentum_shape == (0,) and shape != (0,):
+        kind, side, rank = core.MOMENTUM_NONE, None, None
+    elif matrix is None or momentum_shape in (tuple(shape), matrix):
+        kind, side, rank = core.MOMENTUM_FULL, None, None
+    else:
+        m, n = matrix
+        side = core.SIDE_ROWS if m <= n else core.SIDE_COLS
+        kind, rank = core.MOMENTUM_COMPRESSED, momentum_shape[0] if side == core.SIDE_ROWS else momentum_shape[1]
+    return core.TensorLayout(tuple(shape), matrix, False, kind, side, rank)
+
+
+def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1000, seed: int = 0,
                    max_aspect_ratio: float | None = 4.0) -> optax.GradientTransformation:
     """Flora's compressed momentum (module docstring), a drop-in for ``optax.ema``.
 
     Args:
-      b1: momentum coefficient ``beta1`` in ``(0, 1)``.
+      b1: momentum coefficient ``beta1`` in ``[0, 1)``; ``None`` or 0: no momentum (the updates
+        pass through, every momentum is a placeholder).
       tau: projection rank ``r`` (``None``: full momentum for every leaf).
-      kappa: resample interval (static).
+      kappa: resample interval.
       seed: 32-bit seed; leaf ``i`` (in ``jax.tree_util.tree_leaves`` order) uses
         ``tensor_seed(seed, i)``, as :func:`flora_opt.optax.flora` does.
       max_aspect_ratio: matrices with ``max(m, n) > ratio * min(m, n)`` keep full momentum.
+
+    ``tau``, ``seed`` and ``max_aspect_ratio`` are read by ``init`` only (they fix the state);
+    ``update`` takes the layout from the state's shapes, so ``b1`` and ``kappa`` may be traced
+    arrays there (``optax.inject_hyperparams``).
     """
-    check_real("b1", b1, above=0.0, below=1.0, what="must be in (0, 1)")
-    check_int("tau", tau, none="for full momentum")
-    check_int("kappa", kappa)
-    check_seed("seed", seed)
-    check_real("max_aspect_ratio", max_aspect_ratio, at_least=1.0, none="")
-    hp = core.FloraHyperParams(rank=tau, kappa=kappa, beta1=float(b1), max_aspect_ratio=max_aspect_ratio)
+    for name, value, check in (
+        ("b1", b1, lambda v: check_real("b1", v, at_least=0.0, below=1.0, what="must be in [0, 1)",
+                                        none="to disable momentum")),
+        ("tau", tau, lambda v: check_int("tau", v, none="for full momentum")),
+        ("kappa", kappa, lambda v: check_int("kappa", v)),
+        ("seed", seed, lambda v: check_seed("seed", v)),
+        ("max_aspect_ratio", max_aspect_ratio, lambda v: check_real("max_aspect_ratio", v, at_least=1.0, none="")),
+    ):
+        if not _traced(value):
+            check(_concrete(value))
     ops = get_ops("jax")
 
     def init_fn(params):
+        b1_value = _static("b1", b1)
+        kappa_value = _concrete(kappa)  # only for the stability warning: skipped when traced
+        hp = core.FloraHyperParams(rank=_static("tau", tau), kappa=1 if _traced(kappa_value) else kappa_value,
+                                   beta1=None if not b1_value else float(b1_value),
+                                   max_aspect_ratio=_static("max_aspect_ratio", max_aspect_ratio))
+        base_seed = _static("seed", seed)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         steps, seeds, momenta = [], [], []
         for index, leaf in enumerate(leaves):
             steps.append(jnp.zeros((), jnp.int32))
-            seeds.append(jnp.asarray(tensor_seed(int(seed), index), dtype=jnp.uint32))
+            seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
             shape = None
             if _float_dtype(leaf) is not None:
-                shape = core.tensor_layout(jnp.shape(leaf), hp).momentum_shape()
+                layout = core.tensor_layout(jnp.shape(leaf), hp)
+                shape = _state_shapes(layout).get(core.EXP_AVG)
+                message = None if _traced(kappa_value) else core.unstable_transfer_message(layout, hp)
+                if message is not None:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
             momenta.append(jnp.zeros(shape, jnp.float32) if shape is not None else _placeholder())
         return CompressedEmaState(*(treedef.unflatten(x) for x in (steps, seeds, momenta)))
 
-    def leaf_update(update, step, leaf_seed, momentum):
-        dtype = _float_dtype(update)
-        if dtype is None or jnp.size(update) == 0:
-            return update, step, momentum
+    def leaf_update(update, leaf_state):
+        step, leaf_seed, momentum = leaf_state
+        if _float_dtype(update) is None or jnp.size(update) == 0:
+            return update, leaf_state
         update = jnp.asarray(update)
-        layout = core.tensor_layout(update.shape, hp)
+        layout = _layout_from_state(update.shape, tuple(momentum.shape))
+        if layout.momentum == core.MOMENTUM_NONE:
+            return update, leaf_state
+        hp = core.FloraHyperParams(kappa=kappa, beta1=b1)
         new_step = step + 1
         normalised = update.astype(jnp.float32).reshape(layout.work_shape)
         direction, new_state = core.momentum_direction(
             normalised, momentum.reshape(layout.momentum_shape()), new_step, leaf_seed, layout, hp, ops
         )
         finite = jnp.isfinite(jnp.sum(direction * direction))
-        new_momentum = core.keep_if_finite(finite, new_state[core.EXP_AVG], momentum, ops)
-        return direction.reshape(update.shape).astype(dtype), core.keep_if_finite(finite, new_step, step, ops), new_momentum
+        new_momentum = core.keep_if_finite(finite, new_state[core.EXP_AVG].reshape(momentum.shape), momentum, ops)
+        kept_step = core.keep_if_finite(finite, new_step, step, ops)
+        return direction.reshape(update.shape).astype(update.dtype), (kept_step, leaf_seed, new_momentum)
 
     def update_fn(updates, state: CompressedEmaState, params=None):
         del params
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        steps = treedef.flatten_up_to(state.step)
-        seeds = treedef.flatten_up_to(state.seed)
-        momenta = treedef.flatten_up_to(state.exp_avg)
-        results = [leaf_update(*args) for args in zip(leaves, steps, seeds, momenta)]
-        new_updates, new_steps, new_momenta = (treedef.unflatten(list(x)) for x in zip(*results))
-        return new_updates, CompressedEmaState(step=new_steps, seed=state.seed, exp_avg=new_momenta)
+        fields = _flatten_state(treedef, state._asdict())
+        results = [_on_leaf(leaf_update, leaf, (fields["step"][i], fields["seed"][i], fields["exp_avg"][i]))
+                   for i, leaf in enumerate(leaves)]
+        new_updates = treedef.unflatten([r[0] for r in results])
+        steps, seeds, momenta = (treedef.unflatten([r[1][j] for r in results]) for j in range(3))
+        return new_updates, CompressedEmaState(step=steps, seed=seeds, exp_avg=momenta)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -34,7 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import core
 from .accumulation import AccumulatorState
-from .transform import LEAF_FIELDS, ScaleByFloraState
+from .ema import CompressedEmaState
+from .transform import ScaleBySecondMomentState
 
 __all__ = ["state_shardings"]
 
@@ -50,13 +51,15 @@ def _replicated(sharding):
     return sharding
 
 
-#: Which ``ScaleByFloraState`` field holds which state key of the layout (docs/algorithm.md, section 1).
+#: Which field of Flora's stage states holds which state key of the layout (docs/algorithm.md,
+#: section 1); the other fields (``step``, ``seed``) are per-leaf integers, replicated.
 _FIELD_KEYS = {
     "exp_avg": core.EXP_AVG,
     "exp_avg_sq_row": core.EXP_AVG_SQ_ROW,
     "exp_avg_sq_col": core.EXP_AVG_SQ_COL,
     "exp_avg_sq": core.EXP_AVG_SQ,
 }
+_FLORA_STATES = (ScaleBySecondMomentState, CompressedEmaState)
 #: The accumulation buffer has the momentum's rule: full, or compressed on one side.
 _BUFFER_KEY = core.EXP_AVG
 
@@ -146,7 +149,7 @@ def state_shardings(state, params, param_shardings):
         )
 
     def is_node(node) -> bool:
-        if isinstance(node, (ScaleByFloraState, AccumulatorState)):
+        if isinstance(node, (*_FLORA_STATES, AccumulatorState)):
             return True
         return _params_like(node)
 
@@ -156,9 +159,8 @@ def state_shardings(state, params, param_shardings):
         return all(tuple(np.shape(a)) == s for a, s in zip(jax.tree_util.tree_leaves(node), shapes))
 
     def convert(node):
-        if isinstance(node, ScaleByFloraState):
-            fields = {name: per_leaf(getattr(node, name), _FIELD_KEYS.get(name)) for name in LEAF_FIELDS}
-            return ScaleByFloraState(count=_replicated(any_sharding), **fields)
+        if isinstance(node, _FLORA_STATES):
+            return type(node)(**{name: per_leaf(value, _FIELD_KEYS.get(name)) for name, value in node._asdict().items()})
         if isinstance(node, AccumulatorState):
             return AccumulatorState(
                 cycle=_replicated(any_sharding), seed=per_leaf(node.seed, None), buffer=per_leaf(node.buffer, _BUFFER_KEY)

@@ -1,30 +1,44 @@
-r"""``scale_by_flora`` and ``flora``: the Flora update (docs/algorithm.md) as optax transformations.
+r"""``flora``: the Flora update (docs/algorithm.md section 8) as an ``optax.chain`` of small transformations.
 
-For a leaf ``W`` with gradient ``G`` at its step ``t`` (an ``m x n`` matrix view, ``m <= n``):
+Built the way ``optax.adafactor`` is, with Flora's momentum in place of ``optax.ema``. For a leaf
+``W`` (an ``m x n`` matrix view) with gradient ``G`` at its step ``t``:
 
 .. math::
    \begin{aligned}
-   &\eta_t = \alpha_t \max(\epsilon_2, \mathrm{RMS}(W_{t-1})), \quad
-     \alpha_t = \text{learning\_rate (or schedule(count))} \\
-   &\hat V_t:\ \text{Adafactor's factored (or full) second moment}, \quad
-     \beta_{2,t} = 1 - t^{-b_2} \\
-   &U_t = G_t / \sqrt{\hat V_t}, \qquad U_t \leftarrow U_t / \max(1, \mathrm{RMS}(U_t)/d) \\
-   &P_k \in \mathbb R^{\tau\times m},\ (P_k)_{ij}\sim\mathcal N(0, 1/\tau),
-     \ k = \lfloor (t-1)/\kappa \rfloor \text{ (regenerated from the leaf's seed)} \\
-   &\text{if } t>1,\ (t-1) \bmod \kappa = 0:\ M \leftarrow P_k P_{k-1}^\top M \\
-   &M_t = b_1 M_{t-1} + (1-b_1)\,\eta_t P_k U_t, \qquad
-     \Delta_t = P_k^\top M_t + \eta_t \lambda W_{t-1}
+   &U = G / \sqrt{\hat V_t}
+     &&\text{scale\_by\_second\_moment: Adafactor's factored (or full) } \hat V,\ \beta_{2,t} = 1 - t^{-b_2} \\
+   &D = \text{compressed\_ema}(U)
+     &&\text{full: } M_t = b_1 M + (1-b_1) U,\ D = M_t;\ \text{compressed: } D = (1-b_1) U + b_1 s P^\top M \\
+   &D \leftarrow D / \max(1, \mathrm{RMS}(D)/d) &&\text{clip\_by\_rms} \\
+   &D \leftarrow D + \lambda W &&\text{add\_weight\_decay (decoupled)} \\
+   &D \leftarrow \alpha_t D &&\text{optax.scale\_by\_learning\_rate} \\
+   &D \leftarrow \max(\epsilon_2, \mathrm{RMS}(W))\, D &&\text{scale\_by\_param\_rms} \\
+   &\text{update} = -D &&\text{optax.scale(-1)} \\
+   &\text{update} \leftarrow 0 \text{ where not finite} &&\text{zero\_non\_finite (section 9)}
    \end{aligned}
 
-``scale_by_flora`` emits ``Delta_t`` (the step to *subtract*); :func:`flora` chains it with
-``optax.scale(-1.0)`` so that ``optax.apply_updates(params, updates)`` gives ``W_t``.
+so that ``W_t = W - eta_t D_clip - eta_t lambda W`` with ``eta_t = alpha_t max(eps2, RMS(W))``: the
+weight decay is added before the two scalings, which is what scales it by ``eta_t`` as in the
+PyTorch :class:`flora_opt.Flora`. No ``scale_by_*`` takes a learning rate, so
+``optax.inject_hyperparams(flora)(learning_rate=...)`` works without a list of static arguments.
+
+**The state fixes the layout.** ``init`` decides each leaf's layout (section 1) from the
+arguments; ``update`` reads it back from the state's shapes (placeholder, full or compressed
+momentum and its side; factored or full second moment) and never from ``tau``,
+``min_dim_size_to_factor``, ``max_aspect_ratio`` or ``factorized_second_moment``. Hence those
+arguments may arrive as traced arrays in ``update`` (``inject_hyperparams`` turns every numeric
+argument into one); only ``init`` needs them concrete (call it outside ``jax.jit``).
+
+**Non-finite steps (section 9)** are decided per stage, each on its own output: a stage whose
+output leaf has a non-finite sum of squares keeps that leaf's state and step count and passes the
+non-finite values on, ``clip_by_rms`` turns a leaf with a non-finite RMS into NaN, and the last
+stage sets such a leaf's update to zero. docs/jax.md ("Non-finite gradients") says where this can
+differ from the PyTorch single decision on ``RMS(D)``: only at the float32 overflow boundary.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import warnings
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -33,65 +47,29 @@ import numpy as np
 import optax
 
 from .. import core
-from ..core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyperParams, TensorLayout
+from ..core import EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyperParams
 from ..hyperparams import check_bool, check_int, check_real, check_seed, is_real
 from ..ops import get_ops
-from ..projection import tensor_seed
 
-__all__ = ["STATIC_ARGS", "ScaleByFloraState", "scale_by_flora", "flora", "state_bytes"]
+__all__ = [
+    "STATIC_ARGS",
+    "ScaleBySecondMomentState",
+    "add_weight_decay",
+    "clip_by_rms",
+    "flora",
+    "scale_by_flora",
+    "scale_by_param_rms",
+    "scale_by_second_moment",
+    "state_bytes",
+    "zero_non_finite",
+]
 
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
 
-# Arguments of flora()/scale_by_flora() that fix the state layout or the compiled update: pass
-# them as ``static_args`` to ``optax.inject_hyperparams`` (only the learning rate can be injected).
-STATIC_ARGS = (
-    "b1",
-    "b2",
-    "tau",
-    "seed",
-    "kappa",
-    "clipping_threshold",
-    "multiply_by_parameter_scale",
-    "weight_decay",
-    "eps",
-    "min_dim_size_to_factor",
-    "factorized_second_moment",
-    "min_parameter_scale",
-    "max_aspect_ratio",
-    "weight_decay_mask",
-)
-
-# Per-leaf fields of the state, in order (each a tree with the structure of the params).
-LEAF_FIELDS = ("step", "seed", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
-
-
-class ScaleByFloraState(NamedTuple):
-    """State of :func:`scale_by_flora`: arrays only, one tree per field.
-
-    Every field but ``count`` has the structure of the parameters; a leaf that does not use a
-    field holds a ``(0,)`` float32 placeholder, so the state has one structure for all leaves.
-
-    Attributes:
-      count: int32 scalar, number of ``update`` calls (the step a schedule is evaluated at).
-      step: per leaf, int32 scalar: steps the leaf has taken (a skipped non-finite step does
-        not count; docs/algorithm.md section 9).
-      seed: per leaf, uint32 scalar ``tensor_seed(seed, i)``, ``i`` the leaf's position in
-        ``jax.tree_util.tree_leaves(params)``. Projections are regenerated from it.
-      exp_avg: per leaf, float32 momentum: compressed ``(tau, n)`` (``m <= n``) or ``(m, tau)``,
-        full (the parameter's shape), or a placeholder when ``b1`` is ``None``/0.
-      exp_avg_sq_row, exp_avg_sq_col: per leaf, float32 factored second moment ``(m,)`` and
-        ``(n,)``, or placeholders.
-      exp_avg_sq: per leaf, float32 full second moment (the parameter's shape), or a placeholder.
-    """
-
-    count: jax.Array
-    step: Any
-    seed: Any
-    exp_avg: Any
-    exp_avg_sq_row: Any
-    exp_avg_sq_col: Any
-    exp_avg_sq: Any
-
+#: Kept for code written for the former monolithic transformation, which had to be injected with
+#: ``optax.inject_hyperparams(flora, static_args=STATIC_ARGS)``. The chain needs no static
+#: argument, so this is now empty: passing it changes nothing.
+STATIC_ARGS: tuple[str, ...] = ()
 
 # optax >= 0.2.4 names it safe_increment; older versions safe_int32_increment.
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
@@ -101,34 +79,52 @@ def _placeholder():
     return jnp.zeros((0,), jnp.float32)
 
 
-def _validate(
-    learning_rate,
-    b1,
-    b2,
-    tau,
-    seed,
-    kappa,
-    clipping_threshold,
-    multiply_by_parameter_scale,
-    weight_decay,
-    eps,
-    min_dim_size_to_factor,
-    factorized_second_moment,
-    min_parameter_scale,
-    max_aspect_ratio=4.0,
-) -> None:
+def _traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _concrete(value):
+    """A concrete 0-d array (what ``inject_hyperparams`` passes to ``init``) as a Python number;
+    tracers, Python values and everything else unchanged."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not _traced(value) and np.ndim(value) == 0:
+        dtype = np.dtype(value.dtype)
+        if dtype == np.bool_:
+            return bool(value)
+        if np.issubdtype(dtype, np.integer):
+            return int(value)
+        if np.issubdtype(dtype, np.floating):
+            return float(value)
+    return value
+
+
+def _static(name: str, value):
+    """The Python value of an argument that fixes the state layout (only ``init`` reads these)."""
+    value = _concrete(value)
+    if _traced(value):
+        raise ValueError(
+            f"Invalid {name}: a traced value: it fixes the state layout, so init needs it concrete "
+            "(call tx.init outside jax.jit/eval_shape, or list it in inject_hyperparams' static_args)"
+        )
+    return value
+
+
+def _is_zero(value) -> bool:
+    """``None`` or a Python/NumPy number equal to 0 (arrays, possibly traced, are not)."""
+    return value is None or (is_real(value) and float(value) == 0.0)
+
+
+def _validate(learning_rate, **args) -> None:
     """Raise ValueError naming the argument and the bad value, with the rules and messages of
-    :mod:`flora_opt.hyperparams` (shared with :class:`flora_opt.Flora`)."""
+    :mod:`flora_opt.hyperparams` (shared with :class:`flora_opt.Flora`). Traced values (under
+    ``inject_hyperparams``, inside a jitted ``update``) were checked when ``init`` ran."""
     if learning_rate is None:
         raise ValueError("Invalid learning_rate: None: pass a float or an optax schedule")
-    if not callable(learning_rate):
+    if not callable(learning_rate) and not _traced(learning_rate):
         if isinstance(learning_rate, (jax.Array, np.ndarray)) and not is_real(learning_rate):
             if np.ndim(learning_rate) != 0:
                 raise ValueError(
                     f"Invalid learning_rate: an array learning_rate must be 0-d, got shape {np.shape(learning_rate)}"
                 )
-            if isinstance(learning_rate, jax.core.Tracer):
-                return _validate_rest(locals())  # a traced value (inject_hyperparams under jit)
             if not jnp.issubdtype(learning_rate.dtype, jnp.floating) and not jnp.issubdtype(
                 learning_rate.dtype, jnp.integer
             ):
@@ -138,25 +134,31 @@ def _validate(
             check_real("learning_rate", learning_rate, at_least=0.0)
         else:
             raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a float or a schedule")
-    _validate_rest(locals())
-
-
-def _validate_rest(args: dict[str, Any]) -> None:
-    check_real("b1", args["b1"], at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum")
-    check_real(
-        "b2", args["b2"], above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"
+    checks = dict(
+        b1=lambda v: check_real("b1", v, at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum"),
+        b2=lambda v: check_real(
+            "b2", v, above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"
+        ),
+        tau=lambda v: check_int("tau", v, none="for full momentum"),
+        seed=lambda v: check_seed("seed", v),
+        kappa=lambda v: check_int("kappa", v),
+        clipping_threshold=lambda v: check_real("clipping_threshold", v, above=0.0, none=""),
+        weight_decay=lambda v: check_real("weight_decay", v, at_least=0.0, none=""),
+        eps=lambda v: check_real("eps", v, above=0.0),
+        min_parameter_scale=lambda v: check_real("min_parameter_scale", v, above=0.0),
+        min_dim_size_to_factor=lambda v: check_int("min_dim_size_to_factor", v),
+        max_aspect_ratio=lambda v: check_real("max_aspect_ratio", v, at_least=1.0, none=""),
+        multiply_by_parameter_scale=lambda v: check_bool("multiply_by_parameter_scale", v),
+        factorized_second_moment=lambda v: check_bool("factorized_second_moment", v),
     )
-    check_int("tau", args["tau"], none="for full momentum")
-    check_seed("seed", args["seed"])
-    check_int("kappa", args["kappa"])
-    check_real("clipping_threshold", args["clipping_threshold"], above=0.0, none="")
-    check_real("weight_decay", args["weight_decay"], at_least=0.0, none="")
-    check_real("eps", args["eps"], above=0.0)
-    check_real("min_parameter_scale", args["min_parameter_scale"], above=0.0)
-    check_int("min_dim_size_to_factor", args["min_dim_size_to_factor"])
-    check_real("max_aspect_ratio", args["max_aspect_ratio"], at_least=1.0, none="")
-    check_bool("multiply_by_parameter_scale", args["multiply_by_parameter_scale"])
-    check_bool("factorized_second_moment", args["factorized_second_moment"])
+    for name, value in args.items():
+        if isinstance(value, (jax.Array, np.ndarray)) and not _traced(value) and np.ndim(value) == 0:
+            if np.dtype(value.dtype) == np.bool_ and name not in ("multiply_by_parameter_scale", "factorized_second_moment"):
+                checks[name](value)  # a boolean array is refused with the value named
+                continue
+            value = _concrete(value)
+        if not _traced(value):
+            checks[name](value)
 
 
 def _float_dtype(value):
@@ -184,27 +186,6 @@ def _explicit_sharding(value):
     return None
 
 
-def _state_shapes(layout: TensorLayout) -> dict[str, tuple[int, ...]]:
-    """The core's state shapes, except that full states keep the parameter's own shape.
-
-    The core views an ``ndim > 2`` tensor as ``(shape[0], -1)``; storing its full momentum and
-    second moment in the parameter's shape lets them share the parameter's sharding.
-    """
-    shapes = layout.state_shapes()
-    for key in (EXP_AVG, EXP_AVG_SQ):
-        if key in shapes and shapes[key] == layout.work_shape:
-            shapes[key] = layout.shape
-    return shapes
-
-
-_FIELD_OF_KEY = {
-    EXP_AVG: "exp_avg",
-    EXP_AVG_SQ_ROW: "exp_avg_sq_row",
-    EXP_AVG_SQ_COL: "exp_avg_sq_col",
-    EXP_AVG_SQ: "exp_avg_sq",
-}
-
-
 def _resolve_mask(mask: MaskOrFn, params, treedef, count: int) -> list[bool]:
     if mask is None:
         return [True] * count
@@ -223,178 +204,263 @@ def _resolve_mask(mask: MaskOrFn, params, treedef, count: int) -> list[bool]:
     return resolved
 
 
-def scale_by_flora(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Optional[float] = 0.9,
-    b2: float = 0.8,
-    tau: Optional[int] = 256,
-    seed: int = 0,
-    kappa: int = 1000,
-    clipping_threshold: Optional[float] = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    weight_decay: Optional[float] = 0.0,
-    eps: float = 1e-30,
-    min_dim_size_to_factor: int = 128,
-    factorized_second_moment: bool = True,
-    *,
-    min_parameter_scale: float = 1e-3,
-    weight_decay_mask: MaskOrFn = None,
-    max_aspect_ratio: Optional[float] = 4.0,
-) -> optax.GradientTransformation:
-    r"""The Flora step ``Delta_t`` of every leaf (docs/algorithm.md section 8), to be subtracted.
+def _state_shapes(layout) -> dict[str, tuple[int, ...]]:
+    """The core's state shapes, except that full states keep the parameter's own shape.
 
-    The learning rate is applied *inside* (the momentum averages ``eta_t U_t``, as in
-    ``optax.adafactor(momentum=...)`` and the PyTorch :class:`flora_opt.Flora`), and so is the
-    decoupled weight decay ``eta_t * weight_decay * W``. Use :func:`flora` for the complete
-    optimizer (this, then ``optax.scale(-1)``).
-
-    Args: see :func:`flora`.
-
-    Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByFloraState`. ``update``
-      needs ``params`` when ``multiply_by_parameter_scale`` or ``weight_decay`` is on.
+    The core views an ``ndim > 2`` tensor as ``(shape[0], -1)``; storing its full momentum and
+    second moment in the parameter's shape lets them share the parameter's sharding.
     """
-    _validate(
-        learning_rate,
-        b1,
-        b2,
-        tau,
-        seed,
-        kappa,
-        clipping_threshold,
-        multiply_by_parameter_scale,
-        weight_decay,
-        eps,
-        min_dim_size_to_factor,
-        factorized_second_moment,
-        min_parameter_scale,
-        max_aspect_ratio,
-    )
-    hp = FloraHyperParams(
-        lr=None,
-        rank=None if tau is None else int(tau),
-        kappa=int(kappa),
-        eps1=float(eps),
-        eps2=float(min_parameter_scale),
-        clip_threshold=math.inf if clipping_threshold is None else float(clipping_threshold),
-        decay_rate=-float(b2),
-        beta1=None if not b1 else float(b1),
-        weight_decay=0.0 if weight_decay is None else float(weight_decay),
-        scale_parameter=bool(multiply_by_parameter_scale),
-        relative_step=False,
-        warmup_init=False,
-        factorize_second_moment=bool(factorized_second_moment),
-        min_dim_size_to_factor=int(min_dim_size_to_factor),
-        max_aspect_ratio=None if max_aspect_ratio is None else float(max_aspect_ratio),
-    )
-    hp_no_decay = dataclasses.replace(hp, weight_decay=0.0)
-    needs_params = hp.scale_parameter or hp.weight_decay != 0.0
+    shapes = layout.state_shapes()
+    for key in (core.EXP_AVG, EXP_AVG_SQ):
+        if key in shapes and shapes[key] == layout.work_shape:
+            shapes[key] = layout.shape
+    return shapes
+
+
+def _flatten_state(treedef, fields: dict[str, Any]) -> dict[str, list]:
+    try:
+        return {name: treedef.flatten_up_to(tree) for name, tree in fields.items()}
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"the Flora state does not have the structure of the gradients (was it initialised "
+            f"with other params?): {error}"
+        ) from error
+
+
+def _flatten_params(treedef, params, who: str) -> list:
+    if params is None:
+        raise ValueError(f"{who} needs params (update(grads, state, params))")
+    try:
+        return treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"params must have the structure of the gradients: {error}") from error
+
+
+def _on_leaf(fn, update, leaf_state: tuple):
+    """``fn(update, leaf_state) -> (update, leaf_state)``, run in auto mode on ``Explicit`` meshes
+    (``jax.make_mesh``'s default types every array with its sharding): its results keep the
+    shardings of the update and of the state they replace."""
+    explicit = _explicit_sharding(update)
+    if explicit is None:
+        return fn(update, leaf_state)
+    out_sharding = (explicit, tuple(jax.typeof(v).sharding for v in leaf_state))
+    return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(update, leaf_state)
+
+
+def _finite(x):
+    """0-d bool: the sum of squares of ``x`` is finite (NaN/Inf anywhere, or float32 overflow)."""
+    return jnp.isfinite(jnp.sum(x * x))
+
+
+def _non_float_update(update):
+    """What every stage does with a leaf that is not a float array: integers and booleans get a
+    zero update, float0 and non-array leaves pass through."""
+    if not hasattr(update, "dtype") or update.dtype == jax.dtypes.float0:
+        return update
+    return jnp.zeros_like(update)
+
+
+class ScaleBySecondMomentState(NamedTuple):
+    """State of :func:`scale_by_second_moment`: one tree per field, arrays only.
+
+    Attributes:
+      step: per leaf, int32: steps the leaf has taken (a non-finite one does not count).
+      exp_avg_sq_row, exp_avg_sq_col: per leaf, float32 factored second moment ``(m,)`` and
+        ``(n,)``, or ``(0,)`` placeholders.
+      exp_avg_sq: per leaf, float32 full second moment (the parameter's shape), or a placeholder.
+    """
+
+    step: Any
+    exp_avg_sq_row: Any
+    exp_avg_sq_col: Any
+    exp_avg_sq: Any
+
+
+_SECOND_MOMENT_FIELDS = {"exp_avg_sq_row": EXP_AVG_SQ_ROW, "exp_avg_sq_col": EXP_AVG_SQ_COL, "exp_avg_sq": EXP_AVG_SQ}
+
+
+def scale_by_second_moment(
+    b2: float = 0.8, eps: float = 1e-30, min_dim_size_to_factor: int = 128, factorized_second_moment: bool = True
+) -> optax.GradientTransformation:
+    r"""``U = G / sqrt(Vhat)``, Adafactor's second moment (docs/algorithm.md section 6), unclipped.
+
+    With ``beta2_t = 1 - t^{-b2}`` (``t`` the leaf's step): factored, for a matrix view ``(m, n)``
+    with ``min(m, n) >= min_dim_size_to_factor``,
+    ``R_t = beta2_t R + (1 - beta2_t) mean_j(G^2 + eps)``, ``C_t`` likewise over rows,
+    ``U_ij = G_ij (R_i / mean(R))^{-1/2} C_j^{-1/2}``; otherwise
+    ``V_t = beta2_t V + (1 - beta2_t)(G^2 + eps)``, ``U = G / sqrt(V_t)``
+    (:func:`flora_opt.core.normalised_update`). The layout is that of
+    :func:`flora_opt.core.tensor_layout` (``ndim > 2`` viewed as ``(shape[0], -1)``), so it
+    differs from ``optax.scale_by_factored_rms`` for such leaves. The output is float32; a leaf
+    whose ``U`` is not finite keeps its state and step count and passes ``U`` on.
+    """
     ops = get_ops("jax")
-    base_seed = int(seed)
 
     def init_fn(params):
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        fields: dict[str, list] = {name: [] for name in LEAF_FIELDS}
-        for index, leaf in enumerate(leaves):
-            fields["step"].append(jnp.zeros((), jnp.int32))
-            fields["seed"].append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
-            shapes = {}
-            if _float_dtype(leaf) is not None:
-                layout = core.tensor_layout(np.shape(leaf), hp)
-                shapes = _state_shapes(layout)
-                message = core.unstable_transfer_message(layout, hp)
-                if message is not None:
-                    warnings.warn(message, RuntimeWarning, stacklevel=3)
-            for key, name in _FIELD_OF_KEY.items():
-                fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
-        return ScaleByFloraState(
-            count=jnp.zeros((), jnp.int32),
-            **{name: treedef.unflatten(values) for name, values in fields.items()},
+        hp = FloraHyperParams(
+            beta1=None,
+            factorize_second_moment=_static("factorized_second_moment", factorized_second_moment),
+            min_dim_size_to_factor=_static("min_dim_size_to_factor", min_dim_size_to_factor),
         )
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        fields: dict[str, list] = {name: [] for name in ScaleBySecondMomentState._fields}
+        for leaf in leaves:
+            fields["step"].append(jnp.zeros((), jnp.int32))
+            shapes = _state_shapes(core.tensor_layout(np.shape(leaf), hp)) if _float_dtype(leaf) is not None else {}
+            for name, key in _SECOND_MOMENT_FIELDS.items():
+                fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
+        return ScaleBySecondMomentState(**{name: treedef.unflatten(v) for name, v in fields.items()})
 
-    def leaf_update(grad, param, leaf_state: dict[str, Any], leaf_hp: FloraHyperParams, lr):
-        dtype = _float_dtype(grad)
-        if dtype is None:  # integer / boolean / float0 / non-array leaves: nothing to optimise
-            if not hasattr(grad, "dtype") or grad.dtype == jax.dtypes.float0:
-                return grad, leaf_state
-            return jnp.zeros_like(grad), leaf_state
+    def leaf_update(grad, leaf_state):
+        step, row, col, full = leaf_state
+        if _float_dtype(grad) is None:
+            return _non_float_update(grad), leaf_state
         grad = jnp.asarray(grad)
-        layout = core.tensor_layout(grad.shape, leaf_hp)
-        step = leaf_state["step"]
         new_step = step + 1
         if grad.size == 0:
-            return jnp.zeros_like(grad), dict(leaf_state, step=new_step)
-        work_shape = layout.work_shape
+            return jnp.zeros(grad.shape, jnp.float32), (new_step, row, col, full)
+        factored = row.shape != (0,)  # the state fixes the layout
+        work_shape = core.matrix_view(grad.shape) if factored else grad.shape
+        layout = core.TensorLayout(grad.shape, core.matrix_view(grad.shape), factored, core.MOMENTUM_NONE, None, None)
+        hp = FloraHyperParams(eps1=eps, decay_rate=-b2)
+        state = {EXP_AVG_SQ_ROW: row, EXP_AVG_SQ_COL: col} if factored else {EXP_AVG_SQ: full.reshape(work_shape)}
         grad32 = grad.astype(jnp.float32).reshape(work_shape)
-        param32 = None if param is None else jnp.asarray(param).astype(jnp.float32).reshape(work_shape)
-        core_shapes = layout.state_shapes()
-        core_state = {key: leaf_state[_FIELD_OF_KEY[key]].reshape(shape) for key, shape in core_shapes.items()}
-        new_core_state, direction, finite = core.flora_update(
-            grad32, param32, core_state, new_step, leaf_state["seed"], layout, leaf_hp, ops, lr=lr
-        )
-        delta = direction.value
-        if direction.decay is not None:
-            delta = delta + direction.decay * param32
-        # Section 9 (core.keep_if_finite): a non-finite step leaves the update at zero and the state unchanged.
-        update = core.keep_if_finite(finite, delta, jnp.zeros_like(delta), ops).reshape(grad.shape).astype(dtype)
-        new_state = dict(leaf_state)
-        new_state["step"] = core.keep_if_finite(finite, new_step, step, ops)
-        for key, value in new_core_state.items():
-            name = _FIELD_OF_KEY[key]
-            old = leaf_state[name]
-            new_state[name] = core.keep_if_finite(finite, value.reshape(old.shape).astype(jnp.float32), old, ops)
-        return update, new_state
-
-    def update_fn(updates, state: ScaleByFloraState, params=None):
-        grads, treedef = jax.tree_util.tree_flatten(updates)
-        if params is None:
-            if needs_params:
-                raise ValueError(
-                    "scale_by_flora needs params (update(grads, state, params)) when "
-                    "multiply_by_parameter_scale=True or weight_decay > 0"
-                )
-            param_leaves = [None] * len(grads)
+        normalised, new = core.normalised_update(grad32, state, new_step, layout, hp, ops)
+        finite = _finite(normalised)
+        keep = lambda new_value, old: core.keep_if_finite(finite, new_value.reshape(old.shape), old, ops)  # noqa: E731
+        if factored:
+            row, col = keep(new[EXP_AVG_SQ_ROW], row), keep(new[EXP_AVG_SQ_COL], col)
         else:
-            try:
-                param_leaves = treedef.flatten_up_to(params)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"params must have the structure of the gradients: {error}") from error
-        try:
-            field_leaves = {name: treedef.flatten_up_to(getattr(state, name)) for name in LEAF_FIELDS}
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                f"the Flora state does not have the structure of the gradients (was it initialised "
-                f"with other params?): {error}"
-            ) from error
-        decay_mask = _resolve_mask(weight_decay_mask, params, treedef, len(grads)) if hp.weight_decay else None
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        out_updates = []
-        out_fields: dict[str, list] = {name: [] for name in LEAF_FIELDS}
-        for index, (grad, param) in enumerate(zip(grads, param_leaves)):
-            leaf_hp = hp if decay_mask is None or decay_mask[index] else hp_no_decay
-            leaf_state = {name: field_leaves[name][index] for name in LEAF_FIELDS}
-            explicit = _explicit_sharding(grad)
-            if explicit is None:
-                update, new_leaf_state = leaf_update(grad, param, leaf_state, leaf_hp, lr)
-            else:
-                # Explicit-axes meshes (jax.make_mesh's default) type every array with its
-                # sharding; the math runs with those axes in auto mode and its results keep
-                # the shardings of the gradient and of the state they replace.
-                out_sharding = (explicit, {name: jax.typeof(v).sharding for name, v in leaf_state.items()})
-                update, new_leaf_state = jax.sharding.auto_axes(
-                    lambda g, p, st, rate, leaf_hp=leaf_hp: leaf_update(g, p, st, leaf_hp, rate),
-                    out_sharding=out_sharding,
-                )(grad, param, leaf_state, lr)
-            out_updates.append(update)
-            for name in LEAF_FIELDS:
-                out_fields[name].append(new_leaf_state[name])
-        new_state = ScaleByFloraState(
-            count=_safe_increment(state.count),
-            **{name: treedef.unflatten(values) for name, values in out_fields.items()},
-        )
-        return treedef.unflatten(out_updates), new_state
+            full = keep(new[EXP_AVG_SQ], full)
+        return normalised.reshape(grad.shape), (core.keep_if_finite(finite, new_step, step, ops), row, col, full)
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        fields = _flatten_state(treedef, state._asdict())
+        out, new_fields = [], {name: [] for name in fields}
+        for index, leaf in enumerate(leaves):
+            leaf_state = tuple(fields[name][index] for name in ScaleBySecondMomentState._fields)
+            new_leaf, new_state = _on_leaf(leaf_update, leaf, leaf_state)
+            out.append(new_leaf)
+            for name, value in zip(ScaleBySecondMomentState._fields, new_state):
+                new_fields[name].append(value)
+        return treedef.unflatten(out), ScaleBySecondMomentState(**{k: treedef.unflatten(v) for k, v in new_fields.items()})
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _map_float(fn, updates, *trees):
+    """``fn(update, *leaves)`` on the float leaves of ``updates`` (``trees`` flattened up to it);
+    other leaves pass through."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    others = [treedef.flatten_up_to(tree) for tree in trees]
+    out = [fn(u, *rest) if _float_dtype(u) is not None else u for u, *rest in zip(leaves, *others)]
+    return treedef.unflatten(out)
+
+
+def _rms32(x):
+    x = jnp.asarray(x).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(x * x))
+
+
+def clip_by_rms(threshold: Optional[float] = 1.0) -> optax.GradientTransformation:
+    r"""``D <- D / max(1, RMS(D) / threshold)`` per leaf (section 7; ``None``: no clipping).
+
+    Unlike ``optax.clip_by_block_rms`` (which maps a leaf whose RMS overflows to zero), a leaf
+    whose ``RMS(D)`` is not finite becomes NaN, so that :func:`zero_non_finite` skips it: the
+    PyTorch optimizer skips exactly the tensors with a non-finite ``RMS(D)`` (section 9).
+    """
+    if threshold is not None and not _traced(threshold):
+        check_real("clipping_threshold", _concrete(threshold), above=0.0, none="")
+
+    def clip(u):
+        rms = _rms32(u)
+        scaled = u if threshold is None else u / jnp.maximum(1.0, rms / threshold)
+        return jnp.where(jnp.isfinite(rms), scaled, jnp.nan).astype(u.dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return _map_float(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def add_weight_decay(weight_decay: float, mask: MaskOrFn = None) -> optax.GradientTransformation:
+    r"""``D <- D + lambda W`` (in float32) on the leaves that ``mask`` selects.
+
+    Placed before ``scale_by_learning_rate`` and :func:`scale_by_param_rms`, the decay ends up
+    ``eta_t lambda W``, scaled like the step (section 8). ``mask``: a tree of Python bools with
+    the structure of the params, or a function of the params returning one.
+    """
+
+    def update_fn(updates, state, params=None):
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        param_leaves = _flatten_params(treedef, params, "the weight decay")
+        selected = _resolve_mask(mask, params, treedef, len(leaves))
+        out = [
+            u + weight_decay * jnp.asarray(p).astype(jnp.float32) if keep and _float_dtype(u) is not None else u
+            for u, p, keep in zip(leaves, param_leaves, selected)
+        ]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_param_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+    r"""``D <- max(min_scale, RMS(W)) D`` per leaf, ``RMS`` in float32 (section 5; the
+    float32 counterpart of ``optax.scale_by_param_block_rms``)."""
+
+    def update_fn(updates, state, params=None):
+        _flatten_params(jax.tree_util.tree_structure(updates), params, "multiply_by_parameter_scale=True")
+        return _map_float(lambda u, p: u * jnp.maximum(_rms32(p), min_scale), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def zero_non_finite() -> optax.GradientTransformation:
+    """Section 9's last word: a leaf with any non-finite value gets a zero update
+    (:func:`flora_opt.core.keep_if_finite`); updates are cast to the parameters' dtypes when
+    ``params`` are given (the stages before compute in float32)."""
+    ops = get_ops("jax")
+
+    def update_fn(updates, state, params=None):
+        def leaf(u, p=None):
+            finite = jnp.all(jnp.isfinite(u))
+            out = core.keep_if_finite(finite, u, jnp.zeros_like(u), ops)
+            dtype = None if p is None else _float_dtype(p)
+            return out if dtype is None else out.astype(dtype)
+
+        if params is None:
+            return _map_float(leaf, updates), state
+        _flatten_params(jax.tree_util.tree_structure(updates), params, "zero_non_finite")
+        return _map_float(leaf, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _parts(*, learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay,
+           eps, min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask,
+           max_aspect_ratio):
+    """Validate, then the chain's stages up to (not including) the sign flip."""
+    _validate(
+        learning_rate, b1=b1, b2=b2, tau=tau, seed=seed, kappa=kappa, clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale, weight_decay=weight_decay, eps=eps,
+        min_dim_size_to_factor=min_dim_size_to_factor, factorized_second_moment=factorized_second_moment,
+        min_parameter_scale=min_parameter_scale, max_aspect_ratio=max_aspect_ratio,
+    )
+    from .ema import compressed_ema  # ema.py imports this module's helpers
+
+    parts = [scale_by_second_moment(b2, eps, min_dim_size_to_factor, factorized_second_moment)]
+    if not _is_zero(b1):
+        parts.append(compressed_ema(b1, tau=tau, kappa=kappa, seed=seed, max_aspect_ratio=max_aspect_ratio))
+    parts.append(clip_by_rms(clipping_threshold))
+    if not _is_zero(weight_decay):
+        parts.append(add_weight_decay(weight_decay, weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+    if multiply_by_parameter_scale:
+        parts.append(scale_by_param_rms(min_parameter_scale))
+    return parts
 
 
 def flora(
@@ -457,7 +523,14 @@ def flora(
         decay.
 
     Returns:
-      ``optax.chain(scale_by_flora(...), optax.scale(-1.0))``.
+      ``optax.chain(scale_by_second_moment(b2, eps, ...), compressed_ema(b1, tau, kappa, seed, ...),
+      clip_by_rms(clipping_threshold), add_weight_decay(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate, flip_sign=False),
+      scale_by_param_rms(min_parameter_scale), optax.scale(-1.0), zero_non_finite())``, without
+      the momentum stage when ``b1`` is ``None``/0, the weight decay when it is 0 and the
+      parameter scale when ``multiply_by_parameter_scale=False`` (module docstring). Every
+      argument may be injected with ``optax.inject_hyperparams(flora)(learning_rate=...)``, no
+      static list needed (``init`` must then run outside ``jax.jit``: it fixes the layout).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -481,29 +554,24 @@ def flora(
       the old key, scrambling the momentum at every resample); momentum and statistics are
       float32 (not bfloat16); the smaller matrix dimension is compressed and ``ndim > 2``
       leaves are viewed as ``(shape[0], -1)``; a non-finite gradient leaves its leaf's update
-      at zero and its state unchanged; the momentum averages ``eta_t U_t`` and the weight
-      decay is scaled by ``eta_t`` (the reference added unscaled weight decay after the step).
+      at zero and its state unchanged; the momentum averages the normalised gradient ``U_t``, the
+      history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference added unscaled weight decay after the step).
     """
-    return optax.chain(
-        scale_by_flora(
-            learning_rate,
-            b1=b1,
-            b2=b2,
-            tau=tau,
-            seed=seed,
-            kappa=kappa,
-            clipping_threshold=clipping_threshold,
-            multiply_by_parameter_scale=multiply_by_parameter_scale,
-            weight_decay=weight_decay,
-            eps=eps,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            factorized_second_moment=factorized_second_moment,
-            min_parameter_scale=min_parameter_scale,
-            weight_decay_mask=weight_decay_mask,
-            max_aspect_ratio=max_aspect_ratio,
-        ),
-        optax.scale(-1.0),
-    )
+    return optax.chain(*_parts(**locals()), optax.scale(-1.0), zero_non_finite())
+
+
+def scale_by_flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    r"""The Flora step ``Delta_t = eta_t (D_clip + lambda W)`` of every leaf, to be *subtracted*:
+    :func:`flora` without its ``optax.scale(-1)`` (kept for code written against the former
+    monolithic transformation; its state is now the chain's tuple). Same arguments as
+    :func:`flora` (its signature is :func:`flora`'s, so the defaults have one home)."""
+    bound = _FLORA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return optax.chain(*_parts(**bound.arguments), zero_non_finite())
+
+
+_FLORA_SIGNATURE = inspect.signature(flora)
+scale_by_flora.__signature__ = _FLORA_SIGNATURE
 
 
 def state_bytes(state) -> int:
