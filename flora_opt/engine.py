@@ -80,6 +80,10 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
     return torch.stack(tensors).view(shape)
 
 
+# On the CPU, read the device step counters (host memory) to decide resamples exactly; False
+# uses the conservative host-side window of other devices (tests exercise it on the CPU).
+READ_CPU_COUNTERS = True
+
 # Rows per block of the column statistics: a block of one matrix holds about this many elements.
 COLUMN_BLOCK = 1 << 17
 
@@ -123,6 +127,10 @@ class Engine:
         # parameter -> int64 tensor (4,) on its device: step, projection index, pending skips,
         # seed (its uint32 bit pattern as a signed 32-bit value)
         self.counters: dict[torch.Tensor, torch.Tensor] = {}
+        # parameter -> the device step counter's value at the last point where the host knew it
+        # exactly (counter built from the host state, or synchronize()): the device step lies
+        # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
+        self.known_steps: dict[torch.Tensor, int] = {}
 
     # ---- counters ---------------------------------------------------------------------------
     def _counter(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -131,6 +139,7 @@ class Engine:
             values = [state["step"], state.get(PROJECTION, 0), 0, _u32_signed(state["seed"])]
             counter = torch.tensor(values, dtype=torch.int64, device=param.device)
             self.counters[param] = counter
+            self.known_steps[param] = state["step"]
         return counter
 
     def synchronize(self, params=None, drop: bool = False) -> int:
@@ -155,6 +164,7 @@ class Engine:
             for param, (step, proj, pending, _) in zip(device_params, values):
                 state = self.optimizer.state[param]
                 state["step"] = int(step)
+                self.known_steps[param] = int(step)
                 if PROJECTION in state:
                     state[PROJECTION] = int(proj)
                 if pending:
@@ -163,6 +173,7 @@ class Engine:
         for param in chosen:
             if drop:
                 del self.counters[param]
+                self.known_steps.pop(param, None)
             else:
                 self.counters[param][PENDING] = 0
         if skipped:
@@ -253,7 +264,9 @@ class Engine:
             D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
             new[EXP_AVG] = D
         else:
-            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device)
+            may_resample = self._may_resample(params, states, counters, hp.kappa)
+            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device,
+                                                         may_resample)
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
         rms = torch.linalg.vector_norm(D, dim=dims) / math.sqrt(numel)
@@ -307,8 +320,36 @@ class Engine:
         W.sub_(delta.to(W.dtype))
         torch._foreach_copy_(params, list(W.view((count,) + tuple(layout.shape)).unbind(0)))
 
-    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device):
-        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``."""
+    def _may_resample(self, params, states, counters: torch.Tensor, kappa: int) -> bool:
+        """Whether a tensor of the bucket can resample at this step, decided on the host without
+        a device sync, so that the previous projection and the transfer are only computed then.
+
+        Tensor ``i`` resamples when its device step ``s`` (before this step) has ``s >= 1`` and
+        ``s mod kappa = 0``. On the CPU the counters are host memory: their values are read
+        directly (a load, no dispatched op, nothing to wait for), so the answer is exact. On other
+        devices ``s`` is only known to lie in ``[known_steps[p], state["step"]]`` (the host
+        integers are advanced as if no step were skipped; :meth:`synchronize` makes them exact):
+        the answer is true if any step of that range resamples, so a skipped step can only make
+        the engine compute a transfer that the device mask then discards, never miss one. Inside
+        ``torch.compile`` it is always true (one graph for every step).
+        """
+        if torch.compiler.is_compiling():
+            return True
+        if counters.device.type == "cpu" and READ_CPU_COUNTERS:
+            steps = counters[:, STEP].numpy().tolist()
+            return any(s >= 1 and s % kappa == 0 for s in steps)
+        for param, state in zip(params, states):
+            high = state["step"]
+            low = self.known_steps.get(param, high)
+            if high - low + 1 >= kappa or any(s >= 1 and s % kappa == 0 for s in range(low, high + 1)):
+                return True
+        return False
+
+    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
+                    may_resample: bool = True):
+        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``. Without
+        ``may_resample`` (no tensor of the bucket resamples at this step) the previous projection
+        and the transfer are skipped: ``resample`` is then false for every tensor."""
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
         ops = get_ops("torch")
@@ -316,22 +357,27 @@ class Engine:
         index = counters[:, PROJ] + resample.to(torch.int64)
         seeds = counters[:, SEED].to(torch.int32)
         keys = projection_key(seeds, STREAM_MOMENTUM, index.to(torch.int32), ops)
-        old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
-        both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
-        P, P_old = both[: len(keys)], both[len(keys):]
+        if may_resample:
+            old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
+            both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
+            P, P_old = both[: len(keys)], both[len(keys):]
+        else:
+            P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
         rows = side == core.SIDE_ROWS
         if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
-            momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
+            if P_old is not None:
+                momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             gram_m = torch.bmm(momentum, momentum.mT)
             compressed = torch.bmm(P, U)
         else:  # M: (T, m, r);  M <- M (P_old P^T)
-            momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
+            if P_old is not None:
+                momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
             gram_m = torch.bmm(momentum.mT, momentum)
             compressed = torch.bmm(U, P.mT)
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
-        momentum_sq = (momentum * momentum).sum(dim=(1, 2))
+        momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
         positive = decompressed_sq > 0
         ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
         # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
@@ -341,7 +387,7 @@ class Engine:
             D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
         else:
             D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
-        new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1)
+        new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
         return D, new_momentum, resample
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------

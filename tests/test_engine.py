@@ -140,6 +140,32 @@ def test_grouped_step_with_row_blocked_column_statistics_equals_per_tensor_path(
     _assert_same(grouped, opt_grouped, reference, opt_reference)
 
 
+@pytest.mark.parametrize("read_counters", [True, False], ids=["cpu-exact", "host-window"])
+def test_previous_projection_only_when_a_resample_can_happen(monkeypatch, read_counters):
+    """The previous projection and the transfer are computed only at steps where some tensor of
+    the bucket may resample, decided on the host (exactly from the CPU counters, or from the
+    window between the last synchronized step and the optimistic host step). A skipped step puts
+    one tensor's resample one step after its bucket-mates': both decisions still transfer it
+    at its own step, as the per-tensor path does, and skip the transfer elsewhere."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "READ_CPU_COUNTERS", read_counters)
+    calls = []
+    original = engine.Engine._compressed
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[-1] if len(args) > 7 else kwargs.get("may_resample", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Engine, "_compressed", spy)
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, steps=9, poison=(2, 1))
+    reference, opt_reference = _run(False, options, steps=9, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+    assert opt_grouped.state[grouped[1]]["projection"] == 2 and opt_grouped.state[grouped[0]]["projection"] == 2
+    assert True in calls and False in calls  # skipped at most steps, computed at resamples
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)
