@@ -166,6 +166,21 @@ def test_previous_projection_only_when_a_resample_can_happen(monkeypatch, read_c
     assert True in calls and False in calls  # skipped at most steps, computed at resamples
 
 
+def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeypatch):
+    """Buckets of large tensors are split into stacks (engine.chunks); every stack is stepped
+    like a bucket, so the results still equal the per-tensor path, skips and resamples too."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 7000)  # (64, 48): two per stack; (200, 40): one
+    assert [len(c) for c in engine.chunks([torch.empty(64, 48)] * 5)] == [2, 2, 1]
+    assert [len(c) for c in engine.chunks([torch.empty(30, 30)] * 5)] == [5]  # small: one stack
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, poison=(2, 1))
+    reference, opt_reference = _run(False, options, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)
