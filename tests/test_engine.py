@@ -172,8 +172,9 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     from flora_opt import engine
 
     monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
-    monkeypatch.setattr(engine, "STACK_ELEMENTS", 7000)  # (64, 48): two per stack; (200, 40): one
-    assert [len(c) for c in engine.chunks([torch.empty(64, 48)] * 5)] == [2, 2, 1]
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 5000)  # one (64, 48) or (200, 40) per stack
+    assert [len(c) for c in engine.chunks([torch.empty(64, 48)] * 5)] == [1] * 5
+    assert [len(c) for c in engine.chunks([torch.empty(40, 60)] * 5)] == [2, 2, 1]  # 2400 each
     assert [len(c) for c in engine.chunks([torch.empty(30, 30)] * 5)] == [5]  # small: one stack
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grouped, opt_grouped = _run(True, options, poison=(2, 1))
