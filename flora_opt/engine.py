@@ -80,6 +80,59 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
     return torch.stack(tensors).view(shape)
 
 
+# On the CPU, read the device step counters (host memory) to decide resamples exactly; False
+# uses the conservative host-side window of other devices (tests exercise it on the CPU).
+READ_CPU_COUNTERS = True
+
+# Stacks of large tensors are split (see chunks()): a tensor of at least LARGE_TENSOR elements is
+# stepped in stacks of at most STACK_ELEMENTS elements (one tensor per stack when it is larger).
+LARGE_TENSOR = 1 << 18
+STACK_ELEMENTS = 1 << 22
+
+
+def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The stacks in which the grouped step takes a bucket (tensors of one layout).
+
+    Small tensors are stacked all together: the number of dispatched ops per step then does not
+    depend on how many tensors share a layout (depth). Large ones (``LARGE_TENSOR`` elements or
+    more, where an op's work dwarfs its dispatch cost) go in stacks of at most ``STACK_ELEMENTS``
+    elements (16 MiB in float32): a step's full-size temporaries then stay small enough to be
+    reused from the allocator's heap and to sit in the cache between passes, where a stack of a
+    whole bucket (113 MiB for GPT-2-small's twelve 768 x 3072 matrices) is a fresh mapping every
+    step whose page faults cost more than the arithmetic, and whose passes stream from main
+    memory. The partition depends on shapes only, so it is the same at every step.
+    """
+    numel = params[0].numel()
+    if numel < LARGE_TENSOR or len(params) * numel <= STACK_ELEMENTS:
+        return [params]
+    per = max(1, STACK_ELEMENTS // numel)
+    return [params[i:i + per] for i in range(0, len(params), per)]
+
+
+# Rows per block of the column statistics: a block of one matrix holds about this many elements.
+COLUMN_BLOCK = 1 << 17
+
+
+def _column_sum_of_squares(G: torch.Tensor) -> torch.Tensor:
+    """``sum_i G_ij^2`` of a stack ``(T, m, n)``, as ``(T, n)``.
+
+    ``vector_norm(G, dim=1)`` reduces across rows with a stride of ``n`` and runs 10-40x slower
+    than a contiguous pass on this CPU (200 ms for GPT-2's 50257 x 768 embedding), and
+    ``G.square().sum(1)`` allocates a full-size temporary (page faults cost several times the
+    arithmetic). Blocks of rows squared and summed keep the temporary small (a matrix of one
+    block keeps the norm: no temporary, and it is small); the number of
+    blocks depends on the matrix shape only, not on the number of tensors in the stack, so the
+    op count of a step does not grow with depth.
+    """
+    rows = max(1, COLUMN_BLOCK // max(G.shape[2], 1))
+    if rows >= G.shape[1] or torch.compiler.is_compiling():  # small matrices: no temporary at all
+        return torch.linalg.vector_norm(G, dim=1).square_()
+    total = G[:, :rows].square().sum(dim=1)
+    for start in range(rows, G.shape[1], rows):
+        total.add_(G[:, start:start + rows].square().sum(dim=1))
+    return total
+
+
 @torch.compiler.disable
 def _advance_host_integers(states, kappa: int) -> None:
     """The checkpoint's integers, advanced as if no step were skipped (exact unless one was; see
@@ -100,6 +153,10 @@ class Engine:
         # parameter -> int64 tensor (4,) on its device: step, projection index, pending skips,
         # seed (its uint32 bit pattern as a signed 32-bit value)
         self.counters: dict[torch.Tensor, torch.Tensor] = {}
+        # parameter -> the device step counter's value at the last point where the host knew it
+        # exactly (counter built from the host state, or synchronize()): the device step lies
+        # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
+        self.known_steps: dict[torch.Tensor, int] = {}
 
     # ---- counters ---------------------------------------------------------------------------
     def _counter(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -108,6 +165,7 @@ class Engine:
             values = [state["step"], state.get(PROJECTION, 0), 0, _u32_signed(state["seed"])]
             counter = torch.tensor(values, dtype=torch.int64, device=param.device)
             self.counters[param] = counter
+            self.known_steps[param] = state["step"]
         return counter
 
     def synchronize(self, params=None, drop: bool = False) -> int:
@@ -132,6 +190,7 @@ class Engine:
             for param, (step, proj, pending, _) in zip(device_params, values):
                 state = self.optimizer.state[param]
                 state["step"] = int(step)
+                self.known_steps[param] = int(step)
                 if PROJECTION in state:
                     state[PROJECTION] = int(proj)
                 if pending:
@@ -140,6 +199,7 @@ class Engine:
         for param in chosen:
             if drop:
                 del self.counters[param]
+                self.known_steps.pop(param, None)
             else:
                 self.counters[param][PENDING] = 0
         if skipped:
@@ -209,7 +269,7 @@ class Engine:
             m, n = work
             # mean_j G_ij^2 as a squared norm: no G^2 temporary (rounding differs by ~1 ulp)
             row_mean = torch.linalg.vector_norm(G, dim=2).square_().div_(n).add_(hp.eps1)
-            col_mean = torch.linalg.vector_norm(G, dim=1).square_().div_(m).add_(hp.eps1)
+            col_mean = _column_sum_of_squares(G).div_(m).add_(hp.eps1)
             row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
             col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
@@ -230,18 +290,34 @@ class Engine:
             D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
             new[EXP_AVG] = D
         else:
-            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device)
+            may_resample = self._may_resample(params, states, counters, hp.kappa)
+            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device,
+                                                         may_resample)
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
         rms = torch.linalg.vector_norm(D, dim=dims) / math.sqrt(numel)
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
         expand = (count,) + (1,) * len(work)
-        if layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
+        # Full momentum with float32 parameters: Delta = eta D is never formed; the parameters
+        # take p - scale * M_t in one in-place pass after the state is written (a skipped tensor's
+        # rows of M_t are then its old, finite momentum and its scale is 0). A fresh full-size
+        # Delta costs more in page faults than the pass itself (docs/benchmarks.md).
+        # Other float32 cases: D (a temporary) has its non-finite entries zeroed (one pass,
+        # 3x faster than a masked fill here) and the parameters take p - scale * D in place with
+        # scale 0 for a skipped tensor: no separate scaling pass.
+        fused = in_place
+        if fused:
+            delta = None
+            scale = torch.where(finite, scale, 0.0)
+            if layout.momentum != core.MOMENTUM_FULL:
+                D.nan_to_num_(0.0, 0.0, 0.0)
+        elif layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
             delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
         else:  # D is U or a temporary: scaled in place
             delta = D.mul_(scale.view(expand))
-        delta.masked_fill_(~finite.view(expand), 0.0)
+        if delta is not None:
+            delta.masked_fill_(~finite.view(expand), 0.0)
 
         # Write the state (a skipped tensor keeps its old values) and the counters.
         for key, value in new.items():
@@ -264,15 +340,47 @@ class Engine:
         if in_place:
             if keep is not None:
                 torch._foreach_mul_(params, list(keep.unbind(0)))
-            torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
+            if fused:  # D is M_t as written to the state above, or the zeroed temporary
+                rows = list(D.view((count,) + tuple(layout.shape)).unbind(0))
+                torch._foreach_addcmul_(params, rows, list(scale.unbind(0)), value=-1.0)
+            else:
+                torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
             return
         if keep is not None:
             W.mul_(keep.view(expand))
         W.sub_(delta.to(W.dtype))
         torch._foreach_copy_(params, list(W.view((count,) + tuple(layout.shape)).unbind(0)))
 
-    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device):
-        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``."""
+    def _may_resample(self, params, states, counters: torch.Tensor, kappa: int) -> bool:
+        """Whether a tensor of the bucket can resample at this step, decided on the host without
+        a device sync, so that the previous projection and the transfer are only computed then.
+
+        Tensor ``i`` resamples when its device step ``s`` (before this step) has ``s >= 1`` and
+        ``s mod kappa = 0``. On the CPU the counters are host memory: their values are read
+        directly (a load, no dispatched op, nothing to wait for), so the answer is exact. On other
+        devices ``s`` is only known to lie in ``[known_steps[p], state["step"]]`` (the host
+        integers are advanced as if no step were skipped; :meth:`synchronize` makes them exact):
+        the answer is true if any step of that range resamples, so a skipped step can only make
+        the engine compute a transfer that the device mask then discards, never miss one. Inside
+        ``torch.compile`` it is always true (one graph for every step).
+        """
+        if torch.compiler.is_compiling():
+            return True
+        if counters.device.type == "cpu" and READ_CPU_COUNTERS:
+            steps = counters[:, STEP].numpy().tolist()
+            return any(s >= 1 and s % kappa == 0 for s in steps)
+        for param, state in zip(params, states):
+            high = state["step"]
+            low = self.known_steps.get(param, high)
+            if high - low + 1 >= kappa or any(s >= 1 and s % kappa == 0 for s in range(low, high + 1)):
+                return True
+        return False
+
+    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
+                    may_resample: bool = True):
+        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``. Without
+        ``may_resample`` (no tensor of the bucket resamples at this step) the previous projection
+        and the transfer are skipped: ``resample`` is then false for every tensor."""
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
         ops = get_ops("torch")
@@ -280,22 +388,27 @@ class Engine:
         index = counters[:, PROJ] + resample.to(torch.int64)
         seeds = counters[:, SEED].to(torch.int32)
         keys = projection_key(seeds, STREAM_MOMENTUM, index.to(torch.int32), ops)
-        old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
-        both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
-        P, P_old = both[: len(keys)], both[len(keys):]
+        if may_resample:
+            old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
+            both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
+            P, P_old = both[: len(keys)], both[len(keys):]
+        else:
+            P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
         rows = side == core.SIDE_ROWS
         if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
-            momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
+            if P_old is not None:
+                momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             gram_m = torch.bmm(momentum, momentum.mT)
             compressed = torch.bmm(P, U)
         else:  # M: (T, m, r);  M <- M (P_old P^T)
-            momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
+            if P_old is not None:
+                momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
             gram_m = torch.bmm(momentum.mT, momentum)
             compressed = torch.bmm(U, P.mT)
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
-        momentum_sq = (momentum * momentum).sum(dim=(1, 2))
+        momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
         positive = decompressed_sq > 0
         ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
         # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
@@ -305,7 +418,7 @@ class Engine:
             D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
         else:
             D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
-        new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1)
+        new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
         return D, new_momentum, resample
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------

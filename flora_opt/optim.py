@@ -40,6 +40,7 @@ from . import quantization as q
 from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
 from .distributed import is_dtensor
 from .engine import Engine
+from .engine import chunks as engine_chunks
 from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
 from .ops import get_ops
 from .projection import tensor_seed
@@ -397,7 +398,8 @@ class Flora(torch.optim.Optimizer):
                 bucket_groups[key] = (group, hp, layout)
         for key, params in buckets.items():
             group, hp, layout = bucket_groups[key]
-            self._engine.step_bucket(params, group, hp, layout)
+            for stack in engine_chunks(params):
+                self._engine.step_bucket(stack, group, hp, layout)
         return loss
 
     @staticmethod

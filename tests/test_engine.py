@@ -107,6 +107,81 @@ def test_non_finite_gradient_grouped_skips_only_that_tensor():
         assert torch.equal(dirty[index], clean[index])
 
 
+@pytest.mark.parametrize("options", [dict(rank=None), dict(rank=None, weight_decay=0.1)], ids=["full", "full,wd"])
+def test_non_finite_gradient_with_full_momentum_skips_only_that_tensor(options):
+    """Full momentum applies ``p - scale * M_t`` in place (no Delta buffer): a skipped tensor's
+    rows of ``M_t`` are its old momentum and its scale is 0, so its parameter is bit-unchanged."""
+    clean, _ = _run(True, options, steps=5)
+    dirty, opt_dirty = _run(True, options, steps=5, poison=(2, 1))
+    reference, opt_reference = _run(False, options, steps=5, poison=(2, 1))
+    _assert_same(dirty, opt_dirty, reference, opt_reference)
+    assert opt_dirty.state[dirty[1]]["skipped_steps"] == 1
+    for index in (0, 2, 3):
+        assert torch.equal(dirty[index], clean[index])
+    assert torch.isfinite(dirty[1]).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3)])
+def test_column_sum_of_squares_in_row_blocks(monkeypatch, shape):
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "COLUMN_BLOCK", 16)  # blocks of 2 rows for n = 7 (the last one short)
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(engine._column_sum_of_squares(G), G.square().sum(dim=1), rtol=1e-6, atol=0)
+
+
+def test_grouped_step_with_row_blocked_column_statistics_equals_per_tensor_path(monkeypatch):
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "COLUMN_BLOCK", 100)  # several row blocks for every factored matrix
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options)
+    reference, opt_reference = _run(False, options)
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+
+
+@pytest.mark.parametrize("read_counters", [True, False], ids=["cpu-exact", "host-window"])
+def test_previous_projection_only_when_a_resample_can_happen(monkeypatch, read_counters):
+    """The previous projection and the transfer are computed only at steps where some tensor of
+    the bucket may resample, decided on the host (exactly from the CPU counters, or from the
+    window between the last synchronized step and the optimistic host step). A skipped step puts
+    one tensor's resample one step after its bucket-mates': both decisions still transfer it
+    at its own step, as the per-tensor path does, and skip the transfer elsewhere."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "READ_CPU_COUNTERS", read_counters)
+    calls = []
+    original = engine.Engine._compressed
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[-1] if len(args) > 7 else kwargs.get("may_resample", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Engine, "_compressed", spy)
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, steps=9, poison=(2, 1))
+    reference, opt_reference = _run(False, options, steps=9, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+    assert opt_grouped.state[grouped[1]]["projection"] == 2 and opt_grouped.state[grouped[0]]["projection"] == 2
+    assert True in calls and False in calls  # skipped at most steps, computed at resamples
+
+
+def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeypatch):
+    """Buckets of large tensors are split into stacks (engine.chunks); every stack is stepped
+    like a bucket, so the results still equal the per-tensor path, skips and resamples too."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 5000)  # one (64, 48) or (200, 40) per stack
+    assert [len(c) for c in engine.chunks([torch.empty(64, 48)] * 5)] == [1] * 5
+    assert [len(c) for c in engine.chunks([torch.empty(40, 60)] * 5)] == [2, 2, 1]  # 2400 each
+    assert [len(c) for c in engine.chunks([torch.empty(30, 30)] * 5)] == [5]  # small: one stack
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, poison=(2, 1))
+    reference, opt_reference = _run(False, options, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)

@@ -457,8 +457,9 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
     "shape, options, expected",
     [
         # factored second moment, full momentum (embedding-like): the copy of G, overwritten by U
-        # and then the new momentum M_t, and Delta = eta_t clip(M_t) (M_t is state: its own buffer)
-        ((2048, 256), dict(rank=32), 2),
+        # and then the new momentum M_t (state); Delta = eta_t clip(M_t) is never formed (float32
+        # parameters take p - scale * M_t in place, addcmul)
+        ((2048, 256), dict(rank=32), 1),
         ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: copy of G -> U -> Delta
         # compressed momentum: the copy of G -> U -> D = (1 - beta1) U + P^T (beta1 s M) (one
         # baddbmm over U) -> Delta
