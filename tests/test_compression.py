@@ -162,11 +162,12 @@ def test_grouped_step_generates_a_bucket_s_projections_in_one_call():
     opt = flora_opt.Flora(params, lr=1e-2, rank=4, kappa=3)
     engine.gaussian_projections = counting
     try:
-        for _ in range(4):
+        for t in range(1, 5):
             calls.clear()
             for p in params:
                 p.grad = torch.randn(16, 24)
             opt.step()
-            assert calls == [6]  # one call: 3 tensors x (current, previous)
+            # one call per step: 3 tensors x current, plus previous at a resample (t = 4 = kappa + 1)
+            assert calls == ([6] if t == 4 else [3])
     finally:
         engine.gaussian_projections = original
