@@ -4,13 +4,11 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
+from _torchrun import run_torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_ddp_worker.py")
 
 # tests/_ddp_worker.py: rank 4; (40, 24) -> 40 x 4 buffer, (16, 40) -> 4 x 40; the rest uncompressed
@@ -21,15 +19,7 @@ CYCLES = 3
 
 
 def run_worker(world, *args, timeout=100):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={world}", WORKER, *map(str, args),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    run_torchrun(WORKER, world, *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -6,13 +6,11 @@ The worker is tests/_fsdp_worker.py; each test starts it with ``torch.distribute
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _torchrun import run_torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_fsdp_worker.py")
 
 RANK = 4
@@ -24,15 +22,7 @@ REPLICATED_BYTES = 4 * (24 + 40)
 
 
 def run_worker(world, *args, timeout=100):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={world}", WORKER, *map(str, args),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    run_torchrun(WORKER, world, *args, timeout=timeout)
 
 
 def flat(values):
