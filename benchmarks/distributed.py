@@ -1,7 +1,8 @@
 """Bytes communicated per optimizer step and per-rank optimizer state, DDP vs FSDP2, AdamW vs Flora.
 
-    python benchmarks/distributed.py                       # GPT-2 small shape, 2 processes, gloo, CPU
-    python benchmarks/distributed.py --layers 2 --world 4  # smaller and wider
+    python benchmarks/distributed.py --world 2   # GPT-2 small shape, 2 processes, gloo, CPU
+    python benchmarks/distributed.py --world 4   # 4 processes
+    python benchmarks/distributed.py --table benchmarks/results/distributed_4p.json   # table + targets again
 
 Four set-ups on the same model (``transformers.GPT2LMHeadModel``, GPT-2 small's config: 12 x 768,
 vocab 50257, tied embeddings; ``--layers`` shortens it), each trained for 3 optimizer steps of
@@ -14,14 +15,23 @@ vocab 50257, tied embeddings; ``--layers`` shortens it), each trained for 3 opti
   on all but the last micro-batch (one reduce-scatter per step), AdamW on the DTensor parameters;
 * ``fsdp2_flora``: the same with ``flora_opt.Flora`` (state sharded with the parameters).
 
-Counting: the 2nd step runs under ``torch.profiler``, which records every gloo collective with its
+Counting: the 3rd step runs under ``torch.profiler`` (the 2nd, timed without it, has DDP's one-time
+rebuild of its buckets, a small broadcast), which records every gloo collective with its
 input shape (``gloo:all_reduce``, ``gloo:all_gather``, ...); the bytes of a collective are those of
 its full (unsharded) tensor: the all-reduced tensor, or the all-gather's output (``world x`` its
 input). gloo has no native reduce-scatter: FSDP2's reduce-scatter runs as an all-reduce of the
 whole gradient, and is counted so. ``optimizer`` bytes are the collectives issued inside
-``optimizer.step()`` (the DTensor statistics and ``r x n`` blocks of FSDP2 + Flora). The 3rd step
-is timed without the profiler. Per-rank state: the local tensors of the optimizer state
-(``flora_opt.distributed.local_state_bytes``).
+``optimizer.step()`` (the DTensor statistics and ``r x n`` blocks of FSDP2 + Flora). Per-rank
+state: the local tensors of the optimizer state (``flora_opt.distributed.local_state_bytes``).
+Results go to ``benchmarks/results/distributed_<world>p.json``.
+
+The printed table ends with the targets of docs/distributed.md, each ``met`` or ``MISSED``:
+FSDP2 + Flora's largest per-rank state at most ``1.05 / world`` of the single-process state
+(the global state, ``optimizer.state_bytes()``) plus the replicated tensors; no collective inside
+its ``optimizer.step()`` larger than the largest compressed momentum ``r x max(m, n)``; DDP +
+Flora's bytes for the compressed matrices (counted bytes less the uncompressed tensors' and
+DDP's broadcast of the model's buffers) at most ``1.1 x r / min(m, n)`` of DDP's; and, under
+DDP, a SHA-256 of every rank's parameters equal after each of the 3 steps.
 """
 
 from __future__ import annotations
@@ -36,24 +46,58 @@ import time
 MODES = ("ddp_adamw", "ddp_flora_compressed", "fsdp2_adamw", "fsdp2_flora")
 
 
-def _gloo_bytes(prof, world: int) -> tuple[int, dict]:
-    total = 0
-    by_op: dict[str, int] = {}
+def _collectives(prof, world: int, window=None) -> list[tuple[str, int]]:
+    """``(name, elements)`` of every gloo collective recorded by ``prof`` (within ``window``, a list
+    of ``(start, end)`` time ranges, if given). Elements are those of the full tensor: the
+    all-reduced tensor, or the all-gather's output (``world x`` its input)."""
+    found = []
     for event in prof.events():
         if not event.name.startswith("gloo:"):
+            continue
+        if window is not None and not any(a <= event.time_range.start <= b for a, b in window):
             continue
         shapes = [s for s in event.input_shapes if s]
         if not shapes:
             continue
-        numel = 1
-        for size in shapes[0]:
-            numel *= size
+        numel = math.prod(shapes[0])
         if "all_gather" in event.name:
             numel *= world
-        nbytes = 4 * numel  # every collective here is float32
-        total += nbytes
-        by_op[event.name] = by_op.get(event.name, 0) + nbytes
-    return total, by_op
+        found.append((event.name, numel))
+    return found
+
+
+def _bytes(collectives) -> tuple[int, dict]:
+    by_op: dict[str, int] = {}
+    for name, numel in collectives:
+        by_op[name] = by_op.get(name, 0) + 4 * numel  # every collective here is float32
+    return sum(by_op.values()), by_op
+
+
+def _parameters_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _state_split(optimizer) -> tuple[int, int]:
+    """(global state bytes, bytes of this rank's *replicated* state tensors)."""
+    import torch
+
+    from flora_opt.distributed import is_dtensor
+
+    total = replicated = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if not isinstance(value, torch.Tensor):
+                continue
+            total += value.numel() * value.element_size()
+            if is_dtensor(value) and all(p.is_replicate() for p in value.placements):
+                local = value.to_local()
+                replicated += local.numel() * local.element_size()
+    return total, replicated
 
 
 def _build(layers: int):
@@ -94,7 +138,7 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
         optimizer = flora_opt.Flora(params, lr=1e-4, rank=args.rank)
     if mode == "ddp_flora_compressed":
         accumulator = CompressedAccumulator(optimizer, rank=args.rank, accumulation_steps=args.micro)
-        register_compressed_allreduce(model, accumulator)
+        accumulator_state = register_compressed_allreduce(model, accumulator)
 
     def micro_batch(step, index):
         generator = torch.Generator().manual_seed(1000 * step + 10 * index + rank)
@@ -119,48 +163,59 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
             optimizer.step()
         optimizer.zero_grad()
 
+    digests = []
+
+    def check_identical():  # DDP: every rank's parameters, bit for bit (outside the profiled region)
+        if mode.startswith("ddp"):
+            gathered = [None] * world
+            dist.all_gather_object(gathered, _parameters_digest(model))
+            digests.append(len(set(gathered)) == 1)
+
     one_step(0)
-    dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        one_step(1)
-    total, by_op = _gloo_bytes(prof, world)
-    optimizer_bytes = 0
-    ranges = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "optimizer_step"]
-    for event in prof.events():
-        if event.name.startswith("gloo:") and any(a <= event.time_range.start <= b for a, b in ranges):
-            shapes = [s for s in event.input_shapes if s]
-            if shapes:
-                numel = 1
-                for size in shapes[0]:
-                    numel *= size
-                optimizer_bytes += 4 * numel * (world if "all_gather" in event.name else 1)
+    check_identical()
     dist.barrier()
     start = time.perf_counter()
-    one_step(2)
+    one_step(1)
     dist.barrier()
     seconds = time.perf_counter() - start
-    parameters = sum(p.numel() for p in model.parameters())
-    if mode == "ddp_flora_compressed":  # what the hook must send: r max(m, n) per compressed matrix
-        from flora_opt.core import accumulation_layout
-
-        layouts = [accumulation_layout(p.shape, args.rank) for p in model.parameters()]
-        compressed = [(lay, p) for lay, p in zip(layouts, model.parameters()) if lay.compressed]
-        expected = sum(4 * math.prod(lay.buffer_shape()) for lay, _ in compressed)
-        expected += sum(4 * p.numel() for lay, p in zip(layouts, model.parameters()) if not lay.compressed)
-        full = sum(4 * p.numel() for _, p in compressed)
-        sent = sum(4 * math.prod(lay.buffer_shape()) for lay, _ in compressed)
-        extra = dict(expected_bytes=expected, compressed_matrices_full_bytes=full, compressed_matrices_sent_bytes=sent)
-    else:
-        extra = {}
-    result = dict(**extra,
+    check_identical()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        one_step(2)
+    total, by_op = _bytes(_collectives(prof, world))
+    window = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "optimizer_step"]
+    in_optimizer = _collectives(prof, world, window)
+    optimizer_bytes, _ = _bytes(in_optimizer)
+    check_identical()
+    result = dict(
         mode=mode,
         bytes_per_step=total,
         optimizer_bytes_per_step=optimizer_bytes,
+        largest_optimizer_collective=max((numel for _, numel in in_optimizer), default=0),
         by_op=by_op,
         state_bytes_per_rank=local_state_bytes(optimizer),
         step_seconds=seconds,
-        parameters=parameters,
+        parameters=sum(p.numel() for p in model.parameters()),
+        identical_across_ranks=all(digests) if digests else None,
     )
+    if mode.endswith("flora"):
+        # the compressed momenta are the r x max(m, n) blocks (their state is not the parameter's shape)
+        blocks = [s["exp_avg"].numel() for p, s in optimizer.state.items()
+                  if "exp_avg" in s and tuple(s["exp_avg"].shape) != tuple(p.shape)]
+        result["largest_compressed_block"] = max(blocks, default=0)
+        result["global_state_bytes"], result["replicated_state_bytes"] = _state_split(optimizer)
+    if mode == "ddp_flora_compressed":  # what the hook must send: r max(m, n) per compressed matrix
+        from flora_opt.core import accumulation_layout
+
+        layouts = [(accumulation_layout(p.shape, args.rank), p) for p in model.parameters()]
+        result.update(
+            compressed_matrices_full_bytes=sum(4 * p.numel() for lay, p in layouts if lay.compressed),
+            compressed_matrices_sent_bytes=sum(4 * math.prod(lay.buffer_shape()) for lay, _ in layouts if lay.compressed),
+            # r / min(m, n) of DDP's bytes, per compressed matrix
+            target_bytes=sum(4 * p.numel() * args.rank / min(lay.matrix) for lay, p in layouts if lay.compressed),
+            uncompressed_bytes=sum(4 * p.numel() for lay, p in layouts if not lay.compressed),
+            buffer_bytes=sum(4 * b.numel() for b in model.buffers()),
+            hook_elements_per_step=accumulator_state.elements // 3,
+        )
     return result
 
 
@@ -185,31 +240,74 @@ def _worker(rank: int, world: int, args, port: int) -> None:
     dist.destroy_process_group()
 
 
+def _targets(data: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets, checked on a results file: ``(name, met, figures)``."""
+    world = data["world"]
+    per_rank = data["per_rank"]
+    modes = {r["mode"]: i for i, r in enumerate(per_rank[0])}
+    checks = []
+    if "fsdp2_flora" in modes:
+        ranks = [rank[modes["fsdp2_flora"]] for rank in per_rank]
+        single = ranks[0]["global_state_bytes"]
+        replicated = ranks[0]["replicated_state_bytes"]
+        worst = max(r["state_bytes_per_rank"] for r in ranks)
+        bound = 1.05 * (single - replicated) / world + replicated
+        checks.append((
+            "FSDP2 per-rank Flora state <= 1.05 / world of single-process + replicated",
+            worst <= bound,
+            f"{worst} <= {bound:.0f} bytes (single-process {single}, replicated {replicated}, "
+            f"ratio {worst / single:.4f} of single-process)",
+        ))
+        largest = max(r["largest_optimizer_collective"] for r in ranks)
+        block = ranks[0]["largest_compressed_block"]
+        checks.append((
+            "FSDP2 no optimizer collective larger than the largest r x max(m, n) block",
+            largest <= block,
+            f"largest collective in optimizer.step() {largest} elements <= r x max(m, n) = {block}",
+        ))
+    if "ddp_flora_compressed" in modes and "ddp_adamw" in modes:
+        flora = per_rank[0][modes["ddp_flora_compressed"]]
+        sent = flora["bytes_per_step"] - flora["uncompressed_bytes"] - flora["buffer_bytes"]
+        full = flora["compressed_matrices_full_bytes"]
+        checks.append((
+            "DDP compressed accumulation bytes <= 1.1 x r / min(m, n) of DDP's for compressed matrices",
+            sent <= 1.1 * flora["target_bytes"],
+            f"compressed matrices: {sent} bytes sent of DDP's {full} ({sent / full:.4f}); "
+            f"r / min(m, n) gives {flora['target_bytes']:.0f} ({flora['target_bytes'] / full:.4f})",
+        ))
+    ddp = [(r["mode"], r["identical_across_ranks"]) for r in per_rank[0] if r["mode"].startswith("ddp")]
+    if ddp:
+        checks.append((
+            "DDP parameters bit-identical across ranks after every step",
+            all(same for _, same in ddp),
+            ", ".join(f"{mode}: {same}" for mode, same in ddp),
+        ))
+    return checks
+
+
 def _table(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
     rows = data["per_rank"][0]
     states = {r["mode"]: max(rank[i]["state_bytes_per_rank"] for rank in data["per_rank"]) for i, r in enumerate(rows)}
     base = {r["mode"]: r for r in rows}
+    reference = base.get("ddp_adamw")
     lines = [
-        "| set-up | MB communicated / step | of which in optimizer.step() | state MB / rank (max) | step time (s) |",
-        "|---|---:|---:|---:|---:|",
+        f"world {data['world']}",
+        "| set-up | MB communicated / step | of which in optimizer.step() | state MB / rank (max) | step time (s) "
+        "| step time / DDP + AdamW |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for mode in (m for m in MODES if m in base):
         r = base[mode]
+        ratio = f"{r['step_seconds'] / reference['step_seconds']:.2f}" if reference else "-"
         lines.append(
-            f"| {mode} | {r['bytes_per_step'] / 1e6:.1f} | {r['optimizer_bytes_per_step'] / 1e6:.3f} | "
-            f"{states[mode] / 1e6:.1f} | {r['step_seconds']:.1f} |"
+            f"| {mode} | {r['bytes_per_step'] / 1e6:.1f} | {r['optimizer_bytes_per_step'] / 1e6:.1f} | "
+            f"{states[mode] / 1e6:.1f} | {r['step_seconds']:.1f} | {ratio} |"
         )
-    flora = base.get("ddp_flora_compressed")
-    if flora is not None and "expected_bytes" in flora:
-        lines.append("")
-        lines.append(
-            f"DDP + Flora: {flora['bytes_per_step']} bytes counted, {flora['expected_bytes']} expected "
-            f"(r max(m, n) per compressed matrix + uncompressed tensors); the compressed matrices send "
-            f"{flora['compressed_matrices_sent_bytes'] / flora['compressed_matrices_full_bytes']:.4f} of their "
-            "gradient bytes"
-        )
+    lines.append("")
+    for name, met, figures in _targets(data):
+        lines.append(f"[{'met' if met else 'MISSED'}] {name}: {figures}")
     return "\n".join(lines)
 
 
@@ -223,8 +321,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--port", type=int, default=29581)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "distributed.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/distributed_<world>p.json")
+    parser.add_argument("--table", default=None, help="print the table and targets of this results file and exit")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(_table(args.table))
+        return 0
+    if args.world < 1:
+        parser.error(f"--world must be >= 1, got {args.world}")
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"distributed_{args.world}p.json")
     import torch.multiprocessing as mp
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
