@@ -84,8 +84,19 @@ def _plan(leaf, tau: Optional[int]):
     return core.accumulation_layout(np.shape(leaf), tau)
 
 
-def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> AccumulatorFunctions:
-    """Accumulate gradients compressed to rank ``tau`` (docs/algorithm.md section 12).
+def _check_axis_name(axis_name) -> None:
+    valid = isinstance(axis_name, str) and axis_name != ""
+    if isinstance(axis_name, tuple):
+        valid = len(axis_name) > 0 and all(isinstance(a, str) and a != "" for a in axis_name)
+    if axis_name is not None and not valid:
+        raise ValueError(
+            f"Invalid axis_name: {axis_name!r}: must be None, a mesh axis name (a non-empty str) or a non-empty "
+            "tuple of them"
+        )
+
+
+def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0, axis_name=None) -> AccumulatorFunctions:
+    r"""Accumulate gradients compressed to rank ``tau`` (docs/algorithm.md section 12).
 
     Args:
       tau (default 256): rank ``r_acc`` of the accumulation projections; a leaf is compressed
@@ -94,6 +105,21 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Accumulat
       seed (default 0): 32-bit seed; leaf ``i`` (``jax.tree_util.tree_leaves`` order) uses
         ``tensor_seed(seed, i)`` and projection ``c`` of stream 1 (the momentum uses stream 0, so
         the same ``seed`` as the optimizer never reuses a momentum projection).
+      axis_name (default None): data parallelism inside ``jax.shard_map`` (or ``pmap``) over the
+        mesh axis (or tuple of axes) ``axis_name``: ``add`` compresses each device's local
+        gradients without communicating, and ``result`` averages the buffers over the axis before
+        decompressing. Compression is linear and every device draws the same ``Q_c``, so with
+        ``D`` devices
+
+        .. math::
+           \frac1D \sum_d Q_c^\top B_d = Q_c^\top \Big(\frac1D \sum_d B_d\Big),
+
+        one ``pmean`` of the ``tau x max(m, n)`` buffers (and of the uncompressed leaves' sums)
+        gives the data-parallel mean gradient's estimate: single-device compressed accumulation
+        over the global batch (equal shares, each device's loss a mean over its share), up to the
+        order of summation. Under a plain data-parallel ``jax.jit`` the gradient reaches ``add``
+        already all-reduced at full size by XLA (docs/distributed.md), so use ``axis_name`` with
+        ``shard_map`` to communicate compressed. ``None``: no collective.
 
     Returns:
       An :class:`AccumulatorFunctions` of pure, jittable functions.
@@ -116,6 +142,7 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Accumulat
         raise ValueError(f"Invalid tau: {tau!r}: must be an int >= 1, or None to disable compression")
     if not is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid seed: {seed!r}: must be an int in [0, 2**32)")
+    _check_axis_name(axis_name)
     ops = get_ops("jax")
     base_seed = int(seed)
 
@@ -159,6 +186,11 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Accumulat
         like_leaves, treedef = jax.tree_util.tree_flatten(like)
         seeds = treedef.flatten_up_to(state.seed)
         buffers = treedef.flatten_up_to(state.buffer)
+        if axis_name is not None:  # one pmean of the compressed buffers and the uncompressed sums
+            floats = [i for i, reference in enumerate(like_leaves) if _plan(reference, tau) is not None]
+            reduced = jax.lax.pmean([buffers[i] for i in floats], axis_name)
+            for i, value in zip(floats, reduced):
+                buffers[i] = value
         out = []
         for reference, leaf_seed, buffer in zip(like_leaves, seeds, buffers):
             plan = _plan(reference, tau)
@@ -177,7 +209,8 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0) -> Accumulat
         return AccumulatorState(
             cycle=_safe_increment(state.cycle),
             seed=state.seed,
-            buffer=jax.tree.map(jnp.zeros_like, state.buffer),
+            # fresh zeros, not zeros_like: under shard_map they are replicated again (axis_name)
+            buffer=jax.tree.map(lambda b: jnp.zeros(b.shape, b.dtype), state.buffer),
         )
 
     return AccumulatorFunctions(init, add, result, reset)
