@@ -119,7 +119,12 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0, axis_name=No
         over the global batch (equal shares, each device's loss a mean over its share), up to the
         order of summation. Under a plain data-parallel ``jax.jit`` the gradient reaches ``add``
         already all-reduced at full size by XLA (docs/distributed.md), so use ``axis_name`` with
-        ``shard_map`` to communicate compressed. ``None``: no collective.
+        ``shard_map`` to communicate compressed. The gradients given to ``add`` must be each
+        device's own: with ``shard_map(check_vma=False)`` that is what ``jax.grad`` returns; with
+        ``check_vma=True`` JAX's autodiff all-reduces the gradient of a replicated input at full
+        size, so differentiate with respect to ``jax.lax.pcast(params, axis_name, to="varying")``
+        and ``pcast`` the state's ``buffer`` likewise (``tests/test_optax_data_parallel.py`` runs
+        both). ``None``: no collective.
 
     Returns:
       An :class:`AccumulatorFunctions` of pure, jittable functions.
