@@ -179,12 +179,21 @@ class CompressedAccumulator:
         self._total_numel = sum(slot.param.numel() for slot in self._slots)
         hooked = [slot for slot in self._slots if slot.layout.compressed or layerwise]
         if any(type(slot.param).__name__ == "DTensor" for slot in hooked):
+            if layerwise:
+                raise ValueError(
+                    "layer-wise updates do not support DTensor (FSDP2) parameters: FSDP2 writes a tensor's sharded "
+                    "gradient after its module's reduce-scatter, with no public per-tensor hook after that point, "
+                    "and Flora's step on a shard issues collectives of its own, which would interleave with FSDP2's "
+                    "inside backward. Call optimizer.step() after backward instead: under FSDP2 each rank already "
+                    "holds 1/world of the gradients, the memory layer-wise updates save on one process "
+                    "(docs/distributed.md)"
+                )
             raise ValueError(
                 "CompressedAccumulator does not support DTensor (FSDP2) parameters: FSDP2 reduce-scatters each "
-                "micro-batch's gradient into a sharded gradient, so there is no full local gradient to compress and "
-                "no point inside backward where a tensor's update is complete. Under FSDP2 accumulate with "
-                "model.set_requires_gradient_sync(False) on all but the last micro-batch; flora_opt.Flora shards its "
-                "state with the parameters (docs/distributed.md)"
+                "micro-batch's gradient into a sharded gradient, so there is no full local gradient to compress. "
+                "Under FSDP2 accumulate with model.set_requires_gradient_sync(False) on all but the last micro-batch "
+                "(the sharded gradient costs 1/world); flora_opt.Flora shards its state with the parameters "
+                "(docs/distributed.md)"
             )
         for slot in hooked:
             if _OWNERS.get(slot.param) is not None:

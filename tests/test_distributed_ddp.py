@@ -81,8 +81,10 @@ def test_accumulator_refuses_dtensor_parameters(tmp_path):
         optimizer = flora_opt.Flora([param], lr=1e-3, rank=4)
         with pytest.raises(ValueError, match="DTensor .FSDP2. parameters.*set_requires_gradient_sync"):
             CompressedAccumulator(optimizer, rank=4, accumulation_steps=2)
-        with pytest.raises(ValueError, match="DTensor"):
+        with pytest.raises(ValueError, match=r"layer-wise updates do not support DTensor .*optimizer\.step\(\) after"):
             flora_opt.enable_layerwise_updates(optimizer)
+        with pytest.raises(ValueError, match=r"layer-wise updates do not support DTensor"):
+            CompressedAccumulator(optimizer, rank=4, accumulation_steps=2, layerwise=True)
         # Flora itself steps it (world 1): the same update as on the plain tensor, up to rounding
         plain = torch.nn.Parameter(param.full_tensor().clone())
         reference = flora_opt.Flora([plain], lr=1e-2, rank=4, min_dim_size_to_factor=8)
