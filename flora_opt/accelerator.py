@@ -153,6 +153,18 @@ class FloraAccelerator(Accelerator):
                 f"FloraAccelerator: layerwise=True is incompatible with mixed_precision={self.mixed_precision!r} "
                 "(fp16 loss scaling needs every gradient before any step); use bf16 or fp32"
             )
+        fsdp_requested = accelerate_kwargs.get("fsdp_plugin") is not None or os.environ.get(
+            "ACCELERATE_USE_FSDP", "false"
+        ).lower() == "true"
+        if fsdp_requested and self.distributed_type.name != "FSDP":
+            warnings.warn(
+                f"FloraAccelerator: an FSDP plugin was requested but accelerate chose "
+                f"distributed_type={self.distributed_type.name}: accelerate enables FSDP only with several processes "
+                "on GPU back-ends (CPU runs get DDP, one process gets none), so the model will not be sharded "
+                "(docs/distributed.md, accelerate and transformers)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.register_save_state_pre_hook(self._flora_save_hook)
         self.register_load_state_pre_hook(self._flora_load_hook)
 

@@ -80,3 +80,16 @@ def test_flora_accelerator_refuses_options_its_engine_cannot_run(monkeypatch, en
     with pytest.raises(ValueError, match=f"{name}.*not supported with distributed_type={engine}: .*{why}"):
         flora_opt.FloraAccelerator(cpu=True, **option)
     flora_opt.FloraAccelerator(cpu=True)  # without the options it is accelerate's Accelerator
+
+
+def test_flora_accelerator_warns_when_accelerate_drops_the_fsdp_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    import flora_opt
+
+    # accelerate sets ACCELERATE_USE_FSDP=true when given a plugin; monkeypatch restores it afterwards
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+
+    # one CPU process: accelerate picks distributed_type NO and ignores the plugin
+    with pytest.warns(RuntimeWarning, match="FSDP plugin was requested but accelerate chose distributed_type=NO"):
+        flora_opt.FloraAccelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
