@@ -12,6 +12,11 @@ The optimizer alone needs nothing from this module: pass it to any Trainer with
         accumulation_compression_rank=64,
     )
     trainer.train()
+
+Under FSDP2 (``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2})``) the Trainer
+refuses ``optimizers=(...)``: pass ``optimizer_cls_and_kwargs=(flora_opt.Flora, {...})`` and
+leave ``accumulation_compression_rank`` and ``layerwise`` unset (docs/distributed.md); Flora then
+steps the sharded parameters and shards its state with them.
 """
 
 from __future__ import annotations
