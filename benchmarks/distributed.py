@@ -6,7 +6,7 @@
 
 Four set-ups on the same model (``transformers.GPT2LMHeadModel``, GPT-2 small's config: 12 x 768,
 vocab 50257, tied embeddings; ``--layers`` shortens it), each trained for 3 optimizer steps of
-``--micro`` micro-batches of ``1 x --seq`` tokens per rank:
+``--micro`` micro-batches of ``1 x --seq`` tokens per rank, each set-up in fresh processes:
 
 * ``ddp_adamw``: DDP, ``no_sync`` on all but the last micro-batch, ``torch.optim.AdamW``;
 * ``ddp_flora_compressed``: DDP, ``flora_opt.Flora`` and compressed accumulation (rank ``--rank``)
@@ -219,23 +219,21 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
     return result
 
 
-def _worker(rank: int, world: int, args, port: int) -> None:
+def _worker(rank: int, world: int, args, port: int, mode: str, partial: str) -> None:
+    """One set-up in fresh processes (each mode's memory is returned to the system when they exit)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = []
-    for mode in args.modes.split(","):
-        results.append(_run_mode(mode, args, rank, world))
-        if rank == 0:
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "by_op"}), flush=True)
+    result = _run_mode(mode, args, rank, world)
     gathered = [None] * world
-    dist.all_gather_object(gathered, results)
+    dist.all_gather_object(gathered, result)
     if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), world=world, per_rank=gathered), f, indent=1)
+        print(json.dumps({k: v for k, v in result.items() if k != "by_op"}), flush=True)
+        with open(partial, "w") as f:
+            json.dump(gathered, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -334,7 +332,16 @@ def main(argv=None) -> int:
     import torch.multiprocessing as mp
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    mp.spawn(_worker, args=(args.world, args, args.port), nprocs=args.world)
+    per_rank: list[list[dict]] = [[] for _ in range(args.world)]
+    for index, mode in enumerate(args.modes.split(",")):
+        partial = f"{args.out}.{mode}.part"
+        mp.spawn(_worker, args=(args.world, args, args.port + index, mode, partial), nprocs=args.world)
+        with open(partial) as f:
+            for rank, result in enumerate(json.load(f)):
+                per_rank[rank].append(result)
+        os.remove(partial)
+    with open(args.out, "w") as f:
+        json.dump(dict(args=vars(args), world=args.world, per_rank=per_rank), f, indent=1)
     print(_table(args.out))
     return 0
 
