@@ -23,7 +23,8 @@ input). gloo has no native reduce-scatter: FSDP2's reduce-scatter runs as an all
 whole gradient, and is counted so. ``optimizer`` bytes are the collectives issued inside
 ``optimizer.step()`` (the DTensor statistics and ``r x n`` blocks of FSDP2 + Flora). Per-rank
 state: the local tensors of the optimizer state (``flora_opt.distributed.local_state_bytes``).
-Results go to ``benchmarks/results/distributed_<world>p.json``.
+Results go to ``benchmarks/results/distributed_<world>p.json``, written after each set-up;
+``--modes`` re-runs some set-ups and keeps the others of a file with the same shape.
 
 The printed table ends with the targets of docs/distributed.md, each ``met`` or ``MISSED``:
 FSDP2 + Flora's largest per-rank state at most ``1.05 / world`` of the single-process state
@@ -332,16 +333,27 @@ def main(argv=None) -> int:
     import torch.multiprocessing as mp
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown set-up(s) {unknown}; choose from {list(MODES)}")
     per_rank: list[list[dict]] = [[] for _ in range(args.world)]
-    for index, mode in enumerate(args.modes.split(",")):
+    if os.path.exists(args.out):  # keep the other set-ups of a previous run with the same shape
+        with open(args.out) as f:
+            previous = json.load(f)
+        same = all(previous["args"].get(key) == getattr(args, key) for key in ("layers", "seq", "micro", "rank"))
+        if same and previous["world"] == args.world:
+            per_rank = [[r for r in rank if r["mode"] not in modes] for rank in previous["per_rank"]]
+    for index, mode in enumerate(modes):
         partial = f"{args.out}.{mode}.part"
         mp.spawn(_worker, args=(args.world, args, args.port + index, mode, partial), nprocs=args.world)
         with open(partial) as f:
             for rank, result in enumerate(json.load(f)):
                 per_rank[rank].append(result)
         os.remove(partial)
-    with open(args.out, "w") as f:
-        json.dump(dict(args=vars(args), world=args.world, per_rank=per_rank), f, indent=1)
+        with open(args.out, "w") as f:  # after every set-up, so a later failure keeps the earlier ones
+            per_rank = [sorted(rank, key=lambda r: MODES.index(r["mode"])) for rank in per_rank]
+            json.dump(dict(args=vars(args), world=args.world, per_rank=per_rank), f, indent=1)
     print(_table(args.out))
     return 0
 
