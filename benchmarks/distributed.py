@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -180,6 +181,7 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
     dist.barrier()
     seconds = time.perf_counter() - start
     check_identical()
+    peak_unprofiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         one_step(2)
     total, by_op = _bytes(_collectives(prof, world))
@@ -197,6 +199,9 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
         step_seconds=seconds,
         parameters=sum(p.numel() for p in model.parameters()),
         identical_across_ranks=all(digests) if digests else None,
+        # the process's peak resident memory (Linux ru_maxrss), before the profiled step and at the end
+        peak_rss_bytes_unprofiled=peak_unprofiled,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     if mode.endswith("flora"):
         # the compressed momenta are the r x max(m, n) blocks (their state is not the parameter's shape)
