@@ -1,8 +1,8 @@
 """Bytes communicated per optimizer step and per-rank optimizer state, DDP vs FSDP2, AdamW vs Flora.
 
     python benchmarks/distributed.py --world 2   # GPT-2 small shape, 2 processes, gloo, CPU
-    python benchmarks/distributed.py --world 4   # 4 processes
-    python benchmarks/distributed.py --table benchmarks/results/distributed_4p.json   # table + targets again
+    python benchmarks/distributed.py --world 4 --layers 4   # 4 processes, 4 of GPT-2 small's 12 blocks
+    python benchmarks/distributed.py --table benchmarks/results/distributed_4p_4layers.json   # table again
 
 Four set-ups on the same model (``transformers.GPT2LMHeadModel``, GPT-2 small's config: 12 x 768,
 vocab 50257, tied embeddings; ``--layers`` shortens it), each trained for 3 optimizer steps of
@@ -23,7 +23,8 @@ input). gloo has no native reduce-scatter: FSDP2's reduce-scatter runs as an all
 whole gradient, and is counted so. ``optimizer`` bytes are the collectives issued inside
 ``optimizer.step()`` (the DTensor statistics and ``r x n`` blocks of FSDP2 + Flora). Per-rank
 state: the local tensors of the optimizer state (``flora_opt.distributed.local_state_bytes``).
-Results go to ``benchmarks/results/distributed_<world>p.json``, written after each set-up;
+Results go to ``benchmarks/results/distributed_<world>p.json`` (``..._<layers>layers.json`` for
+another depth), written after each set-up;
 ``--modes`` re-runs some set-ups and keeps the others of a file with the same shape.
 
 The printed table ends with the targets of docs/distributed.md, each ``met`` or ``MISSED``:
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--port", type=int, default=29581)
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/distributed_<world>p.json")
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/distributed_<world>p.json (_<layers>layers added unless 12)")
     parser.add_argument("--table", default=None, help="print the table and targets of this results file and exit")
     args = parser.parse_args(argv)
     if args.table is not None:
@@ -334,7 +336,9 @@ def main(argv=None) -> int:
     if args.world < 1:
         parser.error(f"--world must be >= 1, got {args.world}")
     if args.out is None:
-        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"distributed_{args.world}p.json")
+        depth = "" if args.layers == 12 else f"_{args.layers}layers"
+        name = f"distributed_{args.world}p{depth}.json"
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     import torch.multiprocessing as mp
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
