@@ -26,6 +26,7 @@ plain values only. This module imports neither torch nor jax.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -35,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = [
     "DEFAULTS",
+    "Entry",
     "LAYOUT_OPTIONS",
     "OPTAX_NAMES",
     "REQUIRED",
@@ -212,8 +214,8 @@ class Option:
       optax_check: the optax rule, where it differs from ``check`` (``None`` allowed, ``b2 > 0``).
       optax_negated: the optax value is minus the record's (``b2 = -decay_rate``).
       optax_doc: the optax doc line, where it differs from ``doc``.
-      required: no default in either framework (``lr``: torch's ``None`` is only allowed, and then
-        required, with ``relative_step``).
+      required: the option must be given (``lr``; torch takes ``None`` only with
+        ``relative_step``): the docs say "required", and optax's signature has no default.
       convert: torch param-group value -> record value (``float``, ``None`` for 0, ...).
       layout: ``None``, or what of the value decides the state layout (``beta1``: only whether
         momentum is on); a checkpoint must agree with the optimizer on it.
@@ -365,8 +367,9 @@ class Entry:
         return -self.default if self.spec.optax_negated else self.default
 
 
-def options() -> list[Entry]:
-    """The options of :class:`FloraHyperParams`, in field order."""
+@functools.cache
+def options() -> tuple[Entry, ...]:
+    """The options of :class:`FloraHyperParams`, in field order (computed once)."""
     entries = []
     for f in fields(FloraHyperParams):
         spec = f.metadata["option"]
@@ -377,9 +380,10 @@ def options() -> list[Entry]:
             torch, index = torch
         optax = f.name if spec.optax is True else spec.optax
         entries.append(Entry(f.name, f.default, spec, torch, index, optax))
-    return entries
+    return tuple(entries)
 
 
+@functools.cache
 def _torch_keys() -> dict[str, list[Entry]]:
     """Param-group key -> its options (two for ``eps``), in field order."""
     keys: dict[str, list[Entry]] = {}
@@ -446,13 +450,16 @@ def normalize_group(group: dict[str, Any]) -> None:
 
 
 def from_group(group: Mapping[str, Any]) -> FloraHyperParams:
-    """The record of a (validated) torch param group: what the core and the engine read."""
-    values = {}
-    for entry in options():
-        if entry.torch is not None:
-            value = group[entry.torch]
-            values[entry.name] = entry.spec.convert(value if entry.index is None else value[entry.index])
-    return FloraHyperParams(**values)
+    """The record of a (validated) torch param group: what the core and the engine read (once per
+    group and step, so the plan of which key feeds which field is computed once)."""
+    return FloraHyperParams(**{
+        name: convert(group[key] if index is None else group[key][index]) for name, key, index, convert in _torch_plan()
+    })
+
+
+@functools.cache
+def _torch_plan() -> tuple[tuple[str, str, int | None, Callable[[Any], Any]], ...]:
+    return tuple((e.name, e.torch, e.index, e.spec.convert) for e in options() if e.torch is not None)
 
 
 def torch_signature() -> inspect.Signature:
