@@ -2,7 +2,7 @@
 
 Each generated block sits between ``<!-- NAME: generated ... -->`` and ``<!-- /NAME -->``::
 
-    python tools/option_docs.py          # rewrite the blocks in place
+    python tools/option_docs.py          # rewrite the blocks in place (make docs)
     python tools/option_docs.py --check  # exit 1, naming the block, when one differs from the record
 
 ``tests/test_hyperparams.py`` runs the check, so a new option (a field of
