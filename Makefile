@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the main job on the bundled default
 #   make test   set up .venv and run the whole test suite
 #   make lint   ruff check (pyflakes + import order) on the whole repository
+#   make docs   rewrite the option tables of README.md and docs/jax.md from flora_opt/hyperparams.py
 # torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.flora-opt-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint docs setup clean
 
 # The library (flora-opt) and the lab (lab/: flora-lab, the demo, benchmarks' model and data),
 # both editable, in one pip call so that the lab's flora-opt requirement is this checkout.
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+docs: $(STAMP)
+	$(PY) tools/option_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info lab/build lab/*.egg-info

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
+from .hyperparams import FloraHyperParams
 from .ops import ArrayOps
 from .projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, gaussian_projection, projection_key
 
@@ -32,31 +33,6 @@ EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 EXP_AVG_SQ_ROW = "exp_avg_sq_row"
 EXP_AVG_SQ_COL = "exp_avg_sq_col"
-
-
-@dataclass(frozen=True)
-class FloraHyperParams:
-    """The options that change one tensor's update (one param group's worth).
-
-    ``beta1`` is ``None`` when momentum is off (``0`` is normalised to ``None``).
-    ``rank`` is ``None`` for full, uncompressed momentum.
-    """
-
-    lr: float | None = None
-    rank: int | None = 256
-    kappa: int = 1000
-    eps1: float = 1e-30
-    eps2: float = 1e-3
-    clip_threshold: float = 1.0
-    decay_rate: float = -0.8
-    beta1: float | None = 0.9
-    weight_decay: float = 0.0
-    scale_parameter: bool = True
-    relative_step: bool = False
-    warmup_init: bool = False
-    factorize_second_moment: bool = True
-    min_dim_size_to_factor: int = 128
-    max_aspect_ratio: float | None = 4.0
 
 
 @dataclass(frozen=True)

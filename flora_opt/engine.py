@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -78,6 +79,22 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
                for i, t in enumerate(tensors)):
             return base.view(shape)
     return torch.stack(tensors).view(shape)
+
+
+# The fields of the record (flora_opt.hyperparams.FloraHyperParams) whose math step_bucket
+# implements. Flora.step sends a group whose record sets any other field away from its default to
+# the per-tensor path (core.flora_update): an option added to the record and the core is right at
+# once in every path, and takes the grouped path once step_bucket implements it and names it here.
+IMPLEMENTED = frozenset({
+    "lr", "rank", "kappa", "eps1", "eps2", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+    "weight_decay_mask", "scale_parameter", "relative_step", "warmup_init", "factorize_second_moment",
+    "min_dim_size_to_factor", "max_aspect_ratio", "seed", "quantization", "foreach",
+})
+
+
+def implements(hp: FloraHyperParams) -> bool:
+    """Whether :meth:`Engine.step_bucket` implements every option of ``hp`` that is not at its default."""
+    return all(getattr(hp, f.name) == f.default for f in fields(hp) if f.name not in IMPLEMENTED)
 
 
 # On the CPU, read the device step counters (host memory) to decide resamples exactly; False

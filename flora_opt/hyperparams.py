@@ -1,10 +1,22 @@
-"""One home for Flora's option defaults, their validation and the torch -> optax name table.
+"""The hyperparameter record: every Flora option, once, with its default, rule, names and doc line.
 
-Every framework layer validates through these functions, so an option has one rule and one
-message: :class:`flora_opt.Flora` (param groups, :func:`validate_group`), the optax
-transformations (:mod:`flora_opt.optax.transform`), :class:`flora_opt.CompressedAccumulator` and
-:class:`flora_opt.FloraAccelerator`. Messages follow ``torch.optim``: they name the argument and
-the bad value (``Invalid rank: 0: must be an int >= 1, ...``).
+:class:`FloraHyperParams` is the one place an option is written. Each field carries, besides its
+default, an :class:`Option`: the validation rule, the name of the torch param-group key
+(``flora_opt.Flora``), the name of the optax argument (``flora_opt.optax.flora``), whether it
+decides the state layout, and the doc line. Everything else is derived from it:
+
+* torch: :data:`DEFAULTS` (``Flora.defaults``), :func:`validate_group`, :func:`from_group`
+  (param group -> record, the record that :func:`flora_opt.core.flora_update` and the grouped
+  engine read), :data:`LAYOUT_OPTIONS` (what a checkpoint must agree on) and ``Flora``'s
+  signature and ``Args`` (:func:`torch_signature`, :func:`docstring_args`);
+* optax: the signature of ``flora``/``scale_by_flora`` (:func:`optax_signature`), their
+  validation (:func:`check_optax`), the record the stages read (:func:`from_optax`), and their
+  ``Args``; :data:`OPTAX_NAMES` maps torch names to optax names;
+* the option tables of README.md and docs/jax.md (``tools/option_docs.py`` writes them; a test
+  fails when they differ from the record).
+
+Messages follow ``torch.optim``: they name the argument and the bad value (``Invalid rank: 0: must
+be an int >= 1, ...``); the optax side names its own argument (``Invalid tau: 0: ...``).
 
 Numbers: any real number that is not a bool is accepted where a float is expected (Python,
 NumPy and 0-d torch scalars alike), any integral number that is not a bool where an int is; they
@@ -14,67 +26,40 @@ plain values only. This module imports neither torch nor jax.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from typing import Any
+import textwrap
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 __all__ = [
     "DEFAULTS",
+    "Entry",
+    "LAYOUT_OPTIONS",
     "OPTAX_NAMES",
+    "REQUIRED",
+    "FloraHyperParams",
+    "Option",
     "check_bool",
     "check_int",
+    "check_optax",
     "check_real",
     "check_seed",
+    "docstring_args",
+    "from_group",
+    "from_optax",
     "is_int",
     "is_real",
     "normalize_group",
+    "optax_flags",
+    "optax_signature",
+    "option",
+    "options",
+    "torch_signature",
     "validate_group",
 ]
-
-# Options of a torch param group (flora_opt.Flora), with their defaults.
-DEFAULTS: dict[str, Any] = dict(
-    lr=None,
-    rank=256,
-    kappa=1000,
-    eps=(1e-30, 1e-3),
-    clip_threshold=1.0,
-    decay_rate=-0.8,
-    beta1=0.9,
-    weight_decay=0.0,
-    scale_parameter=True,
-    relative_step=False,
-    warmup_init=False,
-    factorize_second_moment=True,
-    min_dim_size_to_factor=128,
-    max_aspect_ratio=4.0,
-    seed=0,
-    quantization=False,
-    foreach=None,
-)
-
-# torch option -> optax argument of flora_opt.optax.flora (docs/jax.md). ``decay_rate = -b2``;
-# ``eps`` is ``(eps, min_parameter_scale)``; torch-only options map to None.
-OPTAX_NAMES: dict[str, str | tuple[str, str] | None] = dict(
-    lr="learning_rate",
-    rank="tau",
-    kappa="kappa",
-    eps=("eps", "min_parameter_scale"),
-    clip_threshold="clipping_threshold",
-    decay_rate="b2",
-    beta1="b1",
-    weight_decay="weight_decay",
-    scale_parameter="multiply_by_parameter_scale",
-    relative_step=None,
-    warmup_init=None,
-    factorize_second_moment="factorized_second_moment",
-    min_dim_size_to_factor="min_dim_size_to_factor",
-    max_aspect_ratio="max_aspect_ratio",
-    seed="seed",
-    quantization=None,
-    foreach=None,
-)
-
-_FLAGS = ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment", "quantization")
 
 
 def is_int(value) -> bool:
@@ -172,41 +157,403 @@ def _check_lr(lr, relative_step: bool) -> None:
         raise ValueError(f"Invalid lr: {lr!r}: must be a finite float >= 0")
 
 
-def validate_group(options: dict[str, Any]) -> None:
+# ---- rules, as functions of (name, value) ---------------------------------------------------
+
+
+def _int(minimum: int = 1, none: str | None = None) -> Callable[[str, Any], None]:
+    return lambda name, value: check_int(name, value, minimum, none)
+
+
+def _real(**bounds) -> Callable[[str, Any], None]:
+    return lambda name, value: check_real(name, value, **bounds)
+
+
+def _bool_or_none(name: str, value) -> None:
+    if value is not None:
+        check_bool(name, value)
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
+
+
+def _off_if_zero(value):
+    """``beta1``: ``None`` and ``0`` both mean no momentum; the record holds ``None`` then."""
+    return None if not value else float(value)
+
+
+def _momentum_on(value) -> bool:
+    return bool(value)
+
+
+def _same(value):
+    return value
+
+
+# ---- the record -----------------------------------------------------------------------------
+
+#: The optax default of an argument that has none (``learning_rate``).
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one field of :class:`FloraHyperParams` is named, checked and documented.
+
+    Attributes:
+      doc: one line (Markdown) for the tables and the docstrings.
+      check: ``check(name, value)`` raises ``ValueError("Invalid {name}: {value!r}: ...")``;
+        ``None`` when a wider rule checks it (``lr``: with ``relative_step``; a mask: with the
+        params).
+      torch: the param-group key; ``(key, index)`` for an element of a tuple option (``eps``);
+        ``None``: not a torch option; ``True``: the field's name.
+      optax: the argument of ``flora_opt.optax.flora``; ``None``: not an optax option; ``True``:
+        the field's name.
+      optax_position: position among ``flora``'s positional arguments; ``None``: keyword-only
+        (every option added after the first twelve, so no position ever shifts).
+      optax_check: the optax rule, where it differs from ``check`` (``None`` allowed, ``b2 > 0``).
+      optax_negated: the optax value is minus the record's (``b2 = -decay_rate``).
+      optax_doc: the optax doc line, where it differs from ``doc``.
+      required: the option must be given (``lr``; torch takes ``None`` only with
+        ``relative_step``): the docs say "required", and optax's signature has no default.
+      convert: torch param-group value -> record value (``float``, ``None`` for 0, ...).
+      layout: ``None``, or what of the value decides the state layout (``beta1``: only whether
+        momentum is on); a checkpoint must agree with the optimizer on it.
+      reference: how ``flora-opt==0.0.3`` differs (README table).
+      note: the note of docs/jax.md's torch <-> optax table.
+    """
+
+    doc: str
+    check: Callable[[str, Any], None] | None
+    torch: str | tuple[str, int] | bool | None = True
+    optax: str | bool | None = True
+    optax_position: int | None = None
+    optax_check: Callable[[str, Any], None] | None = None
+    optax_negated: bool = False
+    optax_doc: str | None = None
+    required: bool = False
+    convert: Callable[[Any], Any] = _same
+    layout: Callable[[Any], Any] | None = None
+    reference: str = ""
+    note: str = ""
+
+
+def option(default, doc: str, check: Callable[[str, Any], None] | None, **meta) -> Any:
+    """A field of :class:`FloraHyperParams`: its default and its :class:`Option` (``meta``)."""
+    return field(default=default, metadata={"option": Option(doc, check, **meta)})
+
+
+@dataclass(frozen=True)
+class FloraHyperParams:
+    """Every option of Flora, in the math's own terms (one param group's worth, or one ``flora``).
+
+    This is the record the math reads (:func:`flora_opt.core.flora_update`, the grouped engine,
+    the optax stages): ``eps1``/``eps2`` are the two halves of torch's ``eps`` (optax ``eps``,
+    ``min_parameter_scale``), ``decay_rate`` is ``-b2``, ``beta1`` is ``None`` when momentum is
+    off (``0`` is normalised to ``None`` by :func:`from_group`), ``rank`` is ``None`` for full,
+    uncompressed momentum. Each field's metadata is its :class:`Option`; **adding an option is
+    adding a field here** (and, if it changes the math, the core function it changes and the spec).
+    """
+
+    lr: float | None = option(
+        None, "learning rate `rho`; required unless `relative_step` (then it must be `None`)", None,
+        optax="learning_rate", optax_position=0, required=True, convert=_float_or_none,
+        optax_doc="a float or an optax schedule (evaluated at the number of previous updates), multiplied by "
+                  "`max(min_parameter_scale, RMS(W))` when `multiply_by_parameter_scale`",
+        note="a schedule is evaluated at its stage's `count` (update calls so far, 0 first), like a torch "
+             "scheduler stepped once per step")
+    rank: int | None = option(
+        256, "projection rank `r`; a tensor whose smaller matrix dimension is `<= rank` keeps full momentum; "
+             "`None`: full momentum everywhere (the paper's uncompressed baseline)", _int(none="for full momentum"),
+        optax="tau", optax_position=3, layout=_same, reference="reference default `None`",
+        optax_doc="projection rank; a leaf whose smaller matrix dimension is `<= tau` keeps full momentum; `None` "
+                  "keeps full momentum everywhere",
+        note="`None` keeps full momentum")
+    kappa: int = option(
+        1000, "resample the momentum projection every `kappa` steps, carrying the momentum over "
+              "(`M <- P_new P_old^T M`); too small a `kappa` amplifies noise at each transfer and can diverge "
+              "(a `RuntimeWarning` names the smallest stable value, docs/algorithm.md section 4)", _int(),
+        optax_position=5)
+    eps1: float = option(
+        1e-30, "`eps1`, added to squared gradients (section 6)", _real(above=0.0),
+        torch=("eps", 0), optax="eps", optax_position=9, convert=float, note="`eps1` of section 6")
+    eps2: float = option(
+        1e-3, "`eps2`, floor of the parameter RMS in the step size (section 5)", _real(above=0.0),
+        torch=("eps", 1), optax="min_parameter_scale", convert=float,
+        note="`eps2` of section 5. (The reference code passed `eps` for both, i.e. a floor of 1e-30: a "
+             "zero-initialised tensor never moved)")
+    clip_threshold: float = option(
+        1.0, "update clipping of the combined direction: `D <- D / max(1, RMS(D) / clip_threshold)`",
+        _real(above=0.0), optax="clipping_threshold", optax_position=6, optax_check=_real(above=0.0, none=""),
+        optax_doc="update clipping threshold `d`; `None` disables clipping", convert=float,
+        note="`None` (optax only) disables clipping")
+    decay_rate: float = option(
+        -0.8, "second-moment decay `beta2_t = 1 - t^decay_rate`",
+        _real(below=0.0, what="must be a finite float < 0 (beta2_t = 1 - t^decay_rate)"),
+        optax="b2", optax_position=2, optax_negated=True,
+        optax_check=_real(above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"),
+        optax_doc="second-moment decay exponent, `beta2_t = 1 - t^-b2` (`optax.adafactor`'s `decay_rate`)",
+        convert=float,
+        note="**`decay_rate = -b2`**: `beta2_t = 1 - t^-b2`. `b2` is Adafactor's decay *exponent* "
+             "(optax.adafactor's `decay_rate=0.8`), not an Adam-style `0.999`")
+    beta1: float | None = option(
+        0.9, "momentum; `None` or `0` disables it (then Flora is exactly Adafactor)",
+        _real(at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum"),
+        optax="b1", optax_position=1, convert=_off_if_zero, layout=_momentum_on,
+        reference="reference default `None`", note="`None`/`0` disables momentum on both sides")
+    weight_decay: float = option(
+        0.0, "decoupled, `p <- p - eta_t * weight_decay * p`", _real(at_least=0.0),
+        optax_position=8, optax_check=_real(at_least=0.0, none=""), convert=float,
+        optax_doc="decoupled weight decay `W <- W - eta_t * weight_decay * W` (scaled like the step); `None` means 0",
+        note="both `eta_t`-scaled; `None` means 0")
+    weight_decay_mask: Any = option(
+        None, "a tree of Python bools with the structure of the params (or a function of the params returning "
+              "one); `False` leaves get no weight decay", None,
+        torch=None, note="PyTorch: param groups with `weight_decay=0`")
+    scale_parameter: bool = option(
+        True, "step size `eta_t = rho_t * max(eps2, RMS(p))`", check_bool,
+        optax="multiply_by_parameter_scale", optax_position=7,
+        optax_doc="scale the step by `max(min_parameter_scale, RMS(W))`")
+    relative_step: bool = option(
+        False, "`rho_t = min(1e-2, 1/sqrt(t))` instead of `lr`", check_bool, optax=None,
+        note="use `learning_rate=lambda c: jnp.minimum(1e-2, (c + 1.0) ** -0.5)`")
+    warmup_init: bool = option(
+        False, "`rho_t = min(1e-6 t, 1/sqrt(t))`; needs `relative_step`", check_bool, optax=None,
+        note="use `learning_rate=lambda c: jnp.minimum(1e-6 * (c + 1.0), (c + 1.0) ** -0.5)`")
+    factorize_second_moment: bool = option(
+        True, "Adafactor's factored second moment for matrices (`False`: a full, Adam-like one)", check_bool,
+        optax="factorized_second_moment", optax_position=11, layout=_same)
+    min_dim_size_to_factor: int = option(
+        128, "factor only matrices whose smaller dimension is at least this (as `optax.adafactor`)", _int(),
+        optax_position=10, layout=_same, reference="new")
+    max_aspect_ratio: float | None = option(
+        4.0, "embedding-like matrices (`max(m, n) > ratio * min(m, n)`: token embeddings, LM heads) keep full "
+             "momentum; `None` compresses them too", _real(at_least=1.0, none=""),
+        convert=_float_or_none, layout=_same, reference="reference: fixed 4",
+        note="`None` compresses embedding-like leaves too")
+    seed: int = option(
+        0, "32-bit seed of the projections", check_seed, optax_position=4,
+        optax_doc="32-bit seed of the projections; leaf `i` (in `jax.tree_util.tree_leaves` order) uses "
+                  "`tensor_seed(seed, i)`",
+        note="leaf `i` of `jax.tree_util.tree_leaves(params)` uses `tensor_seed(seed, i)`; PyTorch uses the "
+             "parameter's position in the flattened param groups")
+    quantization: bool = option(
+        False, "8-bit blockwise momentum and full second moments (torchao's dynamic-tree code)", check_bool,
+        optax=None, layout=_same, reference="different code", note="the optax state is float32")
+    foreach: bool | None = option(
+        None, "`None`/`True`: the grouped step (tensors of a group with the same layout stepped together, no "
+              "host sync after the first step); `False`: the per-tensor path (one `core.flora_update` per tensor)",
+        _bool_or_none, optax=None, note="one optax update covers every leaf: `jax.jit` it")
+
+
+# ---- the record, read --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One option of :class:`FloraHyperParams` with its names resolved."""
+
+    name: str  # the record's field
+    default: Any
+    spec: Option
+    torch: str | None  # the param-group key (``eps`` for ``eps1`` and ``eps2``)
+    index: int | None  # the element of a tuple option (``eps[0]``), else None
+    optax: str | None
+
+    @property
+    def optax_default(self):
+        if self.spec.required:
+            return REQUIRED
+        return -self.default if self.spec.optax_negated else self.default
+
+
+@functools.cache
+def options() -> tuple[Entry, ...]:
+    """The options of :class:`FloraHyperParams`, in field order (computed once)."""
+    entries = []
+    for f in fields(FloraHyperParams):
+        spec = f.metadata["option"]
+        torch, index = spec.torch, None
+        if torch is True:
+            torch = f.name
+        elif isinstance(torch, tuple):
+            torch, index = torch
+        optax = f.name if spec.optax is True else spec.optax
+        entries.append(Entry(f.name, f.default, spec, torch, index, optax))
+    return tuple(entries)
+
+
+@functools.cache
+def _torch_keys() -> dict[str, list[Entry]]:
+    """Param-group key -> its options (two for ``eps``), in field order."""
+    keys: dict[str, list[Entry]] = {}
+    for entry in options():
+        if entry.torch is not None:
+            keys.setdefault(entry.torch, []).append(entry)
+    return keys
+
+
+def _torch_default(entries: list[Entry]):
+    return entries[0].default if entries[0].index is None else tuple(e.default for e in entries)
+
+
+#: Options of a torch param group (``flora_opt.Flora``), with their defaults.
+DEFAULTS: dict[str, Any] = {key: _torch_default(entries) for key, entries in _torch_keys().items()}
+
+#: torch option -> optax argument of ``flora_opt.optax.flora`` (docs/jax.md); a tuple option maps
+#: to a tuple of arguments (``eps`` -> ``(eps, min_parameter_scale)``), a torch-only one to None.
+OPTAX_NAMES: dict[str, str | tuple[str, ...] | None] = {
+    key: entries[0].optax if entries[0].index is None else tuple(e.optax for e in entries)
+    for key, entries in _torch_keys().items()
+}
+
+#: torch options that decide the state layout -> what of their value decides it.
+LAYOUT_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    entries[0].torch: entries[0].spec.layout for entries in _torch_keys().values() if entries[0].spec.layout
+}
+
+
+# ---- torch: param groups ----------------------------------------------------------------------
+
+
+def validate_group(group: Mapping[str, Any]) -> None:
     """Validate one torch param group's options (all of :data:`DEFAULTS` present).
 
-    Raises ``ValueError`` naming the argument and the bad value; changes nothing.
+    Raises ``ValueError`` naming the argument and the bad value; changes nothing. Each option's
+    rule is its :class:`Option`'s ``check``; an element of a tuple option is named
+    ``"eps value at index 1"``. Two rules span options: ``lr`` (``None`` exactly when
+    ``relative_step``) and ``warmup_init`` (needs ``relative_step``).
     """
-    _check_lr(options["lr"], options["relative_step"])
-    for flag in _FLAGS:
-        check_bool(flag, options[flag])
-    if options["warmup_init"] and not options["relative_step"]:
+    _check_lr(group["lr"], group["relative_step"])
+    for key, entries in _torch_keys().items():
+        value = group[key]
+        if entries[0].index is None:
+            if entries[0].spec.check is not None:
+                entries[0].spec.check(key, value)
+            continue
+        if not isinstance(value, (tuple, list)) or len(value) != len(entries) or not all(is_real(v) for v in value):
+            names = ", ".join(e.name for e in entries)
+            raise ValueError(f"Invalid {key}: {value!r}: expected a tuple ({names}) of {len(entries)} floats")
+        for entry in entries:
+            entry.spec.check(f"{key} value at index {entry.index}", value[entry.index])
+    if group["warmup_init"] and not group["relative_step"]:
         raise ValueError("Invalid warmup_init: True requires relative_step=True")
-    check_int("rank", options["rank"], none="for full momentum")
-    check_int("kappa", options["kappa"])
-    eps = options["eps"]
-    if not isinstance(eps, (tuple, list)) or len(eps) != 2 or not all(is_real(e) for e in eps):
-        raise ValueError(f"Invalid eps: {eps!r}: expected a pair (eps1, eps2) of positive floats")
-    for index, value in enumerate(eps):
-        if not value > 0.0 or math.isinf(value):
-            raise ValueError(f"Invalid eps value at index {index}: {value!r}: must be a finite float > 0")
-    check_real("clip_threshold", options["clip_threshold"], above=0.0)
-    check_real(
-        "decay_rate", options["decay_rate"], below=0.0, what="must be a finite float < 0 (beta2_t = 1 - t^decay_rate)"
-    )
-    check_real("beta1", options["beta1"], at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum")
-    check_real("weight_decay", options["weight_decay"], at_least=0.0)
-    check_int("min_dim_size_to_factor", options["min_dim_size_to_factor"])
-    check_real("max_aspect_ratio", options["max_aspect_ratio"], at_least=1.0, none="")
-    check_seed("seed", options["seed"])
-    if options.get("foreach") is not None:
-        check_bool("foreach", options["foreach"])
 
 
 def normalize_group(group: dict[str, Any]) -> None:
-    """In place: NumPy scalars become Python numbers, ``eps`` a tuple (after validation)."""
-    for key in DEFAULTS:
-        if key == "eps":
+    """In place: NumPy scalars become Python numbers, tuple options tuples (after validation)."""
+    for key, default in DEFAULTS.items():
+        if isinstance(default, tuple):
             group[key] = tuple(_plain(e) for e in group[key])
         elif key in group:
             group[key] = _plain(group[key])
+
+
+def from_group(group: Mapping[str, Any]) -> FloraHyperParams:
+    """The record of a (validated) torch param group: what the core and the engine read (once per
+    group and step, so the plan of which key feeds which field is computed once)."""
+    return FloraHyperParams(**{
+        name: convert(group[key] if index is None else group[key][index]) for name, key, index, convert in _torch_plan()
+    })
+
+
+@functools.cache
+def _torch_plan() -> tuple[tuple[str, str, int | None, Callable[[Any], Any]], ...]:
+    return tuple((e.name, e.torch, e.index, e.spec.convert) for e in options() if e.torch is not None)
+
+
+def torch_signature() -> inspect.Signature:
+    """``Flora(params, lr=None, *, rank=256, ...)``: every param-group option with its default."""
+    parameters = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    ]
+    for key, entries in _torch_keys().items():  # lr (required) is positional, as in Flora.__init__
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if entries[0].spec.required else inspect.Parameter.KEYWORD_ONLY
+        parameters.append(inspect.Parameter(key, kind, default=DEFAULTS[key]))
+    return inspect.Signature(parameters)
+
+
+# ---- optax: flora's arguments -------------------------------------------------------------------
+
+
+def _optax_entries() -> list[Entry]:
+    """The optax options in ``flora``'s order: the positional ones, then the keyword-only ones."""
+    entries = [e for e in options() if e.optax is not None]
+    positional = sorted((e for e in entries if e.spec.optax_position is not None), key=lambda e: e.spec.optax_position)
+    return positional + [e for e in entries if e.spec.optax_position is None]
+
+
+def optax_signature() -> inspect.Signature:
+    """``flora(learning_rate, b1=0.9, ..., *, min_parameter_scale=0.001, ...)`` from the record."""
+    parameters = []
+    for entry in _optax_entries():
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        if entry.spec.optax_position is None:
+            kind = inspect.Parameter.KEYWORD_ONLY
+        parameters.append(inspect.Parameter(entry.optax, kind, default=entry.optax_default))
+    return inspect.Signature(parameters)
+
+
+def check_optax(name: str, value) -> None:
+    """The rule of the optax argument ``name`` (a plain value: the caller unwraps arrays)."""
+    for entry in options():
+        if entry.optax == name:
+            check = entry.spec.optax_check or entry.spec.check
+            if check is not None:
+                check(name, value)
+            return
+    raise KeyError(f"{name!r} is not an argument of flora_opt.optax.flora")
+
+
+def optax_flags() -> frozenset[str]:
+    """The optax arguments that are bools (``inject_hyperparams`` keeps them static)."""
+    return frozenset(e.optax for e in options() if e.optax is not None and isinstance(e.default, bool))
+
+
+def from_optax(arguments: Mapping[str, Any]) -> FloraHyperParams:
+    """The record of ``flora``'s ``arguments`` (by optax name; absent ones keep their default).
+
+    Values pass unchanged (they may be schedules or traced arrays), except that a negated one is
+    negated back (``decay_rate = -b2``).
+    """
+    values = {}
+    for entry in options():
+        if entry.optax in arguments:
+            value = arguments[entry.optax]
+            values[entry.name] = -value if entry.spec.optax_negated and value is not None else value
+    return FloraHyperParams(**values)
+
+
+# ---- doc lines -------------------------------------------------------------------------------------
+
+
+def _rst(text: str) -> str:
+    """Markdown code spans as reStructuredText literals, their spaces unbreakable (``\\0``)."""
+    parts = text.split("`")
+    return "``".join(part.replace(" ", "\0") if i % 2 else part for i, part in enumerate(parts))
+
+
+def docstring_args(framework: str, indent: int) -> str:
+    """The ``Args`` lines of ``Flora`` (``"torch"``) or ``flora`` (``"optax"``), one per option."""
+    if framework not in ("torch", "optax"):
+        raise ValueError(f"Invalid framework: {framework!r}: must be 'torch' or 'optax'")
+    lines = []
+    if framework == "torch":
+        for key, entries in _torch_keys().items():
+            default = "required" if entries[0].spec.required else f"default {DEFAULTS[key]!r}"
+            text = "; ".join(e.spec.doc for e in entries)
+            lines.append(f"{key} ({default}): {text}")
+    else:
+        for entry in _optax_entries():
+            default = "required" if entry.optax_default is REQUIRED else f"default {entry.optax_default!r}"
+            keyword = "keyword, " if entry.spec.optax_position is None else ""
+            text = entry.spec.optax_doc or entry.spec.doc
+            if entry.torch is not None and entry.torch != entry.optax:
+                torch = entry.torch if entry.index is None else f"{entry.torch}[{entry.index}]"
+                torch += f" = -{entry.optax}" if entry.spec.optax_negated else ""
+                text += f". PyTorch: `{torch}`"
+            lines.append(f"{entry.optax} ({keyword}{default}): {text}")
+    pad = " " * indent
+    filled = (textwrap.fill(_rst(line), width=100, initial_indent=pad, subsequent_indent=pad + "  ") for line in lines)
+    return "\n".join(filled).replace("\0", " ")

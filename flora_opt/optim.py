@@ -41,7 +41,17 @@ from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
 from .distributed import is_dtensor
 from .engine import Engine
 from .engine import chunks as engine_chunks
-from .hyperparams import DEFAULTS, is_int, normalize_group, validate_group
+from .engine import implements as engine_implements
+from .hyperparams import (
+    DEFAULTS,
+    LAYOUT_OPTIONS,
+    docstring_args,
+    from_group,
+    is_int,
+    normalize_group,
+    torch_signature,
+    validate_group,
+)
 from .ops import get_ops
 from .projection import tensor_seed
 from .statebytes import is_quantized
@@ -60,33 +70,6 @@ PROJECTION = "projection"
 # "skipped_steps", which the reference flora-opt 0.0.3's state lacks.
 FORMAT_KEY = "flora_format"
 STATE_FORMAT = 2
-# Options that decide which state a tensor has: the constructor and a checkpoint must agree.
-_LAYOUT_OPTIONS = ("rank", "quantization", "factorize_second_moment", "min_dim_size_to_factor", "max_aspect_ratio")
-
-
-
-def _hyperparams(group: dict[str, Any]) -> FloraHyperParams:
-    lr = group["lr"]
-    beta1 = group["beta1"]
-    return FloraHyperParams(
-        lr=None if lr is None else float(lr),
-        rank=group["rank"],
-        kappa=group["kappa"],
-        eps1=float(group["eps"][0]),
-        eps2=float(group["eps"][1]),
-        clip_threshold=float(group["clip_threshold"]),
-        decay_rate=float(group["decay_rate"]),
-        beta1=None if not beta1 else float(beta1),
-        weight_decay=float(group["weight_decay"]),
-        scale_parameter=group["scale_parameter"],
-        relative_step=group["relative_step"],
-        warmup_init=group["warmup_init"],
-        factorize_second_moment=group["factorize_second_moment"],
-        min_dim_size_to_factor=group["min_dim_size_to_factor"],
-        max_aspect_ratio=None if group["max_aspect_ratio"] is None else float(group["max_aspect_ratio"]),
-    )
-
-
 def _is_symbolic(tensor: torch.Tensor) -> bool:
     """Meta or fake tensors (memory estimation, deferred init): no values to test or sync on."""
     if tensor.device.type == "meta":
@@ -119,37 +102,7 @@ class Flora(torch.optim.Optimizer):
     Args:
       params: iterable of tensors or of param-group dicts (every option below can be set
         per group, e.g. ``{"params": embeddings, "rank": None}``).
-      lr (float): learning rate ``rho``; required unless ``relative_step=True``.
-      rank (int or None, default 256): projection rank ``r``. A tensor whose smaller matrix
-        dimension is ``<= rank`` keeps full momentum; ``None`` keeps full momentum everywhere
-        (the paper's uncompressed baseline: Adafactor with momentum).
-      kappa (int, default 1000): resample the momentum projection every ``kappa`` steps,
-        transferring the momentum ``M <- P_new P_old^T M``.
-      eps (tuple, default (1e-30, 1e-3)): ``eps1`` added to squared gradients, ``eps2`` the
-        floor of the parameter RMS in ``scale_parameter``.
-      clip_threshold (float, default 1.0): update clipping threshold ``d``.
-      decay_rate (float, default -0.8): ``beta2_t = 1 - t^decay_rate``.
-      beta1 (float or None, default 0.9): momentum coefficient; ``None`` or ``0`` disables
-        momentum (then Flora is exactly Adafactor and keeps no momentum state).
-      weight_decay (float, default 0.0): decoupled weight decay ``p <- p - eta_t * wd * p``.
-      scale_parameter (bool, default True): scale the step by ``max(eps2, RMS(p))``.
-      relative_step (bool, default False): ``rho_t = min(1e-2, 1/sqrt(t))`` instead of ``lr``.
-      warmup_init (bool, default False): ``rho_t = min(1e-6 t, 1/sqrt(t))``; needs
-        ``relative_step``.
-      factorize_second_moment (bool, default True): Adafactor's factored second moment for
-        matrices; ``False`` keeps a full (Adam-like) second moment.
-      min_dim_size_to_factor (int, default 128): factor only matrices whose smaller dimension
-        is at least this (as optax's Adafactor).
-      max_aspect_ratio (float or None, default 4.0): matrices with ``max(m, n) > ratio *
-        min(m, n)`` (token embeddings, LM heads) keep full momentum, as in the reference code;
-        ``None`` compresses them too.
-      seed (int, default 0): seed of the projections (32-bit).
-      quantization (bool, default False): store the momentum (compressed or not) and any full
-        second moment in 8 bits, blockwise (256) with the dynamic-tree code, via torchao.
-      foreach (bool or None, default None): ``None``/``True``: the grouped step (tensors of
-        a group with the same layout stepped together, no host sync after the first step,
-        :mod:`flora_opt.engine`); ``False``: the per-tensor reference path (one
-        :func:`flora_opt.core.flora_update` per tensor, as :meth:`step_param` uses).
+      <options>
 
     Example:
       >>> import torch, flora_opt
@@ -303,7 +256,7 @@ class Flora(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
-        message = core.unstable_transfer_message(layout, _hyperparams(group))
+        message = core.unstable_transfer_message(layout, from_group(group))
         if message is not None:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         state = self.state[param]
@@ -384,7 +337,8 @@ class Flora(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if hp is None:
-                    hp = _hyperparams(group)
+                    hp = from_group(group)
+                    grouped = grouped and engine_implements(hp)
                 if not grouped or not self._groupable(param, param.grad):
                     self._update_param(param, param.grad, group, hp, position)
                     continue
@@ -435,7 +389,7 @@ class Flora(torch.optim.Optimizer):
             self._engine.synchronize([param], drop=True)
         if param.grad is not None:
             group = self.param_groups[group_index]
-            self._update_param(param, param.grad, group, _hyperparams(group), position)
+            self._update_param(param, param.grad, group, from_group(group), position)
 
     def _entry_current(self, param: torch.Tensor, entry: tuple[int, int, int]) -> bool:
         group_index, index, _ = entry
@@ -577,15 +531,14 @@ class Flora(torch.optim.Optimizer):
                 )
             options = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}
             validate_group(options)
-            for key in _LAYOUT_OPTIONS + ("beta1",):
+            for key, decides in LAYOUT_OPTIONS.items():
                 mine, theirs = group[key], options[key]
-                differ = (not mine) != (not theirs) if key == "beta1" else mine != theirs
-                if differ:
+                if decides(mine) != decides(theirs):
                     disagreements.append(
                         f"group {group_index} was saved with {key}={theirs!r} but this optimizer was built with "
                         f"{key}={mine!r}"
                     )
-            hp = _hyperparams(options)
+            hp = from_group(options)
             for param, saved_id in zip(group["params"], saved["params"]):
                 pairs.append((param, saved_id, hp, options["quantization"]))
         for position, (param, saved_id, hp, quantization) in enumerate(pairs):
@@ -630,6 +583,11 @@ class Flora(torch.optim.Optimizer):
         self._reindex()
 
 
+
+# The Args lines of the docstring and the signature of Flora(...) come from the record.
+if Flora.__doc__:  # None under python -OO
+    Flora.__doc__ = Flora.__doc__.replace("      <options>\n", docstring_args("torch", 6) + "\n")
+Flora.__init__.__signature__ = torch_signature()
 def _foreign_state_message(state_dict: dict[str, Any]) -> str | None:
     """What a state dict that is not this package's Flora state looks like (None if it is ours)."""
     groups = state_dict["param_groups"]

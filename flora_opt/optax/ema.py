@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import NamedTuple
 
 import jax
@@ -33,10 +34,21 @@ import jax.numpy as jnp
 import optax
 
 from .. import core
-from ..hyperparams import check_int, check_real, check_seed
+from ..hyperparams import from_optax
 from ..ops import get_ops
 from ..projection import tensor_seed
-from .transform import _concrete, _flatten_state, _float_dtype, _on_leaf, _placeholder, _state_shapes, _static, _traced
+from .transform import (
+    _check_arguments,
+    _concrete,
+    _concrete_record,
+    _flatten_state,
+    _float_dtype,
+    _on_leaf,
+    _placeholder,
+    _state_shapes,
+    _static,
+    _traced,
+)
 
 __all__ = ["CompressedEmaState", "compressed_ema"]
 
@@ -87,25 +99,25 @@ def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1
     ``update`` takes the layout from the state's shapes, so ``b1`` and ``kappa`` may be traced
     arrays there (``optax.inject_hyperparams``).
     """
-    for name, value, check in (
-        ("b1", b1, lambda v: check_real("b1", v, at_least=0.0, below=1.0, what="must be in [0, 1)",
-                                        none="to disable momentum")),
-        ("tau", tau, lambda v: check_int("tau", v, none="for full momentum")),
-        ("kappa", kappa, lambda v: check_int("kappa", v)),
-        ("seed", seed, lambda v: check_seed("seed", v)),
-        ("max_aspect_ratio", max_aspect_ratio, lambda v: check_real("max_aspect_ratio", v, at_least=1.0, none="")),
-    ):
-        if not _traced(value):
-            check(_concrete(value))
+    arguments = dict(b1=b1, tau=tau, kappa=kappa, seed=seed, max_aspect_ratio=max_aspect_ratio)
+    _check_arguments(arguments)
+    return _compressed_ema(from_optax(arguments))
+
+
+def _compressed_ema(hp: core.FloraHyperParams) -> optax.GradientTransformation:
+    """:func:`compressed_ema` reading the whole record ``hp`` (what :func:`flora_opt.optax.flora`
+    builds): ``init`` lays the state out with :func:`flora_opt.core.tensor_layout`, ``update``
+    calls :func:`flora_opt.core.momentum_direction` with ``hp``."""
     ops = get_ops("jax")
 
     def init_fn(params):
-        b1_value = _static("b1", b1)
-        kappa_value = _concrete(kappa)  # only for the stability warning: skipped when traced
-        hp = core.FloraHyperParams(rank=_static("tau", tau), kappa=1 if _traced(kappa_value) else kappa_value,
-                                   beta1=None if not b1_value else float(b1_value),
-                                   max_aspect_ratio=_static("max_aspect_ratio", max_aspect_ratio))
-        base_seed = _static("seed", seed)
+        b1_value = _static("b1", hp.beta1)
+        kappa_value = _concrete(hp.kappa)  # only for the stability warning: skipped when traced
+        layout_hp = replace(_concrete_record(hp), rank=_static("tau", hp.rank),
+                            kappa=1 if _traced(kappa_value) else kappa_value,
+                            beta1=None if not b1_value else float(b1_value),
+                            max_aspect_ratio=_static("max_aspect_ratio", hp.max_aspect_ratio))
+        base_seed = _static("seed", hp.seed)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         steps, seeds, momenta = [], [], []
         for index, leaf in enumerate(leaves):
@@ -113,9 +125,9 @@ def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1
             seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
             shape = None
             if _float_dtype(leaf) is not None:
-                layout = core.tensor_layout(jnp.shape(leaf), hp)
+                layout = core.tensor_layout(jnp.shape(leaf), layout_hp)
                 shape = _state_shapes(layout).get(core.EXP_AVG)
-                message = None if _traced(kappa_value) else core.unstable_transfer_message(layout, hp)
+                message = None if _traced(kappa_value) else core.unstable_transfer_message(layout, layout_hp)
                 if message is not None:
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
             momenta.append(jnp.zeros(shape, jnp.float32) if shape is not None else _placeholder())
@@ -129,7 +141,6 @@ def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1
         layout = _layout_from_state(update.shape, tuple(momentum.shape))
         if layout.momentum == core.MOMENTUM_NONE:
             return update, leaf_state
-        hp = core.FloraHyperParams(kappa=kappa, beta1=b1)
         new_step = step + 1
         normalised = update.astype(jnp.float32).reshape(layout.work_shape)
         direction, new_state = core.momentum_direction(

@@ -38,8 +38,8 @@ differ from the PyTorch single decision on ``RMS(D)``: only at the float32 overf
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, NamedTuple, Optional, Union
+from dataclasses import fields, replace
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,17 @@ import numpy as np
 import optax
 
 from .. import core
-from ..core import EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, FloraHyperParams
-from ..hyperparams import check_bool, check_int, check_real, check_seed, is_real
+from ..core import EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW
+from ..hyperparams import (
+    FloraHyperParams,
+    check_optax,
+    check_real,
+    docstring_args,
+    from_optax,
+    is_real,
+    optax_flags,
+    optax_signature,
+)
 from ..ops import get_ops
 
 __all__ = [
@@ -113,10 +122,10 @@ def _is_zero(value) -> bool:
     return value is None or (is_real(value) and float(value) == 0.0)
 
 
-def _validate(learning_rate, **args) -> None:
-    """Raise ValueError naming the argument and the bad value, with the rules and messages of
-    :mod:`flora_opt.hyperparams` (shared with :class:`flora_opt.Flora`). Traced values (under
-    ``inject_hyperparams``, inside a jitted ``update``) were checked when ``init`` ran."""
+def _validate(arguments: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the argument and the bad value: ``learning_rate`` (a number, 0-d
+    array or schedule) here, every other argument by :func:`_check_arguments`."""
+    learning_rate = arguments["learning_rate"]
     if learning_rate is None:
         raise ValueError("Invalid learning_rate: None: pass a float or an optax schedule")
     if not callable(learning_rate) and not _traced(learning_rate):
@@ -134,31 +143,28 @@ def _validate(learning_rate, **args) -> None:
             check_real("learning_rate", learning_rate, at_least=0.0)
         else:
             raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a float or a schedule")
-    checks = dict(
-        b1=lambda v: check_real("b1", v, at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum"),
-        b2=lambda v: check_real(
-            "b2", v, above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"
-        ),
-        tau=lambda v: check_int("tau", v, none="for full momentum"),
-        seed=lambda v: check_seed("seed", v),
-        kappa=lambda v: check_int("kappa", v),
-        clipping_threshold=lambda v: check_real("clipping_threshold", v, above=0.0, none=""),
-        weight_decay=lambda v: check_real("weight_decay", v, at_least=0.0, none=""),
-        eps=lambda v: check_real("eps", v, above=0.0),
-        min_parameter_scale=lambda v: check_real("min_parameter_scale", v, above=0.0),
-        min_dim_size_to_factor=lambda v: check_int("min_dim_size_to_factor", v),
-        max_aspect_ratio=lambda v: check_real("max_aspect_ratio", v, at_least=1.0, none=""),
-        multiply_by_parameter_scale=lambda v: check_bool("multiply_by_parameter_scale", v),
-        factorized_second_moment=lambda v: check_bool("factorized_second_moment", v),
-    )
-    for name, value in args.items():
+    _check_arguments({name: value for name, value in arguments.items() if name != "learning_rate"})
+
+
+def _check_arguments(arguments: Mapping[str, Any]) -> None:
+    """Each optax argument by its rule in the record (:func:`flora_opt.hyperparams.check_optax`,
+    the rules :class:`flora_opt.Flora` applies under the torch names). Concrete 0-d arrays are
+    checked as Python numbers; traced values (under ``inject_hyperparams``, inside a jitted
+    ``update``) were checked when ``init`` ran."""
+    flags = optax_flags()
+    for name, value in arguments.items():
         if isinstance(value, (jax.Array, np.ndarray)) and not _traced(value) and np.ndim(value) == 0:
-            if np.dtype(value.dtype) == np.bool_ and name not in ("multiply_by_parameter_scale", "factorized_second_moment"):
-                checks[name](value)  # a boolean array is refused with the value named
+            if np.dtype(value.dtype) == np.bool_ and name not in flags:
+                check_optax(name, value)  # a boolean array is refused with the value named
                 continue
             value = _concrete(value)
         if not _traced(value):
-            checks[name](value)
+            check_optax(name, value)
+
+
+def _concrete_record(hp: FloraHyperParams) -> FloraHyperParams:
+    """``hp`` with its concrete 0-d arrays as Python numbers (what ``init`` reads the layout from)."""
+    return replace(hp, **{f.name: _concrete(getattr(hp, f.name)) for f in fields(hp)})
 
 
 def _float_dtype(value):
@@ -294,19 +300,30 @@ def scale_by_second_moment(
     differs from ``optax.scale_by_factored_rms`` for such leaves. The output is float32; a leaf
     whose ``U`` is not finite keeps its state and step count and passes ``U`` on.
     """
+    arguments = dict(b2=b2, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor,
+                     factorized_second_moment=factorized_second_moment)
+    _check_arguments(arguments)
+    return _second_moment(from_optax(arguments))
+
+
+def _second_moment(hp: FloraHyperParams) -> optax.GradientTransformation:
+    """:func:`scale_by_second_moment` reading the whole record ``hp`` (what :func:`flora` builds):
+    ``init`` lays the state out with :func:`flora_opt.core.tensor_layout`, ``update`` calls
+    :func:`flora_opt.core.normalised_update` with ``hp``."""
     ops = get_ops("jax")
 
     def init_fn(params):
-        hp = FloraHyperParams(
+        layout_hp = replace(
+            _concrete_record(hp),
             beta1=None,
-            factorize_second_moment=_static("factorized_second_moment", factorized_second_moment),
-            min_dim_size_to_factor=_static("min_dim_size_to_factor", min_dim_size_to_factor),
+            factorize_second_moment=_static("factorized_second_moment", hp.factorize_second_moment),
+            min_dim_size_to_factor=_static("min_dim_size_to_factor", hp.min_dim_size_to_factor),
         )
         leaves, treedef = jax.tree_util.tree_flatten(params)
         fields: dict[str, list] = {name: [] for name in ScaleBySecondMomentState._fields}
         for leaf in leaves:
             fields["step"].append(jnp.zeros((), jnp.int32))
-            shapes = _state_shapes(core.tensor_layout(np.shape(leaf), hp)) if _float_dtype(leaf) is not None else {}
+            shapes = _state_shapes(core.tensor_layout(np.shape(leaf), layout_hp)) if _float_dtype(leaf) is not None else {}
             for name, key in _SECOND_MOMENT_FIELDS.items():
                 fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
         return ScaleBySecondMomentState(**{name: treedef.unflatten(v) for name, v in fields.items()})
@@ -322,7 +339,6 @@ def scale_by_second_moment(
         factored = row.shape != (0,)  # the state fixes the layout
         work_shape = core.matrix_view(grad.shape) if factored else grad.shape
         layout = core.TensorLayout(grad.shape, core.matrix_view(grad.shape), factored, core.MOMENTUM_NONE, None, None)
-        hp = FloraHyperParams(eps1=eps, decay_rate=-b2)
         state = {EXP_AVG_SQ_ROW: row, EXP_AVG_SQ_COL: col} if factored else {EXP_AVG_SQ: full.reshape(work_shape)}
         grad32 = grad.astype(jnp.float32).reshape(work_shape)
         normalised, new = core.normalised_update(grad32, state, new_step, layout, hp, ops)
@@ -371,8 +387,7 @@ def clip_by_rms(threshold: Optional[float] = 1.0) -> optax.GradientTransformatio
     whose ``RMS(D)`` is not finite becomes NaN, so that :func:`zero_non_finite` skips it: the
     PyTorch optimizer skips exactly the tensors with a non-finite ``RMS(D)`` (section 9).
     """
-    if threshold is not None and not _traced(threshold):
-        check_real("clipping_threshold", _concrete(threshold), above=0.0, none="")
+    _check_arguments(dict(clipping_threshold=threshold))
 
     def clip(u):
         rms = _rms32(u)
@@ -439,48 +454,34 @@ def zero_non_finite() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _parts(*, learning_rate, b1, b2, tau, seed, kappa, clipping_threshold, multiply_by_parameter_scale, weight_decay,
-           eps, min_dim_size_to_factor, factorized_second_moment, min_parameter_scale, weight_decay_mask,
-           max_aspect_ratio):
-    """Validate, then the chain's stages up to (not including) the sign flip."""
-    _validate(
-        learning_rate, b1=b1, b2=b2, tau=tau, seed=seed, kappa=kappa, clipping_threshold=clipping_threshold,
-        multiply_by_parameter_scale=multiply_by_parameter_scale, weight_decay=weight_decay, eps=eps,
-        min_dim_size_to_factor=min_dim_size_to_factor, factorized_second_moment=factorized_second_moment,
-        min_parameter_scale=min_parameter_scale, max_aspect_ratio=max_aspect_ratio,
-    )
-    from .ema import compressed_ema  # ema.py imports this module's helpers
+def _parts(arguments: Mapping[str, Any]) -> list[optax.GradientTransformation]:
+    """Validate ``flora``'s arguments (by optax name), then the chain's stages up to (not
+    including) the sign flip. The stateful stages read the one record :func:`from_optax` builds,
+    so an option of the record reaches the core functions they call without being passed by name."""
+    _validate(arguments)
+    hp = from_optax(arguments)
+    from .ema import _compressed_ema  # ema.py imports this module's helpers
 
-    parts = [scale_by_second_moment(b2, eps, min_dim_size_to_factor, factorized_second_moment)]
-    if not _is_zero(b1):
-        parts.append(compressed_ema(b1, tau=tau, kappa=kappa, seed=seed, max_aspect_ratio=max_aspect_ratio))
-    parts.append(clip_by_rms(clipping_threshold))
-    if not _is_zero(weight_decay):
-        parts.append(add_weight_decay(weight_decay, weight_decay_mask))
-    parts.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-    if multiply_by_parameter_scale:
-        parts.append(scale_by_param_rms(min_parameter_scale))
+    parts = [_second_moment(hp)]
+    if not _is_zero(hp.beta1):
+        parts.append(_compressed_ema(hp))
+    parts.append(clip_by_rms(hp.clip_threshold))
+    if not _is_zero(hp.weight_decay):
+        parts.append(add_weight_decay(hp.weight_decay, hp.weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(hp.lr, flip_sign=False))
+    if hp.scale_parameter:
+        parts.append(scale_by_param_rms(hp.eps2))
     return parts
 
 
-def flora(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Optional[float] = 0.9,
-    b2: float = 0.8,
-    tau: Optional[int] = 256,
-    seed: int = 0,
-    kappa: int = 1000,
-    clipping_threshold: Optional[float] = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    weight_decay: Optional[float] = 0.0,
-    eps: float = 1e-30,
-    min_dim_size_to_factor: int = 128,
-    factorized_second_moment: bool = True,
-    *,
-    min_parameter_scale: float = 1e-3,
-    weight_decay_mask: MaskOrFn = None,
-    max_aspect_ratio: Optional[float] = 4.0,
-) -> optax.GradientTransformationExtraArgs:
+def _arguments(args, kwargs) -> dict[str, Any]:
+    """``flora``'s arguments by name, defaults filled in (a ``TypeError`` for unknown ones, as a call)."""
+    bound = _FLORA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
     r"""Flora: Adafactor whose momentum is compressed by regenerated Gaussian projections.
 
     For an ``m x n`` weight the momentum costs ``tau * max(m, n)`` floats instead of ``m * n``
@@ -489,38 +490,7 @@ def flora(
     :class:`flora_opt.Flora` (docs/algorithm.md; the argument mapping is in docs/jax.md).
 
     Args:
-      learning_rate: a float or an optax schedule (evaluated at the number of previous updates).
-        Multiplied by ``max(min_parameter_scale, RMS(W))`` when
-        ``multiply_by_parameter_scale``.
-      b1 (default 0.9): momentum coefficient; ``None`` or ``0`` disables momentum (then no
-        momentum state exists and Flora is plain Adafactor). PyTorch: ``beta1``.
-      b2 (default 0.8): second-moment decay exponent, ``beta2_t = 1 - t^-b2`` (optax.adafactor's
-        ``decay_rate``). PyTorch: ``decay_rate = -b2``.
-      tau (default 256): projection rank. A leaf whose smaller matrix dimension is ``<= tau``
-        keeps full momentum; ``None`` keeps full momentum everywhere. PyTorch: ``rank``.
-      seed (default 0): 32-bit seed of the projections; leaf ``i`` (in
-        ``jax.tree_util.tree_leaves`` order) uses ``tensor_seed(seed, i)``.
-      kappa (default 1000): resample the projection every ``kappa`` steps, transferring the
-        momentum ``M <- P_new P_old^T M``.
-      clipping_threshold (default 1.0): update clipping threshold ``d``; ``None`` disables
-        clipping. PyTorch: ``clip_threshold``.
-      multiply_by_parameter_scale (default True): scale the step by ``max(min_parameter_scale,
-        RMS(W))``. PyTorch: ``scale_parameter``.
-      weight_decay (default 0.0): decoupled weight decay ``W <- W - eta_t * weight_decay * W``
-        (scaled like the step); ``None`` means 0.
-      eps (default 1e-30): added to squared gradients. PyTorch: ``eps[0]``.
-      min_dim_size_to_factor (default 128): factor the second moment of matrices whose smaller
-        dimension is at least this.
-      factorized_second_moment (default True): Adafactor's factored second moment for
-        matrices; ``False`` keeps a full second moment. PyTorch: ``factorize_second_moment``.
-      min_parameter_scale (keyword, default 1e-3): floor of ``RMS(W)`` in the parameter scale.
-        PyTorch: ``eps[1]``.
-      max_aspect_ratio (keyword, default 4.0): leaves whose matrix view has ``max(m, n) >
-        max_aspect_ratio * min(m, n)`` (embeddings, LM heads) keep full momentum; ``None``
-        compresses them too. PyTorch: ``max_aspect_ratio``.
-      weight_decay_mask (keyword, default None): a tree of Python bools with the structure of
-        the params (or a function of the params returning one); ``False`` leaves get no weight
-        decay.
+      <options>
 
     Returns:
       ``optax.chain(scale_by_second_moment(b2, eps, ...), compressed_ema(b1, tau, kappa, seed, ...),
@@ -557,7 +527,7 @@ def flora(
       at zero and its state unchanged; the momentum averages the normalised gradient ``U_t``, the
       history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference added unscaled weight decay after the step).
     """
-    return optax.chain(*_parts(**locals()), optax.scale(-1.0), zero_non_finite())
+    return optax.chain(*_parts(_arguments(args, kwargs)), optax.scale(-1.0), zero_non_finite())
 
 
 def scale_by_flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
@@ -565,13 +535,15 @@ def scale_by_flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
     :func:`flora` without its ``optax.scale(-1)`` (kept for code written against the former
     monolithic transformation; its state is now the chain's tuple). Same arguments as
     :func:`flora` (its signature is :func:`flora`'s, so the defaults have one home)."""
-    bound = _FLORA_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return optax.chain(*_parts(**bound.arguments), zero_non_finite())
+    return optax.chain(*_parts(_arguments(args, kwargs)), zero_non_finite())
 
 
-_FLORA_SIGNATURE = inspect.signature(flora)
-scale_by_flora.__signature__ = _FLORA_SIGNATURE
+# flora's signature, defaults and Args lines come from the record (flora_opt.hyperparams): every
+# option is there with its default for inspect.signature, help() and optax.inject_hyperparams.
+_FLORA_SIGNATURE = optax_signature().replace(return_annotation=optax.GradientTransformationExtraArgs)
+flora.__signature__ = scale_by_flora.__signature__ = _FLORA_SIGNATURE
+if flora.__doc__:  # None under python -OO
+    flora.__doc__ = flora.__doc__.replace("      <options>\n", docstring_args("optax", 6) + "\n")
 
 
 def state_bytes(state) -> int:
