@@ -32,8 +32,9 @@ _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
 # why compressed accumulation / layer-wise updates cannot run under each engine, and what to use
 _UNSUPPORTED_WHY = {
     "FSDP": (
-        "FSDP reduce-scatters every micro-batch's gradient into sharded DTensor gradients, so there is no full "
-        "local gradient to compress and no per-tensor point to update inside backward. Under FSDP2 use "
+        "FSDP takes every micro-batch's gradient from autograd itself (reduce-scattered into sharded DTensor "
+        "gradients, or accumulated unsharded inside its parameters without sync), so no full local gradient "
+        "reaches .grad to compress and there is no per-tensor point to update inside backward. Under FSDP2 use "
         "FloraAccelerator without these options (or accelerate's Accelerator): flora_opt.Flora steps the sharded "
         "parameters and shards its state with them (docs/distributed.md)"
     ),

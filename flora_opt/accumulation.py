@@ -184,16 +184,18 @@ class CompressedAccumulator:
                     "layer-wise updates do not support DTensor (FSDP2) parameters: FSDP2 writes a tensor's sharded "
                     "gradient after its module's reduce-scatter, with no public per-tensor hook after that point, "
                     "and Flora's step on a shard issues collectives of its own, which would interleave with FSDP2's "
-                    "inside backward. Call optimizer.step() after backward instead: under FSDP2 each rank already "
-                    "holds 1/world of the gradients, the memory layer-wise updates save on one process "
+                    "inside backward. Call optimizer.step() after backward instead: after FSDP2's reduce-scatter "
+                    "each rank holds 1/world of the gradients, the memory layer-wise updates save on one process "
                     "(docs/distributed.md)"
                 )
             raise ValueError(
-                "CompressedAccumulator does not support DTensor (FSDP2) parameters: FSDP2 reduce-scatters each "
-                "micro-batch's gradient into a sharded gradient, so there is no full local gradient to compress. "
-                "Under FSDP2 accumulate with model.set_requires_gradient_sync(False) on all but the last micro-batch "
-                "(the sharded gradient costs 1/world); flora_opt.Flora shards its state with the parameters "
-                "(docs/distributed.md)"
+                "CompressedAccumulator does not support DTensor (FSDP2) parameters: FSDP2 takes each micro-batch's "
+                "gradient from autograd itself and either reduce-scatters it into a sharded gradient or, without "
+                "gradient sync, accumulates it unsharded inside its own parameter objects, so no full local "
+                "gradient reaches .grad to be compressed. Under FSDP2 accumulate with "
+                "model.set_requires_gradient_sync(False) on all but the last micro-batch (one reduce-scatter per "
+                "step), or sync every micro-batch (sharded gradients, 1/world of the memory); flora_opt.Flora "
+                "shards its state with the parameters (docs/distributed.md)"
             )
         for slot in hooked:
             if _OWNERS.get(slot.param) is not None:
