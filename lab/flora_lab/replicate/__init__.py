@@ -150,7 +150,7 @@ def run_replicate(experiments, out: str | os.PathLike, *, quick: bool = False, s
         pretrained = None
         if "accumulation" in experiments:
             bar.set_description("pretrain (denoising)")
-            key = _digest(asdict(cfg), scale.pretrain_steps, scale.batch_size, scale.warmup_fraction,
+            key = _digest(asdict(cfg), scale.pretrain_steps, scale.pretrain_batch_size, scale.warmup_fraction,
                           DEFAULT_LRS["pretrain"], quick, tok.backend.to_str())
             pretrained, results["pretrain"] = pretrain(
                 benches["accumulation"], denoise, steps=scale.pretrain_steps, lr=DEFAULT_LRS["pretrain"],
@@ -242,8 +242,7 @@ def _in_processes(benches, pretrained, runs, jobs, scale, advance, done) -> None
     pretrained = None if pretrained is None else jax.device_get(pretrained)
     plain = {e: _Portable(b) for e, b in benches.items()}
     saved = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = ((saved or "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
+    os.environ["XLA_FLAGS"] = ((saved or "") + " --xla_cpu_multi_thread_eigen=false").strip()
     try:
         procs = [ctx.Process(target=_worker, args=(queue, plain, pretrained, share), daemon=True)
                  for share in _shares(runs, jobs, scale)]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -68,8 +68,9 @@ class Scale:
     max_len: int  # ids per source/target, bos/eos included
     vocab_size: int  # BPE ids (4 special ids are added)
     ranks: tuple[int, ...]
-    batch_size: int  # momentum experiment and pretraining
+    batch_size: int  # momentum experiment: pairs per step
     steps: int  # momentum experiment: optimizer steps
+    pretrain_batch_size: int
     pretrain_steps: int
     finetune_steps: int  # accumulation experiment: optimizer steps of accum micro-batches
     accum: int
@@ -82,16 +83,16 @@ class Scale:
 
 
 FULL = Scale(d_model=128, n_heads=4, d_ff=256, layers=2, max_len=40, vocab_size=2048, ranks=(8, 32),
-             batch_size=32, steps=300, pretrain_steps=400, finetune_steps=100, accum=16, eval_every=50,
-             eval_verses=512, bleu_verses=256, kappa=100)
+             batch_size=16, steps=350, pretrain_batch_size=32, pretrain_steps=400, finetune_steps=40, accum=16,
+             eval_every=50, eval_verses=512, bleu_verses=256, kappa=100)
 QUICK = Scale(d_model=64, n_heads=2, d_ff=128, layers=1, max_len=48, vocab_size=1024, ranks=(4, 16),
-              batch_size=16, steps=20, pretrain_steps=20, finetune_steps=4, accum=16, eval_every=10,
-              eval_verses=0, bleu_verses=16, kappa=20)
+              batch_size=16, steps=20, pretrain_batch_size=16, pretrain_steps=20, finetune_steps=4, accum=16,
+              eval_every=10, eval_verses=0, bleu_verses=16, kappa=20)
 
 #: Peak learning rates (before warm-up and cosine decay), chosen with the pilot grid in
 #: docs/replication.md ("Learning rates").
 DEFAULT_LRS = {
-    "momentum": {"adafactor": 3e-3, "adafactor_momentum": 3e-3, "lora": 1e-2, "flora": 3e-3},
+    "momentum": {"adafactor": 1e-2, "adafactor_momentum": 1e-2, "lora": 3e-2, "flora": 1e-2},
     "accumulation": {"naive": 1e-3, "lora": 3e-3, "flora": 1e-3},
     "pretrain": 3e-3,
 }
@@ -322,7 +323,7 @@ def pretrain(bench: Workbench, denoise: tasks.TaskData, *, steps: int, lr: float
 
     jstep = jax.jit(step, donate_argnums=(0, 1))
     params = init
-    order = _train_order(len(denoise), scale.batch_size, steps, 0)
+    order = _train_order(len(denoise), scale.pretrain_batch_size, steps, 0)
     values = []
     for rows in order:
         params, opt_state, value = jstep(params, opt_state, denoise.src[rows], denoise.tgt[rows])
@@ -389,10 +390,6 @@ def run_accumulation(bench: Workbench, method: Method, seed: int, lr: float, pre
             record["curve"].append([i + 1, bench.val_loss(merge(trainable, frozen)),
                                     float(np.mean([float(v) for v in train_losses[-every:]]))])
     return _finish(bench, record, merge(trainable, frozen), t0)
-
-
-def scale_dict(scale: Scale) -> dict:
-    return asdict(scale)
 
 
 def with_steps(scale: Scale, steps: int | None, finetune_steps: int | None) -> Scale:
