@@ -83,7 +83,7 @@ class Scale:
 
 
 FULL = Scale(d_model=128, n_heads=4, d_ff=256, layers=2, max_len=40, vocab_size=2048, ranks=(8, 32),
-             batch_size=16, steps=350, pretrain_batch_size=32, pretrain_steps=400, finetune_steps=40, accum=16,
+             batch_size=16, steps=350, pretrain_batch_size=32, pretrain_steps=400, finetune_steps=30, accum=16,
              eval_every=50, eval_verses=512, bleu_verses=256, kappa=100)
 QUICK = Scale(d_model=64, n_heads=2, d_ff=128, layers=1, max_len=48, vocab_size=1024, ranks=(4, 16),
               batch_size=16, steps=20, pretrain_batch_size=16, pretrain_steps=20, finetune_steps=4, accum=16,
@@ -93,7 +93,7 @@ QUICK = Scale(d_model=64, n_heads=2, d_ff=128, layers=1, max_len=48, vocab_size=
 #: docs/replication.md ("Learning rates").
 DEFAULT_LRS = {
     "momentum": {"adafactor": 1e-2, "adafactor_momentum": 1e-2, "lora": 3e-2, "flora": 1e-2},
-    "accumulation": {"naive": 1e-3, "lora": 3e-3, "flora": 1e-3},
+    "accumulation": {"naive": 3e-3, "lora": 9e-3, "flora": 3e-3},
     "pretrain": 3e-3,
 }
 
