@@ -62,14 +62,14 @@ def _u32_signed(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
-    """``torch.stack(tensors).view(shape)``, without a copy when the tensors already are the
-    consecutive rows of one contiguous stack (what the previous step left in the state) or a
-    single tensor."""
+def _stack_view(tensors: list[torch.Tensor], shape) -> torch.Tensor | None:
+    """``torch.stack(tensors).view(shape)`` as a view, without a copy, when the tensors already
+    are the consecutive rows of one contiguous stack (what the previous step left in the state)
+    or a single contiguous tensor; ``None`` otherwise."""
     if len(tensors) == 1 and tensors[0].is_contiguous():
         return tensors[0].view(shape)
     if torch.compiler.is_compiling():  # views' bases are not traced; the compiler removes the copy
-        return torch.stack(tensors).view(shape)
+        return None
     base = tensors[0]._base
     if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
         size = tensors[0].numel()
@@ -77,7 +77,13 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
         if all(t._base is base and t.is_contiguous() and t.storage_offset() == start + i * size
                for i, t in enumerate(tensors)):
             return base.view(shape)
-    return torch.stack(tensors).view(shape)
+    return None
+
+
+def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
+    """``torch.stack(tensors).view(shape)``, without a copy where :func:`_stack_view` finds one."""
+    view = _stack_view(tensors, shape)
+    return torch.stack(tensors).view(shape) if view is None else view
 
 
 # On the CPU, read the device step counters (host memory) to decide resamples exactly; False
@@ -109,28 +115,42 @@ def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [params[i:i + per] for i in range(0, len(params), per)]
 
 
-# Rows per block of the column statistics: a block of one matrix holds about this many elements.
-COLUMN_BLOCK = 1 << 17
+# Elements per block of the second-moment statistics: the squares of a block of rows of the whole
+# stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
+# whatever the depth) takes at most SMALL_STACK_BLOCKS blocks, so its op count stays flat.
+SQUARE_BLOCK = 1 << 19
+SMALL_STACK_BLOCKS = 8
 
 
-def _column_sum_of_squares(G: torch.Tensor) -> torch.Tensor:
-    """``sum_i G_ij^2`` of a stack ``(T, m, n)``, as ``(T, n)``.
+def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_j G_ij^2, sum_i G_ij^2)`` of a stack ``(T, m, n)``, as ``(T, m)`` and ``(T, n)``.
 
-    ``vector_norm(G, dim=1)`` reduces across rows with a stride of ``n`` and runs 10-40x slower
-    than a contiguous pass on this CPU (200 ms for GPT-2's 50257 x 768 embedding), and
-    ``G.square().sum(1)`` allocates a full-size temporary (page faults cost several times the
-    arithmetic). Blocks of rows squared and summed keep the temporary small (a matrix of one
-    block keeps the norm: no temporary, and it is small); the number of
-    blocks depends on the matrix shape only, not on the number of tensors in the stack, so the
-    op count of a step does not grow with depth.
+    One read of ``G``: the squares of a block of rows of every matrix of the stack (a temporary
+    of about ``SQUARE_BLOCK`` elements, 2 MiB, which stays in the cache and comes from the heap)
+    are summed along both axes. ``vector_norm(G, dim=1)`` reduces across rows with a stride of
+    ``n`` and runs 10-40x slower than a contiguous pass on this CPU (200 ms for GPT-2's
+    50257 x 768 embedding); a whole ``G.square()`` is a fresh full-size mapping whose page faults
+    cost several times the arithmetic. A stack of large tensors (``engine.chunks``: at most
+    ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK`` elements; a stack of small ones
+    takes at most ``SMALL_STACK_BLOCKS`` blocks, so that the number of dispatched ops does not
+    grow with the number of tensors (its temporaries are then an eighth of the stack).
     """
-    rows = max(1, COLUMN_BLOCK // max(G.shape[2], 1))
-    if rows >= G.shape[1] or torch.compiler.is_compiling():  # small matrices: no temporary at all
-        return torch.linalg.vector_norm(G, dim=1).square_()
-    total = G[:, :rows].square().sum(dim=1)
-    for start in range(rows, G.shape[1], rows):
-        total.add_(G[:, start:start + rows].square().sum(dim=1))
-    return total
+    count, m, n = G.shape
+    if torch.compiler.is_compiling():  # one fused kernel: no temporary to bound
+        square = G.square()
+        return square.sum(dim=2), square.sum(dim=1)
+    rows = max(1, SQUARE_BLOCK // max(count * n, 1))
+    if m * n < LARGE_TENSOR:
+        rows = max(rows, -(-m // SMALL_STACK_BLOCKS))
+    row_sums, col_sums = [], None
+    for start in range(0, m, rows):
+        square = G[:, start:start + rows].square()
+        row_sums.append(square.sum(dim=2))
+        part = square.sum(dim=1)
+        col_sums = part if col_sums is None else col_sums.add_(part)
+    if col_sums is None:  # no rows
+        return G.new_zeros((count, m)), G.new_zeros((count, n))
+    return (row_sums[0] if len(row_sums) == 1 else torch.cat(row_sums, dim=1)), col_sums
 
 
 @torch.compiler.disable
@@ -228,8 +248,14 @@ class Engine:
         numel = math.prod(work)
         device = params[0].device
 
-        # our own float32 copy of the gradients, overwritten by U below
-        G = torch.stack([p.grad for p in params]).view(shape).to(torch.float32)
+        # The float32 gradients as a stack: a view of the gradient itself where it already is one
+        # (one contiguous tensor, or consecutive rows of one buffer), else our own copy, which U
+        # below overwrites. A borrowed gradient is only read: U is then written to a new buffer
+        # (one full-size pass fewer than copying first and scaling in place).
+        grads = [p.grad for p in params]
+        G = _stack_view(grads, shape)
+        borrowed = G is not None and G.dtype == torch.float32
+        G = (torch.stack(grads).view(shape) if G is None else G).to(torch.float32)
         counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
@@ -267,21 +293,25 @@ class Engine:
         spare = None  # a free full-size buffer, if any, for Delta
         if layout.factored:
             m, n = work
-            # mean_j G_ij^2 as a squared norm: no G^2 temporary (rounding differs by ~1 ulp)
-            row_mean = torch.linalg.vector_norm(G, dim=2).square_().div_(n).add_(hp.eps1)
-            col_mean = _column_sum_of_squares(G).div_(m).add_(hp.eps1)
+            row_sums, col_sums = _sums_of_squares(G)
+            row_mean = row_sums.div_(n).add_(hp.eps1)
+            col_mean = col_sums.div_(m).add_(hp.eps1)
             row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
             col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
-            U = G.mul_(row_scale[:, :, None]).mul_(torch.rsqrt(col)[:, None, :])
+            U = (torch.mul(G, row_scale[:, :, None]) if borrowed else G.mul_(row_scale[:, :, None]))
+            U = U.mul_(torch.rsqrt(col)[:, None, :])
         else:
             view_weight = weight.view((count,) + (1,) * len(work))
             grad_sq = torch.mul(G, G).add_(hp.eps1)
             second = torch.lerp(old[EXP_AVG_SQ], grad_sq, view_weight)
             new[EXP_AVG_SQ] = second
-            U = G.mul_(torch.rsqrt(second, out=grad_sq))
-            spare = grad_sq
+            if borrowed:  # U written over grad_sq: no spare buffer
+                U = torch.rsqrt(second, out=grad_sq).mul_(G)
+            else:
+                U = G.mul_(torch.rsqrt(second, out=grad_sq))
+                spare = grad_sq
 
         # First moment and the direction D (sections 3-4, 8).
         if layout.momentum == core.MOMENTUM_NONE:

@@ -121,19 +121,21 @@ def test_non_finite_gradient_with_full_momentum_skips_only_that_tensor(options):
     assert torch.isfinite(dirty[1]).all()
 
 
-@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3)])
-def test_column_sum_of_squares_in_row_blocks(monkeypatch, shape):
+@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3), (40, 3, 2)])
+def test_sums_of_squares_in_row_blocks(monkeypatch, shape):
     from flora_opt import engine
 
-    monkeypatch.setattr(engine, "COLUMN_BLOCK", 16)  # blocks of 2 rows for n = 7 (the last one short)
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 40)  # blocks of 1-13 rows of the stack (the last one short)
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(engine._column_sum_of_squares(G), G.square().sum(dim=1), rtol=1e-6, atol=0)
+    rows, cols = engine._sums_of_squares(G)
+    torch.testing.assert_close(rows, G.square().sum(dim=2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(cols, G.square().sum(dim=1), rtol=1e-6, atol=0)
 
 
-def test_grouped_step_with_row_blocked_column_statistics_equals_per_tensor_path(monkeypatch):
+def test_grouped_step_with_row_blocked_statistics_equals_per_tensor_path(monkeypatch):
     from flora_opt import engine
 
-    monkeypatch.setattr(engine, "COLUMN_BLOCK", 100)  # several row blocks for every factored matrix
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # several row blocks for every factored stack
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grouped, opt_grouped = _run(True, options)
     reference, opt_reference = _run(False, options)
