@@ -117,7 +117,7 @@ def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
 # stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
-# whatever the depth) takes at most SMALL_STACK_BLOCKS blocks, so its op count stays flat.
+# whatever the depth) takes SMALL_STACK_BLOCKS blocks, so its op count stays flat.
 SQUARE_BLOCK = 1 << 19
 SMALL_STACK_BLOCKS = 8
 
@@ -132,16 +132,17 @@ def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     50257 x 768 embedding); a whole ``G.square()`` is a fresh full-size mapping whose page faults
     cost several times the arithmetic. A stack of large tensors (``engine.chunks``: at most
     ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK`` elements; a stack of small ones
-    takes at most ``SMALL_STACK_BLOCKS`` blocks, so that the number of dispatched ops does not
-    grow with the number of tensors (its temporaries are then an eighth of the stack).
+    takes ``SMALL_STACK_BLOCKS`` blocks of rows, so that the number of dispatched ops does not
+    depend on the number of tensors (its temporaries are then an eighth of the stack).
     """
     count, m, n = G.shape
     if torch.compiler.is_compiling():  # one fused kernel: no temporary to bound
         square = G.square()
         return square.sum(dim=2), square.sum(dim=1)
-    rows = max(1, SQUARE_BLOCK // max(count * n, 1))
-    if m * n < LARGE_TENSOR:
-        rows = max(rows, -(-m // SMALL_STACK_BLOCKS))
+    if m * n < LARGE_TENSOR:  # a fixed number of blocks, whatever the number of tensors
+        rows = max(1, -(-m // SMALL_STACK_BLOCKS))
+    else:
+        rows = max(1, SQUARE_BLOCK // max(count * n, 1))
     row_sums, col_sums = [], None
     for start in range(0, m, rows):
         square = G[:, start:start + rows].square()

@@ -125,7 +125,8 @@ def test_non_finite_gradient_with_full_momentum_skips_only_that_tensor(options):
 def test_sums_of_squares_in_row_blocks(monkeypatch, shape):
     from flora_opt import engine
 
-    monkeypatch.setattr(engine, "SQUARE_BLOCK", 40)  # blocks of 1-13 rows of the stack (the last one short)
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 40)  # large: blocks of 1-13 rows (the last one short)
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 50)  # (2, 9, 1), (40, 3, 2): small, m / 8 rows per block
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     rows, cols = engine._sums_of_squares(G)
     torch.testing.assert_close(rows, G.square().sum(dim=2), rtol=1e-6, atol=0)
