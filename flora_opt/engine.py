@@ -154,6 +154,22 @@ def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (row_sums[0] if len(row_sums) == 1 else torch.cat(row_sums, dim=1)), col_sums
 
 
+def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
+    """Blocks of rows of one ``(m, n)`` matrix of about ``SQUARE_BLOCK`` elements (streamed step)."""
+    rows = max(1, SQUARE_BLOCK // max(n, 1))
+    return [(start, min(start + rows, m)) for start in range(0, m, rows)]
+
+
+def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``D`` of one matrix in the streamed step: ``U = G r c^T`` (section 6,
+    the same elementwise ops as the stacked step, so the same values), and with full momentum
+    ``M_t = M + (1 - beta1) (U - M)`` (``lerp``) written over it; a temporary of one block."""
+    block = torch.mul(G[start:stop], row_scale[start:stop, None]).mul_(col_scale)
+    if momentum is not None:
+        torch.lerp(momentum[start:stop], block, 1.0 - beta1, out=block)
+    return block
+
+
 @torch.compiler.disable
 def _advance_host_integers(states, kappa: int) -> None:
     """The checkpoint's integers, advanced as if no step were skipped (exact unless one was; see
@@ -269,6 +285,17 @@ class Engine:
         else:
             rho = float(lr)
         in_place = params[0].dtype == torch.float32
+        # One large matrix without compressed momentum is streamed: D is never formed whole (see
+        # _block_direction and the apply below), so the step allocates no full-size buffer, whose
+        # page faults would cost more than the passes (docs/benchmarks.md); the momentum is
+        # updated in place.
+        streamed = (
+            count == 1 and borrowed and in_place and layout.factored and numel > STACK_ELEMENTS
+            and layout.momentum != core.MOMENTUM_COMPRESSED and params[0].is_contiguous()
+            and not torch.compiler.is_compiling()
+            and (layout.momentum == core.MOMENTUM_NONE
+                 or (not self.optimizer._quantized(layout, EXP_AVG, quantization) and states[0][EXP_AVG].is_contiguous()))
+        )
         if in_place:
             W = None
         else:  # bf16/fp16 applied in float32 and rounded once; float64 applied in float64
@@ -301,8 +328,10 @@ class Engine:
             col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
-            U = (torch.mul(G, row_scale[:, :, None]) if borrowed else G.mul_(row_scale[:, :, None]))
-            U = U.mul_(torch.rsqrt(col)[:, None, :])
+            col_scale = torch.rsqrt(col)
+            if not streamed:
+                U = (torch.mul(G, row_scale[:, :, None]) if borrowed else G.mul_(row_scale[:, :, None]))
+                U = U.mul_(col_scale[:, None, :])
         else:
             view_weight = weight.view((count,) + (1,) * len(work))
             grad_sq = torch.mul(G, G).add_(hp.eps1)
@@ -315,7 +344,19 @@ class Engine:
                 spare = grad_sq
 
         # First moment and the direction D (sections 3-4, 8).
-        if layout.momentum == core.MOMENTUM_NONE:
+        if streamed:  # only RMS(D), block by block; D is formed again block by block to apply it
+            m, n = work
+            momentum = states[0][EXP_AVG].view(m, n) if layout.momentum == core.MOMENTUM_FULL else None
+            blocks = _row_blocks(m, n)
+
+            def direction(start, stop):
+                return _block_direction(G[0], row_scale[0], col_scale[0], momentum, hp.beta1, start, stop)
+
+            sum_sq = torch.zeros(1, dtype=torch.float32, device=device)
+            for start, stop in blocks:
+                sum_sq.add_(torch.linalg.vector_norm(direction(start, stop)).square_())
+            D = None
+        elif layout.momentum == core.MOMENTUM_NONE:
             D = U
         elif layout.momentum == core.MOMENTUM_FULL:
             D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
@@ -326,7 +367,7 @@ class Engine:
                                                          may_resample)
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
-        rms = torch.linalg.vector_norm(D, dim=dims) / math.sqrt(numel)
+        rms = (sum_sq.sqrt() if streamed else torch.linalg.vector_norm(D, dim=dims)) / math.sqrt(numel)
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
         expand = (count,) + (1,) * len(work)
@@ -341,7 +382,7 @@ class Engine:
         if fused:
             delta = None
             scale = torch.where(finite, scale, 0.0)
-            if layout.momentum != core.MOMENTUM_FULL:
+            if layout.momentum != core.MOMENTUM_FULL and not streamed:
                 D.nan_to_num_(0.0, 0.0, 0.0)
         elif layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
             delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
@@ -368,6 +409,19 @@ class Engine:
             keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0)
         else:
             keep = None
+        if streamed:  # per block: D again (same values), M_t kept or not, p <- keep p - scale D
+            target = params[0].view(m, n)
+            for start, stop in blocks:
+                block = direction(start, stop)
+                if momentum is None:
+                    block.nan_to_num_(0.0, 0.0, 0.0)
+                else:  # the momentum in place; a skipped step keeps the old, finite rows
+                    block = torch.where(finite, block, momentum[start:stop], out=momentum[start:stop])
+                rows = target[start:stop]
+                if keep is not None:
+                    rows.mul_(keep)
+                rows.addcmul_(block, scale, value=-1.0)
+            return
         if in_place:
             if keep is not None:
                 torch._foreach_mul_(params, list(keep.unbind(0)))

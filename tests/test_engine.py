@@ -185,6 +185,38 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     _assert_same(grouped, opt_grouped, reference, opt_reference)
 
 
+@pytest.mark.parametrize("options", [dict(rank=None), dict(rank=None, weight_decay=0.1), dict(beta1=None),
+                                     dict(rank=8, kappa=3)],
+                         ids=["full", "full,wd", "none", "compressed+full"])
+def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
+    """A matrix of more than STACK_ELEMENTS elements without compressed momentum is streamed in
+    blocks of rows (no full-size buffer; the momentum updated in place): same results as the
+    per-tensor path, a NaN skips only that tensor and leaves its parameter bit-unchanged."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 2000)  # (64, 48), (200, 40), (40, 300): one per stack
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # blocks of a few rows, the last one short
+    streamed = []
+    original = engine._block_direction
+
+    def spy(*args):
+        streamed.append(tuple(args[0].shape))
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_block_direction", spy)
+    options = dict(options, min_dim_size_to_factor=8)
+    clean, _ = _run(True, options, steps=5)
+    assert (200, 40) in streamed  # full momentum (aspect ratio 5) or none
+    dirty, opt_dirty = _run(True, options, steps=5, poison=(2, 1))
+    reference, opt_reference = _run(False, options, steps=5, poison=(2, 1))
+    _assert_same(dirty, opt_dirty, reference, opt_reference)
+    assert opt_dirty.state[dirty[1]]["skipped_steps"] == 1
+    for index in (0, 2, 3):
+        assert torch.equal(dirty[index], clean[index])
+    assert torch.isfinite(dirty[1]).all()
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)
