@@ -115,9 +115,34 @@ def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [params[i:i + per] for i in range(0, len(params), per)]
 
 
+# A stack of small tensors with compressed momentum larger than PART_ELEMENTS keeps its full-size
+# values (G, U, D) in parts of about that size (24 MiB), each its own allocation: glibc maps an
+# allocation above 32 MiB afresh at every step (page faults cost several times the arithmetic
+# here) and serves smaller ones from its heap. Only the full-size ops run per part.
+PART_ELEMENTS = 3 << 21
+
+
+def _parts(count: int, numel: int) -> list[tuple[int, int]]:
+    """Index ranges ``[start, stop)`` of the stack's parts: ``ceil(count numel / PART_ELEMENTS)``
+    parts of equal size (the last one shorter)."""
+    number = max(1, -(-count * numel // PART_ELEMENTS))
+    per = -(-count // number)
+    return [(start, min(start + per, count)) for start in range(0, count, per)]
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(pieces)`` (the pieces of a stack's parts), without an op for one piece."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a stack of ``count``, without an op for the whole stack."""
+    return stack if (start, stop) == (0, count) else stack[start:stop]
+
+
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
 # stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
-# whatever the depth) takes SMALL_STACK_BLOCKS blocks, so its op count stays flat.
+# whatever the depth) larger than PART_ELEMENTS takes SMALL_STACK_BLOCKS blocks.
 SQUARE_BLOCK = 1 << 19
 SMALL_STACK_BLOCKS = 8
 
@@ -129,17 +154,19 @@ def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     of about ``SQUARE_BLOCK`` elements, 2 MiB, which stays in the cache and comes from the heap)
     are summed along both axes. ``vector_norm(G, dim=1)`` reduces across rows with a stride of
     ``n`` and runs 10-40x slower than a contiguous pass on this CPU (200 ms for GPT-2's
-    50257 x 768 embedding); a whole ``G.square()`` is a fresh full-size mapping whose page faults
-    cost several times the arithmetic. A stack of large tensors (``engine.chunks``: at most
-    ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK`` elements; a stack of small ones
-    takes ``SMALL_STACK_BLOCKS`` blocks of rows, so that the number of dispatched ops does not
-    depend on the number of tensors (its temporaries are then an eighth of the stack).
+    50257 x 768 embedding); a ``G.square()`` of more than 32 MiB is a fresh mapping at every step
+    whose page faults cost several times the arithmetic. A stack of large tensors
+    (``engine.chunks``: at most ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK``
+    elements; a stack (or part, see ``PART_ELEMENTS``) of small ones of at most ``PART_ELEMENTS``
+    elements is squared whole, a larger one in ``SMALL_STACK_BLOCKS`` blocks of rows, so that the
+    number of dispatched ops does not depend on the number of tensors.
     """
     count, m, n = G.shape
-    if torch.compiler.is_compiling():  # one fused kernel: no temporary to bound
-        square = G.square()
+    small = m * n < LARGE_TENSOR
+    if torch.compiler.is_compiling() or (small and count * m * n <= PART_ELEMENTS):
+        square = G.square()  # compiled: one fused kernel; else one temporary of at most 24 MiB
         return square.sum(dim=2), square.sum(dim=1)
-    if m * n < LARGE_TENSOR:  # a fixed number of blocks, whatever the number of tensors
+    if small:  # a fixed number of blocks, whatever the number of tensors
         rows = max(1, -(-m // SMALL_STACK_BLOCKS))
     else:
         rows = max(1, SQUARE_BLOCK // max(count * n, 1))
@@ -270,9 +297,15 @@ class Engine:
         # below overwrites. A borrowed gradient is only read: U is then written to a new buffer
         # (one full-size pass fewer than copying first and scaling in place).
         grads = [p.grad for p in params]
-        G = _stack_view(grads, shape)
-        borrowed = G is not None and G.dtype == torch.float32
-        G = (torch.stack(grads).view(shape) if G is None else G).to(torch.float32)
+        partitioned = (layout.factored and layout.momentum == core.MOMENTUM_COMPRESSED
+                       and params[0].dtype == torch.float32 and not torch.compiler.is_compiling())
+        parts = _parts(count, numel) if partitioned else [(0, count)]
+        Gs, borrowed = [], []
+        for start, stop in parts:
+            part_shape = (stop - start,) + work
+            G = _stack_view(grads[start:stop], part_shape)
+            borrowed.append(G is not None and G.dtype == torch.float32)
+            Gs.append((torch.stack(grads[start:stop]).view(part_shape) if G is None else G).to(torch.float32))
         counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
@@ -290,7 +323,7 @@ class Engine:
         # page faults would cost more than the passes (docs/benchmarks.md); the momentum is
         # updated in place.
         streamed = (
-            count == 1 and borrowed and in_place and layout.factored and numel > STACK_ELEMENTS
+            count == 1 and borrowed[0] and in_place and layout.factored and numel > STACK_ELEMENTS
             and layout.momentum != core.MOMENTUM_COMPRESSED and params[0].is_contiguous()
             and not torch.compiler.is_compiling()
             and (layout.momentum == core.MOMENTUM_NONE
@@ -321,7 +354,8 @@ class Engine:
         spare = None  # a free full-size buffer, if any, for Delta
         if layout.factored:
             m, n = work
-            row_sums, col_sums = _sums_of_squares(G)
+            sums = [_sums_of_squares(G) for G in Gs]
+            row_sums, col_sums = _joined([s[0] for s in sums]), _joined([s[1] for s in sums])
             row_mean = row_sums.div_(n).add_(hp.eps1)
             col_mean = col_sums.div_(m).add_(hp.eps1)
             row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
@@ -329,19 +363,25 @@ class Engine:
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
             col_scale = torch.rsqrt(col)
-            if not streamed:
-                U = (torch.mul(G, row_scale[:, :, None]) if borrowed else G.mul_(row_scale[:, :, None]))
-                U = U.mul_(col_scale[:, None, :])
+            Us = []
+            for (start, stop), G, own in zip(parts, Gs, borrowed):
+                if streamed:
+                    break
+                rows, cols = _part(row_scale, start, stop, count), _part(col_scale, start, stop, count)
+                U = torch.mul(G, rows[:, :, None]) if own else G.mul_(rows[:, :, None])
+                Us.append(U.mul_(cols[:, None, :]))
         else:
+            G = Gs[0]
             view_weight = weight.view((count,) + (1,) * len(work))
             grad_sq = torch.mul(G, G).add_(hp.eps1)
             second = torch.lerp(old[EXP_AVG_SQ], grad_sq, view_weight)
             new[EXP_AVG_SQ] = second
-            if borrowed:  # U written over grad_sq: no spare buffer
+            if borrowed[0]:  # U written over grad_sq: no spare buffer
                 U = torch.rsqrt(second, out=grad_sq).mul_(G)
             else:
                 U = G.mul_(torch.rsqrt(second, out=grad_sq))
                 spare = grad_sq
+            Us = [U]
 
         # First moment and the direction D (sections 3-4, 8).
         if streamed:  # only RMS(D), block by block; D is formed again block by block to apply it
@@ -355,19 +395,23 @@ class Engine:
             sum_sq = torch.zeros(1, dtype=torch.float32, device=device)
             for start, stop in blocks:
                 sum_sq.add_(torch.linalg.vector_norm(direction(start, stop)).square_())
-            D = None
+            Ds = []
         elif layout.momentum == core.MOMENTUM_NONE:
-            D = U
+            Ds = Us
         elif layout.momentum == core.MOMENTUM_FULL:
-            D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
-            new[EXP_AVG] = D
+            Ds = [torch.lerp(old[EXP_AVG], Us[0], 1.0 - hp.beta1, out=Us[0])]  # M_t, written over U
+            new[EXP_AVG] = Ds[0]
         else:
             may_resample = self._may_resample(params, states, counters, hp.kappa)
-            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device,
-                                                         may_resample)
+            Ds, new[EXP_AVG], resample = self._compressed(Us, parts, old[EXP_AVG], counters, t, hp, layout, device,
+                                                          may_resample)
+        D = Ds[0] if len(Ds) == 1 else None  # the one full-size D of an unpartitioned stack
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
-        rms = (sum_sq.sqrt() if streamed else torch.linalg.vector_norm(D, dim=dims)) / math.sqrt(numel)
+        if streamed:
+            rms = sum_sq.sqrt() / math.sqrt(numel)
+        else:
+            rms = _joined([torch.linalg.vector_norm(D, dim=dims) for D in Ds]) / math.sqrt(numel)
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
         expand = (count,) + (1,) * len(work)
@@ -382,8 +426,9 @@ class Engine:
         if fused:
             delta = None
             scale = torch.where(finite, scale, 0.0)
-            if layout.momentum != core.MOMENTUM_FULL and not streamed:
-                D.nan_to_num_(0.0, 0.0, 0.0)
+            if layout.momentum != core.MOMENTUM_FULL:
+                for D in Ds:
+                    D.nan_to_num_(0.0, 0.0, 0.0)
         elif layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
             delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
         else:  # D is U or a temporary: scaled in place
@@ -426,7 +471,8 @@ class Engine:
             if keep is not None:
                 torch._foreach_mul_(params, list(keep.unbind(0)))
             if fused:  # D is M_t as written to the state above, or the zeroed temporary
-                rows = list(D.view((count,) + tuple(layout.shape)).unbind(0))
+                rows = [row for (start, stop), D in zip(parts, Ds)
+                        for row in D.view((stop - start,) + tuple(layout.shape)).unbind(0)]
                 torch._foreach_addcmul_(params, rows, list(scale.unbind(0)), value=-1.0)
             else:
                 torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
@@ -461,9 +507,10 @@ class Engine:
                 return True
         return False
 
-    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
+    def _compressed(self, Us, parts, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
                     may_resample: bool = True):
-        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``. Without
+        """Compressed momentum of a bucket whose ``U`` is kept in ``parts`` (``Us``): returns
+        ``(Ds, M_t, resample)``, ``D`` in the same parts, each written over its ``U``. Without
         ``may_resample`` (no tensor of the bucket resamples at this step) the previous projection
         and the transfer are skipped: ``resample`` is then false for every tensor."""
         beta1, rank, side = hp.beta1, layout.rank, layout.side
@@ -481,17 +528,18 @@ class Engine:
             P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
+        part_ps = [_part(P, a, b, len(P)) for a, b in parts]
         rows = side == core.SIDE_ROWS
         if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
             if P_old is not None:
                 momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             gram_m = torch.bmm(momentum, momentum.mT)
-            compressed = torch.bmm(P, U)
+            compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
         else:  # M: (T, m, r);  M <- M (P_old P^T)
             if P_old is not None:
                 momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
             gram_m = torch.bmm(momentum.mT, momentum)
-            compressed = torch.bmm(U, P.mT)
+            compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us)])
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
         momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
         positive = decompressed_sq > 0
@@ -499,12 +547,15 @@ class Engine:
         # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
         # already taken), so no full-size temporary for the history
         scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
-        if rows:
-            D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
-        else:
-            D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
+        Ds = []
+        for (a, b), U, part_p in zip(parts, Us, part_ps):
+            part_m = _part(scaled, a, b, len(P))
+            if rows:
+                Ds.append(U.baddbmm_(part_p.mT, part_m, beta=1.0 - beta1))
+            else:
+                Ds.append(U.baddbmm_(part_m, part_p, beta=1.0 - beta1))
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
-        return D, new_momentum, resample
+        return Ds, new_momentum, resample
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------
     @staticmethod

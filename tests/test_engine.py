@@ -217,6 +217,24 @@ def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
     assert torch.isfinite(dirty[1]).all()
 
 
+def test_stack_of_small_tensors_in_parts_equals_per_tensor_path(monkeypatch):
+    """A stack of small tensors with compressed momentum keeps G, U and D in parts of about
+    PART_ELEMENTS elements (engine._parts); results still equal the per-tensor path, with a
+    skip and resamples."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)  # (64, 48) x2 and (48, 64) x2: 2 parts each
+    assert engine._parts(5, 1000) == [(0, 3), (3, 5)]
+    seen = []
+    original = engine._parts
+    monkeypatch.setattr(engine, "_parts", lambda count, numel: seen.append(original(count, numel)) or seen[-1])
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, poison=(2, 1))
+    reference, opt_reference = _run(False, options, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+    assert [(0, 1), (1, 2)] in seen
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)
