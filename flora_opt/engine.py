@@ -143,7 +143,7 @@ def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tenso
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
 # stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
 # whatever the depth) larger than PART_ELEMENTS takes SMALL_STACK_BLOCKS blocks.
-SQUARE_BLOCK = 1 << 19
+SQUARE_BLOCK = 1 << 18
 SMALL_STACK_BLOCKS = 8
 
 
@@ -151,7 +151,7 @@ def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_j G_ij^2, sum_i G_ij^2)`` of a stack ``(T, m, n)``, as ``(T, m)`` and ``(T, n)``.
 
     One read of ``G``: the squares of a block of rows of every matrix of the stack (a temporary
-    of about ``SQUARE_BLOCK`` elements, 2 MiB, which stays in the cache and comes from the heap)
+    of about ``SQUARE_BLOCK`` elements, 1 MiB, which stays in the cache and comes from the heap)
     are summed along both axes. ``vector_norm(G, dim=1)`` reduces across rows with a stride of
     ``n`` and runs 10-40x slower than a contiguous pass on this CPU (200 ms for GPT-2's
     50257 x 768 embedding); a ``G.square()`` of more than 32 MiB is a fresh mapping at every step
