@@ -292,10 +292,11 @@ class Engine:
         numel = math.prod(work)
         device = params[0].device
 
-        # The float32 gradients as a stack: a view of the gradient itself where it already is one
-        # (one contiguous tensor, or consecutive rows of one buffer), else our own copy, which U
-        # below overwrites. A borrowed gradient is only read: U is then written to a new buffer
-        # (one full-size pass fewer than copying first and scaling in place).
+        # The float32 gradients as a stack (in parts of at most PART_ELEMENTS for a large stack of
+        # small tensors with compressed momentum, see _parts): a view of the gradient itself where
+        # it already is one (one contiguous tensor, or consecutive rows of one buffer), else our
+        # own copy, which U below overwrites. A borrowed gradient is only read: U is then written
+        # to a new buffer (one full-size pass fewer than copying first and scaling in place).
         grads = [p.grad for p in params]
         partitioned = (layout.factored and layout.momentum == core.MOMENTUM_COMPRESSED
                        and params[0].dtype == torch.float32 and not torch.compiler.is_compiling())

@@ -1,7 +1,7 @@
 """The grouped, sync-free step (flora_opt/engine.py) against the per-tensor reference path.
 
 Tolerance: the grouped step computes the same float32 formulas as ``core.flora_update`` but its
-batched reductions (row/column statistics as squared norms, ``RMS`` over a stack, ``bmm``) sum
+batched reductions (row/column sums of squares in blocks, ``RMS`` over a stack or its blocks, ``bmm``) sum
 in another order, so results differ by float32 rounding: measured <= 3e-7 relative on states and
 <= 1e-7 on parameters over 9 steps; the tests allow 1e-5 relative. Projections and the integer
 state (step, projection index, skipped steps) are equal exactly.
