@@ -12,7 +12,10 @@ so machine noise hits every contender alike; ratios are taken within the run.
         --adafactor-foreach                             # issue 11: many small tensors
 
 ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
-default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``.
+default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
+``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
+(``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
+previous one in the same process, rounds interleaved.
 
 Prints a markdown table and writes JSON to benchmarks/results/step_time.json.
 """
@@ -85,7 +88,30 @@ def build_params(name: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False):
+def engine_at(ref: str):
+    """The ``Engine`` class of ``flora_opt/engine.py`` at git revision ``ref``, loaded as a module of
+    this checkout's ``flora_opt`` (same optimizer, state layout and projections)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{ref}:flora_opt/engine.py"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "engine_at.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("flora_opt._engine_at", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "flora_opt"
+    spec.loader.exec_module(module)
+    return module.Engine
+
+
+def with_engine(optimizer, engine_class):
+    optimizer._engine = engine_class(optimizer)
+    return optimizer
+
+
+def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False, engine_ref=None):
     """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
     yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
     if adafactor_foreach:
@@ -97,6 +123,11 @@ def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=
             name = "flora_8bit" if quantization else "flora"
             yield (registry.label(name, rank),
                    (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
+            if engine_ref is not None:
+                engine_class = engine_at(engine_ref)
+                yield (registry.label(name, rank) + f" (engine at {engine_ref})",
+                       (lambda n, r: lambda ps: with_engine(registry.make(n, ps, lr=1e-3, rank=r, kappa=1000),
+                                                            engine_class))(name, rank))
             if per_tensor:
                 yield (registry.label(name, rank) + " (per-tensor)",
                        (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, foreach=False))(name, rank))
@@ -115,10 +146,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def run(model: str, ranks, quantization_options, rounds: int, warmup: int, per_tensor=False,
-        adafactor_foreach=False) -> list[dict]:
+        adafactor_foreach=False, engine_ref=None) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
-    built = [(label, make(params)) for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach)]
+    built = [(label, make(params))
+             for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref)]
     times: dict[str, list[float]] = {label: [] for label, _ in built}
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
@@ -171,15 +203,18 @@ def main(argv=None):
     parser.add_argument("--per-tensor", action="store_true", help="also time Flora's per-tensor path (foreach=False)")
     parser.add_argument("--adafactor-foreach", action="store_true", help="reference: torch.optim.Adafactor(foreach=True)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--engine-at", default=None, metavar="REF",
+                        help="also time Flora with flora_opt/engine.py as at this git revision (same process)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     quantization_options = [False] if args.no_quantization else [False, True]
+    load_before = os.getloadavg()  # the machine may be shared: noted beside the figures
     rows = []
     for model in args.models:
         rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup, args.per_tensor,
-                        args.adafactor_foreach))
+                        args.adafactor_foreach, args.engine_at))
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
@@ -187,6 +222,7 @@ def main(argv=None):
             f"| {row['model']} | {row['optimizer']} | {row['state_bytes'] / 2**20:.1f} | "
             f"{row['bytes_per_param']:.3f} | {row['median_step_s']:.3f} | {row['step_vs_adafactor']:.2f} |"
         )
+    print(f"\nload average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
@@ -197,6 +233,8 @@ def main(argv=None):
         cpu_count=os.cpu_count(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         commit=_commit(),
+        load_average_before=load_before,
+        load_average_after=os.getloadavg(),
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"\nwrote {out}", file=sys.stderr)

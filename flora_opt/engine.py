@@ -63,14 +63,14 @@ def _u32_signed(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
-    """``torch.stack(tensors).view(shape)``, without a copy when the tensors already are the
-    consecutive rows of one contiguous stack (what the previous step left in the state) or a
-    single tensor."""
+def _stack_view(tensors: list[torch.Tensor], shape) -> torch.Tensor | None:
+    """``torch.stack(tensors).view(shape)`` as a view, without a copy, when the tensors already
+    are the consecutive rows of one contiguous stack (what the previous step left in the state)
+    or a single contiguous tensor; ``None`` otherwise."""
     if len(tensors) == 1 and tensors[0].is_contiguous():
         return tensors[0].view(shape)
     if torch.compiler.is_compiling():  # views' bases are not traced; the compiler removes the copy
-        return torch.stack(tensors).view(shape)
+        return None
     base = tensors[0]._base
     if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
         size = tensors[0].numel()
@@ -78,7 +78,13 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
         if all(t._base is base and t.is_contiguous() and t.storage_offset() == start + i * size
                for i, t in enumerate(tensors)):
             return base.view(shape)
-    return torch.stack(tensors).view(shape)
+    return None
+
+
+def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
+    """``torch.stack(tensors).view(shape)``, without a copy where :func:`_stack_view` finds one."""
+    view = _stack_view(tensors, shape)
+    return torch.stack(tensors).view(shape) if view is None else view
 
 
 # The fields of the record (flora_opt.hyperparams.FloraHyperParams) whose math step_bucket
@@ -126,28 +132,86 @@ def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [params[i:i + per] for i in range(0, len(params), per)]
 
 
-# Rows per block of the column statistics: a block of one matrix holds about this many elements.
-COLUMN_BLOCK = 1 << 17
+# A stack of small tensors with compressed momentum larger than PART_ELEMENTS keeps its full-size
+# values (G, U, D) in parts of about that size (24 MiB), each its own allocation: glibc maps an
+# allocation above 32 MiB afresh at every step (page faults cost several times the arithmetic
+# here) and serves smaller ones from its heap. Only the full-size ops run per part.
+PART_ELEMENTS = 3 << 21
 
 
-def _column_sum_of_squares(G: torch.Tensor) -> torch.Tensor:
-    """``sum_i G_ij^2`` of a stack ``(T, m, n)``, as ``(T, n)``.
+def _parts(count: int, numel: int) -> list[tuple[int, int]]:
+    """Index ranges ``[start, stop)`` of the stack's parts: ``ceil(count numel / PART_ELEMENTS)``
+    parts of equal size (the last one shorter)."""
+    number = max(1, -(-count * numel // PART_ELEMENTS))
+    per = -(-count // number)
+    return [(start, min(start + per, count)) for start in range(0, count, per)]
 
-    ``vector_norm(G, dim=1)`` reduces across rows with a stride of ``n`` and runs 10-40x slower
-    than a contiguous pass on this CPU (200 ms for GPT-2's 50257 x 768 embedding), and
-    ``G.square().sum(1)`` allocates a full-size temporary (page faults cost several times the
-    arithmetic). Blocks of rows squared and summed keep the temporary small (a matrix of one
-    block keeps the norm: no temporary, and it is small); the number of
-    blocks depends on the matrix shape only, not on the number of tensors in the stack, so the
-    op count of a step does not grow with depth.
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(pieces)`` (the pieces of a stack's parts), without an op for one piece."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a stack of ``count``, without an op for the whole stack."""
+    return stack if (start, stop) == (0, count) else stack[start:stop]
+
+
+# Elements per block of the second-moment statistics: the squares of a block of rows of the whole
+# stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
+# whatever the depth) larger than PART_ELEMENTS takes SMALL_STACK_BLOCKS blocks.
+SQUARE_BLOCK = 1 << 18
+SMALL_STACK_BLOCKS = 8
+
+
+def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_j G_ij^2, sum_i G_ij^2)`` of a stack ``(T, m, n)``, as ``(T, m)`` and ``(T, n)``.
+
+    One read of ``G``: the squares of a block of rows of every matrix of the stack (a temporary
+    of about ``SQUARE_BLOCK`` elements, 1 MiB, which stays in the cache and comes from the heap)
+    are summed along both axes. ``vector_norm(G, dim=1)`` reduces across rows with a stride of
+    ``n`` and runs 10-40x slower than a contiguous pass on this CPU (200 ms for GPT-2's
+    50257 x 768 embedding); a ``G.square()`` of more than 32 MiB is a fresh mapping at every step
+    whose page faults cost several times the arithmetic. A stack of large tensors
+    (``engine.chunks``: at most ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK``
+    elements; a stack (or part, see ``PART_ELEMENTS``) of small ones of at most ``PART_ELEMENTS``
+    elements is squared whole, a larger one in ``SMALL_STACK_BLOCKS`` blocks of rows, so that the
+    number of dispatched ops does not depend on the number of tensors.
     """
-    rows = max(1, COLUMN_BLOCK // max(G.shape[2], 1))
-    if rows >= G.shape[1] or torch.compiler.is_compiling():  # small matrices: no temporary at all
-        return torch.linalg.vector_norm(G, dim=1).square_()
-    total = G[:, :rows].square().sum(dim=1)
-    for start in range(rows, G.shape[1], rows):
-        total.add_(G[:, start:start + rows].square().sum(dim=1))
-    return total
+    count, m, n = G.shape
+    small = m * n < LARGE_TENSOR
+    if torch.compiler.is_compiling() or (small and count * m * n <= PART_ELEMENTS):
+        square = G.square()  # compiled: one fused kernel; else one temporary of at most 24 MiB
+        return square.sum(dim=2), square.sum(dim=1)
+    if small:  # a fixed number of blocks, whatever the number of tensors
+        rows = max(1, -(-m // SMALL_STACK_BLOCKS))
+    else:
+        rows = max(1, SQUARE_BLOCK // max(count * n, 1))
+    row_sums, col_sums = [], None
+    for start in range(0, m, rows):
+        square = G[:, start:start + rows].square()
+        row_sums.append(square.sum(dim=2))
+        part = square.sum(dim=1)
+        col_sums = part if col_sums is None else col_sums.add_(part)
+    if col_sums is None:  # no rows
+        return G.new_zeros((count, m)), G.new_zeros((count, n))
+    return (row_sums[0] if len(row_sums) == 1 else torch.cat(row_sums, dim=1)), col_sums
+
+
+def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
+    """Blocks of rows of one ``(m, n)`` matrix of about ``SQUARE_BLOCK`` elements (streamed step)."""
+    rows = max(1, SQUARE_BLOCK // max(n, 1))
+    return [(start, min(start + rows, m)) for start in range(0, m, rows)]
+
+
+def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``D`` of one matrix in the streamed step: ``U = G r c^T`` (section 6,
+    the same elementwise ops as the stacked step, so the same values), and with full momentum
+    ``M_t = M + (1 - beta1) (U - M)`` (``lerp``) written over it; a temporary of one block."""
+    block = torch.mul(G[start:stop], row_scale[start:stop, None]).mul_(col_scale)
+    if momentum is not None:
+        torch.lerp(momentum[start:stop], block, 1.0 - beta1, out=block)
+    return block
 
 
 @torch.compiler.disable
@@ -245,8 +309,21 @@ class Engine:
         numel = math.prod(work)
         device = params[0].device
 
-        # our own float32 copy of the gradients, overwritten by U below
-        G = torch.stack([p.grad for p in params]).view(shape).to(torch.float32)
+        # The float32 gradients as a stack (in parts of at most PART_ELEMENTS for a large stack of
+        # small tensors with compressed momentum, see _parts): a view of the gradient itself where
+        # it already is one (one contiguous tensor, or consecutive rows of one buffer), else our
+        # own copy, which U below overwrites. A borrowed gradient is only read: U is then written
+        # to a new buffer (one full-size pass fewer than copying first and scaling in place).
+        grads = [p.grad for p in params]
+        partitioned = (layout.factored and layout.momentum == core.MOMENTUM_COMPRESSED
+                       and params[0].dtype == torch.float32 and not torch.compiler.is_compiling())
+        parts = _parts(count, numel) if partitioned else [(0, count)]
+        Gs, borrowed = [], []
+        for start, stop in parts:
+            part_shape = (stop - start,) + work
+            G = _stack_view(grads[start:stop], part_shape)
+            borrowed.append(G is not None and G.dtype == torch.float32)
+            Gs.append((torch.stack(grads[start:stop]).view(part_shape) if G is None else G).to(torch.float32))
         counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
@@ -259,6 +336,17 @@ class Engine:
         else:
             rho = float(lr)
         in_place = params[0].dtype == torch.float32
+        # One large matrix without compressed momentum is streamed: D is never formed whole (see
+        # _block_direction and the apply below), so the step allocates no full-size buffer, whose
+        # page faults would cost more than the passes (docs/benchmarks.md); the momentum is
+        # updated in place.
+        streamed = (
+            count == 1 and borrowed[0] and in_place and layout.factored and numel > STACK_ELEMENTS
+            and layout.momentum != core.MOMENTUM_COMPRESSED and params[0].is_contiguous()
+            and not torch.compiler.is_compiling()
+            and (layout.momentum == core.MOMENTUM_NONE
+                 or (not self.optimizer._quantized(layout, EXP_AVG, quantization) and states[0][EXP_AVG].is_contiguous()))
+        )
         if in_place:
             W = None
         else:  # bf16/fp16 applied in float32 and rounded once; float64 applied in float64
@@ -284,35 +372,64 @@ class Engine:
         spare = None  # a free full-size buffer, if any, for Delta
         if layout.factored:
             m, n = work
-            # mean_j G_ij^2 as a squared norm: no G^2 temporary (rounding differs by ~1 ulp)
-            row_mean = torch.linalg.vector_norm(G, dim=2).square_().div_(n).add_(hp.eps1)
-            col_mean = _column_sum_of_squares(G).div_(m).add_(hp.eps1)
+            sums = [_sums_of_squares(G) for G in Gs]
+            row_sums, col_sums = _joined([s[0] for s in sums]), _joined([s[1] for s in sums])
+            row_mean = row_sums.div_(n).add_(hp.eps1)
+            col_mean = col_sums.div_(m).add_(hp.eps1)
             row = torch.lerp(old[EXP_AVG_SQ_ROW], row_mean, weight[:, None])
             col = torch.lerp(old[EXP_AVG_SQ_COL], col_mean, weight[:, None])
             new[EXP_AVG_SQ_ROW], new[EXP_AVG_SQ_COL] = row, col
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
-            U = G.mul_(row_scale[:, :, None]).mul_(torch.rsqrt(col)[:, None, :])
+            col_scale = torch.rsqrt(col)
+            Us = []
+            for (start, stop), G, own in zip(parts, Gs, borrowed):
+                if streamed:
+                    break
+                rows, cols = _part(row_scale, start, stop, count), _part(col_scale, start, stop, count)
+                U = torch.mul(G, rows[:, :, None]) if own else G.mul_(rows[:, :, None])
+                Us.append(U.mul_(cols[:, None, :]))
         else:
+            G = Gs[0]
             view_weight = weight.view((count,) + (1,) * len(work))
             grad_sq = torch.mul(G, G).add_(hp.eps1)
             second = torch.lerp(old[EXP_AVG_SQ], grad_sq, view_weight)
             new[EXP_AVG_SQ] = second
-            U = G.mul_(torch.rsqrt(second, out=grad_sq))
-            spare = grad_sq
+            if borrowed[0]:  # U written over grad_sq: no spare buffer
+                U = torch.rsqrt(second, out=grad_sq).mul_(G)
+            else:
+                U = G.mul_(torch.rsqrt(second, out=grad_sq))
+                spare = grad_sq
+            Us = [U]
 
         # First moment and the direction D (sections 3-4, 8).
-        if layout.momentum == core.MOMENTUM_NONE:
-            D = U
+        if streamed:  # only RMS(D), block by block; D is formed again block by block to apply it
+            m, n = work
+            momentum = states[0][EXP_AVG].view(m, n) if layout.momentum == core.MOMENTUM_FULL else None
+            blocks = _row_blocks(m, n)
+
+            def direction(start, stop):
+                return _block_direction(G[0], row_scale[0], col_scale[0], momentum, hp.beta1, start, stop)
+
+            sum_sq = torch.zeros(1, dtype=torch.float32, device=device)
+            for start, stop in blocks:
+                sum_sq.add_(torch.linalg.vector_norm(direction(start, stop)).square_())
+            Ds = []
+        elif layout.momentum == core.MOMENTUM_NONE:
+            Ds = Us
         elif layout.momentum == core.MOMENTUM_FULL:
-            D = torch.lerp(old[EXP_AVG], U, 1.0 - hp.beta1, out=U)  # M_t, written over U
-            new[EXP_AVG] = D
+            Ds = [torch.lerp(old[EXP_AVG], Us[0], 1.0 - hp.beta1, out=Us[0])]  # M_t, written over U
+            new[EXP_AVG] = Ds[0]
         else:
             may_resample = self._may_resample(params, states, counters, hp.kappa)
-            D, new[EXP_AVG], resample = self._compressed(U, old[EXP_AVG], counters, t, hp, layout, device,
-                                                         may_resample)
+            Ds, new[EXP_AVG], resample = self._compressed(Us, parts, old[EXP_AVG], counters, t, hp, layout, device,
+                                                          may_resample)
+        D = Ds[0] if len(Ds) == 1 else None  # the one full-size D of an unpartitioned stack
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
-        rms = torch.linalg.vector_norm(D, dim=dims) / math.sqrt(numel)
+        if streamed:
+            rms = sum_sq.sqrt() / math.sqrt(numel)
+        else:
+            rms = _joined([torch.linalg.vector_norm(D, dim=dims) for D in Ds]) / math.sqrt(numel)
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
         expand = (count,) + (1,) * len(work)
@@ -328,7 +445,8 @@ class Engine:
             delta = None
             scale = torch.where(finite, scale, 0.0)
             if layout.momentum != core.MOMENTUM_FULL:
-                D.nan_to_num_(0.0, 0.0, 0.0)
+                for D in Ds:
+                    D.nan_to_num_(0.0, 0.0, 0.0)
         elif layout.momentum == core.MOMENTUM_FULL:  # D is the new momentum: Delta needs a buffer
             delta = torch.mul(D, scale.view(expand)) if spare is None else torch.mul(D, scale.view(expand), out=spare)
         else:  # D is U or a temporary: scaled in place
@@ -354,11 +472,25 @@ class Engine:
             keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0)
         else:
             keep = None
+        if streamed:  # per block: D again (same values), M_t kept or not, p <- keep p - scale D
+            target = params[0].view(m, n)
+            for start, stop in blocks:
+                block = direction(start, stop)
+                if momentum is None:
+                    block.nan_to_num_(0.0, 0.0, 0.0)
+                else:  # the momentum in place; a skipped step keeps the old, finite rows
+                    block = torch.where(finite, block, momentum[start:stop], out=momentum[start:stop])
+                rows = target[start:stop]
+                if keep is not None:
+                    rows.mul_(keep)
+                rows.addcmul_(block, scale, value=-1.0)
+            return
         if in_place:
             if keep is not None:
                 torch._foreach_mul_(params, list(keep.unbind(0)))
             if fused:  # D is M_t as written to the state above, or the zeroed temporary
-                rows = list(D.view((count,) + tuple(layout.shape)).unbind(0))
+                rows = [row for (start, stop), D in zip(parts, Ds)
+                        for row in D.view((stop - start,) + tuple(layout.shape)).unbind(0)]
                 torch._foreach_addcmul_(params, rows, list(scale.unbind(0)), value=-1.0)
             else:
                 torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
@@ -393,9 +525,10 @@ class Engine:
                 return True
         return False
 
-    def _compressed(self, U, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
+    def _compressed(self, Us, parts, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
                     may_resample: bool = True):
-        """Compressed momentum of a bucket: returns ``(D, M_t, resample)``. Without
+        """Compressed momentum of a bucket whose ``U`` is kept in ``parts`` (``Us``): returns
+        ``(Ds, M_t, resample)``, ``D`` in the same parts, each written over its ``U``. Without
         ``may_resample`` (no tensor of the bucket resamples at this step) the previous projection
         and the transfer are skipped: ``resample`` is then false for every tensor."""
         beta1, rank, side = hp.beta1, layout.rank, layout.side
@@ -413,17 +546,18 @@ class Engine:
             P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
+        part_ps = [_part(P, a, b, len(P)) for a, b in parts]
         rows = side == core.SIDE_ROWS
         if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
             if P_old is not None:
                 momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             gram_m = torch.bmm(momentum, momentum.mT)
-            compressed = torch.bmm(P, U)
+            compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
         else:  # M: (T, m, r);  M <- M (P_old P^T)
             if P_old is not None:
                 momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
             gram_m = torch.bmm(momentum.mT, momentum)
-            compressed = torch.bmm(U, P.mT)
+            compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us)])
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
         momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
         positive = decompressed_sq > 0
@@ -431,12 +565,15 @@ class Engine:
         # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
         # already taken), so no full-size temporary for the history
         scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
-        if rows:
-            D = U.baddbmm_(P.mT, scaled, beta=1.0 - beta1)
-        else:
-            D = U.baddbmm_(scaled, P, beta=1.0 - beta1)
+        Ds = []
+        for (a, b), U, part_p in zip(parts, Us, part_ps):
+            part_m = _part(scaled, a, b, len(P))
+            if rows:
+                Ds.append(U.baddbmm_(part_p.mT, part_m, beta=1.0 - beta1))
+            else:
+                Ds.append(U.baddbmm_(part_m, part_p, beta=1.0 - beta1))
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
-        return D, new_momentum, resample
+        return Ds, new_momentum, resample
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------
     @staticmethod

@@ -1,7 +1,7 @@
 """The grouped, sync-free step (flora_opt/engine.py) against the per-tensor reference path.
 
 Tolerance: the grouped step computes the same float32 formulas as ``core.flora_update`` but its
-batched reductions (row/column statistics as squared norms, ``RMS`` over a stack, ``bmm``) sum
+batched reductions (row/column sums of squares in blocks, ``RMS`` over a stack or its blocks, ``bmm``) sum
 in another order, so results differ by float32 rounding: measured <= 3e-7 relative on states and
 <= 1e-7 on parameters over 9 steps; the tests allow 1e-5 relative. Projections and the integer
 state (step, projection index, skipped steps) are equal exactly.
@@ -121,19 +121,22 @@ def test_non_finite_gradient_with_full_momentum_skips_only_that_tensor(options):
     assert torch.isfinite(dirty[1]).all()
 
 
-@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3)])
-def test_column_sum_of_squares_in_row_blocks(monkeypatch, shape):
+@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3), (40, 3, 2)])
+def test_sums_of_squares_in_row_blocks(monkeypatch, shape):
     from flora_opt import engine
 
-    monkeypatch.setattr(engine, "COLUMN_BLOCK", 16)  # blocks of 2 rows for n = 7 (the last one short)
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 40)  # large: blocks of 1-13 rows (the last one short)
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 50)  # (2, 9, 1), (40, 3, 2): small, m / 8 rows per block
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(engine._column_sum_of_squares(G), G.square().sum(dim=1), rtol=1e-6, atol=0)
+    rows, cols = engine._sums_of_squares(G)
+    torch.testing.assert_close(rows, G.square().sum(dim=2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(cols, G.square().sum(dim=1), rtol=1e-6, atol=0)
 
 
-def test_grouped_step_with_row_blocked_column_statistics_equals_per_tensor_path(monkeypatch):
+def test_grouped_step_with_row_blocked_statistics_equals_per_tensor_path(monkeypatch):
     from flora_opt import engine
 
-    monkeypatch.setattr(engine, "COLUMN_BLOCK", 100)  # several row blocks for every factored matrix
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # several row blocks for every factored stack
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grouped, opt_grouped = _run(True, options)
     reference, opt_reference = _run(False, options)
@@ -180,6 +183,56 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     grouped, opt_grouped = _run(True, options, poison=(2, 1))
     reference, opt_reference = _run(False, options, poison=(2, 1))
     _assert_same(grouped, opt_grouped, reference, opt_reference)
+
+
+@pytest.mark.parametrize("options", [dict(rank=None), dict(rank=None, weight_decay=0.1), dict(beta1=None),
+                                     dict(rank=8, kappa=3)],
+                         ids=["full", "full,wd", "none", "compressed+full"])
+def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
+    """A matrix of more than STACK_ELEMENTS elements without compressed momentum is streamed in
+    blocks of rows (no full-size buffer; the momentum updated in place): same results as the
+    per-tensor path, a NaN skips only that tensor and leaves its parameter bit-unchanged."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 2000)  # (64, 48), (200, 40), (40, 300): one per stack
+    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # blocks of a few rows, the last one short
+    streamed = []
+    original = engine._block_direction
+
+    def spy(*args):
+        streamed.append(tuple(args[0].shape))
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_block_direction", spy)
+    options = dict(options, min_dim_size_to_factor=8)
+    clean, _ = _run(True, options, steps=5)
+    assert (200, 40) in streamed  # full momentum (aspect ratio 5) or none
+    dirty, opt_dirty = _run(True, options, steps=5, poison=(2, 1))
+    reference, opt_reference = _run(False, options, steps=5, poison=(2, 1))
+    _assert_same(dirty, opt_dirty, reference, opt_reference)
+    assert opt_dirty.state[dirty[1]]["skipped_steps"] == 1
+    for index in (0, 2, 3):
+        assert torch.equal(dirty[index], clean[index])
+    assert torch.isfinite(dirty[1]).all()
+
+
+def test_stack_of_small_tensors_in_parts_equals_per_tensor_path(monkeypatch):
+    """A stack of small tensors with compressed momentum keeps G, U and D in parts of about
+    PART_ELEMENTS elements (engine._parts); results still equal the per-tensor path, with a
+    skip and resamples."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)  # (64, 48) x2 and (48, 64) x2: 2 parts each
+    assert engine._parts(5, 1000) == [(0, 3), (3, 5)]
+    seen = []
+    original = engine._parts
+    monkeypatch.setattr(engine, "_parts", lambda count, numel: seen.append(original(count, numel)) or seen[-1])
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, poison=(2, 1))
+    reference, opt_reference = _run(False, options, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+    assert [(0, 1), (1, 2)] in seen
 
 
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():

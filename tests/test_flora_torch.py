@@ -461,12 +461,15 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
         # parameters take p - scale * M_t in place, addcmul)
         ((2048, 256), dict(rank=32), 1),
         ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: copy of G -> U -> Delta
-        # compressed momentum: the copy of G -> U -> D = (1 - beta1) U + P^T (beta1 s M) (one
-        # baddbmm over U) -> Delta
-        ((300, 200), dict(rank=16), 1),
-        # full second moment: the copy of G (-> U -> M_t), G^2 (-> V^-1/2 -> Delta), the new V
-        ((4096,), dict(rank=32), 3),
-        ((64, 100), dict(rank=None, factorize_second_moment=False), 3),
+        # compressed momentum: U (a single gradient is read, not copied) -> D = (1 - beta1) U +
+        # P^T (beta1 s M) (one baddbmm over U) -> Delta; and the squares of G for its
+        # statistics (a stack of small tensors of at most 24 MiB is squared in one temporary, so
+        # that its op count does not grow with the number of tensors)
+        ((300, 200), dict(rank=16), 2),
+        # full second moment: G^2 (-> V^-1/2 -> U -> M_t; a single gradient is read, not
+        # copied), the new V
+        ((4096,), dict(rank=32), 2),
+        ((64, 100), dict(rank=None, factorize_second_moment=False), 2),
     ],
 )
 def test_step_allocates_few_gradient_sized_tensors(shape, options, expected):
