@@ -59,7 +59,7 @@ QUALITY_MODEL = dict(vocab_size=256, dim=64, n_layers=4, n_heads=2, max_seq_len=
 PRESETS = {
     "pretrain": dict(lm=QUALITY_MODEL, dataset="shakespeare", tokenizer="bytes", vocab_size=256, steps=512,
                      batch_size=16, seq_len=128, eval_every=128, final_eval_batches=32, seeds=3, interval=128,
-                     ranks=[8, 16, 32], peer_ranks=[8, 16], bits_rank=32, lora_rank=16),
+                     ranks=[16, 8, 32], peer_ranks=[16, 8], bits_rank=32, lora_rank=16),
     "demo": dict(lm=None, dataset="shakespeare_sample", tokenizer="bpe", vocab_size=1024, steps=200,
                  batch_size=16, seq_len=128, eval_every=40, final_eval_batches=None, seeds=1, interval=50,
                  ranks=[32], peer_ranks=[32], bits_rank=32, lora_rank=None),
@@ -81,7 +81,7 @@ def _grid_around(lr: float) -> list[float]:
     return [float(f"{lr / 2:.3g}"), lr, float(f"{lr * 2:.3g}")]
 
 
-def quality_contenders(preset: str = "pretrain", ranks=(8, 16, 32), peer_ranks=(8, 16), bits_rank=32,
+def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(16, 8), bits_rank=32,
                        lora_rank=16, interval=128) -> list[dict]:
     """The contenders of the quality benchmark: ``id``, ``kind`` (a ``flora_lab.contenders`` name
     or ``lora``), ``label``, ``options`` (Adam-based ones with ``flora_lab.demo.ADAM_RECIPE``) and
@@ -96,16 +96,20 @@ def quality_contenders(preset: str = "pretrain", ranks=(8, 16, 32), peer_ranks=(
         rank = ranks[0]
         return [dict(id=name, kind=name, label=label(name, rank), grid=_grid_around(DEFAULT_LRS[name]),
                      options=options(name, rank)) for name in OPTIMIZERS]
-    out = [
-        dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", grid=RELATIVE_GRID,
-             options=options("adafactor_momentum")),
-    ]
-    out += [dict(id=f"flora_r{r}", kind="flora", label=f"Flora r={r}", grid=RELATIVE_GRID,
-                 options=dict(options("flora", r), **FACTOR_ALL)) for r in ranks]
-    out.append(dict(id="adamw", kind="adamw", label="AdamW", grid=ADAMW_GRID, options=options("adamw")))
-    out += [dict(id=f"{kind}_r{r}", kind=kind, label=f"{name} r={r}", grid=grid, options=options(kind, r))
-            for r in sorted(peer_ranks, reverse=True)
-            for kind, name, grid in (("galore", "GaLore", GALORE_GRID), ("apollo", "APOLLO", APOLLO_GRID))]
+    # in the order the runs are queued: the first Flora rank and the peers at the first peer rank
+    # complete before the other ranks start
+    flora = [dict(id=f"flora_r{r}", kind="flora", label=f"Flora r={r}", grid=RELATIVE_GRID,
+                  options=dict(options("flora", r), **FACTOR_ALL)) for r in ranks]
+    peers = [[dict(id=f"{kind}_r{r}", kind=kind, label=f"{name} r={r}", grid=grid, options=options(kind, r))
+              for kind, name, grid in (("galore", "GaLore", GALORE_GRID), ("apollo", "APOLLO", APOLLO_GRID))]
+             for r in peer_ranks]
+    out = [dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", grid=RELATIVE_GRID,
+                options=options("adafactor_momentum"))]
+    for i in range(max(len(flora), len(peers))):
+        out += flora[i:i + 1]
+        if i == 0:
+            out.append(dict(id="adamw", kind="adamw", label="AdamW", grid=ADAMW_GRID, options=options("adamw")))
+        out += peers[i] if i < len(peers) else []
     if bits_rank:
         out.append(dict(id=f"flora_r{bits_rank}_8bit", kind="flora_8bit", label=f"Flora r={bits_rank} 8-bit",
                         grid=RELATIVE_GRID, options=dict(options("flora_8bit", bits_rank), **FACTOR_ALL)))
@@ -823,9 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab-size", type=_positive, default=None, help="BPE vocabulary (demo: 1024)")
     q.add_argument("--seeds", type=_positive, default=None, help="seeds at the best LR (pretrain: 3)")
     q.add_argument("--jobs", type=_positive, default=2, help="quality runs at once (default 2)")
-    q.add_argument("--ranks", type=_positive, nargs="+", default=None, help="Flora ranks (pretrain: 8 16 32)")
+    q.add_argument("--ranks", type=_positive, nargs="+", default=None, help="Flora ranks, queued in this order (pretrain: 16 8 32)")
     q.add_argument("--peer-ranks", type=_positive, nargs="+", default=None,
-                   help="GaLore/APOLLO ranks (pretrain: 8 16)")
+                   help="GaLore/APOLLO ranks (pretrain: 16 8)")
     q.add_argument("--bits-rank", type=_positive, default=None, help="Flora 8-bit rank (pretrain: 32)")
     q.add_argument("--lora-rank", type=_positive, default=None, help="LoRA rank (pretrain: 16)")
     q.add_argument("--eval-every", type=_positive, default=None, help="validation-curve interval (pretrain: 128)")
