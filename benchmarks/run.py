@@ -64,9 +64,13 @@ PRESETS = {
                  batch_size=16, seq_len=128, eval_every=40, final_eval_batches=None, seeds=1, interval=50,
                  ranks=[32], peer_ranks=[32], bits_rank=32, lora_rank=None),
 }
-# Flora factors the second moment of matrices whose smaller side is >= min_dim_size_to_factor
-# (default 128, as optax); transformers.Adafactor factors every matrix, and so does Flora here.
-FACTOR_ALL = {"min_dim_size_to_factor": 1}
+# Flora's options in the pretrain preset. It factors the second moment of matrices whose smaller
+# side is >= min_dim_size_to_factor (default 128, as optax); transformers.Adafactor factors every
+# matrix, and so does Flora here. Its default rule would also compress the 256 x 64 embedding and
+# head (aspect ratio 4 <= max_aspect_ratio); GaLore and APOLLO project only the block matrices
+# and keep full Adam state for the embedding and head (their training scripts' grouping), so
+# Flora compresses the same block matrices and keeps full momentum for those two.
+FLORA_PRETRAIN = {"min_dim_size_to_factor": 1, "full_momentum_for": ["embed.", "lm_head."]}
 
 # Learning-rate grids: 2x apart, centred on priors (Adafactor and Flora take relative step sizes,
 # lr * RMS(W)); a grid whose best value is at an edge is extended (--extend).
@@ -85,7 +89,7 @@ def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(
                        lora_rank=16, interval=128) -> list[dict]:
     """The contenders of the quality benchmark: ``id``, ``kind`` (a ``flora_lab.contenders`` name
     or ``lora``), ``label``, ``options`` (Adam-based ones with ``flora_lab.demo.ADAM_RECIPE``) and
-    the learning-rate ``grid``; Flora with :data:`FACTOR_ALL`. ``demo``: the demo's optimizers at
+    the learning-rate ``grid``; Flora with :data:`FLORA_PRETRAIN`. ``demo``: the demo's optimizers at
     rank ``ranks[0]``, grids around ``flora_lab.demo.DEFAULT_LRS``."""
     from flora_lab.demo import DEFAULT_LRS, OPTIMIZERS, label, recipe_options
 
@@ -99,7 +103,7 @@ def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(
     # in the order the runs are queued: the first Flora rank and the peers at the first peer rank
     # complete before the other ranks start
     flora = [dict(id=f"flora_r{r}", kind="flora", label=f"Flora r={r}", grid=RELATIVE_GRID,
-                  options=dict(options("flora", r), **FACTOR_ALL)) for r in ranks]
+                  options=dict(options("flora", r), **FLORA_PRETRAIN)) for r in ranks]
     peers = [[dict(id=f"{kind}_r{r}", kind=kind, label=f"{name} r={r}", grid=grid, options=options(kind, r))
               for kind, name, grid in (("galore", "GaLore", GALORE_GRID), ("apollo", "APOLLO", APOLLO_GRID))]
              for r in peer_ranks]
@@ -112,7 +116,7 @@ def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(
         out += peers[i] if i < len(peers) else []
     if bits_rank:
         out.append(dict(id=f"flora_r{bits_rank}_8bit", kind="flora_8bit", label=f"Flora r={bits_rank} 8-bit",
-                        grid=RELATIVE_GRID, options=dict(options("flora_8bit", bits_rank), **FACTOR_ALL)))
+                        grid=RELATIVE_GRID, options=dict(options("flora_8bit", bits_rank), **FLORA_PRETRAIN)))
     if lora_rank:
         out.append(dict(id=f"lora_r{lora_rank}", kind="lora", label=f"LoRA r={lora_rank}", grid=LORA_GRID,
                         options=dict(options("lora"), rank=lora_rank, alpha=lora_rank)))
@@ -215,7 +219,9 @@ class Runner:
         key = _key(dict(spec=spec, config=config))
         if self.resume and path.exists():
             cached = json.loads(path.read_text())
-            if cached.get("key") == key and cached.get("ok"):
+            # no key: the worker finished after its orchestrator was stopped; its spec and config say what ran
+            ran = cached.get("key") or _key(dict(spec=cached.get("spec"), config=cached.get("config")))
+            if ran == key and cached.get("ok"):
                 return cached
         if self.cached_only:
             return dict(ok=False, spec=spec, config=config, error="not run (--cached-only)")

@@ -70,8 +70,11 @@ def predicted_state_bytes(spec, model) -> int | None:
         merged = {**contenders.DEFAULTS[kind], **options}
         hp = core.FloraHyperParams(**{f.name: merged[f.name] for f in dataclasses.fields(core.FloraHyperParams)
                                       if f.name in merged})
-        return sum(statebytes.state_bytes(core.tensor_layout(tuple(p.shape), hp), kind == "flora_8bit")
-                   for p in model.parameters() if p.requires_grad)
+        full = dataclasses.replace(hp, rank=None)  # the full_momentum_for parameters' group
+        keep = merged.get("full_momentum_for") or ()
+        return sum(statebytes.state_bytes(core.tensor_layout(tuple(p.shape), full if any(k in name for k in keep) else hp),
+                                          kind == "flora_8bit")
+                   for name, p in model.named_parameters() if p.requires_grad)
     return contenders.predicted_state_bytes(kind, model, **options)
 
 

@@ -44,6 +44,7 @@ def test_pretrain_contenders_cover_the_issue():
             assert c["options"]["eps"] == 1e-8
         if c["kind"] in ("flora", "flora_8bit"):
             assert c["options"]["min_dim_size_to_factor"] == 1
+            assert c["options"]["full_momentum_for"] == ["embed.", "lm_head."]
             assert c["options"]["kappa"] == preset["interval"]
 
 
