@@ -195,6 +195,9 @@ class Slots:
                 self.cond.notify_all()
 
 
+NOT_RUN = "not run (--cached-only)"
+
+
 class Runner:
     """Runs worker processes (at most ``jobs`` at once) and caches their JSON under ``runs/``.
 
@@ -224,7 +227,7 @@ class Runner:
             if ran == key and cached.get("ok"):
                 return cached
         if self.cached_only:
-            return dict(ok=False, spec=spec, config=config, error="not run (--cached-only)")
+            return dict(ok=False, spec=spec, config=config, error=NOT_RUN)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "lab")]) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         threads = str(config.get("threads") or "")
@@ -551,7 +554,7 @@ def run_quality(args, command: str) -> dict:
         return runner.run(spec, config, f"{c['id']}_lr{lr:g}_seed{seed}", priority)
 
     def write():
-        payload = dict(task="quality", preset=args.preset, command=command, config=base_config, data=info,
+        payload = dict(task="quality", preset=args.preset, command=command, seeds=args.seeds, config=base_config, data=info,
                        model=facts, wall_s=time.perf_counter() - started, environment=env, contenders=contenders,
                        summary=summarize_quality(results),
                        runs={cid: dict(grid=r["grid"], best_lr=r.get("best_lr"),
@@ -576,7 +579,7 @@ def run_quality(args, command: str) -> dict:
 
         for _ in range(args.extend):  # the best LR at an edge of the grid: try one step beyond it
             lr = best()
-            if lr is None:
+            if lr is None or any(r.get("error") == NOT_RUN for r in tried.values()):
                 break
             lrs = sorted(tried)
             if lr == lrs[0]:
@@ -588,7 +591,8 @@ def run_quality(args, command: str) -> dict:
             tried[new] = job(c, new, 0, (0, index))
         record["grid"] = [dict(lr=lr, final_val_loss=tried[lr].get("final_val_loss"), ok=tried[lr].get("ok"),
                                error=tried[lr].get("error")) for lr in sorted(tried)]
-        lr = best()
+        # under --cached-only a grid with runs missing is not tuned: no best LR, no row
+        lr = None if any(r.get("error") == NOT_RUN for r in tried.values()) else best()
         record["best_lr"] = lr
         if lr is not None:
             seeds = [tried[lr]]
@@ -714,7 +718,8 @@ def quality_markdown(payload: dict) -> str:
         "|---|---:|---|---:|---:|---:|---:|:---:|---:|---:|:---:|",
     ]
     for r in payload["summary"]:
-        grid = ", ".join(f"{g['lr']:g}: {g['final_val_loss']:.4f}" if g.get("ok") else f"{g['lr']:g}: failed"
+        grid = ", ".join(f"{g['lr']:g}: {g['final_val_loss']:.4f}" if g.get("ok")
+                         else f"{g['lr']:g}: {'not run' if g.get('error') == NOT_RUN else 'failed'}"
                          for g in r["grid"])
         if r["mean"] is None:
             lines.append(f"| {r['label']} | | {grid} | 0 | not finished | | | | | | |")
@@ -727,6 +732,10 @@ def quality_markdown(payload: dict) -> str:
             f"{r['state_bytes']:,} | {_mib(r['state_bytes'])} | {check} | {r['trainable_params']:,} | "
             f"{r['tokens_per_s']:,.0f} | {'yes' if r['pareto'] else ''} |"
         )
+    short = [f"{r['label']} ({r['n_seeds']} of {payload['seeds']})" for r in payload["summary"]
+             if r["mean"] is not None and r["n_seeds"] < payload["seeds"]]
+    if short:
+        lines += ["", "Seeds not all finished: " + ", ".join(short) + "."]
     lines += ["", "Targets (issue 13):", ""] + quality_targets(payload["summary"], facts["min_block_dim"])
     return "\n".join(lines)
 
