@@ -54,11 +54,11 @@ OPTIMIZERS = ("adamw", "adafactor_momentum", "flora", "flora_8bit", "galore", "a
 #: ``python benchmarks/run.py quality --preset demo`` (docs/benchmarks.md, "The demo"). Adafactor and
 #: Flora use relative step sizes (``lr * RMS(W)``), hence the larger values.
 DEFAULT_LRS = {
-    "adamw": 3e-3,
+    "adamw": 1.5e-3,
     "adafactor_momentum": 0.1,
     "flora": 0.1,
     "flora_8bit": 0.1,
-    "galore": 3e-2,
+    "galore": 6e-2,
     "apollo": 1e-2,
 }
 
