@@ -5,7 +5,8 @@
 ``--spec`` names the contender: ``{"id", "kind", "label", "options", "lr"}`` with ``kind`` a name
 of the one contender registry, ``flora_lab.contenders`` (``adamw``, ``adamw8bit_torchao``,
 ``adamw8bit_bnb``, ``adafactor``, ``adafactor_momentum``, ``flora``, ``flora_8bit``, ``galore``,
-``apollo``, ...), or ``lora`` (peft LoRA adapters on the lab's model, trained with AdamW). The
+``apollo``, ``lora``: peft LoRA adapters on the lab's model, ``options`` ``rank`` and ``alpha``, the
+rest AdamW's), and ``options`` are the contender's keyword options (JSON). The
 state-bytes prediction of a contender is ``flora_lab.contenders.predicted_state_bytes`` (the
 ``flora-opt memory`` formula of the same name). The training loop is the lab's
 (``flora_lab.demo.train_lm``). The result is written as JSON to ``--out``; failures are recorded
@@ -44,9 +45,9 @@ def build_optimizer(spec, model, lr):
     from flora_lab import contenders
 
     kind, options = spec["kind"], dict(spec.get("options", {}))
-    if kind == "lora":  # the adapters were added to the model; AdamW over what is trainable
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    if kind == "lora":  # the adapters were added to the model (task_quality); AdamW over what is trainable
+        options.pop("rank", None)
+        options.pop("alpha", None)
     ok, reason = contenders.available(kind)
     if not ok:
         raise RuntimeError(f"{kind} unavailable: {reason}")
@@ -54,11 +55,27 @@ def build_optimizer(spec, model, lr):
 
 
 def predicted_state_bytes(spec, model) -> int | None:
-    from flora_lab import contenders
+    """The state bytes the formulas predict: for Flora, ``flora_opt.statebytes`` of each
+    parameter's layout under this run's options; for a peer, its ``flora_opt.memory`` formula
+    (``None`` for LoRA, which has none)."""
+    import dataclasses
 
-    if spec["kind"] == "lora":
+    from flora_lab import contenders
+    from flora_opt import core, statebytes
+
+    kind, options = spec["kind"], spec.get("options", {})
+    if kind == "lora":
         return None
-    return contenders.predicted_state_bytes(spec["kind"], model, **spec.get("options", {}))
+    if kind in ("flora", "flora_8bit"):
+        merged = {**contenders.DEFAULTS[kind], **options}
+        hp = core.FloraHyperParams(**{f.name: merged[f.name] for f in dataclasses.fields(core.FloraHyperParams)
+                                      if f.name in merged})
+        full = dataclasses.replace(hp, rank=None)  # the full_momentum_for parameters' group
+        keep = merged.get("full_momentum_for") or ()
+        return sum(statebytes.state_bytes(core.tensor_layout(tuple(p.shape), full if any(k in name for k in keep) else hp),
+                                          kind == "flora_8bit")
+                   for name, p in model.named_parameters() if p.requires_grad)
+    return contenders.predicted_state_bytes(kind, model, **options)
 
 
 # ---- tasks -----------------------------------------------------------------------------------

@@ -27,10 +27,13 @@ import numpy as np
 __all__ = [
     "DEMO_MODEL",
     "DEFAULT_LRS",
+    "ADAM_RECIPE",
+    "ADAM_BASED",
     "OPTIMIZERS",
     "DemoSettings",
     "available_optimizers",
     "make_optimizer",
+    "recipe_options",
     "prepare_data",
     "train_lm",
     "run_demo",
@@ -46,17 +49,26 @@ DEMO_MODEL = dict(vocab_size=1024, dim=128, n_layers=4, n_heads=2, max_seq_len=2
 #: Optimizers the demo knows (names of :mod:`flora_lab.contenders`), in display order.
 OPTIMIZERS = ("adamw", "adafactor_momentum", "flora", "flora_8bit", "galore", "apollo")
 
-#: Peak learning rates (after warm-up; cosine decay to 10%), tuned for DEMO_MODEL on Shakespeare
-#: by ``benchmarks/run.py quality`` (docs/benchmarks.md). Adafactor and Flora use relative step
-#: sizes (``lr * RMS(W)``), hence the larger values.
+#: Peak learning rates (after linear warm-up over 10% of the steps; cosine decay to 10%), tuned for
+#: DEMO_MODEL at the demo's default budget on a 2x-spaced grid around the best value:
+#: ``python benchmarks/run.py quality --preset demo`` (docs/benchmarks.md, "The demo"). Adafactor and
+#: Flora use relative step sizes (``lr * RMS(W)``), hence the larger values.
 DEFAULT_LRS = {
-    "adamw": 3e-3,
+    "adamw": 1.5e-3,
     "adafactor_momentum": 0.1,
     "flora": 0.1,
     "flora_8bit": 0.1,
-    "galore": 3e-2,
+    "galore": 6e-2,
     "apollo": 1e-2,
 }
+
+#: LLaMA's AdamW settings (Touvron et al., 2023, section 2.2): ``betas=(0.9, 0.95)``,
+#: ``eps=1e-8``, decoupled weight decay 0.1. Every Adam-based contender (:data:`ADAM_BASED`) of
+#: the demo and of the quality benchmark trains with them; Adafactor and Flora keep their own
+#: defaults (no weight decay: their ``lr`` is relative to ``RMS(W)``, so ``lr * weight_decay``
+#: would mean a different decay).
+ADAM_RECIPE = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+ADAM_BASED = ("adamw", "galore", "apollo", "lora")
 
 
 def available_optimizers() -> dict[str, str | None]:
@@ -80,8 +92,8 @@ def label(name: str, rank: int) -> str:
 
 
 def make_optimizer(name: str, model, lr: float, rank: int = 32, interval: int = 50):
-    """The demo's optimizer ``name``: the contender of that name (:mod:`flora_lab.contenders`,
-    weight decay 0 and the libraries' defaults otherwise) with its rank and resample interval set.
+    """The demo's optimizer ``name``: the contender of that name (:mod:`flora_lab.contenders`)
+    with the options of :func:`recipe_options` (rank, resample interval, :data:`ADAM_RECIPE`).
 
     ``interval`` is Flora's resample interval ``kappa`` and GaLore/APOLLO's
     ``update_proj_gap``: the libraries' defaults (1000, 200) are meant for runs of many
@@ -91,7 +103,19 @@ def make_optimizer(name: str, model, lr: float, rank: int = 32, interval: int = 
 
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    return contenders.make(name, model, lr, **contenders.sweep_options(name, rank, interval))
+    return contenders.make(name, model, lr, **recipe_options(name, rank, interval))
+
+
+def recipe_options(name: str, rank: int | None = None, interval: int | None = None) -> dict[str, Any]:
+    """Options of contender ``name`` in the demo and the quality benchmark: its rank and resample
+    interval (:func:`flora_lab.contenders.sweep_options`) and, for the Adam-based ones
+    (:data:`ADAM_BASED`), :data:`ADAM_RECIPE`; the libraries' defaults otherwise."""
+    from . import contenders
+
+    options = contenders.sweep_options(name, rank, interval)
+    if name in ADAM_BASED:
+        options.update(ADAM_RECIPE)
+    return options
 
 
 def formula_state_bytes(name: str, model, rank: int) -> int | None:
