@@ -49,7 +49,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rank < 1:
         parser.error(f"--rank must be >= 1, got {args.rank}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     compressed = GPT2_SMALL_LAYERS * sum(a * b for a, b in GPT2_SMALL_BLOCKS)
     seconds = products_seconds(args.rank, args.repeats)
