@@ -26,11 +26,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _tiny_mlp import PER_RANK, build, micro_batch
 
 import flora_opt
 from flora_opt.distributed import is_dtensor, local_state_bytes
 
-K, STEPS, PER_RANK = 2, 4, 4
+K, STEPS = 2, 4
 OPTIONS = dict(lr=1e-2, rank=4, kappa=2, min_dim_size_to_factor=8)
 
 
@@ -43,17 +44,6 @@ def force_fsdp2(plugin) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
-
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    )
-
-
-def micro_batch(index, world):
-    return torch.randn(PER_RANK * world, 24, generator=torch.Generator().manual_seed(index))
 
 
 def full_parameters(model):

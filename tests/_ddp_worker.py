@@ -15,22 +15,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _tiny_mlp import PER_RANK, build, micro_batch
 
 import flora_opt
 from flora_opt.accumulation import CompressedAccumulator
 
-K, CYCLES, RANK, PER_RANK = 3, 3, 4, 4
-
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    )
-
-
-def micro_batch(index, world):
-    return torch.randn(PER_RANK * world, 24, generator=torch.Generator().manual_seed(index))
+K, CYCLES, RANK = 3, 3, 4
 
 
 def trainer(out):

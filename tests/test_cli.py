@@ -244,8 +244,8 @@ def test_module_entry_point():
 
 
 def test_demo_without_the_lab_names_what_to_install():
-    """The library ships no demo: without flora-lab, ``flora-opt demo`` exits 2 with one line
-    naming what to install, and ``flora-opt memory`` still works."""
+    """The library ships no demo: without flora-lab, ``flora-opt demo`` and ``flora-opt replicate``
+    exit 2 with one line naming what to install, and ``flora-opt memory`` still works."""
     blocker = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -262,6 +262,11 @@ def test_demo_without_the_lab_names_what_to_install():
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "flora-lab" in lines[0] and "pip install -e lab" in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, "-c", blocker, "replicate", "all", "--quick"], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "flora-opt replicate" in lines[0] and "pip install -e lab" in lines[0], proc.stderr
     proc = subprocess.run([sys.executable, "-c", blocker, "memory", "gpt2", "--methods", "flora", "--json"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -12,18 +12,13 @@ checks run in a subprocess.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from _jax_devices import run_on_host_devices
 
 pytest.importorskip("jax")
 pytest.importorskip("optax")
-
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -116,16 +111,8 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_compressed_buffers_are_what_devices_all_reduce():
-    env = dict(os.environ)
-    flags = " --xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_on_host_devices(SCRIPT, fast_compile=True)
+    out = json.loads(stdout.strip().splitlines()[-1])
     for vma in (False, True):
         run = out[f"shard_map_vma{vma}"]
         # single-device compressed accumulation over the global batch: the same projections, the

@@ -6,18 +6,13 @@ check runs in a subprocess and the flag does not leak into other tests.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from _jax_devices import run_on_host_devices
 
 pytest.importorskip("jax")
 pytest.importorskip("optax")
-
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -108,17 +103,8 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sharded_equals_unsharded_and_states_are_sharded():
-    env = dict(os.environ)
-    # 4 host devices; a lower LLVM optimisation level halves compile time (both runs use it).
-    flags = " --xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    stdout = run_on_host_devices(SCRIPT, fast_compile=True)  # both runs compiled alike
+    line = next(line for line in stdout.splitlines() if line.startswith("REPORT"))
     report = json.loads(line[len("REPORT") :])
     for name, entry in report.items():
         assert entry["max_abs_err"] <= 1e-5 * max(1.0, entry["param_scale"]), (name, entry["max_abs_err"])
@@ -183,15 +169,8 @@ SQUARE_SCRIPT = textwrap.dedent(
 def test_square_matrix_sharded_on_both_axes_every_state_leaf_by_key():
     """Each state leaf's spec follows its key in the layout, not its shape: for a square
     parameter sharded P('a', 'b') the column statistic is P('b') (a shape guess gave P('a'))."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", SQUARE_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    stdout = run_on_host_devices(SQUARE_SCRIPT)
+    line = next(line for line in stdout.splitlines() if line.startswith("REPORT"))
     got = {k: tuple(v) if k == "col_shard_shape" else v[1] for k, v in json.loads(line[len("REPORT"):]).items()}
     shapes = {k: v[0] for k, v in json.loads(line[len("REPORT"):]).items() if k != "col_shard_shape"}
     replicated = "()"

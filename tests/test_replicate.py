@@ -3,10 +3,6 @@ model's pieces (LoRA merge, cached greedy decoding, denoising), validation and t
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +16,6 @@ import jax.numpy as jnp  # noqa: E402
 from flora_lab.replicate import run_replicate, tasks  # noqa: E402
 from flora_lab.replicate.model import ModelConfig, Seq2Seq, greedy_decode, lora_merge, lora_split  # noqa: E402
 from flora_opt.cli import main  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,21 +153,3 @@ def test_invalid_options_name_argument_and_value(tmp_path, kwargs, pattern):
         run_replicate(["momentum"], tmp_path, quick=True, **kwargs)
     with pytest.raises(ValueError, match="Invalid experiment: 'pretrain'"):
         run_replicate(["pretrain"], tmp_path, quick=True)
-
-
-def test_replicate_without_the_lab_names_what_to_install():
-    blocker = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'flora_lab':\n"
-        "            raise ImportError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from flora_opt.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", blocker, "replicate", "all", "--quick"], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "flora-opt replicate" in lines[0] and "pip install -e lab" in lines[0]
