@@ -157,6 +157,9 @@ def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tenso
     return stack if (start, stop) == (0, count) else stack[start:stop]
 
 
+# The largest scratch buffer kept between steps on a CPU device (Engine.scratch): 64 MiB.
+SCRATCH_ELEMENTS = 1 << 25
+
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
 # stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
 # whatever the depth) larger than PART_ELEMENTS takes SMALL_STACK_BLOCKS blocks.
@@ -164,7 +167,23 @@ SQUARE_BLOCK = 1 << 18
 SMALL_STACK_BLOCKS = 8
 
 
-def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _square_rows(count: int, m: int, n: int) -> int:
+    """Rows per block of :func:`_sums_of_squares` for a stack ``(count, m, n)`` (``m``: whole)."""
+    if m * n < LARGE_TENSOR:
+        if count * m * n <= PART_ELEMENTS:
+            return m
+        return max(1, -(-m // SMALL_STACK_BLOCKS))  # a fixed number of blocks, whatever the count
+    return max(1, SQUARE_BLOCK // max(count * n, 1))
+
+
+def _squares(block: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """``block ** 2``, written into the front of ``scratch`` when one is given."""
+    if scratch is None:
+        return block.square()
+    return torch.square(block, out=scratch[: block.numel()].view(block.shape))
+
+
+def _sums_of_squares(G: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_j G_ij^2, sum_i G_ij^2)`` of a stack ``(T, m, n)``, as ``(T, m)`` and ``(T, n)``.
 
     One read of ``G``: the squares of a block of rows of every matrix of the stack (a temporary
@@ -176,20 +195,17 @@ def _sums_of_squares(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (``engine.chunks``: at most ``STACK_ELEMENTS``) takes blocks of about ``SQUARE_BLOCK``
     elements; a stack (or part, see ``PART_ELEMENTS``) of small ones of at most ``PART_ELEMENTS``
     elements is squared whole, a larger one in ``SMALL_STACK_BLOCKS`` blocks of rows, so that the
-    number of dispatched ops does not depend on the number of tensors.
+    number of dispatched ops does not depend on the number of tensors. The squares go into
+    ``scratch`` (flat float32, at least ``G.numel()`` elements; :meth:`Engine.scratch`) if given.
     """
     count, m, n = G.shape
-    small = m * n < LARGE_TENSOR
-    if torch.compiler.is_compiling() or (small and count * m * n <= PART_ELEMENTS):
-        square = G.square()  # compiled: one fused kernel; else one temporary of at most 24 MiB
+    rows = _square_rows(count, m, n)
+    if torch.compiler.is_compiling() or rows >= m:
+        square = _squares(G, scratch)  # compiled: one fused kernel; else at most 24 MiB
         return square.sum(dim=2), square.sum(dim=1)
-    if small:  # a fixed number of blocks, whatever the number of tensors
-        rows = max(1, -(-m // SMALL_STACK_BLOCKS))
-    else:
-        rows = max(1, SQUARE_BLOCK // max(count * n, 1))
     row_sums, col_sums = [], None
     for start in range(0, m, rows):
-        square = G[:, start:start + rows].square()
+        square = _squares(G[:, start:start + rows], scratch)
         row_sums.append(square.sum(dim=2))
         part = square.sum(dim=1)
         col_sums = part if col_sums is None else col_sums.add_(part)
@@ -204,11 +220,14 @@ def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, m)) for start in range(0, m, rows)]
 
 
-def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int) -> torch.Tensor:
+def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int,
+                     scratch: torch.Tensor | None) -> torch.Tensor:
     """Rows ``start:stop`` of ``D`` of one matrix in the streamed step: ``U = G r c^T`` (section 6,
     the same elementwise ops as the stacked step, so the same values), and with full momentum
-    ``M_t = M + (1 - beta1) (U - M)`` (``lerp``) written over it; a temporary of one block."""
-    block = torch.mul(G[start:stop], row_scale[start:stop, None]).mul_(col_scale)
+    ``M_t = M + (1 - beta1) (U - M)`` (``lerp``) written over it; one block, in ``scratch`` if given."""
+    rows = G[start:stop]
+    out = None if scratch is None else scratch[: rows.numel()].view(rows.shape)
+    block = torch.mul(rows, row_scale[start:stop, None], out=out).mul_(col_scale)
     if momentum is not None:
         torch.lerp(momentum[start:stop], block, 1.0 - beta1, out=block)
     return block
@@ -238,6 +257,29 @@ class Engine:
         # exactly (counter built from the host state, or synchronize()): the device step lies
         # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
         self.known_steps: dict[torch.Tensor, int] = {}
+        # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+
+    def scratch(self, device: torch.device, numel: int) -> torch.Tensor | None:
+        """A flat float32 buffer of ``numel`` elements kept from step to step on a CPU device, for
+        temporaries that no state keeps (squares, ``U``/``D`` of a stack without full momentum,
+        blocks of a streamed matrix); ``None`` on other devices and under ``torch.compile``.
+
+        A temporary of a few MiB freshly allocated at every step is a page-faulting mapping on
+        the CPU: glibc gives the top of its heap back to the system once more than twice the
+        last large block is free, so every step touches new pages (docs/benchmarks.md). Reused,
+        its pages stay resident. It grows to the largest stack (at most ``STACK_ELEMENTS``
+        elements of large tensors, or a bucket of small ones), at most ``SCRATCH_ELEMENTS``
+        (64 MiB; a larger temporary is allocated as before), and is not part of the state.
+        CUDA's caching allocator already reuses blocks.
+        """
+        if device.type != "cpu" or torch.compiler.is_compiling() or numel > SCRATCH_ELEMENTS:
+            return None
+        buffer = self._scratch.get(device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._scratch[device] = buffer
+        return buffer[:numel]
 
     # ---- counters ---------------------------------------------------------------------------
     def _counter(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -372,7 +414,18 @@ class Engine:
         spare = None  # a free full-size buffer, if any, for Delta
         if layout.factored:
             m, n = work
-            sums = [_sums_of_squares(G) for G in Gs]
+            # Scratch: U of a borrowed gradient, one region per part (the squares of each part go
+            # first into its region), unless D is kept (full momentum writes M_t over U); else the
+            # squares alone, or the blocks of a streamed matrix.
+            in_scratch = not streamed and any(borrowed) and layout.momentum != core.MOMENTUM_FULL
+            if in_scratch:
+                scratch = self.scratch(device, count * numel)
+                regions = [None if scratch is None else scratch[start * numel:stop * numel] for start, stop in parts]
+            else:
+                rows = max(_square_rows(stop - start, m, n) for start, stop in parts)
+                scratch = self.scratch(device, count * min(rows, m) * n)
+                regions = [scratch] * len(parts)
+            sums = [_sums_of_squares(G, region) for G, region in zip(Gs, regions)]
             row_sums, col_sums = _joined([s[0] for s in sums]), _joined([s[1] for s in sums])
             row_mean = row_sums.div_(n).add_(hp.eps1)
             col_mean = col_sums.div_(m).add_(hp.eps1)
@@ -382,11 +435,14 @@ class Engine:
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
             col_scale = torch.rsqrt(col)
             Us = []
-            for (start, stop), G, own in zip(parts, Gs, borrowed):
+            for (start, stop), G, own, region in zip(parts, Gs, borrowed, regions):
                 if streamed:
                     break
                 rows, cols = _part(row_scale, start, stop, count), _part(col_scale, start, stop, count)
-                U = torch.mul(G, rows[:, :, None]) if own else G.mul_(rows[:, :, None])
+                if not own:
+                    U = G.mul_(rows[:, :, None])
+                else:
+                    U = torch.mul(G, rows[:, :, None], out=region.view(G.shape) if in_scratch and region is not None else None)
                 Us.append(U.mul_(cols[:, None, :]))
         else:
             G = Gs[0]
@@ -408,7 +464,7 @@ class Engine:
             blocks = _row_blocks(m, n)
 
             def direction(start, stop):
-                return _block_direction(G[0], row_scale[0], col_scale[0], momentum, hp.beta1, start, stop)
+                return _block_direction(G[0], row_scale[0], col_scale[0], momentum, hp.beta1, start, stop, scratch)
 
             sum_sq = torch.zeros(1, dtype=torch.float32, device=device)
             for start, stop in blocks:
