@@ -11,7 +11,8 @@ so machine noise hits every contender alike; ratios are taken within the run.
     python benchmarks/step_time.py --models llama-48x256 --ranks 32 --no-quantization --per-tensor \
         --adafactor-foreach                             # issue 11: many small tensors
 
-``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
+``--projection-dtypes float32 bfloat16`` adds Flora with ``projection_dtype="bfloat16"`` beside
+the float32 default. ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
 default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
 ``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
 (``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
@@ -111,7 +112,8 @@ def with_engine(optimizer, engine_class):
     return optimizer
 
 
-def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False, engine_ref=None):
+def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False, engine_ref=None,
+               projection_dtypes=("float32",)):
     """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
     yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
     if adafactor_foreach:
@@ -121,6 +123,14 @@ def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=
     for rank in ranks:
         for quantization in quantization_options:
             name = "flora_8bit" if quantization else "flora"
+            for dtype in projection_dtypes:
+                if dtype == "float32":
+                    continue
+                yield (registry.label(name, rank) + f" ({dtype} products)",
+                       (lambda n, r, d: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000,
+                                                                 projection_dtype=d))(name, rank, dtype))
+            if "float32" not in projection_dtypes:
+                continue
             yield (registry.label(name, rank),
                    (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
             if engine_ref is not None:
@@ -146,11 +156,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def run(model: str, ranks, quantization_options, rounds: int, warmup: int, per_tensor=False,
-        adafactor_foreach=False, engine_ref=None) -> list[dict]:
+        adafactor_foreach=False, engine_ref=None, projection_dtypes=("float32",)) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
     built = [(label, make(params))
-             for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref)]
+             for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref,
+                                           projection_dtypes)]
     times: dict[str, list[float]] = {label: [] for label, _ in built}
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
@@ -205,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--engine-at", default=None, metavar="REF",
                         help="also time Flora with flora_opt/engine.py as at this git revision (same process)")
+    parser.add_argument("--projection-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="Flora's projection_dtype values to time (default float32)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -214,7 +227,7 @@ def main(argv=None):
     rows = []
     for model in args.models:
         rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup, args.per_tensor,
-                        args.adafactor_foreach, args.engine_at))
+                        args.adafactor_foreach, args.engine_at, args.projection_dtypes))
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:

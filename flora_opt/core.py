@@ -169,18 +169,19 @@ def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
 # ---- compression (section 3) ---------------------------------------------------------------
 
 
-def compress(x, projection, side: str, ops: ArrayOps):
-    """``P x`` (rows) or ``x P^T`` (cols): the ``(m, n)`` matrix to ``r x max(m, n)``."""
+def compress(x, projection, side: str, ops: ArrayOps, dtype: str = "float32"):
+    """``P x`` (rows) or ``x P^T`` (cols): the ``(m, n)`` matrix to ``r x max(m, n)``, at the
+    precision ``dtype`` (``hp.projection_dtype``, :meth:`~flora_opt.ops.ArrayOps.rounded_matmul`)."""
     if side == SIDE_ROWS:
-        return ops.matmul(projection, x)
-    return ops.matmul(x, ops.transpose(projection))
+        return ops.rounded_matmul(projection, x, dtype)
+    return ops.rounded_matmul(x, ops.transpose(projection), dtype)
 
 
-def decompress(c, projection, side: str, ops: ArrayOps):
-    """``P^T c`` (rows) or ``c P`` (cols); unbiased since ``E[P^T P] = I``."""
+def decompress(c, projection, side: str, ops: ArrayOps, dtype: str = "float32"):
+    """``P^T c`` (rows) or ``c P`` (cols); unbiased since ``E[P^T P] = I``; precision as :func:`compress`."""
     if side == SIDE_ROWS:
-        return ops.matmul(ops.transpose(projection), c)
-    return ops.matmul(c, projection)
+        return ops.rounded_matmul(ops.transpose(projection), c, dtype)
+    return ops.rounded_matmul(c, projection, dtype)
 
 
 def transfer(c, old_projection, new_projection, side: str, ops: ArrayOps):
@@ -384,7 +385,8 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
     ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
     ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
-    (rows; columns: ``M P`` and ``U P^T``). Returns ``(D, new_state)`` with ``exp_avg`` when
+    (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
+    (the transfer and the Gram products of ``s`` stay float32). Returns ``(D, new_state)`` with ``exp_avg`` when
     there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
     """
     if layout.momentum == MOMENTUM_NONE:
@@ -402,9 +404,12 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
 
     is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
     momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    history = decompress(momentum, projection, side, ops) * (beta1 * history_scale(momentum, projection, side, ops))
+    precision = hp.projection_dtype
+    scale = beta1 * history_scale(momentum, projection, side, ops)
+    history = decompress(momentum, projection, side, ops, precision) * scale
     direction = (1.0 - beta1) * normalised + history
-    return direction, {EXP_AVG: ops.lerp(momentum, compress(normalised, projection, side, ops), 1.0 - beta1)}
+    compressed = compress(normalised, projection, side, ops, precision)
+    return direction, {EXP_AVG: ops.lerp(momentum, compressed, 1.0 - beta1)}
 
 
 def flora_update(

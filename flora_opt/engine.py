@@ -94,7 +94,7 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
 IMPLEMENTED = frozenset({
     "lr", "rank", "kappa", "eps1", "eps2", "clip_threshold", "decay_rate", "beta1", "weight_decay",
     "weight_decay_mask", "scale_parameter", "relative_step", "warmup_init", "factorize_second_moment",
-    "min_dim_size_to_factor", "max_aspect_ratio", "seed", "quantization", "foreach",
+    "min_dim_size_to_factor", "max_aspect_ratio", "seed", "quantization", "foreach", "projection_dtype",
 })
 
 
@@ -163,7 +163,7 @@ SCRATCH_ELEMENTS = 1 << 25
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
 # stack are a temporary of about this many elements; a stack of small tensors (one per bucket,
 # whatever the depth) larger than PART_ELEMENTS takes SMALL_STACK_BLOCKS blocks.
-SQUARE_BLOCK = 1 << 18
+SQUARE_BLOCK = 1 << 20
 SMALL_STACK_BLOCKS = 8
 
 
@@ -258,10 +258,10 @@ class Engine:
         # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
         self.known_steps: dict[torch.Tensor, int] = {}
         # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def scratch(self, device: torch.device, numel: int) -> torch.Tensor | None:
-        """A flat float32 buffer of ``numel`` elements kept from step to step on a CPU device, for
+    def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """A flat buffer (float32, or the bfloat16 operands of ``projection_dtype="bfloat16"``) of ``numel`` elements kept from step to step on a CPU device, for
         temporaries that no state keeps (squares, ``U``/``D`` of a stack without full momentum,
         blocks of a streamed matrix); ``None`` on other devices and under ``torch.compile``.
 
@@ -275,10 +275,10 @@ class Engine:
         """
         if device.type != "cpu" or torch.compiler.is_compiling() or numel > SCRATCH_ELEMENTS:
             return None
-        buffer = self._scratch.get(device)
+        buffer = self._scratch.get((device, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-            self._scratch[device] = buffer
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch[(device, dtype)] = buffer
         return buffer[:numel]
 
     # ---- counters ---------------------------------------------------------------------------
@@ -457,7 +457,9 @@ class Engine:
                 spare = grad_sq
             Us = [U]
 
-        # First moment and the direction D (sections 3-4, 8).
+        # First moment and the direction D (sections 3-4, 8); the stored Ds are D / factor (see
+        # _compressed), their RMS and step size take the factor.
+        factor = 1.0
         if streamed:  # only RMS(D), block by block; D is formed again block by block to apply it
             m, n = work
             momentum = states[0][EXP_AVG].view(m, n) if layout.momentum == core.MOMENTUM_FULL else None
@@ -477,17 +479,19 @@ class Engine:
             new[EXP_AVG] = Ds[0]
         else:
             may_resample = self._may_resample(params, states, counters, hp.kappa)
-            Ds, new[EXP_AVG], resample = self._compressed(Us, parts, old[EXP_AVG], counters, t, hp, layout, device,
-                                                          may_resample)
+            Ds, new[EXP_AVG], resample, factor = self._compressed(Us, parts, old[EXP_AVG], counters, t, hp, layout,
+                                                                  device, may_resample)
         D = Ds[0] if len(Ds) == 1 else None  # the one full-size D of an unpartitioned stack
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
         if streamed:
             rms = sum_sq.sqrt() / math.sqrt(numel)
         else:
-            rms = _joined([torch.linalg.vector_norm(D, dim=dims) for D in Ds]) / math.sqrt(numel)
+            rms = _joined([torch.linalg.vector_norm(D, dim=dims) for D in Ds]) * (factor / math.sqrt(numel))
         finite = torch.isfinite(rms)
         scale = eta / (rms / hp.clip_threshold).clamp(min=1.0)
+        if factor != 1.0:
+            scale = scale * factor
         expand = (count,) + (1,) * len(work)
         # Full momentum with float32 parameters: Delta = eta D is never formed; the parameters
         # take p - scale * M_t in one in-place pass after the state is written (a skipped tensor's
@@ -584,9 +588,18 @@ class Engine:
     def _compressed(self, Us, parts, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
                     may_resample: bool = True):
         """Compressed momentum of a bucket whose ``U`` is kept in ``parts`` (``Us``): returns
-        ``(Ds, M_t, resample)``, ``D`` in the same parts, each written over its ``U``. Without
-        ``may_resample`` (no tensor of the bucket resamples at this step) the previous projection
-        and the transfer are skipped: ``resample`` is then false for every tensor."""
+        ``(Ds, M_t, resample, factor)``, ``D / factor`` in the same parts, each written over its
+        ``U``. Without ``may_resample`` (no tensor of the bucket resamples at this step) the
+        previous projection and the transfer are skipped: ``resample`` is then false for every
+        tensor.
+
+        float32 products: ``D = (1 - beta1) U + P^T (beta1 s M)``, one ``baddbmm`` over ``U``
+        (``compress(U)`` is taken first), ``factor = 1``. bfloat16 products
+        (``projection_dtype``, :meth:`flora_opt.ops.ArrayOps.rounded_matmul`): per part, ``U``
+        and ``M`` rounded to bfloat16 (into a scratch buffer of one part), ``P U`` and
+        ``H = P^T M`` as bfloat16 ``bmm`` (float32 sums, bfloat16 results, as the core), then
+        ``U + H beta1 s / (1 - beta1)`` over ``U`` (one pass), ``factor = 1 - beta1``.
+        """
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
         ops = get_ops("torch")
@@ -602,34 +615,62 @@ class Engine:
             P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
-        part_ps = [_part(P, a, b, len(P)) for a, b in parts]
         rows = side == core.SIDE_ROWS
-        if rows:  # M: (T, r, n);  M <- (P P_old^T) M at a resample
-            if P_old is not None:
+        if P_old is not None:  # M <- (P P_old^T) M (rows), M (P_old P^T) (cols), at a resample
+            if rows:
                 momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
-            gram_m = torch.bmm(momentum, momentum.mT)
-            compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
-        else:  # M: (T, m, r);  M <- M (P_old P^T)
-            if P_old is not None:
+            else:
                 momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
-            gram_m = torch.bmm(momentum.mT, momentum)
-            compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us)])
+        gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
         decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
         momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
         positive = decompressed_sq > 0
         ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
-        # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
-        # already taken), so no full-size temporary for the history
-        scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
-        Ds = []
-        for (a, b), U, part_p in zip(parts, Us, part_ps):
-            part_m = _part(scaled, a, b, len(P))
+        count = len(P)
+        if hp.projection_dtype == "bfloat16":
+            Ds, compressed = self._bfloat16_products(Us, parts, P, momentum, beta1 * ratio / (1.0 - beta1), rows,
+                                                     device)
+            factor = 1.0 - beta1
+        else:
+            part_ps = [_part(P, a, b, count) for a, b in parts]
             if rows:
-                Ds.append(U.baddbmm_(part_p.mT, part_m, beta=1.0 - beta1))
+                compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
             else:
-                Ds.append(U.baddbmm_(part_m, part_p, beta=1.0 - beta1))
+                compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us)])
+            # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
+            # already taken), so no full-size temporary for the history
+            scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
+            Ds = []
+            for (a, b), U, part_p in zip(parts, Us, part_ps):
+                part_m = _part(scaled, a, b, count)
+                if rows:
+                    Ds.append(U.baddbmm_(part_p.mT, part_m, beta=1.0 - beta1))
+                else:
+                    Ds.append(U.baddbmm_(part_m, part_p, beta=1.0 - beta1))
+            factor = 1.0
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
-        return Ds, new_momentum, resample
+        return Ds, new_momentum, resample, factor
+
+    def _bfloat16_products(self, Us, parts, P, momentum, history_weight, rows: bool, device):
+        """``(Ds, compress(U))`` for ``projection_dtype="bfloat16"`` (see :meth:`_compressed`):
+        ``D / (1 - beta1) = U + history_weight * bf16(P^T M)`` written over each ``U``."""
+        bf16 = torch.bfloat16
+        count = len(P)
+        P16, M16 = P.to(bf16), momentum.to(bf16)
+        largest = max((b - a) * Us[0][0].numel() for a, b in parts) if Us else 0
+        scratch = self.scratch(device, largest, bf16)
+        Ds, compressed = [], []
+        for (a, b), U in zip(parts, Us):
+            part_p, part_m = _part(P16, a, b, count), _part(M16, a, b, count)
+            U16 = U.to(bf16) if scratch is None else scratch[: U.numel()].view(U.shape).copy_(U)
+            if rows:
+                compressed.append(torch.bmm(part_p, U16).to(torch.float32))
+                history = torch.bmm(part_p.mT, part_m, out=None if scratch is None else U16)
+            else:
+                compressed.append(torch.bmm(U16, part_p.mT).to(torch.float32))
+                history = torch.bmm(part_m, part_p, out=None if scratch is None else U16)
+            Ds.append(U.addcmul_(history, _part(history_weight, a, b, count).view(-1, 1, 1)))
+        return Ds, _joined(compressed)
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------
     @staticmethod

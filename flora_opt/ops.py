@@ -82,6 +82,20 @@ class ArrayOps:
     def matmul(self, a, b):
         return a @ b
 
+    def rounded_matmul(self, a, b, dtype: str):
+        """``a @ b`` at the precision ``dtype`` (``hp.projection_dtype``): ``"float32"`` is
+        :meth:`matmul`; ``"bfloat16"`` rounds both operands to bfloat16, sums in float32 (what
+        bfloat16 matrix units do) and rounds the product to bfloat16, then widens it back."""
+        if dtype == "float32":
+            return self.matmul(a, b)
+        return self.widen(self.matmul(self.narrow(a, dtype), self.narrow(b, dtype)))
+
+    def narrow(self, x, dtype: str):
+        return x.astype(getattr(self.xp, dtype))
+
+    def widen(self, x):
+        return x.astype(self.xp.float32)
+
     def transpose(self, x):
         return x.T
 
@@ -167,6 +181,18 @@ class NumpyOps(ArrayOps):
     def rsqrt(self, x):
         return 1.0 / self.np.sqrt(x)
 
+    def narrow(self, x, dtype: str):
+        """bfloat16 values (round to nearest even of the float32 value) held in ``float_dtype``;
+        the product of two of them is then exact in float64, like a float32 sum of bfloat16 products."""
+        assert dtype == "bfloat16", dtype
+        np = self.np
+        bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.astype(np.uint32).view(np.float32).astype(self.float_dtype)
+
+    def widen(self, x):
+        return self.narrow(x, "bfloat16")  # the product, rounded to bfloat16 as the devices return it
+
 
 class TorchOps(ArrayOps):
     """PyTorch: uint32 values live in int32 tensors as their two's-complement bit patterns.
@@ -241,6 +267,12 @@ class TorchOps(ArrayOps):
     def transpose(self, x):
         return x.mT
 
+    def narrow(self, x, dtype: str):
+        return x.to(getattr(self.torch, dtype))
+
+    def widen(self, x):
+        return x.to(self.torch.float32)
+
     def sum(self, x, axis=None):
         return x.sum() if axis is None else x.sum(dim=axis)
 
@@ -306,6 +338,21 @@ class JaxOps(ArrayOps):
         import jax
 
         return jax.lax.rsqrt(x)
+
+    # XLA may keep excess precision (``xla_allow_excess_precision``, on by default): a CPU
+    # compilation upcasts a bfloat16 dot to float32 and can then drop the float32 -> bfloat16 ->
+    # float32 round trips. ``reduce_precision`` (round to nearest even) is never dropped, so the
+    # operands and the product are rounded as in the other backends.
+    def narrow(self, x, dtype: str):
+        import jax
+
+        assert dtype == "bfloat16", dtype
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7).astype(self.jnp.bfloat16)
+
+    def widen(self, x):
+        import jax
+
+        return jax.lax.reduce_precision(x.astype(self.jnp.float32), exponent_bits=8, mantissa_bits=7)
 
 
 _OPS_CACHE: dict[str, ArrayOps] = {}

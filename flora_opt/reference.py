@@ -56,6 +56,17 @@ def reference_projection(key: int, rank: int, dim: int) -> np.ndarray:
     return np.array(values[:total], dtype=np.float64).reshape(rank, dim) / math.sqrt(rank)
 
 
+def reference_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Round float64 values to float32, then to bfloat16 (the 16 high bits, nearest, ties to
+    even), held in float64."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
+    lower = bits & 0xFFFF
+    upper = bits >> 16
+    up = (lower > 0x8000) | ((lower == 0x8000) & ((upper & 1) == 1))
+    rounded = ((upper + up) << 16).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
 @dataclass
 class ReferenceTensorState:
     step: int = 0
@@ -87,6 +98,7 @@ class ReferenceFlora:
     min_dim_size_to_factor: int = 128
     max_aspect_ratio: float | None = 4.0
     seed: int = 0
+    projection_dtype: str = "float32"
     states: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -174,12 +186,18 @@ class ReferenceFlora:
             if t > 1 and (t - 1) % self.kappa == 0:  # Section 4: carry the momentum into P_k.
                 P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
                 M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
-            H = P.T @ M if rows else M @ P
-            norm_h = math.sqrt(np.sum(H * H))
+            norm_h = math.sqrt(np.sum((P.T @ M if rows else M @ P) ** 2))
+            if self.projection_dtype == "bfloat16":  # operands and products rounded to bfloat16
+                def product(a, b):
+                    return reference_bfloat16(reference_bfloat16(a) @ reference_bfloat16(b))
+            else:
+                def product(a, b):
+                    return a @ b
+            H = product(P.T, M) if rows else product(M, P)
             if norm_h > 0:  # rescale the history to the norm of the momentum it estimates
                 H = H * (math.sqrt(np.sum(M * M)) / norm_h)
             D = (1 - self.beta1) * U + self.beta1 * H
-            new_momentum = self.beta1 * M + (1 - self.beta1) * (P @ U if rows else U @ P.T)
+            new_momentum = self.beta1 * M + (1 - self.beta1) * (product(P, U) if rows else product(U, P.T))
 
         # Sections 7 and 9: clip the combined direction; a non-finite one skips the step.
         rms_d = math.sqrt(np.mean(D * D))

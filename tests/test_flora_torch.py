@@ -460,12 +460,14 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
         # and then the new momentum M_t (state); Delta = eta_t clip(M_t) is never formed (float32
         # parameters take p - scale * M_t in place, addcmul)
         ((2048, 256), dict(rank=32), 1),
-        ((2048, 256), dict(rank=32, beta1=None), 1),  # no momentum: copy of G -> U -> Delta
+        # no momentum: U -> Delta, in the CPU scratch buffer kept from the first step
+        # (engine.Engine.scratch), as the squares of G for the statistics
+        ((2048, 256), dict(rank=32, beta1=None), 0),
         # compressed momentum: U (a single gradient is read, not copied) -> D = (1 - beta1) U +
-        # P^T (beta1 s M) (one baddbmm over U) -> Delta; and the squares of G for its
-        # statistics (a stack of small tensors of at most 24 MiB is squared in one temporary, so
-        # that its op count does not grow with the number of tensors)
-        ((300, 200), dict(rank=16), 2),
+        # P^T (beta1 s M) (one baddbmm over U) -> Delta, and the squares: all in the scratch buffer
+        ((300, 200), dict(rank=16), 0),
+        # bfloat16 products: U's bfloat16 copy and P^T M share a bfloat16 scratch buffer
+        ((300, 200), dict(rank=16, projection_dtype="bfloat16"), 0),
         # full second moment: G^2 (-> V^-1/2 -> U -> M_t; a single gradient is read, not
         # copied), the new V
         ((4096,), dict(rank=32), 2),
