@@ -579,8 +579,8 @@ def run_quality(args, command: str) -> dict:
 
         for _ in range(args.extend):  # the best LR at an edge of the grid: try one step beyond it
             lr = best()
-            if lr is None or any(r.get("error") == NOT_RUN for r in tried.values()):
-                break
+            if lr is None or len(tried) < 2 or any(r.get("error") == NOT_RUN for r in tried.values()):
+                break  # (a grid of one LR is that LR, not tuned)
             lrs = sorted(tried)
             if lr == lrs[0]:
                 new = _next_lr(lrs, "low")
@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final validation batches (pretrain: 32; demo: the whole split)")
     q.add_argument("--interval", type=_positive, default=None,
                    help="Flora kappa and GaLore/APOLLO update_proj_gap (pretrain: 128; demo: 50)")
-    q.add_argument("--grid", type=_positive_float, nargs="+", default=None, help="override every contender's LR grid")
+    q.add_argument("--grid", type=_positive_float, nargs="+", default=None, help="override every contender's LR grid (one value: that LR, not tuned)")
     q.add_argument("--contender", action="append", default=[], metavar="JSON",
                    help='add a contender, e.g. \'{"id": "flora_r16_k32", "kind": "flora", '
                         '"options": {"rank": 16, "kappa": 32}}\' (repeatable; run even with --only)')
