@@ -258,10 +258,12 @@ class Engine:
         # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
         self.known_steps: dict[torch.Tensor, int] = {}
         # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
-    def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """A flat buffer (float32, or the bfloat16 operands of ``projection_dtype="bfloat16"``) of ``numel`` elements kept from step to step on a CPU device, for
+    def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32,
+                slot: str = "main") -> torch.Tensor | None:
+        """A flat buffer (float32, or the bfloat16 operands of ``projection_dtype="bfloat16"``; one
+        per ``slot``) of ``numel`` elements kept from step to step on a CPU device, for
         temporaries that no state keeps (squares, ``U``/``D`` of a stack without full momentum,
         blocks of a streamed matrix); ``None`` on other devices and under ``torch.compile``.
 
@@ -275,10 +277,11 @@ class Engine:
         """
         if device.type != "cpu" or torch.compiler.is_compiling() or numel > SCRATCH_ELEMENTS:
             return None
-        buffer = self._scratch.get((device, dtype))
+        key = (device, dtype, slot)
+        buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._scratch[(device, dtype)] = buffer
+            self._scratch[key] = buffer
         return buffer[:numel]
 
     # ---- counters ---------------------------------------------------------------------------
@@ -598,7 +601,8 @@ class Engine:
         (``projection_dtype``, :meth:`flora_opt.ops.ArrayOps.rounded_matmul`): per part, ``U``
         and ``M`` rounded to bfloat16 (into a scratch buffer of one part), ``P U`` and
         ``H = P^T M`` as bfloat16 ``bmm`` (float32 sums, bfloat16 results, as the core), then
-        ``U + H beta1 s / (1 - beta1)`` over ``U`` (one pass), ``factor = 1 - beta1``.
+        ``H`` widened into a float32 scratch buffer (an op mixing dtypes would allocate that copy
+        itself) and ``U + H beta1 s / (1 - beta1)`` over ``U`` (one pass), ``factor = 1 - beta1``.
         """
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
@@ -659,6 +663,7 @@ class Engine:
         P16, M16 = P.to(bf16), momentum.to(bf16)
         largest = max((b - a) * Us[0][0].numel() for a, b in parts) if Us else 0
         scratch = self.scratch(device, largest, bf16)
+        widened = self.scratch(device, largest, slot="history")
         Ds, compressed = [], []
         for (a, b), U in zip(parts, Us):
             part_p, part_m = _part(P16, a, b, count), _part(M16, a, b, count)
@@ -669,6 +674,10 @@ class Engine:
             else:
                 compressed.append(torch.bmm(U16, part_p.mT).to(torch.float32))
                 history = torch.bmm(part_m, part_p, out=None if scratch is None else U16)
+            if widened is None:
+                history = history.to(torch.float32)
+            else:
+                history = widened[: U.numel()].view(U.shape).copy_(history)
             Ds.append(U.addcmul_(history, _part(history_weight, a, b, count).view(-1, 1, 1)))
         return Ds, _joined(compressed)
 
