@@ -354,6 +354,15 @@ def history_scale(momentum, projection, side: str, ops: ArrayOps):
     return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
+def norm_ratio(momentum, history, ops: ArrayOps):
+    """``||M||_F / ||H||_F`` (0 when ``H = 0``): :func:`history_scale` from the decompressed
+    history ``H`` itself (``projection_dtype="bfloat16"``, where ``H`` is rounded)."""
+    history_sq = ops.sum(history * history)
+    positive = history_sq > 0
+    safe = ops.where(positive, history_sq, 1.0)
+    return ops.where(positive, ops.sqrt(ops.sum(momentum * momentum) / safe), 0.0)
+
+
 def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps):
     """Section 6: the second moment and ``U = G / sqrt(Vhat)`` (not clipped).
 
@@ -386,7 +395,8 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
     ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
     (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
-    (the transfer and the Gram products of ``s`` stay float32). Returns ``(D, new_state)`` with ``exp_avg`` when
+    (the transfer stays float32; with bfloat16 products ``s`` is taken from the rounded ``H``
+    itself, :func:`norm_ratio`, else from ``r x r`` Gram products, :func:`history_scale`). Returns ``(D, new_state)`` with ``exp_avg`` when
     there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
     """
     if layout.momentum == MOMENTUM_NONE:
@@ -405,8 +415,12 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
     momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
     precision = hp.projection_dtype
-    scale = beta1 * history_scale(momentum, projection, side, ops)
-    history = decompress(momentum, projection, side, ops, precision) * scale
+    decompressed = decompress(momentum, projection, side, ops, precision)
+    if precision == "float32":
+        scale = beta1 * history_scale(momentum, projection, side, ops)
+    else:  # the norm of the rounded H itself: one pass over H, where the Gram products cost r^2 (m + n)
+        scale = beta1 * norm_ratio(momentum, decompressed, ops)
+    history = decompressed * scale
     direction = (1.0 - beta1) * normalised + history
     compressed = compress(normalised, projection, side, ops, precision)
     return direction, {EXP_AVG: ops.lerp(momentum, compressed, 1.0 - beta1)}

@@ -157,6 +157,13 @@ def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tenso
     return stack if (start, stop) == (0, count) else stack[start:stop]
 
 
+# Float32 products form the history H = P^T M and take s from its norm (Engine._explicit_history)
+# instead of the r x r Gram products when those cost more: r^2 (m + n) > EXPLICIT_HISTORY m n
+# (r = 256 and 768 x 3072 on the CPU: 2.1 ms of Gram products per matrix against about 1 ms for
+# writing and reading H). On the CPU only (a scratch buffer for H); the two give the same s up
+# to float32 rounding.
+EXPLICIT_HISTORY = 40
+
 # The largest scratch buffer kept between steps on a CPU device (Engine.scratch): 64 MiB.
 SCRATCH_ELEMENTS = 1 << 25
 
@@ -220,6 +227,12 @@ def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, m)) for start in range(0, m, rows)]
 
 
+def _norm_ratio(momentum_sq: torch.Tensor, history_sq: torch.Tensor) -> torch.Tensor:
+    """``s = sqrt(||M||^2 / ||H||^2)`` per tensor, 0 where ``||H|| = 0`` (core.history_scale)."""
+    positive = history_sq > 0
+    return torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, history_sq, 1.0)), 0.0)
+
+
 def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int,
                      scratch: torch.Tensor | None) -> torch.Tensor:
     """Rows ``start:stop`` of ``D`` of one matrix in the streamed step: ``U = G r c^T`` (section 6,
@@ -260,6 +273,11 @@ class Engine:
         # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
         self._scratch: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
+    @staticmethod
+    def keeps_scratch(device: torch.device) -> bool:
+        """Whether :meth:`scratch` keeps buffers on ``device`` (the CPU, outside ``torch.compile``)."""
+        return device.type == "cpu" and not torch.compiler.is_compiling()
+
     def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32,
                 slot: str = "main") -> torch.Tensor | None:
         """A flat buffer (float32, or the bfloat16 operands of ``projection_dtype="bfloat16"``; one
@@ -275,7 +293,7 @@ class Engine:
         (64 MiB; a larger temporary is allocated as before), and is not part of the state.
         CUDA's caching allocator already reuses blocks.
         """
-        if device.type != "cpu" or torch.compiler.is_compiling() or numel > SCRATCH_ELEMENTS:
+        if not self.keeps_scratch(device) or numel > SCRATCH_ELEMENTS:
             return None
         key = (device, dtype, slot)
         buffer = self._scratch.get(key)
@@ -596,13 +614,10 @@ class Engine:
         previous projection and the transfer are skipped: ``resample`` is then false for every
         tensor.
 
-        float32 products: ``D = (1 - beta1) U + P^T (beta1 s M)``, one ``baddbmm`` over ``U``
-        (``compress(U)`` is taken first), ``factor = 1``. bfloat16 products
-        (``projection_dtype``, :meth:`flora_opt.ops.ArrayOps.rounded_matmul`): per part, ``U``
-        and ``M`` rounded to bfloat16 (into a scratch buffer of one part), ``P U`` and
-        ``H = P^T M`` as bfloat16 ``bmm`` (float32 sums, bfloat16 results, as the core), then
-        ``H`` widened into a float32 scratch buffer (an op mixing dtypes would allocate that copy
-        itself) and ``U + H beta1 s / (1 - beta1)`` over ``U`` (one pass), ``factor = 1 - beta1``.
+        Float32 products at a small rank: ``s`` from the ``r x r`` Gram products, and
+        ``D = (1 - beta1) U + P^T (beta1 s M)`` in one ``baddbmm`` over ``U`` (``compress(U)``
+        is taken first), ``factor = 1``. bfloat16 products, or float32 ones at a large rank on the
+        CPU (``EXPLICIT_HISTORY``): :meth:`_explicit_history`, ``factor = 1 - beta1``.
         """
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
@@ -617,7 +632,6 @@ class Engine:
             P, P_old = both[: len(keys)], both[len(keys):]
         else:
             P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
-        gram_p = torch.bmm(P, P.mT)  # (T, r, r)
         mask = resample.view(-1, 1, 1)
         rows = side == core.SIDE_ROWS
         if P_old is not None:  # M <- (P P_old^T) M (rows), M (P_old P^T) (cols), at a resample
@@ -625,17 +639,18 @@ class Engine:
                 momentum = torch.where(mask, torch.bmm(torch.bmm(P, P_old.mT), momentum), momentum)
             else:
                 momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
-        gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
-        decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
-        momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
-        positive = decompressed_sq > 0
-        ratio = torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, decompressed_sq, 1.0)), 0.0)
         count = len(P)
-        if hp.projection_dtype == "bfloat16":
-            Ds, compressed = self._bfloat16_products(Us, parts, P, momentum, beta1 * ratio / (1.0 - beta1), rows,
-                                                     device)
+        m, n = layout.work_shape
+        rounded = hp.projection_dtype == "bfloat16"
+        if rounded or (rank * rank * (m + n) > EXPLICIT_HISTORY * m * n and self.keeps_scratch(device)):
+            Ds, compressed = self._explicit_history(Us, parts, P, momentum, beta1, rows, device, rounded)
             factor = 1.0 - beta1
         else:
+            gram_p = torch.bmm(P, P.mT)  # (T, r, r)
+            gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
+            decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
+            momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
+            ratio = _norm_ratio(momentum_sq, decompressed_sq)
             part_ps = [_part(P, a, b, count) for a, b in parts]
             if rows:
                 compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
@@ -655,30 +670,45 @@ class Engine:
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
         return Ds, new_momentum, resample, factor
 
-    def _bfloat16_products(self, Us, parts, P, momentum, history_weight, rows: bool, device):
-        """``(Ds, compress(U))`` for ``projection_dtype="bfloat16"`` (see :meth:`_compressed`):
-        ``D / (1 - beta1) = U + history_weight * bf16(P^T M)`` written over each ``U``."""
+    def _explicit_history(self, Us, parts, P, momentum, beta1: float, rows: bool, device, rounded: bool):
+        """``(Ds, compress(U))`` with the history ``H = P^T M`` formed (see :meth:`_compressed`):
+        ``D / (1 - beta1) = U + H beta1 s / (1 - beta1)`` written over each ``U`` (one pass), with
+        ``s = ||M|| / ||H||`` from ``H`` itself (:func:`flora_opt.core.norm_ratio`; one read of
+        ``H``, where the Gram products cost ``r^2 (m + n)``). ``rounded`` (bfloat16 products):
+        ``U`` and ``M`` are rounded to bfloat16 (``U``'s copy in a bfloat16 scratch buffer),
+        ``H`` is a bfloat16 ``bmm`` widened into a float32 scratch buffer (an op mixing dtypes
+        would allocate that copy itself). A part at a time, so the scratch buffers hold one part."""
         bf16 = torch.bfloat16
         count = len(P)
-        P16, M16 = P.to(bf16), momentum.to(bf16)
+        if rounded:
+            P, momentum_operand = P.to(bf16), momentum.to(bf16)
+        else:
+            momentum_operand = momentum
+        momentum_sq = momentum.square().sum(dim=(1, 2))
         largest = max((b - a) * Us[0][0].numel() for a, b in parts) if Us else 0
-        scratch = self.scratch(device, largest, bf16)
+        operands = self.scratch(device, largest, bf16) if rounded else None
         widened = self.scratch(device, largest, slot="history")
         Ds, compressed = [], []
         for (a, b), U in zip(parts, Us):
-            part_p, part_m = _part(P16, a, b, count), _part(M16, a, b, count)
-            U16 = U.to(bf16) if scratch is None else scratch[: U.numel()].view(U.shape).copy_(U)
+            part_p, part_m = _part(P, a, b, count), _part(momentum_operand, a, b, count)
+            if rounded:
+                operand = U.to(bf16) if operands is None else operands[: U.numel()].view(U.shape).copy_(U)
+                out = operand if operands is not None else None  # the rounded U is dead once compressed
+            else:
+                operand = U
+                out = None if widened is None else widened[: U.numel()].view(U.shape)
             if rows:
-                compressed.append(torch.bmm(part_p, U16).to(torch.float32))
-                history = torch.bmm(part_p.mT, part_m, out=None if scratch is None else U16)
+                compressed.append(torch.bmm(part_p, operand).to(torch.float32))
+                history = torch.bmm(part_p.mT, part_m, out=out)
             else:
-                compressed.append(torch.bmm(U16, part_p.mT).to(torch.float32))
-                history = torch.bmm(part_m, part_p, out=None if scratch is None else U16)
-            if widened is None:
-                history = history.to(torch.float32)
-            else:
-                history = widened[: U.numel()].view(U.shape).copy_(history)
-            Ds.append(U.addcmul_(history, _part(history_weight, a, b, count).view(-1, 1, 1)))
+                compressed.append(torch.bmm(operand, part_p.mT).to(torch.float32))
+                history = torch.bmm(part_m, part_p, out=out)
+            if rounded:
+                history = (history.to(torch.float32) if widened is None
+                           else widened[: U.numel()].view(U.shape).copy_(history))
+            history_sq = torch.linalg.vector_norm(history, dim=(1, 2)).square_()
+            ratio = _norm_ratio(_part(momentum_sq, a, b, count), history_sq)
+            Ds.append(U.addcmul_(history, (ratio * (beta1 / (1.0 - beta1))).view(-1, 1, 1)))
         return Ds, _joined(compressed)
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------

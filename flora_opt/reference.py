@@ -186,7 +186,6 @@ class ReferenceFlora:
             if t > 1 and (t - 1) % self.kappa == 0:  # Section 4: carry the momentum into P_k.
                 P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
                 M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
-            norm_h = math.sqrt(np.sum((P.T @ M if rows else M @ P) ** 2))
             if self.projection_dtype == "bfloat16":  # operands and products rounded to bfloat16
                 def product(a, b):
                     return reference_bfloat16(reference_bfloat16(a) @ reference_bfloat16(b))
@@ -194,6 +193,7 @@ class ReferenceFlora:
                 def product(a, b):
                     return a @ b
             H = product(P.T, M) if rows else product(M, P)
+            norm_h = math.sqrt(np.sum(H * H))
             if norm_h > 0:  # rescale the history to the norm of the momentum it estimates
                 H = H * (math.sqrt(np.sum(M * M)) / norm_h)
             D = (1 - self.beta1) * U + self.beta1 * H

@@ -233,6 +233,27 @@ def test_stack_of_small_tensors_in_parts_equals_per_tensor_path(monkeypatch):
     assert [(0, 1), (1, 2)] in seen
 
 
+@pytest.mark.parametrize("parts", [False, True])
+def test_explicit_history_equals_per_tensor_path(monkeypatch, parts):
+    """Float32 products at a large rank form H = P^T M and take s from its norm instead of the
+    Gram products (engine.EXPLICIT_HISTORY; forced here at rank 8): the same step up to float32
+    rounding, both sides, across resamples and a skipped step, with and without parts."""
+    from flora_opt import engine
+
+    monkeypatch.setattr(engine, "EXPLICIT_HISTORY", 0)
+    if parts:
+        monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)
+    calls = []
+    original = engine.Engine._explicit_history
+    monkeypatch.setattr(engine.Engine, "_explicit_history",
+                        lambda self, *args: calls.append(args[-1]) or original(self, *args))
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grouped, opt_grouped = _run(True, options, poison=(2, 1))
+    reference, opt_reference = _run(False, options, poison=(2, 1))
+    _assert_same(grouped, opt_grouped, reference, opt_reference)
+    assert calls and not any(calls)  # taken, with float32 (not rounded) products
+
+
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
     p = torch.nn.Parameter(torch.randn(40, 50))
     opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=2)
