@@ -90,6 +90,7 @@ def check_flora_cuda_vs_cpu():
         ("fp32 rank=None", torch.float32, dict(rank=None)),
         ("bf16 r=16 kappa=4", torch.bfloat16, dict(rank=16, kappa=4)),
         ("fp32 8-bit r=32", torch.float32, dict(rank=32, kappa=4, quantization=True)),
+        ("fp32 r=16 bf16 products", torch.float32, dict(rank=16, kappa=4, projection_dtype="bfloat16")),
     ]:
         if options.get("quantization"):
             try:
@@ -252,6 +253,7 @@ def bench_steps(rounds: int, budget_s: float = 360.0):
             ("APOLLO r=256", _lab_contender("apollo", lr=1e-3, rank=256)),
             ("Flora r=32", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=32)),
             ("Flora r=256", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256)),
+            ("Flora r=256 bf16 products", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, projection_dtype="bfloat16")),
             ("Flora r=256 per-tensor", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, foreach=False)),
             ("Flora r=256 8-bit", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, quantization=True)),
         ]

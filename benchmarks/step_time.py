@@ -16,7 +16,9 @@ the float32 default. ``--per-tensor`` adds Flora's per-tensor reference path (``
 default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
 ``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
 (``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
-previous one in the same process, rounds interleaved.
+previous one in the same process, rounds interleaved; ``--package-at REF`` adds Flora from the
+whole ``flora_opt`` package at ``REF`` (another update rule or step), imported under its own
+name.
 
 Prints a markdown table and writes JSON to benchmarks/results/step_time.json.
 """
@@ -107,13 +109,33 @@ def engine_at(ref: str):
     return module.Engine
 
 
+def package_at(ref: str):
+    """The whole ``flora_opt`` package as it was at git revision ``ref`` (``git archive``),
+    imported under its own name, so that an older optimizer (another update rule, the
+    per-tensor step) runs in the same process as this one, rounds interleaved."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    archive = subprocess.run(["git", "archive", ref, "flora_opt"], cwd=REPO, capture_output=True, check=True).stdout
+    root = Path(tempfile.mkdtemp())
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root / "archive", filter="data")
+    name = "flora_opt_at_" + "".join(c if c.isalnum() else "_" for c in ref)
+    (root / "archive" / "flora_opt").rename(root / name)
+    sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
 def with_engine(optimizer, engine_class):
     optimizer._engine = engine_class(optimizer)
     return optimizer
 
 
 def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False, engine_ref=None,
-               projection_dtypes=("float32",)):
+               projection_dtypes=("float32",), package_ref=None):
     """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
     yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
     if adafactor_foreach:
@@ -133,6 +155,10 @@ def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=
                 continue
             yield (registry.label(name, rank),
                    (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
+            if package_ref is not None and not quantization:
+                package = package_at(package_ref)
+                yield (registry.label(name, rank) + f" (flora_opt at {package_ref})",
+                       (lambda r: lambda ps: package.Flora(ps, lr=1e-3, rank=r, kappa=1000))(rank))
             if engine_ref is not None:
                 engine_class = engine_at(engine_ref)
                 yield (registry.label(name, rank) + f" (engine at {engine_ref})",
@@ -156,12 +182,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def run(model: str, ranks, quantization_options, rounds: int, warmup: int, per_tensor=False,
-        adafactor_foreach=False, engine_ref=None, projection_dtypes=("float32",)) -> list[dict]:
+        adafactor_foreach=False, engine_ref=None, projection_dtypes=("float32",), package_ref=None) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
     built = [(label, make(params))
              for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref,
-                                           projection_dtypes)]
+                                           projection_dtypes, package_ref)]
     times: dict[str, list[float]] = {label: [] for label, _ in built}
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
@@ -216,6 +242,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--engine-at", default=None, metavar="REF",
                         help="also time Flora with flora_opt/engine.py as at this git revision (same process)")
+    parser.add_argument("--package-at", default=None, metavar="REF",
+                        help="also time Flora from the whole flora_opt package as at this git revision (same process)")
     parser.add_argument("--projection-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="Flora's projection_dtype values to time (default float32)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
@@ -227,7 +255,7 @@ def main(argv=None):
     rows = []
     for model in args.models:
         rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup, args.per_tensor,
-                        args.adafactor_foreach, args.engine_at, args.projection_dtypes))
+                        args.adafactor_foreach, args.engine_at, args.projection_dtypes, args.package_at))
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
