@@ -354,9 +354,22 @@ def history_scale(momentum, projection, side: str, ops: ArrayOps):
     return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
+# ||H|| from H itself (one read of the m x n history) where the r x r Gram products of
+# history_scale cost more: r^2 (m + n) > HISTORY_NORM_RATIO m n (rank 256 on a 768 x 3072 matrix:
+# 2.1 ms of Gram products on the CPU against about 1 ms for writing and reading H).
+HISTORY_NORM_RATIO = 40
+
+
+def history_norm_from_history(rank: int, m: int, n: int) -> bool:
+    """Whether ``s`` is taken from the formed history (:func:`norm_ratio`) rather than from Gram
+    products (:func:`history_scale`); the two are equal up to rounding (with bfloat16 products,
+    the rounding of ``H``). A cost rule of the shapes only, so every path takes the same one."""
+    return rank * rank * (m + n) > HISTORY_NORM_RATIO * m * n
+
+
 def norm_ratio(momentum, history, ops: ArrayOps):
     """``||M||_F / ||H||_F`` (0 when ``H = 0``): :func:`history_scale` from the decompressed
-    history ``H`` itself (``projection_dtype="bfloat16"``, where ``H`` is rounded)."""
+    history ``H`` itself (with bfloat16 products, the rounded ``H``)."""
     history_sq = ops.sum(history * history)
     positive = history_sq > 0
     safe = ops.where(positive, history_sq, 1.0)
@@ -395,8 +408,8 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
     ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
     (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
-    (the transfer stays float32; with bfloat16 products ``s`` is taken from the rounded ``H``
-    itself, :func:`norm_ratio`, else from ``r x r`` Gram products, :func:`history_scale`). Returns ``(D, new_state)`` with ``exp_avg`` when
+    (the transfer stays float32); ``s`` from ``r x r`` Gram products (:func:`history_scale`), or
+    from ``H`` itself at a large rank (:func:`history_norm_from_history`). Returns ``(D, new_state)`` with ``exp_avg`` when
     there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
     """
     if layout.momentum == MOMENTUM_NONE:
@@ -416,10 +429,10 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
     precision = hp.projection_dtype
     decompressed = decompress(momentum, projection, side, ops, precision)
-    if precision == "float32":
-        scale = beta1 * history_scale(momentum, projection, side, ops)
-    else:  # the norm of the rounded H itself: one pass over H, where the Gram products cost r^2 (m + n)
+    if history_norm_from_history(rank, *layout.matrix):
         scale = beta1 * norm_ratio(momentum, decompressed, ops)
+    else:
+        scale = beta1 * history_scale(momentum, projection, side, ops)
     history = decompressed * scale
     direction = (1.0 - beta1) * normalised + history
     compressed = compress(normalised, projection, side, ops, precision)

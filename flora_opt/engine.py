@@ -157,13 +157,6 @@ def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tenso
     return stack if (start, stop) == (0, count) else stack[start:stop]
 
 
-# Float32 products form the history H = P^T M and take s from its norm (Engine._explicit_history)
-# instead of the r x r Gram products when those cost more: r^2 (m + n) > EXPLICIT_HISTORY m n
-# (r = 256 and 768 x 3072 on the CPU: 2.1 ms of Gram products per matrix against about 1 ms for
-# writing and reading H). On the CPU only (a scratch buffer for H); the two give the same s up
-# to float32 rounding.
-EXPLICIT_HISTORY = 40
-
 # The largest scratch buffer kept between steps on a CPU device (Engine.scratch): 64 MiB.
 SCRATCH_ELEMENTS = 1 << 25
 
@@ -225,6 +218,16 @@ def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
     """Blocks of rows of one ``(m, n)`` matrix of about ``SQUARE_BLOCK`` elements (streamed step)."""
     rows = max(1, SQUARE_BLOCK // max(n, 1))
     return [(start, min(start + rows, m)) for start in range(0, m, rows)]
+
+
+def _gram_ratio(P: torch.Tensor, momentum: torch.Tensor, rows: bool) -> torch.Tensor:
+    """``s = ||M|| / ||decompress(M)||`` per tensor through ``r x r`` Gram products
+    (:func:`flora_opt.core.history_scale`): ``||P^T M||^2 = <P P^T, M M^T>`` (rows)."""
+    gram_p = torch.bmm(P, P.mT)
+    gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
+    decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
+    momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
+    return _norm_ratio(momentum_sq, decompressed_sq)
 
 
 def _norm_ratio(momentum_sq: torch.Tensor, history_sq: torch.Tensor) -> torch.Tensor:
@@ -614,10 +617,11 @@ class Engine:
         previous projection and the transfer are skipped: ``resample`` is then false for every
         tensor.
 
-        Float32 products at a small rank: ``s`` from the ``r x r`` Gram products, and
+        ``s`` from the ``r x r`` Gram products, or from the formed history at a large rank
+        (:func:`flora_opt.core.history_norm_from_history`). Float32 products at a small rank:
         ``D = (1 - beta1) U + P^T (beta1 s M)`` in one ``baddbmm`` over ``U`` (``compress(U)``
-        is taken first), ``factor = 1``. bfloat16 products, or float32 ones at a large rank on the
-        CPU (``EXPLICIT_HISTORY``): :meth:`_explicit_history`, ``factor = 1 - beta1``.
+        is taken first), ``factor = 1``. Otherwise :meth:`_formed_history`,
+        ``factor = 1 - beta1``.
         """
         beta1, rank, side = hp.beta1, layout.rank, layout.side
         dim = layout.compressed_dim
@@ -640,17 +644,13 @@ class Engine:
             else:
                 momentum = torch.where(mask, torch.bmm(momentum, torch.bmm(P_old, P.mT)), momentum)
         count = len(P)
-        m, n = layout.work_shape
         rounded = hp.projection_dtype == "bfloat16"
-        if rounded or (rank * rank * (m + n) > EXPLICIT_HISTORY * m * n and self.keeps_scratch(device)):
-            Ds, compressed = self._explicit_history(Us, parts, P, momentum, beta1, rows, device, rounded)
+        from_history = core.history_norm_from_history(rank, *layout.work_shape)
+        ratio = None if from_history else _gram_ratio(P, momentum, rows)
+        if rounded or from_history:
+            Ds, compressed = self._formed_history(Us, parts, P, momentum, beta1, rows, device, rounded, ratio)
             factor = 1.0 - beta1
         else:
-            gram_p = torch.bmm(P, P.mT)  # (T, r, r)
-            gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
-            decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
-            momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
-            ratio = _norm_ratio(momentum_sq, decompressed_sq)
             part_ps = [_part(P, a, b, count) for a, b in parts]
             if rows:
                 compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
@@ -670,11 +670,11 @@ class Engine:
         new_momentum = torch.lerp(momentum, compressed, 1.0 - beta1, out=compressed)  # over its own temporary
         return Ds, new_momentum, resample, factor
 
-    def _explicit_history(self, Us, parts, P, momentum, beta1: float, rows: bool, device, rounded: bool):
+    def _formed_history(self, Us, parts, P, momentum, beta1: float, rows: bool, device, rounded: bool, ratio=None):
         """``(Ds, compress(U))`` with the history ``H = P^T M`` formed (see :meth:`_compressed`):
         ``D / (1 - beta1) = U + H beta1 s / (1 - beta1)`` written over each ``U`` (one pass), with
-        ``s = ||M|| / ||H||`` from ``H`` itself (:func:`flora_opt.core.norm_ratio`; one read of
-        ``H``, where the Gram products cost ``r^2 (m + n)``). ``rounded`` (bfloat16 products):
+        ``s`` = ``ratio`` (from Gram products) or, when ``None``, ``||M|| / ||H||`` from ``H``
+        itself (:func:`flora_opt.core.norm_ratio`). ``rounded`` (bfloat16 products):
         ``U`` and ``M`` are rounded to bfloat16 (``U``'s copy in a bfloat16 scratch buffer),
         ``H`` is a bfloat16 ``bmm`` widened into a float32 scratch buffer (an op mixing dtypes
         would allocate that copy itself). A part at a time, so the scratch buffers hold one part."""
@@ -684,7 +684,7 @@ class Engine:
             P, momentum_operand = P.to(bf16), momentum.to(bf16)
         else:
             momentum_operand = momentum
-        momentum_sq = momentum.square().sum(dim=(1, 2))
+        momentum_sq = momentum.square().sum(dim=(1, 2)) if ratio is None else None
         largest = max((b - a) * Us[0][0].numel() for a, b in parts) if Us else 0
         operands = self.scratch(device, largest, bf16) if rounded else None
         widened = self.scratch(device, largest, slot="history")
@@ -706,9 +706,12 @@ class Engine:
             if rounded:
                 history = (history.to(torch.float32) if widened is None
                            else widened[: U.numel()].view(U.shape).copy_(history))
-            history_sq = torch.linalg.vector_norm(history, dim=(1, 2)).square_()
-            ratio = _norm_ratio(_part(momentum_sq, a, b, count), history_sq)
-            Ds.append(U.addcmul_(history, (ratio * (beta1 / (1.0 - beta1))).view(-1, 1, 1)))
+            if ratio is None:
+                history_sq = torch.linalg.vector_norm(history, dim=(1, 2)).square_()
+                part_ratio = _norm_ratio(_part(momentum_sq, a, b, count), history_sq)
+            else:
+                part_ratio = _part(ratio, a, b, count)
+            Ds.append(U.addcmul_(history, (part_ratio * (beta1 / (1.0 - beta1))).view(-1, 1, 1)))
         return Ds, _joined(compressed)
 
     # ---- state (8-bit states dequantized and requantized as one stack) ----------------------

@@ -234,24 +234,28 @@ def test_stack_of_small_tensors_in_parts_equals_per_tensor_path(monkeypatch):
 
 
 @pytest.mark.parametrize("parts", [False, True])
-def test_explicit_history_equals_per_tensor_path(monkeypatch, parts):
-    """Float32 products at a large rank form H = P^T M and take s from its norm instead of the
-    Gram products (engine.EXPLICIT_HISTORY; forced here at rank 8): the same step up to float32
-    rounding, both sides, across resamples and a skipped step, with and without parts."""
-    from flora_opt import engine
+def test_history_norm_from_the_history_equals_per_tensor_path(monkeypatch, parts):
+    """At a large rank ``s`` comes from the formed history's norm instead of Gram products
+    (core.history_norm_from_history; forced here at rank 8): the grouped step still equals the
+    per-tensor path, both sides, across resamples and a skipped step, with and without parts,
+    and both equal the Gram form up to float32 rounding."""
+    from flora_opt import core, engine
 
-    monkeypatch.setattr(engine, "EXPLICIT_HISTORY", 0)
+    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    grams, _ = _run(False, options, poison=(2, 1))
+    monkeypatch.setattr(core, "HISTORY_NORM_RATIO", 0)
     if parts:
         monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)
-    calls = []
-    original = engine.Engine._explicit_history
-    monkeypatch.setattr(engine.Engine, "_explicit_history",
-                        lambda self, *args: calls.append(args[-1]) or original(self, *args))
-    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
+    ratios = []
+    original = engine.Engine._formed_history
+    monkeypatch.setattr(engine.Engine, "_formed_history",
+                        lambda self, *args: ratios.append(args[-1]) or original(self, *args))
     grouped, opt_grouped = _run(True, options, poison=(2, 1))
     reference, opt_reference = _run(False, options, poison=(2, 1))
     _assert_same(grouped, opt_grouped, reference, opt_reference)
-    assert calls and not any(calls)  # taken, with float32 (not rounded) products
+    assert ratios and all(ratio is None for ratio in ratios)  # taken, with s from the history
+    for a, b in zip(reference, grams):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_skip_warning_is_raised_lazily_and_state_dict_is_exact():
