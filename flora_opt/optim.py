@@ -29,9 +29,11 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -70,6 +72,23 @@ PROJECTION = "projection"
 # "skipped_steps", which the reference flora-opt 0.0.3's state lacks.
 FORMAT_KEY = "flora_format"
 STATE_FORMAT = 2
+@functools.cache
+def _expected_state(layout: TensorLayout, quantization: bool, sharded: bool) -> Mapping[str, tuple]:
+    """The state keys of a tensor with ``layout``, with their shapes and dtypes (read only: cached,
+    since every step checks every tensor's state against it)."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for key, shape in layout.state_shapes().items():
+        if Flora._quantized(layout, key, quantization):
+            blocks = q.num_blocks(math.prod(shape))
+            # DTensor (FSDP2) codes keep the state's shape, so they shard like it (distributed.py)
+            codes_shape = tuple(shape) if sharded else (blocks * q.BLOCK_SIZE,)
+            expected[key + CODES_SUFFIX] = (codes_shape, torch.uint8)
+            expected[key + ABSMAX_SUFFIX] = ((blocks,), torch.float32)
+        else:
+            expected[key] = (shape, torch.float32)
+    return types.MappingProxyType(expected)
+
+
 def _is_symbolic(tensor: torch.Tensor) -> bool:
     """Meta or fake tensors (memory estimation, deferred init): no values to test or sync on."""
     if tensor.device.type == "meta":
@@ -241,18 +260,8 @@ class Flora(torch.optim.Optimizer):
 
     def _expected_state(
         self, layout: TensorLayout, quantization: bool, sharded: bool = False
-    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for key, shape in layout.state_shapes().items():
-            if self._quantized(layout, key, quantization):
-                blocks = q.num_blocks(math.prod(shape))
-                # DTensor (FSDP2) codes keep the state's shape, so they shard like it (distributed.py)
-                codes_shape = tuple(shape) if sharded else (blocks * q.BLOCK_SIZE,)
-                expected[key + CODES_SUFFIX] = (codes_shape, torch.uint8)
-                expected[key + ABSMAX_SUFFIX] = ((blocks,), torch.float32)
-            else:
-                expected[key] = (shape, torch.float32)
-        return expected
+    ) -> Mapping[str, tuple[tuple[int, ...], torch.dtype]]:
+        return _expected_state(layout, quantization, sharded)
 
     @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
