@@ -276,6 +276,10 @@ class Engine:
         # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
         self._scratch: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
+    def scratch_bytes(self) -> int:
+        """Bytes of the scratch buffers kept between steps (:meth:`scratch`; not state)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._scratch.values())
+
     @staticmethod
     def keeps_scratch(device: torch.device) -> bool:
         """Whether :meth:`scratch` keeps buffers on ``device`` (the CPU, outside ``torch.compile``)."""
@@ -384,12 +388,24 @@ class Engine:
         partitioned = (layout.factored and layout.momentum == core.MOMENTUM_COMPRESSED
                        and params[0].dtype == torch.float32 and not torch.compiler.is_compiling())
         parts = _parts(count, numel) if partitioned else [(0, count)]
+        # On the CPU the stack of float32 gradients goes into the scratch buffer unless D is kept
+        # (full momentum writes M_t over U, as state); see Engine.scratch.
+        stack_scratch = None
+        if (layout.factored and layout.momentum != core.MOMENTUM_FULL and len(layout.shape) == 2
+                and all(g.dtype == torch.float32 for g in grads)):
+            stack_scratch = self.scratch(device, count * numel)
         Gs, borrowed = [], []
         for start, stop in parts:
             part_shape = (stop - start,) + work
             G = _stack_view(grads[start:stop], part_shape)
             borrowed.append(G is not None and G.dtype == torch.float32)
-            Gs.append((torch.stack(grads[start:stop]).view(part_shape) if G is None else G).to(torch.float32))
+            if G is None and stack_scratch is not None:  # one as_strided op: the op count stays flat
+                m, n = work
+                out = stack_scratch.as_strided(part_shape, (numel, n, 1), stack_scratch.storage_offset() + start * numel)
+                G = torch.stack(grads[start:stop], out=out)
+            elif G is None:
+                G = torch.stack(grads[start:stop]).view(part_shape)
+            Gs.append(G.to(torch.float32))
         counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
@@ -442,12 +458,13 @@ class Engine:
             # first into its region), unless D is kept (full momentum writes M_t over U); else the
             # squares alone, or the blocks of a streamed matrix.
             in_scratch = not streamed and any(borrowed) and layout.momentum != core.MOMENTUM_FULL
-            if in_scratch:
+            stacked = stack_scratch is not None and not all(borrowed)  # a G in the scratch buffer
+            if in_scratch and not stacked:
                 scratch = self.scratch(device, count * numel)
                 regions = [None if scratch is None else scratch[start * numel:stop * numel] for start, stop in parts]
             else:
-                rows = max(_square_rows(stop - start, m, n) for start, stop in parts)
-                scratch = self.scratch(device, count * min(rows, m) * n)
+                need = max((stop - start) * min(_square_rows(stop - start, m, n), m) * n for start, stop in parts)
+                scratch = self.scratch(device, need, slot="squares" if stacked else "main")
                 regions = [scratch] * len(parts)
             sums = [_sums_of_squares(G, region) for G, region in zip(Gs, regions)]
             row_sums, col_sums = _joined([s[0] for s in sums]), _joined([s[1] for s in sums])
@@ -466,7 +483,8 @@ class Engine:
                 if not own:
                     U = G.mul_(rows[:, :, None])
                 else:
-                    U = torch.mul(G, rows[:, :, None], out=region.view(G.shape) if in_scratch and region is not None else None)
+                    into = region is not None and in_scratch and not stacked
+                    U = torch.mul(G, rows[:, :, None], out=region.view(G.shape) if into else None)
                 Us.append(U.mul_(cols[:, None, :]))
         else:
             G = Gs[0]

@@ -322,6 +322,12 @@ class Flora(torch.optim.Optimizer):
                     total += value.numel() * value.element_size()
         return total
 
+    def scratch_bytes(self) -> int:
+        """Bytes of the CPU scratch buffers that the grouped step keeps from one step to the next
+        for its temporaries (the largest stack of gradients and its squares; not state, not in
+        :meth:`state_dict`; none on other devices). docs/algorithm.md section 8."""
+        return self._engine.scratch_bytes()
+
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

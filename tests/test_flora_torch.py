@@ -488,6 +488,28 @@ def test_step_allocates_few_gradient_sized_tensors(shape, options, expected):
     assert counter.count == expected
 
 
+@pytest.mark.parametrize("count, options, expected", [
+    # one gradient read in place: U and the squares share one buffer of the matrix
+    (1, dict(rank=16), 300 * 200 * 4),
+    # two gradients stacked into the buffer, their squares in a second one
+    (2, dict(rank=16), 2 * (2 * 300 * 200 * 4)),
+    # bfloat16 products add U's bfloat16 copy and the widened history
+    (1, dict(rank=16, projection_dtype="bfloat16"), 300 * 200 * (4 + 2 + 4)),
+    # full momentum keeps M_t: only the squares
+    (1, dict(rank=None), 300 * 200 * 4),
+])
+def test_scratch_bytes_are_the_largest_temporaries(count, options, expected):
+    params = [torch.nn.Parameter(torch.randn(300, 200)) for _ in range(count)]
+    optimizer = flora_opt.Flora(params, lr=0.01, **options)
+    assert optimizer.scratch_bytes() == 0
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(300, 200)
+        optimizer.step()
+    assert optimizer.scratch_bytes() == expected
+    assert "scratch" not in str(optimizer.state_dict())  # not state
+
+
 def test_quantized_training_tracks_fp32():
     pytest.importorskip("torchao")
     torch.manual_seed(0)
