@@ -125,10 +125,12 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {}
     if mode == "parity":
+        # an optional third argument: the projection_dtype of both optimizers
+        options = dict(OPTIONS, projection_dtype=sys.argv[3]) if len(sys.argv) > 3 else OPTIONS
         reference = build()
-        reference_opt = flora_opt.Flora(reference.parameters(), **OPTIONS)
+        reference_opt = flora_opt.Flora(reference.parameters(), **options)
         model = shard(build())
-        optimizer = flora_opt.Flora(model.parameters(), **OPTIONS)
+        optimizer = flora_opt.Flora(model.parameters(), **options)
         collectives = Collectives()
         for step in range(8):
             full, _ = batch(step, rank, world)

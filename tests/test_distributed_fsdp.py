@@ -64,6 +64,21 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_fsdp2_bfloat16_products_follow_the_single_process(tmp_path):
+    """projection_dtype="bfloat16" under FSDP2: a row-sharded ``P G`` is a sum of bfloat16
+    partial products (each rank rounds its own), so the ranks follow the single process to
+    bfloat16 rounding, not float32's; collectives and state as with float32 products."""
+    out = tmp_path / "parity.json"
+    run_worker(2, "parity", out, "bfloat16")
+    results = json.loads(out.read_text())
+    for result in results:
+        assert 2e-6 < result["error"] < 2e-3, result["error"]  # rounded, and only that
+        result["error"] = 0.0
+    check_parity(results, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_fsdp2_four_processes_match_single_process_uneven_shards(tmp_path):
     # 30 rows at world 4: 8, 8, 8, 6; the (1, 30) matrix leaves three ranks empty
     out = tmp_path / "parity.json"
