@@ -137,3 +137,21 @@ def test_optax_bfloat16_products_match_the_reference():
         moved, expected = np.asarray(p[k], np.float64) - start, expected - start
         assert _relative(moved, expected) < 2e-3, k
         assert _agreeing(moved, expected, 1e-4) > AGREE, k
+
+
+@pytest.mark.filterwarnings("ignore:Flora. kappa=3 is too small")
+def test_bfloat16_products_with_8bit_states_grouped_equals_per_tensor():
+    pytest.importorskip("torchao")
+    results = {}
+    for foreach in (None, False):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 300), (300, 64), (64, 64)]]
+        opt = flora_opt.Flora(params, lr=0.01, rank=16, kappa=3, quantization=True, projection_dtype="bfloat16",
+                              foreach=foreach)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results[foreach] = [p.detach() for p in params]
+    for grouped, reference in zip(results[None], results[False]):
+        assert _relative(grouped.double().numpy(), reference.double().numpy()) < 1e-4  # measured 5e-8
