@@ -19,6 +19,20 @@ BASELINE = {"momentum": "adafactor_momentum", "accumulation": "naive"}
 _BYTES = {"momentum": ("momentum_bytes", "momentum bytes"), "accumulation": ("accum_bytes", "accumulation buffer bytes")}
 
 
+def _save(fig, ax, path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, save (110 dpi) and close one figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _stats(values) -> dict:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
@@ -148,14 +162,8 @@ def write_plots(results: dict, out: Path) -> dict:
             steps = [p[0] for p in curves[0]]
             mean = np.mean([[p[1] for p in c] for c in curves], axis=0)
             ax.plot(steps, mean, marker="o", ms=3, label=row["label"])
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"{experiment}: validation loss (mean of {results['seeds']} seed(s))")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        curves_name = f"{experiment}_curves.png"
-        fig.savefig(out / curves_name, dpi=110)
-        plt.close(fig)
+        curves_name = _save(fig, ax, out / f"{experiment}_curves.png", "optimizer step", "validation loss",
+                            f"{experiment}: validation loss (mean of {results['seeds']} seed(s))")
 
         field, title = _BYTES[experiment]
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -163,13 +171,7 @@ def write_plots(results: dict, out: Path) -> dict:
             ax.errorbar(row[field], row["val_loss"]["mean"], yerr=row["val_loss"]["std"], fmt="o", capsize=3,
                         label=row["label"])
         ax.set_xscale("symlog", linthresh=1024)
-        ax.set_xlabel(title)
-        ax.set_ylabel("final validation loss")
-        ax.set_title(f"{experiment}: quality against memory")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        memory_name = f"{experiment}_memory.png"
-        fig.savefig(out / memory_name, dpi=110)
-        plt.close(fig)
+        memory_name = _save(fig, ax, out / f"{experiment}_memory.png", title, "final validation loss",
+                            f"{experiment}: quality against memory")
         written[experiment] = [curves_name, memory_name]
     return written
