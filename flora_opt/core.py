@@ -349,9 +349,7 @@ def history_scale(momentum, projection, side: str, ops: ArrayOps):
         gram_m = ops.matmul(ops.transpose(momentum), momentum)
     decompressed_sq = ops.sum(gram_p * gram_m)
     momentum_sq = ops.sum(momentum * momentum)
-    positive = decompressed_sq > 0
-    safe = ops.where(positive, decompressed_sq, 1.0)
-    return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
+    return ratio_of_norms(momentum_sq, decompressed_sq, ops)
 
 
 # ||H|| from H itself (one read of the m x n history) where the r x r Gram products of
@@ -370,10 +368,15 @@ def history_norm_from_history(rank: int, m: int, n: int) -> bool:
 def norm_ratio(momentum, history, ops: ArrayOps):
     """``||M||_F / ||H||_F`` (0 when ``H = 0``): :func:`history_scale` from the decompressed
     history ``H`` itself (with bfloat16 products, the rounded ``H``)."""
-    history_sq = ops.sum(history * history)
+    return ratio_of_norms(ops.sum(momentum * momentum), ops.sum(history * history), ops)
+
+
+def ratio_of_norms(momentum_sq, history_sq, ops: ArrayOps):
+    """``s = sqrt(||M||^2 / ||H||^2)`` from the squared norms, 0 where ``||H|| = 0`` (elementwise,
+    so a stack of tensors' norms works too)."""
     positive = history_sq > 0
     safe = ops.where(positive, history_sq, 1.0)
-    return ops.where(positive, ops.sqrt(ops.sum(momentum * momentum) / safe), 0.0)
+    return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
 def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps):

@@ -157,7 +157,8 @@ def _part(stack: torch.Tensor, start: int, stop: int, count: int) -> torch.Tenso
     return stack if (start, stop) == (0, count) else stack[start:stop]
 
 
-# The largest scratch buffer kept between steps on a CPU device (Engine.scratch): 64 MiB.
+# The largest scratch buffer kept between steps on a CPU device (Engine.scratch): 2^25 elements
+# (128 MiB in float32).
 SCRATCH_ELEMENTS = 1 << 25
 
 # Elements per block of the second-moment statistics: the squares of a block of rows of the whole
@@ -227,13 +228,7 @@ def _gram_ratio(P: torch.Tensor, momentum: torch.Tensor, rows: bool) -> torch.Te
     gram_m = torch.bmm(momentum, momentum.mT) if rows else torch.bmm(momentum.mT, momentum)
     decompressed_sq = (gram_p * gram_m).sum(dim=(1, 2))
     momentum_sq = gram_m.diagonal(dim1=1, dim2=2).sum(dim=1)  # ||M||_F^2 = tr(M M^T): no M*M temporary
-    return _norm_ratio(momentum_sq, decompressed_sq)
-
-
-def _norm_ratio(momentum_sq: torch.Tensor, history_sq: torch.Tensor) -> torch.Tensor:
-    """``s = sqrt(||M||^2 / ||H||^2)`` per tensor, 0 where ``||H|| = 0`` (core.history_scale)."""
-    positive = history_sq > 0
-    return torch.where(positive, torch.sqrt(momentum_sq / torch.where(positive, history_sq, 1.0)), 0.0)
+    return core.ratio_of_norms(momentum_sq, decompressed_sq, get_ops("torch"))
 
 
 def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int,
@@ -273,17 +268,12 @@ class Engine:
         # exactly (counter built from the host state, or synchronize()): the device step lies
         # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
         self.known_steps: dict[torch.Tensor, int] = {}
-        # CPU device -> a float32 buffer kept between steps for the step's full-size temporaries
+        # (CPU device, dtype, slot) -> a buffer kept between steps for the step's full-size temporaries
         self._scratch: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
     def scratch_bytes(self) -> int:
         """Bytes of the scratch buffers kept between steps (:meth:`scratch`; not state)."""
         return sum(buffer.numel() * buffer.element_size() for buffer in self._scratch.values())
-
-    @staticmethod
-    def keeps_scratch(device: torch.device) -> bool:
-        """Whether :meth:`scratch` keeps buffers on ``device`` (the CPU, outside ``torch.compile``)."""
-        return device.type == "cpu" and not torch.compiler.is_compiling()
 
     def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32,
                 slot: str = "main") -> torch.Tensor | None:
@@ -297,10 +287,10 @@ class Engine:
         last large block is free, so every step touches new pages (docs/benchmarks.md). Reused,
         its pages stay resident. It grows to the largest stack (at most ``STACK_ELEMENTS``
         elements of large tensors, or a bucket of small ones), at most ``SCRATCH_ELEMENTS``
-        (64 MiB; a larger temporary is allocated as before), and is not part of the state.
+        (128 MiB in float32; a larger temporary is allocated as before), and is not part of the state.
         CUDA's caching allocator already reuses blocks.
         """
-        if not self.keeps_scratch(device) or numel > SCRATCH_ELEMENTS:
+        if device.type != "cpu" or torch.compiler.is_compiling() or numel > SCRATCH_ELEMENTS:
             return None
         key = (device, dtype, slot)
         buffer = self._scratch.get(key)
@@ -726,7 +716,7 @@ class Engine:
                            else widened[: U.numel()].view(U.shape).copy_(history))
             if ratio is None:
                 history_sq = torch.linalg.vector_norm(history, dim=(1, 2)).square_()
-                part_ratio = _norm_ratio(_part(momentum_sq, a, b, count), history_sq)
+                part_ratio = core.ratio_of_norms(_part(momentum_sq, a, b, count), history_sq, get_ops("torch"))
             else:
                 part_ratio = _part(ratio, a, b, count)
             Ds.append(U.addcmul_(history, (part_ratio * (beta1 / (1.0 - beta1))).view(-1, 1, 1)))
