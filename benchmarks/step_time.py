@@ -119,7 +119,10 @@ def package_at(ref: str):
     import tarfile
     import tempfile
 
-    archive = subprocess.run(["git", "archive", ref, "flora_opt"], cwd=REPO, capture_output=True, check=True).stdout
+    done = subprocess.run(["git", "archive", ref, "flora_opt"], cwd=REPO, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"--package-at {ref!r}: git archive failed: {done.stderr.decode().strip()}")
+    archive = done.stdout
     root = Path(tempfile.mkdtemp())
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root / "archive", filter="data")

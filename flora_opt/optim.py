@@ -258,11 +258,6 @@ class Flora(torch.optim.Optimizer):
     def _quantized(layout: TensorLayout, key: str, quantization: bool) -> bool:
         return is_quantized(key, math.prod(layout.state_shapes()[key]), quantization)
 
-    def _expected_state(
-        self, layout: TensorLayout, quantization: bool, sharded: bool = False
-    ) -> Mapping[str, tuple[tuple[int, ...], torch.dtype]]:
-        return _expected_state(layout, quantization, sharded)
-
     @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
         message = core.unstable_transfer_message(layout, from_group(group))
@@ -489,7 +484,7 @@ class Flora(torch.optim.Optimizer):
             param.copy_(target.view(param.shape))
 
     def _check_state(self, param, state, layout: TensorLayout, quantization: bool, position: int) -> None:
-        expected = self._expected_state(layout, quantization, is_dtensor(param))
+        expected = _expected_state(layout, quantization, is_dtensor(param))
         for key, (shape, dtype) in expected.items():
             value = state.get(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
@@ -564,7 +559,7 @@ class Flora(torch.optim.Optimizer):
             layout = core.tensor_layout(param.shape, hp)
             if param.numel() == 0:
                 continue
-            expected = self._expected_state(layout, quantization, is_dtensor(param))
+            expected = _expected_state(layout, quantization, is_dtensor(param))
             for key, (shape, dtype) in expected.items():
                 value = entry.get(key)
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
