@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (see README):
 #   make demo   set up .venv and run the main job on the bundled default
 #   make test   set up .venv and run the whole test suite
-#   make lint   ruff check (pyflakes + import order) on the whole repository
+#   make lint   ruff check and ruff format --check on the whole repository
 #   make docs   rewrite the option tables of README.md and docs/jax.md from flora_opt/hyperparams.py
 # torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
 
@@ -32,6 +32,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 docs: $(STAMP)
 	$(PY) tools/option_docs.py

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flora_opt  # noqa: E402
+import flora_opt
 
 
 def llama_params(layers: int, width: int = 256, ffn: int = 688, vocab: int = 256):
@@ -73,8 +73,10 @@ def main(argv=None):
             step()
             times.append(time.perf_counter() - start)
         results[label] = (statistics.median(times), warm)
-    print(f"| path | median step (s) | first two steps (s) |  ({args.layers} layers, width 256, r={args.rank}, "
-          f"{torch.get_num_threads()} thread(s), {len(graphs)} compiled graphs)")
+    print(
+        f"| path | median step (s) | first two steps (s) |  ({args.layers} layers, width 256, r={args.rank}, "
+        f"{torch.get_num_threads()} thread(s), {len(graphs)} compiled graphs)"
+    )
     print("|---|---:|---:|")
     for label, (median, warm) in results.items():
         print(f"| {label} | {median:.3f} | {warm:.1f} |")

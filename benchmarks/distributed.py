@@ -206,8 +206,11 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
     )
     if mode.endswith("flora"):
         # the compressed momenta are the r x max(m, n) blocks (their state is not the parameter's shape)
-        blocks = [s["exp_avg"].numel() for p, s in optimizer.state.items()
-                  if "exp_avg" in s and tuple(s["exp_avg"].shape) != tuple(p.shape)]
+        blocks = [
+            s["exp_avg"].numel()
+            for p, s in optimizer.state.items()
+            if "exp_avg" in s and tuple(s["exp_avg"].shape) != tuple(p.shape)
+        ]
         result["largest_compressed_block"] = max(blocks, default=0)
         result["global_state_bytes"], result["replicated_state_bytes"] = _state_split(optimizer)
     if mode == "ddp_flora_compressed":  # what the hook must send: r max(m, n) per compressed matrix
@@ -216,7 +219,9 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
         layouts = [(accumulation_layout(p.shape, args.rank), p) for p in model.parameters()]
         result.update(
             compressed_matrices_full_bytes=sum(4 * p.numel() for lay, p in layouts if lay.compressed),
-            compressed_matrices_sent_bytes=sum(4 * math.prod(lay.buffer_shape()) for lay, _ in layouts if lay.compressed),
+            compressed_matrices_sent_bytes=sum(
+                4 * math.prod(lay.buffer_shape()) for lay, _ in layouts if lay.compressed
+            ),
             # r / min(m, n) of DDP's bytes, per compressed matrix
             target_bytes=sum(4 * p.numel() * args.rank / min(lay.matrix) for lay, p in layouts if lay.compressed),
             uncompressed_bytes=sum(4 * p.numel() for lay, p in layouts if not lay.compressed),
@@ -257,36 +262,44 @@ def _targets(data: dict) -> list[tuple[str, bool, str]]:
         replicated = ranks[0]["replicated_state_bytes"]
         worst = max(r["state_bytes_per_rank"] for r in ranks)
         bound = 1.05 * (single - replicated) / world + replicated
-        checks.append((
-            "FSDP2 per-rank Flora state <= 1.05 / world of single-process + replicated",
-            worst <= bound,
-            f"{worst} <= {bound:.0f} bytes (single-process {single}, replicated {replicated}, "
-            f"ratio {worst / single:.4f} of single-process)",
-        ))
+        checks.append(
+            (
+                "FSDP2 per-rank Flora state <= 1.05 / world of single-process + replicated",
+                worst <= bound,
+                f"{worst} <= {bound:.0f} bytes (single-process {single}, replicated {replicated}, "
+                f"ratio {worst / single:.4f} of single-process)",
+            )
+        )
         largest = max(r["largest_optimizer_collective"] for r in ranks)
         block = ranks[0]["largest_compressed_block"]
-        checks.append((
-            "FSDP2 no optimizer collective larger than the largest r x max(m, n) block",
-            largest <= block,
-            f"largest collective in optimizer.step() {largest} elements <= r x max(m, n) = {block}",
-        ))
+        checks.append(
+            (
+                "FSDP2 no optimizer collective larger than the largest r x max(m, n) block",
+                largest <= block,
+                f"largest collective in optimizer.step() {largest} elements <= r x max(m, n) = {block}",
+            )
+        )
     if "ddp_flora_compressed" in modes and "ddp_adamw" in modes:
         flora = per_rank[0][modes["ddp_flora_compressed"]]
         sent = flora["bytes_per_step"] - flora["uncompressed_bytes"] - flora["buffer_bytes"]
         full = flora["compressed_matrices_full_bytes"]
-        checks.append((
-            "DDP compressed accumulation bytes <= 1.1 x r / min(m, n) of DDP's for compressed matrices",
-            sent <= 1.1 * flora["target_bytes"],
-            f"compressed matrices: {sent} bytes sent of DDP's {full} ({sent / full:.4f}); "
-            f"r / min(m, n) gives {flora['target_bytes']:.0f} ({flora['target_bytes'] / full:.4f})",
-        ))
+        checks.append(
+            (
+                "DDP compressed accumulation bytes <= 1.1 x r / min(m, n) of DDP's for compressed matrices",
+                sent <= 1.1 * flora["target_bytes"],
+                f"compressed matrices: {sent} bytes sent of DDP's {full} ({sent / full:.4f}); "
+                f"r / min(m, n) gives {flora['target_bytes']:.0f} ({flora['target_bytes'] / full:.4f})",
+            )
+        )
     ddp = [(r["mode"], r["identical_across_ranks"]) for r in per_rank[0] if r["mode"].startswith("ddp")]
     if ddp:
-        checks.append((
-            "DDP parameters bit-identical across ranks after every step",
-            all(same for _, same in ddp),
-            ", ".join(f"{mode}: {same}" for mode, same in ddp),
-        ))
+        checks.append(
+            (
+                "DDP parameters bit-identical across ranks after every step",
+                all(same for _, same in ddp),
+                ", ".join(f"{mode}: {same}" for mode, same in ddp),
+            )
+        )
     return checks
 
 
@@ -326,8 +339,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--port", type=int, default=29581)
-    parser.add_argument("--out", default=None,
-                        help="default: benchmarks/results/distributed_<world>p.json (_<layers>layers added unless 12)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: benchmarks/results/distributed_<world>p.json (_<layers>layers added unless 12)",
+    )
     parser.add_argument("--table", default=None, help="print the table and targets of this results file and exit")
     args = parser.parse_args(argv)
     if args.table is not None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_time  # noqa: E402  (puts this checkout's flora_opt and lab on sys.path)
+import step_time
 
-from flora_opt import Flora  # noqa: E402
+from flora_opt import Flora
 
 
 def fill_times(elements: int, repeats: int = 7) -> tuple[float, float]:
@@ -59,8 +59,10 @@ def main(argv=None):
         start = time.perf_counter()
         optimizer.step()
         elapsed = time.perf_counter() - start
-    print(f"{args.model} r={args.rank} threads={args.threads}: step {elapsed:.3f} s (profiled); "
-          f"load average {os.getloadavg()}")
+    print(
+        f"{args.model} r={args.rank} threads={args.threads}: step {elapsed:.3f} s (profiled); "
+        f"load average {os.getloadavg()}"
+    )
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     for mib in (50, 16):
         fresh, warm = fill_times(mib * 2**18)

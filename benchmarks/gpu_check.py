@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flora_opt  # noqa: E402
-from flora_opt import projection as pj  # noqa: E402
-from flora_opt.ops import get_ops  # noqa: E402
+import flora_opt
+from flora_opt import projection as pj
+from flora_opt.ops import get_ops
 
 RESULTS: dict = {}
 
@@ -45,7 +45,12 @@ RESULTS: dict = {}
 def check_projection():
     ops = get_ops("torch")
     rows = []
-    for seed, stream, index, rank, dim in [(0, 0, 0, 256, 768), (7, 1, 3, 32, 4096), (123, 0, 99, 5, 3), (2**31 + 5, 0, 1, 512, 8192)]:
+    for seed, stream, index, rank, dim in [
+        (0, 0, 0, 256, 768),
+        (7, 1, 3, 32, 4096),
+        (123, 0, 99, 5, 3),
+        (2**31 + 5, 0, 1, 512, 8192),
+    ]:
         key = pj.stream_key(pj.tensor_seed(seed, 1), stream, index)
         cpu = pj.gaussian_projection(key, rank, dim, ops, device="cpu")
         gpu = pj.gaussian_projection(key, rank, dim, ops, device="cuda").cpu()
@@ -67,7 +72,9 @@ def check_projection():
 
 def _small_model(dtype, device):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(512, 96), torch.nn.Linear(96, 384), torch.nn.GELU(), torch.nn.Linear(384, 512))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(512, 96), torch.nn.Linear(96, 384), torch.nn.GELU(), torch.nn.Linear(384, 512)
+    )
     return model.to(device=device, dtype=dtype)
 
 
@@ -104,10 +111,10 @@ def check_flora_cuda_vs_cpu():
             opt = flora_opt.Flora(model.parameters(), lr=1e-2, min_dim_size_to_factor=32, **options)
             loss = _train(model, opt, batches)
             results[device] = ([p.detach().float().cpu() for p in model.parameters()], loss)
-        rel = max(
-            float((a - b).norm() / (a.norm() + 1e-12)) for a, b in zip(results["cpu"][0], results["cuda"][0])
+        rel = max(float((a - b).norm() / (a.norm() + 1e-12)) for a, b in zip(results["cpu"][0], results["cuda"][0]))
+        rows.append(
+            dict(config=name, max_relative_param_diff=rel, loss_cpu=results["cpu"][1], loss_cuda=results["cuda"][1])
         )
-        rows.append(dict(config=name, max_relative_param_diff=rel, loss_cpu=results["cpu"][1], loss_cuda=results["cuda"][1]))
     RESULTS["flora_cuda_vs_cpu_after_12_steps"] = rows
 
     # resume bit-exactly on CUDA across a resample
@@ -131,17 +138,27 @@ def check_flora_cuda_vs_cpu():
 
 def check_batched_projection():
     ops = get_ops("torch")
-    keys_cpu = pj.projection_key(torch.tensor([0, 5, -7, 2**31 - 1], dtype=torch.int32), 0,
-                                 torch.tensor([0, 1, 2, 999], dtype=torch.int32), ops)
-    keys_gpu = pj.projection_key(keys_cpu.new_tensor([0, 5, -7, 2**31 - 1]).cuda(), 0,
-                                 torch.tensor([0, 1, 2, 999], dtype=torch.int32, device="cuda"), ops)
+    keys_cpu = pj.projection_key(
+        torch.tensor([0, 5, -7, 2**31 - 1], dtype=torch.int32), 0, torch.tensor([0, 1, 2, 999], dtype=torch.int32), ops
+    )
+    keys_gpu = pj.projection_key(
+        keys_cpu.new_tensor([0, 5, -7, 2**31 - 1]).cuda(),
+        0,
+        torch.tensor([0, 1, 2, 999], dtype=torch.int32, device="cuda"),
+        ops,
+    )
     rows = []
     for rank, dim in [(32, 256), (256, 2048), (7, 13)]:
         cpu = pj.gaussian_projections(keys_cpu, rank, dim, ops)
         gpu = pj.gaussian_projections(keys_gpu, rank, dim, ops, device="cuda").cpu()
-        rows.append(dict(shape=[rank, dim], keys_identical=bool(torch.equal(keys_cpu, keys_gpu.cpu())),
-                         fraction_bit_identical=float((gpu == cpu).float().mean()),
-                         max_abs_diff=float((gpu - cpu).abs().max())))
+        rows.append(
+            dict(
+                shape=[rank, dim],
+                keys_identical=bool(torch.equal(keys_cpu, keys_gpu.cpu())),
+                fraction_bit_identical=float((gpu == cpu).float().mean()),
+                max_abs_diff=float((gpu - cpu).abs().max()),
+            )
+        )
     RESULTS["batched_projection_cpu_vs_cuda"] = rows
     assert all(r["keys_identical"] and r["max_abs_diff"] < 1e-5 for r in rows)
 
@@ -151,7 +168,10 @@ def check_grouped_step_cuda():
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 512, (8, 33), generator=gen) for _ in range(8)]
     rows = []
-    for name, options in [("r=16 kappa=3", dict(rank=16, kappa=3)), ("8-bit r=32", dict(rank=32, kappa=3, quantization=True))]:
+    for name, options in [
+        ("r=16 kappa=3", dict(rank=16, kappa=3)),
+        ("8-bit r=32", dict(rank=32, kappa=3, quantization=True)),
+    ]:
         results = {}
         for foreach in (True, False):
             model = _small_model(torch.float32, "cuda")
@@ -181,7 +201,15 @@ def check_grouped_step_cuda():
 def run_cuda_tests(timeout_s: int = 150):
     import subprocess
 
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(Path(__file__).resolve().parent.parent / "tests")]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "cuda",
+        str(Path(__file__).resolve().parent.parent / "tests"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     RESULTS["pytest_cuda"] = dict(returncode=done.returncode, tail=done.stdout[-1500:])
     assert done.returncode in (0, 5), done.stdout[-3000:]  # 5: no test collected
@@ -198,7 +226,9 @@ def check_jax():
     key = pj.stream_key(pj.tensor_seed(3, 2), 0, 4)
     jp = np.asarray(pj.gaussian_projection(key, 64, 512, _get("jax")))
     tp = pj.gaussian_projection(key, 64, 512, _get("torch"), device="cuda").cpu().numpy()
-    RESULTS["jax"] = dict(devices=[str(d) for d in jax.devices()], max_abs_diff_vs_torch_cuda=float(np.abs(jp - tp).max()))
+    RESULTS["jax"] = dict(
+        devices=[str(d) for d in jax.devices()], max_abs_diff_vs_torch_cuda=float(np.abs(jp - tp).max())
+    )
 
 
 MODELS = {
@@ -206,7 +236,14 @@ MODELS = {
     # GaLore's llama_1b shape: 1.34B parameters
     "llama-1b": (
         "llama",
-        dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32, vocab_size=32000, tie_word_embeddings=False),
+        dict(
+            hidden_size=2048,
+            intermediate_size=5461,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
     ),
 }
 
@@ -230,7 +267,11 @@ def _params(name):
 
     kind, spec = MODELS[name]
     with torch.device("meta"):
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**spec)) if kind == "gpt2" else transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec))
+        model = (
+            transformers.GPT2LMHeadModel(transformers.GPT2Config(**spec))
+            if kind == "gpt2"
+            else transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec))
+        )
     params, seen = [], set()
     for p in model.parameters():
         if id(p) in seen:
@@ -253,7 +294,10 @@ def bench_steps(rounds: int, budget_s: float = 360.0):
             ("APOLLO r=256", _lab_contender("apollo", lr=1e-3, rank=256)),
             ("Flora r=32", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=32)),
             ("Flora r=256", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256)),
-            ("Flora r=256 bf16 products", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, projection_dtype="bfloat16")),
+            (
+                "Flora r=256 bf16 products",
+                lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, projection_dtype="bfloat16"),
+            ),
             ("Flora r=256 per-tensor", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, foreach=False)),
             ("Flora r=256 8-bit", lambda ps: flora_opt.Flora(ps, lr=1e-3, rank=256, quantization=True)),
         ]
@@ -277,7 +321,12 @@ def bench_steps(rounds: int, budget_s: float = 360.0):
                 torch.cuda.synchronize()
                 if i >= 2:
                     times.append(time.perf_counter() - start)
-            state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+            state = sum(
+                v.numel() * v.element_size()
+                for s in opt.state.values()
+                for v in s.values()
+                if isinstance(v, torch.Tensor)
+            )
             rows.append(
                 dict(
                     model=model,
@@ -308,8 +357,14 @@ def main():
     args = parser.parse_args()
     RESULTS["torch"] = torch.__version__
     RESULTS["device"] = torch.cuda.get_device_name()
-    checks = [check_projection, check_batched_projection, check_flora_cuda_vs_cpu, check_grouped_step_cuda,
-              run_cuda_tests, check_jax]
+    checks = [
+        check_projection,
+        check_batched_projection,
+        check_flora_cuda_vs_cpu,
+        check_grouped_step_cuda,
+        run_cuda_tests,
+        check_jax,
+    ]
     if not args.no_bench:
         checks.append(lambda: bench_steps(args.rounds, args.budget_s))
     for check in checks:

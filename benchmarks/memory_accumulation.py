@@ -84,8 +84,21 @@ def model_config(name: str, layers: int | None = None):
     raise ValueError(f"unknown model {name!r}")
 
 
-def measure(model_name, method, checkpointing, *, seq, steps, rank, accumulation_rank, fake, device, layers=None,
-            max_aspect_ratio=4.0, quantization=False):
+def measure(
+    model_name,
+    method,
+    checkpointing,
+    *,
+    seq,
+    steps,
+    rank,
+    accumulation_rank,
+    fake,
+    device,
+    layers=None,
+    max_aspect_ratio=4.0,
+    quantization=False,
+):
     """Peak live bytes over one steady-state accumulation cycle, plus the parts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -220,7 +233,9 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=64, help="Flora momentum rank")
     parser.add_argument("--accumulation-rank", type=int, default=64, help="compressed accumulation rank")
     parser.add_argument(
-        "--max-aspect-ratio", type=_ratio_or_none, default=4.0,
+        "--max-aspect-ratio",
+        type=_ratio_or_none,
+        default=4.0,
         help="Flora's max_aspect_ratio (default 4.0, the library default: embeddings and LM heads keep "
         "full momentum); 'none' compresses them too",
     )
@@ -232,8 +247,13 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     checkpointing = [{"no": False, "yes": True}[c] for c in args.checkpointing.split(",")]
-    common = dict(rank=args.rank, accumulation_rank=args.accumulation_rank, device=args.device,
-                  max_aspect_ratio=args.max_aspect_ratio, quantization=args.quantization)
+    common = dict(
+        rank=args.rank,
+        accumulation_rank=args.accumulation_rank,
+        device=args.device,
+        max_aspect_ratio=args.max_aspect_ratio,
+        quantization=args.quantization,
+    )
 
     if args.validate:  # GPT-2 small's width, 2 layers, 128 tokens, 4 micro-batches: fake vs real
         mismatches = 0
@@ -243,8 +263,11 @@ def main(argv=None):
                 fake = measure("gpt2", method, ckpt, fake=True, **kwargs)["peak"]
                 real = measure("gpt2", method, ckpt, fake=False, **kwargs)["peak"]
                 mismatches += fake != real
-                print(f"validate gpt2/2 layers {method:16s} ckpt={ckpt!s:5s} fake={fake} real={real} "
-                      f"{'OK' if fake == real else 'MISMATCH'}", flush=True)
+                print(
+                    f"validate gpt2/2 layers {method:16s} ckpt={ckpt!s:5s} fake={fake} real={real} "
+                    f"{'OK' if fake == real else 'MISMATCH'}",
+                    flush=True,
+                )
         raise SystemExit(1 if mismatches else 0)
 
     fake = args.device == "cpu" and not args.real
@@ -253,14 +276,17 @@ def main(argv=None):
         for ckpt in checkpointing:
             for method in args.methods.split(","):
                 started = time.perf_counter()
-                result = measure(model_name, method, ckpt, seq=args.seq, steps=args.steps, fake=fake,
-                                 layers=args.layers, **common)
+                result = measure(
+                    model_name, method, ckpt, seq=args.seq, steps=args.steps, fake=fake, layers=args.layers, **common
+                )
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     print()
-    print(f"batch 1 x {args.seq}, {args.steps} micro-batches, Flora rank {args.rank} (max_aspect_ratio "
-          f"{args.max_aspect_ratio}{', 8-bit states' if args.quantization else ''}), accumulation rank {args.accumulation_rank}, {'fake tensors' if fake else 'real tensors on ' + args.device}")
+    print(
+        f"batch 1 x {args.seq}, {args.steps} micro-batches, Flora rank {args.rank} (max_aspect_ratio "
+        f"{args.max_aspect_ratio}{', 8-bit states' if args.quantization else ''}), accumulation rank {args.accumulation_rank}, {'fake tensors' if fake else 'real tensors on ' + args.device}"
+    )
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flora_opt.optax import flora, state_bytes  # noqa: E402
+from flora_opt.optax import flora, state_bytes
 
 
 def gpt2_small_shapes(n_embd=768, n_layer=12, vocab_size=50257, n_positions=1024) -> dict:
@@ -111,8 +111,16 @@ def run(model: str, taus, rounds: int) -> list[dict]:
         params, state = compiled(params, state, grads)  # warm-up
         jax.block_until_ready((params, state))
         entries.append(
-            dict(model=model, optimizer=label, n_params=n_params, state_bytes=nbytes, compile_s=compile_s,
-                 _step=compiled, _carry=[params, state], times=[])
+            dict(
+                model=model,
+                optimizer=label,
+                n_params=n_params,
+                state_bytes=nbytes,
+                compile_s=compile_s,
+                _step=compiled,
+                _carry=[params, state],
+                times=[],
+            )
         )
         print(f"  {model}: {label} compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     for _ in range(rounds):
@@ -159,8 +167,12 @@ def main(argv=None):
         entries.extend(run(model, args.taus, args.rounds))
     print(table(entries))
     meta = dict(
-        jax=jax.__version__, optax=optax.__version__, backend=jax.default_backend(),
-        device=str(jax.devices()[0]), platform=platform.platform(), rounds=args.rounds,
+        jax=jax.__version__,
+        optax=optax.__version__,
+        backend=jax.default_backend(),
+        device=str(jax.devices()[0]),
+        platform=platform.platform(),
+        rounds=args.rounds,
     )
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

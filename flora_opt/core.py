@@ -14,8 +14,9 @@ numel / shape[0])``. ``r`` is the rank; the compressed dimension ``d = min(m, n)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from .hyperparams import FloraHyperParams
 from .ops import ArrayOps
@@ -112,7 +113,7 @@ def min_stable_kappa(dim: int, rank: int, beta1: float) -> int:
     return max(1, math.floor(math.log(1.0 + (dim + 1.0) / rank) / (2.0 * math.log(1.0 / beta1))) + 1)
 
 
-def unstable_transfer_message(layout: "TensorLayout", hp: FloraHyperParams) -> str | None:
+def unstable_transfer_message(layout: TensorLayout, hp: FloraHyperParams) -> str | None:
     """A warning text when ``layout``'s compressed momentum sits in the divergent regime."""
     if layout.momentum != MOMENTUM_COMPRESSED:
         return None
@@ -298,10 +299,7 @@ def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
 
     ``lr`` overrides ``hp.lr`` (so a scheduler can change it without rebuilding ``hp``).
     """
-    if lr is not None and not hp.relative_step:
-        rho = lr
-    else:
-        rho = relative_step_size(step, hp, ops)
+    rho = lr if lr is not None and not hp.relative_step else relative_step_size(step, hp, ops)
     if hp.scale_parameter:
         return ops.clip_min(ops.rms(param), hp.eps2) * rho
     return rho
@@ -403,8 +401,17 @@ def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout
     return grad * ops.rsqrt(second), new_state
 
 
-def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps,
-                       device=None, projection_index=None):
+def momentum_direction(
+    normalised,
+    momentum,
+    step,
+    seed,
+    layout: TensorLayout,
+    hp: FloraHyperParams,
+    ops: ArrayOps,
+    device=None,
+    projection_index=None,
+):
     """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``.
 
     none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
@@ -412,7 +419,8 @@ def momentum_direction(normalised, momentum, step, seed, layout: TensorLayout, h
     ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
     (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
     (the transfer stays float32); ``s`` from ``r x r`` Gram products (:func:`history_scale`), or
-    from ``H`` itself at a large rank (:func:`history_norm_from_history`). Returns ``(D, new_state)`` with ``exp_avg`` when
+    from ``H`` itself at a large rank (:func:`history_norm_from_history`).
+    Returns ``(D, new_state)`` with ``exp_avg`` when
     there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
     """
     if layout.momentum == MOMENTUM_NONE:

@@ -50,19 +50,19 @@ from .core import EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW, TensorLay
 from .ops import TorchOps
 
 __all__ = [
-    "is_dtensor",
-    "DTensorOps",
-    "dtensor_ops",
-    "state_zeros",
-    "place_state",
-    "local_state_bytes",
-    "check_supported",
-    "quantized_zeros",
-    "dequantize_state",
-    "quantize_state",
     "CompressedAllreduceState",
+    "DTensorOps",
+    "check_supported",
     "compressed_allreduce_hook",
+    "dequantize_state",
+    "dtensor_ops",
+    "is_dtensor",
+    "local_state_bytes",
+    "place_state",
+    "quantize_state",
+    "quantized_zeros",
     "register_compressed_allreduce",
+    "state_zeros",
 ]
 
 
@@ -122,8 +122,9 @@ def state_zeros(param, layout: TensorLayout, key: str, shape) -> torch.Tensor:
     mesh = param.device_mesh
     local_shape, _ = _local_shape_and_offset(tuple(shape), mesh, placements)
     local = torch.zeros(local_shape, dtype=torch.float32, device=param.to_local().device)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
+    )
 
 
 def place_state(param, layout: TensorLayout, values: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def _local_shape_and_offset(shape: tuple[int, ...], mesh, placements) -> tuple[t
     chunk = math.ceil(shape[0] / world) if shape[0] else 0
     lo = min(rank * chunk, shape[0])
     hi = min(lo + chunk, shape[0])
-    return (hi - lo,) + tuple(shape[1:]), lo
+    return (hi - lo, *tuple(shape[1:])), lo
 
 
 class DTensorOps(TorchOps):
@@ -209,11 +210,13 @@ class DTensorOps(TorchOps):
         rank, dim = projection.shape
         if self.row_sharded and self.layout.side == core.SIDE_ROWS:
             (local_m, _), lo = _local_shape_and_offset((dim, rank), self.mesh, (Shard(0),))
-            local = projection[:, lo:lo + local_m].contiguous()
-            return DTensor.from_local(local, self.mesh, (Shard(1),), run_check=False,
-                                      shape=projection.shape, stride=projection.stride())
-        return DTensor.from_local(projection, self.mesh, (Replicate(),), run_check=False,
-                                  shape=projection.shape, stride=projection.stride())
+            local = projection[:, lo : lo + local_m].contiguous()
+            return DTensor.from_local(
+                local, self.mesh, (Shard(1),), run_check=False, shape=projection.shape, stride=projection.stride()
+            )
+        return DTensor.from_local(
+            projection, self.mesh, (Replicate(),), run_check=False, shape=projection.shape, stride=projection.stride()
+        )
 
 
 def dtensor_ops(param, layout: TensorLayout) -> DTensorOps:
@@ -229,8 +232,9 @@ def _dtensor_zeros(param, placements, shape, dtype) -> torch.Tensor:
     mesh = param.device_mesh
     local_shape, _ = _local_shape_and_offset(tuple(shape), mesh, placements)
     local = torch.zeros(local_shape, dtype=dtype, device=param.to_local().device)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
+    )
 
 
 def quantized_zeros(param, layout: TensorLayout, key: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,8 +276,14 @@ def dequantize_state(codes, absmax, signed: bool) -> torch.Tensor:
     DTensor, _, _ = _dtensor_api()
     local = codes.to_local()
     values = q.qmap(signed, local.device)[local.reshape(-1).int()] * absmax.to_local()[_block_index(codes)]
-    return DTensor.from_local(values.view(local.shape), codes.device_mesh, codes.placements, run_check=False,
-                              shape=codes.shape, stride=_contiguous_stride(codes.shape))
+    return DTensor.from_local(
+        values.view(local.shape),
+        codes.device_mesh,
+        codes.placements,
+        run_check=False,
+        shape=codes.shape,
+        stride=_contiguous_stride(codes.shape),
+    )
 
 
 def quantize_state(value, codes, absmax, signed: bool) -> None:
@@ -365,7 +375,7 @@ def compressed_allreduce_hook(state: CompressedAllreduceState, bucket):
     gradients = bucket.gradients()
     pieces = []
     plan = []
-    for param, grad in zip(bucket.parameters(), gradients):
+    for param, grad in zip(bucket.parameters(), gradients, strict=True):
         entry = pending.pop(id(param), None)
         source = grad if entry is None else entry[0]
         pieces.append(source.reshape(-1).to(grad.dtype if entry is None else torch.float32))
@@ -387,7 +397,7 @@ def compressed_allreduce_hook(state: CompressedAllreduceState, bucket):
             return buffer
         offset = 0
         for grad, entry, numel in plan:
-            part = reduced[offset:offset + numel]
+            part = reduced[offset : offset + numel]
             offset += numel
             if entry is None:
                 grad.copy_(part.view_as(grad))

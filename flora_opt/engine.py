@@ -75,8 +75,10 @@ def _stack_view(tensors: list[torch.Tensor], shape) -> torch.Tensor | None:
     if base is not None and base.is_contiguous() and base.numel() == math.prod(shape):
         size = tensors[0].numel()
         start = base.storage_offset()
-        if all(t._base is base and t.is_contiguous() and t.storage_offset() == start + i * size
-               for i, t in enumerate(tensors)):
+        if all(
+            t._base is base and t.is_contiguous() and t.storage_offset() == start + i * size
+            for i, t in enumerate(tensors)
+        ):
             return base.view(shape)
     return None
 
@@ -91,11 +93,30 @@ def _stacked(tensors: list[torch.Tensor], shape) -> torch.Tensor:
 # implements. Flora.step sends a group whose record sets any other field away from its default to
 # the per-tensor path (core.flora_update): an option added to the record and the core is right at
 # once in every path, and takes the grouped path once step_bucket implements it and names it here.
-IMPLEMENTED = frozenset({
-    "lr", "rank", "kappa", "eps1", "eps2", "clip_threshold", "decay_rate", "beta1", "weight_decay",
-    "weight_decay_mask", "scale_parameter", "relative_step", "warmup_init", "factorize_second_moment",
-    "min_dim_size_to_factor", "max_aspect_ratio", "seed", "quantization", "foreach", "projection_dtype",
-})
+IMPLEMENTED = frozenset(
+    {
+        "lr",
+        "rank",
+        "kappa",
+        "eps1",
+        "eps2",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "weight_decay_mask",
+        "scale_parameter",
+        "relative_step",
+        "warmup_init",
+        "factorize_second_moment",
+        "min_dim_size_to_factor",
+        "max_aspect_ratio",
+        "seed",
+        "quantization",
+        "foreach",
+        "projection_dtype",
+    }
+)
 
 
 def implements(hp: FloraHyperParams) -> bool:
@@ -129,7 +150,7 @@ def chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     if numel < LARGE_TENSOR or len(params) * numel <= STACK_ELEMENTS:
         return [params]
     per = max(1, STACK_ELEMENTS // numel)
-    return [params[i:i + per] for i in range(0, len(params), per)]
+    return [params[i : i + per] for i in range(0, len(params), per)]
 
 
 # A stack of small tensors with compressed momentum larger than PART_ELEMENTS keeps its full-size
@@ -206,7 +227,7 @@ def _sums_of_squares(G: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
         return square.sum(dim=2), square.sum(dim=1)
     row_sums, col_sums = [], None
     for start in range(0, m, rows):
-        square = _squares(G[:, start:start + rows], scratch)
+        square = _squares(G[:, start : start + rows], scratch)
         row_sums.append(square.sum(dim=2))
         part = square.sum(dim=1)
         col_sums = part if col_sums is None else col_sums.add_(part)
@@ -231,8 +252,9 @@ def _gram_ratio(P: torch.Tensor, momentum: torch.Tensor, rows: bool) -> torch.Te
     return core.ratio_of_norms(momentum_sq, decompressed_sq, get_ops("torch"))
 
 
-def _block_direction(G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int,
-                     scratch: torch.Tensor | None) -> torch.Tensor:
+def _block_direction(
+    G, row_scale, col_scale, momentum, beta1: float, start: int, stop: int, scratch: torch.Tensor | None
+) -> torch.Tensor:
     """Rows ``start:stop`` of ``D`` of one matrix in the streamed step: ``U = G r c^T`` (section 6,
     the same elementwise ops as the stacked step, so the same values), and with full momentum
     ``M_t = M + (1 - beta1) (U - M)`` (``lerp``) written over it; one block, in ``scratch`` if given."""
@@ -275,8 +297,9 @@ class Engine:
         """Bytes of the scratch buffers kept between steps (:meth:`scratch`; not state)."""
         return sum(buffer.numel() * buffer.element_size() for buffer in self._scratch.values())
 
-    def scratch(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32,
-                slot: str = "main") -> torch.Tensor | None:
+    def scratch(
+        self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32, slot: str = "main"
+    ) -> torch.Tensor | None:
         """A flat buffer (float32, or the bfloat16 operands of ``projection_dtype="bfloat16"``; one
         per ``slot``) of ``numel`` elements kept from step to step on a CPU device, for
         temporaries that no state keeps (squares, ``U``/``D`` of a stack without full momentum,
@@ -328,7 +351,7 @@ class Engine:
         skipped = []
         for device_params in by_device.values():
             values = torch.stack([self.counters[p] for p in device_params]).tolist()
-            for param, (step, proj, pending, _) in zip(device_params, values):
+            for param, (step, proj, pending, _) in zip(device_params, values, strict=True):
                 state = self.optimizer.state[param]
                 state["step"] = int(step)
                 self.known_steps[param] = int(step)
@@ -356,15 +379,16 @@ class Engine:
 
     # ---- one bucket -------------------------------------------------------------------------
     @torch.no_grad()
-    def step_bucket(self, params: list[torch.Tensor], group: dict[str, Any], hp: FloraHyperParams,
-                    layout: TensorLayout) -> None:
+    def step_bucket(
+        self, params: list[torch.Tensor], group: dict[str, Any], hp: FloraHyperParams, layout: TensorLayout
+    ) -> None:
         """One step of every tensor in ``params`` (same layout, dtype, device and options)."""
         optimizer = self.optimizer
         quantization = group["quantization"]
         states = [optimizer.state[p] for p in params]
         count = len(params)
         work = tuple(layout.work_shape) if layout.matrix is not None else (max(math.prod(layout.shape), 1),)
-        shape = (count,) + work
+        shape = (count, *work)
         dims = tuple(range(1, len(shape)))
         numel = math.prod(work)
         device = params[0].device
@@ -375,28 +399,38 @@ class Engine:
         # own copy, which U below overwrites. A borrowed gradient is only read: U is then written
         # to a new buffer (one full-size pass fewer than copying first and scaling in place).
         grads = [p.grad for p in params]
-        partitioned = (layout.factored and layout.momentum == core.MOMENTUM_COMPRESSED
-                       and params[0].dtype == torch.float32 and not torch.compiler.is_compiling())
+        partitioned = (
+            layout.factored
+            and layout.momentum == core.MOMENTUM_COMPRESSED
+            and params[0].dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
         parts = _parts(count, numel) if partitioned else [(0, count)]
         # On the CPU the stack of float32 gradients goes into the scratch buffer unless D is kept
         # (full momentum writes M_t over U, as state); see Engine.scratch.
         stack_scratch = None
-        if (layout.factored and layout.momentum != core.MOMENTUM_FULL and len(layout.shape) == 2
-                and all(g.dtype == torch.float32 for g in grads)):
+        if (
+            layout.factored
+            and layout.momentum != core.MOMENTUM_FULL
+            and len(layout.shape) == 2
+            and all(g.dtype == torch.float32 for g in grads)
+        ):
             stack_scratch = self.scratch(device, count * numel)
         Gs, borrowed = [], []
         for start, stop in parts:
-            part_shape = (stop - start,) + work
+            part_shape = (stop - start, *work)
             G = _stack_view(grads[start:stop], part_shape)
             borrowed.append(G is not None and G.dtype == torch.float32)
             if G is None and stack_scratch is not None:  # one as_strided op: the op count stays flat
                 m, n = work
-                out = stack_scratch.as_strided(part_shape, (numel, n, 1), stack_scratch.storage_offset() + start * numel)
+                out = stack_scratch.as_strided(
+                    part_shape, (numel, n, 1), stack_scratch.storage_offset() + start * numel
+                )
                 G = torch.stack(grads[start:stop], out=out)
             elif G is None:
                 G = torch.stack(grads[start:stop]).view(part_shape)
             Gs.append(G.to(torch.float32))
-        counters = torch.stack([self._counter(p, s) for p, s in zip(params, states)])
+        counters = torch.stack([self._counter(p, s) for p, s in zip(params, states, strict=True)])
         t = counters[:, STEP] + 1
         t_float = t.to(torch.float64)
         lr = group["lr"]
@@ -413,11 +447,18 @@ class Engine:
         # page faults would cost more than the passes (docs/benchmarks.md); the momentum is
         # updated in place.
         streamed = (
-            count == 1 and borrowed[0] and in_place and layout.factored and numel > STACK_ELEMENTS
-            and layout.momentum != core.MOMENTUM_COMPRESSED and params[0].is_contiguous()
+            count == 1
+            and borrowed[0]
+            and in_place
+            and layout.factored
+            and numel > STACK_ELEMENTS
+            and layout.momentum != core.MOMENTUM_COMPRESSED
+            and params[0].is_contiguous()
             and not torch.compiler.is_compiling()
-            and (layout.momentum == core.MOMENTUM_NONE
-                 or (not self.optimizer._quantized(layout, EXP_AVG, quantization) and states[0][EXP_AVG].is_contiguous()))
+            and (
+                layout.momentum == core.MOMENTUM_NONE
+                or (not self.optimizer._quantized(layout, EXP_AVG, quantization) and states[0][EXP_AVG].is_contiguous())
+            )
         )
         if in_place:
             W = None
@@ -432,12 +473,16 @@ class Engine:
             eta = (norms / math.sqrt(numel)).clamp(min=hp.eps2) * rho
         else:
             # a fill on the device (torch.as_tensor of a float would be a host-to-device copy)
-            eta = rho if isinstance(rho, torch.Tensor) else torch.full((count,), rho, dtype=torch.float32, device=device)
+            eta = (
+                rho if isinstance(rho, torch.Tensor) else torch.full((count,), rho, dtype=torch.float32, device=device)
+            )
         weight = t_float.pow(hp.decay_rate).to(torch.float32)  # 1 - beta2_t
 
         state_shapes = layout.state_shapes()
-        old = {key: self._read(states, key, self._stack_shape(count, s, layout, work), quantization, layout)
-               for key, s in state_shapes.items()}
+        old = {
+            key: self._read(states, key, self._stack_shape(count, s, layout, work), quantization, layout)
+            for key, s in state_shapes.items()
+        }
         new: dict[str, torch.Tensor] = {}
 
         # Second moment and U = G / sqrt(V_hat) (section 6), U written over the copy G.
@@ -451,12 +496,12 @@ class Engine:
             stacked = stack_scratch is not None and not all(borrowed)  # a G in the scratch buffer
             if in_scratch and not stacked:
                 scratch = self.scratch(device, count * numel)
-                regions = [None if scratch is None else scratch[start * numel:stop * numel] for start, stop in parts]
+                regions = [None if scratch is None else scratch[start * numel : stop * numel] for start, stop in parts]
             else:
                 need = max((stop - start) * min(_square_rows(stop - start, m, n), m) * n for start, stop in parts)
                 scratch = self.scratch(device, need, slot="squares" if stacked else "main")
                 regions = [scratch] * len(parts)
-            sums = [_sums_of_squares(G, region) for G, region in zip(Gs, regions)]
+            sums = [_sums_of_squares(G, region) for G, region in zip(Gs, regions, strict=True)]
             row_sums, col_sums = _joined([s[0] for s in sums]), _joined([s[1] for s in sums])
             row_mean = row_sums.div_(n).add_(hp.eps1)
             col_mean = col_sums.div_(m).add_(hp.eps1)
@@ -466,7 +511,7 @@ class Engine:
             row_scale = torch.rsqrt(row / row.mean(dim=1, keepdim=True))
             col_scale = torch.rsqrt(col)
             Us = []
-            for (start, stop), G, own, region in zip(parts, Gs, borrowed, regions):
+            for (start, stop), G, own, region in zip(parts, Gs, borrowed, regions, strict=True):
                 if streamed:
                     break
                 rows, cols = _part(row_scale, start, stop, count), _part(col_scale, start, stop, count)
@@ -511,8 +556,9 @@ class Engine:
             new[EXP_AVG] = Ds[0]
         else:
             may_resample = self._may_resample(params, states, counters, hp.kappa)
-            Ds, new[EXP_AVG], resample, factor = self._compressed(Us, parts, old[EXP_AVG], counters, t, hp, layout,
-                                                                  device, may_resample)
+            Ds, new[EXP_AVG], resample, factor = self._compressed(
+                Us, parts, old[EXP_AVG], counters, t, hp, layout, device, may_resample
+            )
         D = Ds[0] if len(Ds) == 1 else None  # the one full-size D of an unpartitioned stack
 
         # Clipping of D (section 7), the skip rule (section 9), the step size.
@@ -560,10 +606,7 @@ class Engine:
         _advance_host_integers(states, hp.kappa)
 
         # Apply: p <- p - decay * p - Delta (core.apply_direction, in place), masked decay.
-        if hp.weight_decay != 0:
-            keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0)
-        else:
-            keep = None
+        keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0) if hp.weight_decay != 0 else None
         if streamed:  # per block: D again (same values), M_t kept or not, p <- keep p - scale D
             target = params[0].view(m, n)
             for start, stop in blocks:
@@ -581,16 +624,19 @@ class Engine:
             if keep is not None:
                 torch._foreach_mul_(params, list(keep.unbind(0)))
             if fused:  # D is M_t as written to the state above, or the zeroed temporary
-                rows = [row for (start, stop), D in zip(parts, Ds)
-                        for row in D.view((stop - start,) + tuple(layout.shape)).unbind(0)]
+                rows = [
+                    row
+                    for (start, stop), D in zip(parts, Ds, strict=True)
+                    for row in D.view((stop - start, *tuple(layout.shape))).unbind(0)
+                ]
                 torch._foreach_addcmul_(params, rows, list(scale.unbind(0)), value=-1.0)
             else:
-                torch._foreach_sub_(params, list(delta.view((count,) + tuple(layout.shape)).unbind(0)))
+                torch._foreach_sub_(params, list(delta.view((count, *tuple(layout.shape))).unbind(0)))
             return
         if keep is not None:
             W.mul_(keep.view(expand))
         W.sub_(delta.to(W.dtype))
-        torch._foreach_copy_(params, list(W.view((count,) + tuple(layout.shape)).unbind(0)))
+        torch._foreach_copy_(params, list(W.view((count, *tuple(layout.shape))).unbind(0)))
 
     def _may_resample(self, params, states, counters: torch.Tensor, kappa: int) -> bool:
         """Whether a tensor of the bucket can resample at this step, decided on the host without
@@ -610,15 +656,25 @@ class Engine:
         if counters.device.type == "cpu" and READ_CPU_COUNTERS:
             steps = counters[:, STEP].numpy().tolist()
             return any(s >= 1 and s % kappa == 0 for s in steps)
-        for param, state in zip(params, states):
+        for param, state in zip(params, states, strict=True):
             high = state["step"]
             low = self.known_steps.get(param, high)
             if high - low + 1 >= kappa or any(s >= 1 and s % kappa == 0 for s in range(low, high + 1)):
                 return True
         return False
 
-    def _compressed(self, Us, parts, momentum, counters, t, hp: FloraHyperParams, layout: TensorLayout, device,
-                    may_resample: bool = True):
+    def _compressed(
+        self,
+        Us,
+        parts,
+        momentum,
+        counters,
+        t,
+        hp: FloraHyperParams,
+        layout: TensorLayout,
+        device,
+        may_resample: bool = True,
+    ):
         """Compressed momentum of a bucket whose ``U`` is kept in ``parts`` (``Us``): returns
         ``(Ds, M_t, resample, factor)``, ``D / factor`` in the same parts, each written over its
         ``U``. Without ``may_resample`` (no tensor of the bucket resamples at this step) the
@@ -641,7 +697,7 @@ class Engine:
         if may_resample:
             old_keys = projection_key(seeds, STREAM_MOMENTUM, (index - 1).to(torch.int32), ops)
             both = gaussian_projections(torch.cat([keys, old_keys]), rank, dim, ops, device)
-            P, P_old = both[: len(keys)], both[len(keys):]
+            P, P_old = both[: len(keys)], both[len(keys) :]
         else:
             P, P_old = gaussian_projections(keys, rank, dim, ops, device), None
         mask = resample.view(-1, 1, 1)
@@ -661,14 +717,14 @@ class Engine:
         else:
             part_ps = [_part(P, a, b, count) for a, b in parts]
             if rows:
-                compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us)])
+                compressed = _joined([torch.bmm(part_p, U) for part_p, U in zip(part_ps, Us, strict=True)])
             else:
-                compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us)])
+                compressed = _joined([torch.bmm(U, part_p.mT) for part_p, U in zip(part_ps, Us, strict=True)])
             # D = (1 - beta1) U + decompress(beta1 s M): one baddbmm written over U (compress(U) is
             # already taken), so no full-size temporary for the history
             scaled = momentum * (beta1 * ratio).view(-1, 1, 1)
             Ds = []
-            for (a, b), U, part_p in zip(parts, Us, part_ps):
+            for (a, b), U, part_p in zip(parts, Us, part_ps, strict=True):
                 part_m = _part(scaled, a, b, count)
                 if rows:
                     Ds.append(U.baddbmm_(part_p.mT, part_m, beta=1.0 - beta1))
@@ -697,7 +753,7 @@ class Engine:
         operands = self.scratch(device, largest, bf16) if rounded else None
         widened = self.scratch(device, largest, slot="history")
         Ds, compressed = [], []
-        for (a, b), U in zip(parts, Us):
+        for (a, b), U in zip(parts, Us, strict=True):
             part_p, part_m = _part(P, a, b, count), _part(momentum_operand, a, b, count)
             if rounded:
                 operand = U.to(bf16) if operands is None else operands[: U.numel()].view(U.shape).copy_(U)
@@ -712,8 +768,9 @@ class Engine:
                 compressed.append(torch.bmm(operand, part_p.mT).to(torch.float32))
                 history = torch.bmm(part_m, part_p, out=out)
             if rounded:
-                history = (history.to(torch.float32) if widened is None
-                           else widened[: U.numel()].view(U.shape).copy_(history))
+                history = (
+                    history.to(torch.float32) if widened is None else widened[: U.numel()].view(U.shape).copy_(history)
+                )
             if ratio is None:
                 history_sq = torch.linalg.vector_norm(history, dim=(1, 2)).square_()
                 part_ratio = core.ratio_of_norms(_part(momentum_sq, a, b, count), history_sq, get_ops("torch"))
@@ -727,8 +784,8 @@ class Engine:
     def _stack_shape(count: int, state_shape, layout: TensorLayout, work) -> tuple[int, ...]:
         """A stack of states: full-size states take the work shape (a scalar's () is (1,))."""
         if layout.matrix is None:
-            return (count,) + tuple(work)
-        return (count,) + tuple(state_shape)
+            return (count, *tuple(work))
+        return (count, *tuple(state_shape))
 
     def _read(self, states, key: str, shape, quantization: bool, layout: TensorLayout) -> torch.Tensor:
         numel = math.prod(shape[1:])
@@ -740,11 +797,12 @@ class Engine:
         values = q.dequantize(codes, absmax, (len(states), padded), _SIGNED[key])
         return values[:, :numel].reshape(shape)
 
-    def _write(self, states, key: str, value: torch.Tensor, state_shape, quantization: bool,
-               layout: TensorLayout) -> None:
+    def _write(
+        self, states, key: str, value: torch.Tensor, state_shape, quantization: bool, layout: TensorLayout
+    ) -> None:
         count = len(states)
         if not self.optimizer._quantized(layout, key, quantization):
-            for state, row in zip(states, value.view((count,) + tuple(state_shape)).unbind(0)):
+            for state, row in zip(states, value.view((count, *tuple(state_shape))).unbind(0), strict=True):
                 state[key] = row
             return
         flat = value.reshape(count, -1)

@@ -39,7 +39,7 @@ class _CycleCallback(transformers.TrainerCallback):
     projections. The Trainer restores ``state.global_step``, so the cycle is set from it.
     """
 
-    def __init__(self, trainer: "FloraTrainer"):
+    def __init__(self, trainer: FloraTrainer):
         self._trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -31,15 +31,16 @@ import inspect
 import math
 import numbers
 import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = [
     "DEFAULTS",
-    "Entry",
     "LAYOUT_OPTIONS",
     "OPTAX_NAMES",
     "REQUIRED",
+    "Entry",
     "FloraHyperParams",
     "Option",
     "check_bool",
@@ -115,8 +116,11 @@ def check_real(
         ok = (above is None or x > above) and (at_least is None or x >= at_least) and (below is None or x < below)
     if not ok:
         if what is None:
-            bounds = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
-                      f"< {below:g}" if below is not None else ""]
+            bounds = [
+                f"> {above:g}" if above is not None else "",
+                f">= {at_least:g}" if at_least is not None else "",
+                f"< {below:g}" if below is not None else "",
+            ]
             what = "must be a finite float " + " and ".join(b for b in bounds if b)
         tail = "" if none is None else (f", or None {none}" if none else ", or None")
         raise ValueError(f"Invalid {name}: {value!r}: {what}{tail}")
@@ -186,6 +190,7 @@ def _choice(*allowed: str) -> Callable[[str, Any], None]:
     def check(name: str, value) -> None:
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(f"Invalid {name}: {value!r}: must be one of {', '.join(map(repr, allowed))}")
+
     return check
 
 
@@ -263,100 +268,196 @@ class FloraHyperParams:
     """
 
     lr: float | None = option(
-        None, "learning rate `rho`; required unless `relative_step` (then it must be `None`)", None,
-        optax="learning_rate", optax_position=0, required=True, convert=_float_or_none,
+        None,
+        "learning rate `rho`; required unless `relative_step` (then it must be `None`)",
+        None,
+        optax="learning_rate",
+        optax_position=0,
+        required=True,
+        convert=_float_or_none,
         optax_doc="a float or an optax schedule (evaluated at the number of previous updates), multiplied by "
-                  "`max(min_parameter_scale, RMS(W))` when `multiply_by_parameter_scale`",
+        "`max(min_parameter_scale, RMS(W))` when `multiply_by_parameter_scale`",
         note="a schedule is evaluated at its stage's `count` (update calls so far, 0 first), like a torch "
-             "scheduler stepped once per step")
+        "scheduler stepped once per step",
+    )
     rank: int | None = option(
-        256, "projection rank `r`; a tensor whose smaller matrix dimension is `<= rank` keeps full momentum; "
-             "`None`: full momentum everywhere (the paper's uncompressed baseline)", _int(none="for full momentum"),
-        optax="tau", optax_position=3, layout=_same, reference="reference default `None`",
+        256,
+        "projection rank `r`; a tensor whose smaller matrix dimension is `<= rank` keeps full momentum; "
+        "`None`: full momentum everywhere (the paper's uncompressed baseline)",
+        _int(none="for full momentum"),
+        optax="tau",
+        optax_position=3,
+        layout=_same,
+        reference="reference default `None`",
         optax_doc="projection rank; a leaf whose smaller matrix dimension is `<= tau` keeps full momentum; `None` "
-                  "keeps full momentum everywhere",
-        note="`None` keeps full momentum")
+        "keeps full momentum everywhere",
+        note="`None` keeps full momentum",
+    )
     kappa: int = option(
-        1000, "resample the momentum projection every `kappa` steps, carrying the momentum over "
-              "(`M <- P_new P_old^T M`); too small a `kappa` amplifies noise at each transfer and can diverge "
-              "(a `RuntimeWarning` names the smallest stable value, docs/algorithm.md section 4)", _int(),
-        optax_position=5)
+        1000,
+        "resample the momentum projection every `kappa` steps, carrying the momentum over "
+        "(`M <- P_new P_old^T M`); too small a `kappa` amplifies noise at each transfer and can diverge "
+        "(a `RuntimeWarning` names the smallest stable value, docs/algorithm.md section 4)",
+        _int(),
+        optax_position=5,
+    )
     eps1: float = option(
-        1e-30, "`eps1`, added to squared gradients (section 6)", _real(above=0.0),
-        torch=("eps", 0), optax="eps", optax_position=9, convert=float, note="`eps1` of section 6")
+        1e-30,
+        "`eps1`, added to squared gradients (section 6)",
+        _real(above=0.0),
+        torch=("eps", 0),
+        optax="eps",
+        optax_position=9,
+        convert=float,
+        note="`eps1` of section 6",
+    )
     eps2: float = option(
-        1e-3, "`eps2`, floor of the parameter RMS in the step size (section 5)", _real(above=0.0),
-        torch=("eps", 1), optax="min_parameter_scale", convert=float,
+        1e-3,
+        "`eps2`, floor of the parameter RMS in the step size (section 5)",
+        _real(above=0.0),
+        torch=("eps", 1),
+        optax="min_parameter_scale",
+        convert=float,
         note="`eps2` of section 5. (The reference code passed `eps` for both, i.e. a floor of 1e-30: a "
-             "zero-initialised tensor never moved)")
+        "zero-initialised tensor never moved)",
+    )
     clip_threshold: float = option(
-        1.0, "update clipping of the combined direction: `D <- D / max(1, RMS(D) / clip_threshold)`",
-        _real(above=0.0), optax="clipping_threshold", optax_position=6, optax_check=_real(above=0.0, none=""),
-        optax_doc="update clipping threshold `d`; `None` disables clipping", convert=float,
-        note="`None` (optax only) disables clipping")
+        1.0,
+        "update clipping of the combined direction: `D <- D / max(1, RMS(D) / clip_threshold)`",
+        _real(above=0.0),
+        optax="clipping_threshold",
+        optax_position=6,
+        optax_check=_real(above=0.0, none=""),
+        optax_doc="update clipping threshold `d`; `None` disables clipping",
+        convert=float,
+        note="`None` (optax only) disables clipping",
+    )
     decay_rate: float = option(
-        -0.8, "second-moment decay `beta2_t = 1 - t^decay_rate`",
+        -0.8,
+        "second-moment decay `beta2_t = 1 - t^decay_rate`",
         _real(below=0.0, what="must be a finite float < 0 (beta2_t = 1 - t^decay_rate)"),
-        optax="b2", optax_position=2, optax_negated=True,
+        optax="b2",
+        optax_position=2,
+        optax_negated=True,
         optax_check=_real(above=0.0, what="must be a float > 0 (beta2_t = 1 - t^-b2, optax.adafactor's decay_rate)"),
         optax_doc="second-moment decay exponent, `beta2_t = 1 - t^-b2` (`optax.adafactor`'s `decay_rate`)",
         convert=float,
         note="**`decay_rate = -b2`**: `beta2_t = 1 - t^-b2`. `b2` is Adafactor's decay *exponent* "
-             "(optax.adafactor's `decay_rate=0.8`), not an Adam-style `0.999`")
+        "(optax.adafactor's `decay_rate=0.8`), not an Adam-style `0.999`",
+    )
     beta1: float | None = option(
-        0.9, "momentum; `None` or `0` disables it (then Flora is exactly Adafactor)",
+        0.9,
+        "momentum; `None` or `0` disables it (then Flora is exactly Adafactor)",
         _real(at_least=0.0, below=1.0, what="must be in [0, 1)", none="to disable momentum"),
-        optax="b1", optax_position=1, convert=_off_if_zero, layout=_momentum_on,
-        reference="reference default `None`", note="`None`/`0` disables momentum on both sides")
+        optax="b1",
+        optax_position=1,
+        convert=_off_if_zero,
+        layout=_momentum_on,
+        reference="reference default `None`",
+        note="`None`/`0` disables momentum on both sides",
+    )
     weight_decay: float = option(
-        0.0, "decoupled, `p <- p - eta_t * weight_decay * p`", _real(at_least=0.0),
-        optax_position=8, optax_check=_real(at_least=0.0, none=""), convert=float,
+        0.0,
+        "decoupled, `p <- p - eta_t * weight_decay * p`",
+        _real(at_least=0.0),
+        optax_position=8,
+        optax_check=_real(at_least=0.0, none=""),
+        convert=float,
         optax_doc="decoupled weight decay `W <- W - eta_t * weight_decay * W` (scaled like the step); `None` means 0",
-        note="both `eta_t`-scaled; `None` means 0")
-    weight_decay_mask: Any = option(
-        None, "a tree of Python bools with the structure of the params (or a function of the params returning "
-              "one); `False` leaves get no weight decay", None,
-        torch=None, note="PyTorch: param groups with `weight_decay=0`")
+        note="both `eta_t`-scaled; `None` means 0",
+    )
+    weight_decay_mask: Any = option(  # noqa: RUF009 (option() builds the field, as dataclasses.field does)
+        None,
+        "a tree of Python bools with the structure of the params (or a function of the params returning "
+        "one); `False` leaves get no weight decay",
+        None,
+        torch=None,
+        note="PyTorch: param groups with `weight_decay=0`",
+    )
     scale_parameter: bool = option(
-        True, "step size `eta_t = rho_t * max(eps2, RMS(p))`", check_bool,
-        optax="multiply_by_parameter_scale", optax_position=7,
-        optax_doc="scale the step by `max(min_parameter_scale, RMS(W))`")
+        True,
+        "step size `eta_t = rho_t * max(eps2, RMS(p))`",
+        check_bool,
+        optax="multiply_by_parameter_scale",
+        optax_position=7,
+        optax_doc="scale the step by `max(min_parameter_scale, RMS(W))`",
+    )
     relative_step: bool = option(
-        False, "`rho_t = min(1e-2, 1/sqrt(t))` instead of `lr`", check_bool, optax=None,
-        note="use `learning_rate=lambda c: jnp.minimum(1e-2, (c + 1.0) ** -0.5)`")
+        False,
+        "`rho_t = min(1e-2, 1/sqrt(t))` instead of `lr`",
+        check_bool,
+        optax=None,
+        note="use `learning_rate=lambda c: jnp.minimum(1e-2, (c + 1.0) ** -0.5)`",
+    )
     warmup_init: bool = option(
-        False, "`rho_t = min(1e-6 t, 1/sqrt(t))`; needs `relative_step`", check_bool, optax=None,
-        note="use `learning_rate=lambda c: jnp.minimum(1e-6 * (c + 1.0), (c + 1.0) ** -0.5)`")
+        False,
+        "`rho_t = min(1e-6 t, 1/sqrt(t))`; needs `relative_step`",
+        check_bool,
+        optax=None,
+        note="use `learning_rate=lambda c: jnp.minimum(1e-6 * (c + 1.0), (c + 1.0) ** -0.5)`",
+    )
     factorize_second_moment: bool = option(
-        True, "Adafactor's factored second moment for matrices (`False`: a full, Adam-like one)", check_bool,
-        optax="factorized_second_moment", optax_position=11, layout=_same)
+        True,
+        "Adafactor's factored second moment for matrices (`False`: a full, Adam-like one)",
+        check_bool,
+        optax="factorized_second_moment",
+        optax_position=11,
+        layout=_same,
+    )
     min_dim_size_to_factor: int = option(
-        128, "factor only matrices whose smaller dimension is at least this (as `optax.adafactor`)", _int(),
-        optax_position=10, layout=_same, reference="new")
+        128,
+        "factor only matrices whose smaller dimension is at least this (as `optax.adafactor`)",
+        _int(),
+        optax_position=10,
+        layout=_same,
+        reference="new",
+    )
     max_aspect_ratio: float | None = option(
-        4.0, "embedding-like matrices (`max(m, n) > ratio * min(m, n)`: token embeddings, LM heads) keep full "
-             "momentum; `None` compresses them too", _real(at_least=1.0, none=""),
-        convert=_float_or_none, layout=_same, reference="reference: fixed 4",
-        note="`None` compresses embedding-like leaves too")
+        4.0,
+        "embedding-like matrices (`max(m, n) > ratio * min(m, n)`: token embeddings, LM heads) keep full "
+        "momentum; `None` compresses them too",
+        _real(at_least=1.0, none=""),
+        convert=_float_or_none,
+        layout=_same,
+        reference="reference: fixed 4",
+        note="`None` compresses embedding-like leaves too",
+    )
     seed: int = option(
-        0, "32-bit seed of the projections", check_seed, optax_position=4,
+        0,
+        "32-bit seed of the projections",
+        check_seed,
+        optax_position=4,
         optax_doc="32-bit seed of the projections; leaf `i` (in `jax.tree_util.tree_leaves` order) uses "
-                  "`tensor_seed(seed, i)`",
+        "`tensor_seed(seed, i)`",
         note="leaf `i` of `jax.tree_util.tree_leaves(params)` uses `tensor_seed(seed, i)`; PyTorch uses the "
-             "parameter's position in the flattened param groups")
+        "parameter's position in the flattened param groups",
+    )
     projection_dtype: str = option(
-        "float32", "precision of the two `r x m x n` products of compressed momentum, `P U` and `P^T M`: "
-                   "`\"bfloat16\"` rounds their operands and results to bfloat16 (float32 sums; state, "
-                   "statistics and update stay float32), 2-4x faster on CPUs with AVX512-BF16 and GPUs",
-        _choice("float32", "bfloat16"), reference="new",
-        note="`\"bfloat16\"`: the same rounding in both (float32 sums)")
+        "float32",
+        "precision of the two `r x m x n` products of compressed momentum, `P U` and `P^T M`: "
+        '`"bfloat16"` rounds their operands and results to bfloat16 (float32 sums; state, '
+        "statistics and update stay float32), 2-4x faster on CPUs with AVX512-BF16 and GPUs",
+        _choice("float32", "bfloat16"),
+        reference="new",
+        note='`"bfloat16"`: the same rounding in both (float32 sums)',
+    )
     quantization: bool = option(
-        False, "8-bit blockwise momentum and full second moments (torchao's dynamic-tree code)", check_bool,
-        optax=None, layout=_same, reference="different code", note="the optax state is float32")
+        False,
+        "8-bit blockwise momentum and full second moments (torchao's dynamic-tree code)",
+        check_bool,
+        optax=None,
+        layout=_same,
+        reference="different code",
+        note="the optax state is float32",
+    )
     foreach: bool | None = option(
-        None, "`None`/`True`: the grouped step (tensors of a group with the same layout stepped together, no "
-              "host sync after the first step); `False`: the per-tensor path (one `core.flora_update` per tensor)",
-        _bool_or_none, optax=None, note="one optax update covers every leaf: `jax.jit` it")
+        None,
+        "`None`/`True`: the grouped step (tensors of a group with the same layout stepped together, no "
+        "host sync after the first step); `False`: the per-tensor path (one `core.flora_update` per tensor)",
+        _bool_or_none,
+        optax=None,
+        note="one optax update covers every leaf: `jax.jit` it",
+    )
 
 
 # ---- the record, read --------------------------------------------------------------------------
@@ -465,9 +566,12 @@ def normalize_group(group: dict[str, Any]) -> None:
 def from_group(group: Mapping[str, Any]) -> FloraHyperParams:
     """The record of a (validated) torch param group: what the core and the engine read (once per
     group and step, so the plan of which key feeds which field is computed once)."""
-    return FloraHyperParams(**{
-        name: convert(group[key] if index is None else group[key][index]) for name, key, index, convert in _torch_plan()
-    })
+    return FloraHyperParams(
+        **{
+            name: convert(group[key] if index is None else group[key][index])
+            for name, key, index, convert in _torch_plan()
+        }
+    )
 
 
 @functools.cache

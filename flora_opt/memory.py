@@ -26,9 +26,10 @@ GaLore (``GaLoreAdamW``)    block matrices: ``s r' (min(m, n) + 2 max(m, n))``, 
 APOLLO (``APOLLOAdamW``)    block matrices: ``s r (min(m, n) + 2 max(m, n)) + 4`` (random
                             projector kept in state, moments, 0-d norm); other tensors ``2 N s``
 Flora (this package)        ``flora_opt.core.tensor_layout``: compressed momentum ``4 r max(m, n)``
-                            if ``min(m, n) > r`` and ``max(m, n) <= 4 min(m, n)``, else ``4 N``; factored second moment ``4 (m + n)``
-                            if ``min(m, n) >= 128``, else ``4 N``; 8-bit states of ``N' >= 4096``
-                            elements: ``ceil(N'/256) (256 + 4)`` (docs/algorithm.md section 11)
+                            if ``min(m, n) > r`` and ``max(m, n) <= 4 min(m, n)``, else ``4 N``;
+                            factored second moment ``4 (m + n)`` if ``min(m, n) >= 128``, else ``4 N``;
+                            8-bit states of ``N' >= 4096`` elements: ``ceil(N'/256) (256 + 4)``
+                            (docs/algorithm.md section 11)
 ==========================  =====================================================================
 
 GaLore and APOLLO project the 2-D weights of the transformer blocks only (their training
@@ -51,22 +52,23 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 __all__ = [
-    "PRESETS",
     "METHODS",
+    "PRESETS",
     "ParamInfo",
-    "load_config",
-    "params_from_config",
-    "params_from_module",
-    "method_state_bytes",
     "estimate",
     "format_table",
+    "load_config",
+    "method_state_bytes",
     "optimizer_state_bytes",
     "optimizer_state_tensors",
+    "params_from_config",
+    "params_from_module",
     "storage_key",
 ]
 
@@ -166,8 +168,18 @@ class ParamInfo:
 
 # size fields of Hugging Face configs that must be positive integers when present
 _SIZE_KEYS = (
-    "n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
-    "num_key_value_heads", "n_inner", "intermediate_size", "vocab_size", "n_positions", "max_position_embeddings",
+    "n_layer",
+    "num_hidden_layers",
+    "n_embd",
+    "hidden_size",
+    "n_head",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_inner",
+    "intermediate_size",
+    "vocab_size",
+    "n_positions",
+    "max_position_embeddings",
 )
 
 
@@ -198,7 +210,7 @@ def load_config(model: str) -> tuple[str, dict[str, Any], str]:
         except (OSError, json.JSONDecodeError) as error:
             raise ModelConfigError(f"cannot read {str(path)!r} as JSON: {error}") from error
         if not isinstance(config, dict) or "model_type" not in config:
-            raise ModelConfigError(f"{str(path)!r} is not a Hugging Face config: it has no \"model_type\"")
+            raise ModelConfigError(f'{str(path)!r} is not a Hugging Face config: it has no "model_type"')
         _check_sizes(config, repr(str(path)))
         return path.stem if path.name != "config.json" else path.parent.name or "config", config, str(path)
     raise ModelConfigError(
@@ -292,10 +304,7 @@ def _adamw8bit_bnb(p: ParamInfo, **_) -> int:
 
 def _adafactor(p: ParamInfo, momentum: bool = False, **_) -> int:
     shape = p.shape
-    if len(shape) >= 2:
-        second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
-    else:
-        second = p.numel
+    second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else p.numel
     return 4 * second + (4 * p.numel if momentum else 0) + 4
 
 
@@ -449,11 +458,13 @@ def format_table(est: Estimate) -> str:
         ]
         for row in est.rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
     out.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    out.extend(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    )
     lines.extend(out)
     lines.append("")
     lines.append("step total = weights + gradients + optimizer state (activations not included);")
@@ -468,7 +479,7 @@ def storage_key(t) -> tuple:
     """Identifies the storage behind ``t`` (meta and storage-less tensors by object identity)."""
     try:
         ptr = 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
-    except Exception:  # noqa: BLE001 - exotic tensors without a storage
+    except Exception:
         ptr = 0
     return (t.device.type, ptr) if ptr else ("id", id(t))
 

@@ -33,7 +33,8 @@ import functools
 import math
 import types
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -72,6 +73,8 @@ PROJECTION = "projection"
 # "skipped_steps", which the reference flora-opt 0.0.3's state lacks.
 FORMAT_KEY = "flora_format"
 STATE_FORMAT = 2
+
+
 @functools.cache
 def _expected_state(layout: TensorLayout, quantization: bool, sharded: bool) -> Mapping[str, tuple]:
     """The state keys of a tensor with ``layout``, with their shapes and dtypes (read only: cached,
@@ -414,7 +417,9 @@ class Flora(torch.optim.Optimizer):
         if grad.is_complex() or param.is_complex():
             raise RuntimeError(f"Flora does not support complex gradients (parameter of shape {tuple(param.shape)})")
         if grad.shape != param.shape:
-            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(param.shape)}")
+            raise RuntimeError(
+                f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(param.shape)}"
+            )
         layout = self._layout(param, hp)
         if is_dtensor(param):  # FSDP2 / DTensor: the same core on global DTensor operands
             distributed.check_supported(param, group["quantization"])
@@ -425,10 +430,7 @@ class Flora(torch.optim.Optimizer):
             state["step"] += 1
             return
         self._check_state(param, state, layout, group["quantization"], position)
-        if is_dtensor(param):
-            ops = distributed.dtensor_ops(param, layout)
-        else:
-            ops = get_ops("torch")
+        ops = distributed.dtensor_ops(param, layout) if is_dtensor(param) else get_ops("torch")
         work_shape = layout.work_shape
         grad32 = grad.to(torch.float32).reshape(work_shape)
         in_place = param.dtype == torch.float32 and param.is_contiguous()
@@ -485,7 +487,7 @@ class Flora(torch.optim.Optimizer):
 
     def _check_state(self, param, state, layout: TensorLayout, quantization: bool, position: int) -> None:
         expected = _expected_state(layout, quantization, is_dtensor(param))
-        for key, (shape, dtype) in expected.items():
+        for key, (shape, _dtype) in expected.items():
             value = state.get(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = None if not isinstance(value, torch.Tensor) else tuple(value.shape)
@@ -529,11 +531,12 @@ class Flora(torch.optim.Optimizer):
             )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"the optimizer has {len(self.param_groups)}"
             )
         pairs = []
         disagreements = []
-        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"loaded state dict group {group_index} has {len(saved['params'])} parameters, "
@@ -549,7 +552,7 @@ class Flora(torch.optim.Optimizer):
                         f"{key}={mine!r}"
                     )
             hp = from_group(options)
-            for param, saved_id in zip(group["params"], saved["params"]):
+            for param, saved_id in zip(group["params"], saved["params"], strict=True):
                 pairs.append((param, saved_id, hp, options["quantization"]))
         for position, (param, saved_id, hp, quantization) in enumerate(pairs):
             if saved_id not in saved_state:
@@ -593,11 +596,12 @@ class Flora(torch.optim.Optimizer):
         self._reindex()
 
 
-
 # The Args lines of the docstring and the signature of Flora(...) come from the record.
 if Flora.__doc__:  # None under python -OO
     Flora.__doc__ = Flora.__doc__.replace("      <options>\n", docstring_args("torch", 6) + "\n")
 Flora.__init__.__signature__ = torch_signature()
+
+
 def _foreign_state_message(state_dict: dict[str, Any]) -> str | None:
     """What a state dict that is not this package's Flora state looks like (None if it is ours)."""
     groups = state_dict["param_groups"]

@@ -54,14 +54,14 @@ STREAM_MOMENTUM = 0
 STREAM_ACCUMULATION = 1
 
 __all__ = [
-    "STREAM_MOMENTUM",
     "STREAM_ACCUMULATION",
-    "mix32_int",
-    "tensor_seed",
-    "stream_key",
-    "projection_key",
+    "STREAM_MOMENTUM",
     "gaussian_projection",
     "gaussian_projections",
+    "mix32_int",
+    "projection_key",
+    "stream_key",
+    "tensor_seed",
 ]
 
 

@@ -44,11 +44,10 @@ def _quant_utils():
         from torchao.optim import quant_utils
     except ImportError as error:  # pragma: no cover - exercised only without torchao
         raise ImportError(
-            "Flora(quantization=True) needs torchao: pip install 'flora-opt[torch]' "
-            "(or pip install torchao)"
+            "Flora(quantization=True) needs torchao: pip install 'flora-opt[torch]' (or pip install torchao)"
         ) from error
     finally:
-        for logger, level in zip(quiet, levels):
+        for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
     return quant_utils
 
@@ -145,16 +144,18 @@ def quantize(
     else:
         codes, absmax = out
         if codes.numel() != blocks * BLOCK_SIZE or absmax.numel() != blocks:
-            raise ValueError(f"quantize: out buffers of {codes.numel()} codes and {absmax.numel()} scales do not fit "
-                             f"{numel} values ({blocks} blocks of {BLOCK_SIZE})")
+            raise ValueError(
+                f"quantize: out buffers of {codes.numel()} codes and {absmax.numel()} scales do not fit "
+                f"{numel} values ({blocks} blocks of {BLOCK_SIZE})"
+            )
     for first in range(0, blocks, CHUNK_BLOCKS):
         last = min(blocks, first + CHUNK_BLOCKS)
-        chunk = flat[first * BLOCK_SIZE:min(last * BLOCK_SIZE, numel)].to(torch.float32)
+        chunk = flat[first * BLOCK_SIZE : min(last * BLOCK_SIZE, numel)].to(torch.float32)
         padding = (last - first) * BLOCK_SIZE - chunk.numel()
         if padding:
             chunk = torch.nn.functional.pad(chunk, (0, padding))
         normalised, scale = qu.scale_tensor(chunk, BLOCK_SIZE)
-        codes[first * BLOCK_SIZE:last * BLOCK_SIZE] = encode(normalised.contiguous(), signed)
+        codes[first * BLOCK_SIZE : last * BLOCK_SIZE] = encode(normalised.contiguous(), signed)
         absmax[first:last] = scale
     return codes, absmax
 
@@ -170,9 +171,9 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, shape, signed: bool) -
     blocks = absmax.numel()
     for first in range(0, blocks, CHUNK_BLOCKS):
         last = min(blocks, first + CHUNK_BLOCKS)
-        values = qu.dequant_with_qmap(codes[first * BLOCK_SIZE:last * BLOCK_SIZE], code_map, absmax[first:last])
+        values = qu.dequant_with_qmap(codes[first * BLOCK_SIZE : last * BLOCK_SIZE], code_map, absmax[first:last])
         stop = min(last * BLOCK_SIZE, numel)
-        result[first * BLOCK_SIZE:stop] = values[:stop - first * BLOCK_SIZE]
+        result[first * BLOCK_SIZE : stop] = values[: stop - first * BLOCK_SIZE]
     return result.reshape(shape)
 
 

@@ -141,10 +141,7 @@ class ReferenceFlora:
         t = st.step + 1
 
         # Section 5: step size.
-        if self.relative_step:
-            rho = min(1e-6 * t if self.warmup_init else 1e-2, 1.0 / math.sqrt(t))
-        else:
-            rho = self.lr
+        rho = min(1e-06 * t if self.warmup_init else 0.01, 1.0 / math.sqrt(t)) if self.relative_step else self.lr
         eta = rho * max(self.eps[1], math.sqrt(np.mean(W * W))) if self.scale_parameter else rho
 
         # Section 6: second moment.
@@ -187,11 +184,14 @@ class ReferenceFlora:
                 P_old = reference_projection(reference_key(st.seed, 0, k - 1), self.rank, d)
                 M = P @ (P_old.T @ M) if rows else (M @ P_old) @ P.T
             if self.projection_dtype == "bfloat16":  # operands and products rounded to bfloat16
+
                 def product(a, b):
                     return reference_bfloat16(reference_bfloat16(a) @ reference_bfloat16(b))
             else:
+
                 def product(a, b):
                     return a @ b
+
             H = product(P.T, M) if rows else product(M, P)
             norm_h = math.sqrt(np.sum(H * H))
             if norm_h > 0:  # rescale the history to the norm of the momentum it estimates

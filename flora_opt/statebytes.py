@@ -24,8 +24,8 @@ __all__ = [
     "is_quantized",
     "num_blocks",
     "quantized_nbytes",
-    "state_key_bytes",
     "state_bytes",
+    "state_key_bytes",
 ]
 
 BLOCK_SIZE = 256

@@ -87,7 +87,7 @@ def accelerate_mode(out):
 
     def train(first, count):
         for index in range(first * K, (first + count) * K):
-            local = micro_batch(index, world)[rank * PER_RANK:(rank + 1) * PER_RANK]
+            local = micro_batch(index, world)[rank * PER_RANK : (rank + 1) * PER_RANK]
             with accelerator.accumulate(model):
                 accelerator.backward(model(local).pow(2).mean())
                 optimizer.step()
@@ -155,19 +155,30 @@ def trainer_mode(out, variant):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(config)
     fsdp = dict(fsdp="full_shard", fsdp_config={"version": 2}) if variant == "fsdp2" else {}
     with tempfile.TemporaryDirectory() as output_dir:
         args = transformers.TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=4 // world, gradient_accumulation_steps=K,
-            max_steps=STEPS, use_cpu=True, ddp_backend="gloo" if world > 1 else None, report_to=[],
-            save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0, **fsdp,
+            output_dir=output_dir,
+            per_device_train_batch_size=4 // world,
+            gradient_accumulation_steps=K,
+            max_steps=STEPS,
+            use_cpu=True,
+            ddp_backend="gloo" if world > 1 else None,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            seed=0,
+            **fsdp,
         )
         # under FSDP the Trainer refuses optimizers=(...): it must build the optimizer itself
-        trainer = ForcedFSDP2Trainer(model=model, args=args, train_dataset=Tokens(),
-                                     optimizer_cls_and_kwargs=(flora_opt.Flora, OPTIONS))
+        trainer = ForcedFSDP2Trainer(
+            model=model, args=args, train_dataset=Tokens(), optimizer_cls_and_kwargs=(flora_opt.Flora, OPTIONS)
+        )
         trainer.train()
         inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
         result = dict(

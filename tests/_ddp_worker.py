@@ -40,26 +40,43 @@ def trainer(out):
             return {"input_ids": ids, "labels": ids}
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(config)
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-3, rank=4)
     with tempfile.TemporaryDirectory() as output_dir:
         args = transformers.TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=K, max_steps=2,
-            use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no", logging_strategy="no",
-            dataloader_num_workers=0, seed=0,
+            output_dir=output_dir,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=K,
+            max_steps=2,
+            use_cpu=True,
+            ddp_backend="gloo",
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            seed=0,
         )
-        trainer = FloraTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(optimizer, None),
-                               accumulation_compression_rank=4)
+        trainer = FloraTrainer(
+            model=model,
+            args=args,
+            train_dataset=Tokens(),
+            optimizers=(optimizer, None),
+            accumulation_compression_rank=4,
+        )
         trainer.train()
         state = trainer.accelerator.flora_comm_state
         flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     rank, world = dist.get_rank(), dist.get_world_size()
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
-    result = dict(identical=all(torch.equal(gathered[0], g) for g in gathered), calls=None if state is None else state.calls,
-                  ddp=isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel))
+    result = dict(
+        identical=all(torch.equal(gathered[0], g) for g in gathered),
+        calls=None if state is None else state.calls,
+        ddp=isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+    )
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
@@ -102,7 +119,7 @@ def main():
         state = flora_opt.distributed.register_compressed_allreduce(model, accumulator)
     identical = True
     for index in range(K * CYCLES):
-        local = micro_batch(index, world)[rank * PER_RANK:(rank + 1) * PER_RANK]
+        local = micro_batch(index, world)[rank * PER_RANK : (rank + 1) * PER_RANK]
         if mode == "accelerate":
             with accelerator.accumulate(model):
                 accelerator.backward(model(local).pow(2).mean())
@@ -124,8 +141,13 @@ def main():
     error = 0.0
     for p, q in zip(model.parameters(), reference.parameters()):
         error = max(error, ((p.detach() - q.detach()).abs().max() / q.abs().max()).item())
-    result = dict(identical=identical, error=error, calls=state.calls, elements=state.elements,
-                  numel=sum(p.numel() for p in model.parameters()))
+    result = dict(
+        identical=identical,
+        error=error,
+        calls=state.calls,
+        elements=state.elements,
+        numel=sum(p.numel() for p in model.parameters()),
+    )
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)

@@ -88,7 +88,7 @@ def shard(model):
 def batch(step, rank, world):
     x = torch.randn(GLOBAL_BATCH, 24, generator=torch.Generator().manual_seed(step))
     per = GLOBAL_BATCH // world
-    return x, x[rank * per:(rank + 1) * per]
+    return x, x[rank * per : (rank + 1) * per]
 
 
 def train(model, optimizer, steps, first, rank, world, mode=None):
@@ -110,7 +110,7 @@ def quantized_batch(step):
 def train_quantized(model, optimizer, steps, first, rank, world):
     per = GLOBAL_BATCH // world
     for step in range(first, first + steps):
-        model(quantized_batch(step)[rank * per:(rank + 1) * per]).pow(2).mean().backward()
+        model(quantized_batch(step)[rank * per : (rank + 1) * per]).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -183,8 +183,12 @@ def main():
                         scale_error=((scale - their_scale).abs().max() / their_scale.abs().max()).item(),
                         local=list(value.to_local().shape),
                     )
-        result = dict(error=error, codes=codes, local_state_bytes=local_state_bytes(optimizer),
-                      reference_state_bytes=reference_opt.state_bytes())
+        result = dict(
+            error=error,
+            codes=codes,
+            local_state_bytes=local_state_bytes(optimizer),
+            reference_state_bytes=reference_opt.state_bytes(),
+        )
     elif mode in ("save", "resume"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -14,8 +14,15 @@ def run_torchrun(worker: str, world: int, *args, timeout: float = 100) -> None:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     command = [
-        sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={world}", worker, *map(str, args),
+        sys.executable,
+        "-W",
+        "ignore",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        worker,
+        *map(str, args),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]

@@ -73,9 +73,12 @@ def test_flora_accelerator_refuses_options_its_engine_cannot_run(monkeypatch, en
 
     import flora_opt
 
-    monkeypatch.setattr(flora_opt.FloraAccelerator, "distributed_type",
-                        property(lambda self: DistributedType[engine]))
-    why = "takes every micro-batch's gradient from autograd itself" if engine == "FSDP" else "DeepSpeed owns the gradient buffers"
+    monkeypatch.setattr(flora_opt.FloraAccelerator, "distributed_type", property(lambda self: DistributedType[engine]))
+    why = (
+        "takes every micro-batch's gradient from autograd itself"
+        if engine == "FSDP"
+        else "DeepSpeed owns the gradient buffers"
+    )
     name = next(iter(option))
     with pytest.raises(ValueError, match=f"{name}.*not supported with distributed_type={engine}: .*{why}"):
         flora_opt.FloraAccelerator(cpu=True, **option)

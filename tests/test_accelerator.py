@@ -208,9 +208,8 @@ def test_incompatible_usage_fails_clearly():
     accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(NotImplementedError, match="one optimizer"):
         accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match=r"call accelerator.backward\(loss\)"):
-        with accelerator.accumulate(model):
-            model(batch(0)).pow(2).mean().backward()  # bypasses accelerator.backward
+    with pytest.raises(RuntimeError, match=r"call accelerator.backward\(loss\)"), accelerator.accumulate(model):
+        model(batch(0)).pow(2).mean().backward()  # bypasses accelerator.backward
     assert math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), 1.0)))
 
 
@@ -225,7 +224,9 @@ def test_layerwise_two_backwards_in_the_sync_micro_batch_is_refused(retain_graph
     model, optimizer = accelerator.prepare(model, optimizer)
     steps = []
     optimizer.optimizer.register_step_post_hook(lambda *args: steps.append(1))
-    with pytest.raises(RuntimeError, match=r"layerwise=True\): accelerator.backward was called twice in the micro-batch"):
+    with pytest.raises(
+        RuntimeError, match=r"layerwise=True\): accelerator.backward was called twice in the micro-batch"
+    ):
         for index in range(8):
             with accelerator.accumulate(model):
                 if retain_graph:

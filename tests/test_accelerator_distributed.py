@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 WORKER = textwrap.dedent(
-    r'''
+    r"""
     import json, os, sys
     import torch
     import torch.distributed as dist
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent(
     # gloo's threads can abort the interpreter's teardown ("terminate called without an active
     # exception") after a clean run: everything is written and the group destroyed
     os._exit(0)
-    '''
+    """
 )
 
 
@@ -86,8 +86,13 @@ def test_two_process_ddp_params_identical_and_one_allreduce_per_cycle(tmp_path):
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(script), str(result_file),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(result_file),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=110)
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -30,11 +30,32 @@ def load_example():
 
 def test_example_trains_with_compressed_layerwise_accumulation(capsys, tmp_path):
     example = load_example()
-    example.main([
-        "--model", "gpt2-tiny", "--seq-len", "32", "--batch-size", "2", "--gradient-accumulation-steps", "2",
-        "--max-steps", "3", "--optimizer", "flora", "--rank", "8", "--accumulation-rank", "8", "--layerwise",
-        "--activation-checkpointing", "--eval-batches", "1", "--checkpoint-dir", str(tmp_path / "ckpt"),
-    ])
+    example.main(
+        [
+            "--model",
+            "gpt2-tiny",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+            "--max-steps",
+            "3",
+            "--optimizer",
+            "flora",
+            "--rank",
+            "8",
+            "--accumulation-rank",
+            "8",
+            "--layerwise",
+            "--activation-checkpointing",
+            "--eval-batches",
+            "1",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     match = re.fullmatch(r"validation loss (\d+\.\d+) \| peak memory ([\d.]+) MiB \(.*\) \| (\d+) tokens/s", last)
     assert match, last

@@ -9,7 +9,9 @@ import flora_opt  # noqa: E402
 from flora_opt.hf import FloraTrainer  # noqa: E402
 
 GAS = 4
-CONFIG = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CONFIG = dict(
+    n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,9 @@ class SubstepCheck(transformers.TrainerCallback):
         self.checked += 1
 
 
-def train(tmp_path, trainer_cls=transformers.Trainer, max_steps=3, resume=None, save_steps=None, callback=None, **flora):
+def train(
+    tmp_path, trainer_cls=transformers.Trainer, max_steps=3, resume=None, save_steps=None, callback=None, **flora
+):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
@@ -102,7 +106,11 @@ def test_flora_trainer_resume_continues_the_cycles(tmp_path):
     _, expected = train(tmp_path / "a", FloraTrainer, max_steps=4, accumulation_compression_rank=4)
     train(tmp_path / "b", FloraTrainer, max_steps=4, save_steps=2, accumulation_compression_rank=4)
     trainer, resumed = train(
-        tmp_path / "c", FloraTrainer, max_steps=4, resume=str(tmp_path / "b" / "checkpoint-2"), accumulation_compression_rank=4
+        tmp_path / "c",
+        FloraTrainer,
+        max_steps=4,
+        resume=str(tmp_path / "b" / "checkpoint-2"),
+        accumulation_compression_rank=4,
     )
     assert trainer.accelerator.accumulator.cycle == 4
     for p, q in zip(expected.parameters(), resumed.parameters()):
@@ -122,8 +130,15 @@ def test_flora_trainer_epoch_ending_with_a_one_micro_batch_cycle(tmp_path, flora
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=GAS,
-        num_train_epochs=2, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GAS,
+        num_train_epochs=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = FloraTrainer(model=model, args=args, train_dataset=ShortTokens(), optimizers=(optimizer, None), **flora)
     trainer.train()
@@ -152,6 +167,7 @@ def test_flora_trainer_never_swaps_the_trainer_module_accelerator(tmp_path, monk
     assert type(trainer.accelerator) is Recording
     assert seen == [accelerate.Accelerator]
     assert trainer_module.Accelerator is accelerate.Accelerator
-    plain = transformers.Trainer(model=transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)),
-                                 args=trainer.args)
+    plain = transformers.Trainer(
+        model=transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)), args=trainer.args
+    )
     assert type(plain.accelerator) is accelerate.Accelerator

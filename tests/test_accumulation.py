@@ -22,7 +22,11 @@ def make_model(seed=0):
     torch.manual_seed(seed)
     # weights: (40, 24) -> cols side, (16, 40) -> rows side, (1, 16) -> naive (min dim 1 <= rank)
     return torch.nn.Sequential(
-        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16, bias=False), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        torch.nn.Linear(24, 40),
+        torch.nn.Tanh(),
+        torch.nn.Linear(40, 16, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 1),
     )
 
 
@@ -171,7 +175,10 @@ def test_unbiased_over_seeds_and_error_shrinks_with_rank():
         for seed in range(60):
             grads = accumulated_grads(model, xs, rank, seed=1000 + seed)
             values.append(
-                ((torch.cat([grads[i].flatten() for i in compressed_ids]) - reference).norm() ** 2 / reference.norm() ** 2).item()
+                (
+                    (torch.cat([grads[i].flatten() for i in compressed_ids]) - reference).norm() ** 2
+                    / reference.norm() ** 2
+                ).item()
             )
         mse[rank] = float(np.mean(values))
     assert mse[2] > mse[8] > mse[20], mse
@@ -210,8 +217,10 @@ def test_no_full_size_gradient_between_micro_batches():
                 if rank is not None and step < K - 1:
                     for param in accumulator.compressed_parameters():
                         assert param.grad is None
-                    expected = sum(4 * math.prod(core.accumulation_layout(p.shape, rank).buffer_shape())
-                                   for p in accumulator.compressed_parameters())
+                    expected = sum(
+                        4 * math.prod(core.accumulation_layout(p.shape, rank).buffer_shape())
+                        for p in accumulator.compressed_parameters()
+                    )
                     assert accumulator.buffer_bytes() == expected == 4 * (40 * RANK + RANK * 40)
                     held = sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
                     assert held == 4 * (40 + 16 + 1)  # the biases and the (1, 16) weight only
@@ -303,7 +312,9 @@ def test_load_state_dict_with_other_accumulation_steps_mid_cycle_is_refused():
     assert state["micro_step"] == 3
     accumulator.remove()
     other = CompressedAccumulator(optimizer, RANK, accumulation_steps=2)
-    with pytest.raises(ValueError, match=r"micro_step=3\) with accumulation_steps=4; this accumulator has accumulation_steps=2"):
+    with pytest.raises(
+        ValueError, match=r"micro_step=3\) with accumulation_steps=4; this accumulator has accumulation_steps=2"
+    ):
         other.load_state_dict(state)
     assert other.micro_step == 0
     boundary = dict(state, micro_step=0, buffers={}, grads={})
@@ -347,17 +358,15 @@ def test_not_an_optimizer_and_unknown_argument():
 def test_bare_backward_with_accumulation_fails_clearly():
     model = make_model()
     CompressedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), RANK, accumulation_steps=K)
-    with pytest.raises(RuntimeError, match="outside CompressedAccumulator.backward"):
+    with pytest.raises(RuntimeError, match=r"outside CompressedAccumulator.backward"):
         loss_fn(model, batches(1)[0]).backward()
 
 
 def test_micro_batch_contexts_do_not_nest():
     model = make_model()
     accumulator = CompressedAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), RANK, accumulation_steps=K)
-    with accumulator.micro_batch():
-        with pytest.raises(RuntimeError, match="cannot be nested"):
-            with accumulator.micro_batch():
-                pass
+    with accumulator.micro_batch(), pytest.raises(RuntimeError, match="cannot be nested"), accumulator.micro_batch():
+        pass
 
 
 def test_one_accumulator_per_parameter():

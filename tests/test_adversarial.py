@@ -104,8 +104,14 @@ def test_failed_add_param_group_with_complex_parameter_changes_nothing():
 def test_numpy_scalars_are_accepted_and_stored_as_plain_numbers():
     p = torch.nn.Parameter(torch.randn(20, 30))
     opt = flora_opt.Flora(
-        [p], lr=np.float32(1e-3), rank=np.int64(4), kappa=np.int64(10), beta1=np.float32(0.9),
-        min_dim_size_to_factor=np.int32(8), seed=np.uint32(7), eps=(np.float64(1e-30), np.float32(1e-3)),
+        [p],
+        lr=np.float32(1e-3),
+        rank=np.int64(4),
+        kappa=np.int64(10),
+        beta1=np.float32(0.9),
+        min_dim_size_to_factor=np.int32(8),
+        seed=np.uint32(7),
+        eps=(np.float64(1e-30), np.float32(1e-3)),
     )
     group = opt.param_groups[0]
     assert type(group["rank"]) is int and group["rank"] == 4
@@ -132,7 +138,11 @@ BAD = [
     (dict(clip_threshold=math.inf), ValueError, r"Invalid clip_threshold: inf"),
     (dict(beta1=float("nan")), ValueError, r"Invalid beta1: nan"),
     (dict(weight_decay=math.inf), ValueError, r"Invalid weight_decay: inf"),
-    (dict(max_aspect_ratio=math.inf), ValueError, r"Invalid max_aspect_ratio: inf: must be a finite float >= 1, or None"),
+    (
+        dict(max_aspect_ratio=math.inf),
+        ValueError,
+        r"Invalid max_aspect_ratio: inf: must be a finite float >= 1, or None",
+    ),
     (dict(scale_parameter=1), ValueError, r"Invalid scale_parameter: 1: must be a bool"),
     (dict(eps=(1e-30, math.inf)), ValueError, r"Invalid eps value at index 1: inf"),
     (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, r"Invalid lr: a tensor lr must have one element"),
@@ -153,7 +163,10 @@ def test_constructor_table_of_bad_inputs(kwargs, error, pattern):
 
 @pytest.mark.parametrize("options", [dict(rank=4), dict(rank=None), dict(beta1=None, factorize_second_moment=False)])
 def test_meta_parameters_step(options):
-    params = [torch.nn.Parameter(torch.empty(20, 30, device="meta")), torch.nn.Parameter(torch.empty(30, device="meta"))]
+    params = [
+        torch.nn.Parameter(torch.empty(20, 30, device="meta")),
+        torch.nn.Parameter(torch.empty(30, device="meta")),
+    ]
     opt = flora_opt.Flora(params, lr=1e-3, **options)
     for p in params:
         p.grad = torch.empty_like(p)
@@ -217,14 +230,31 @@ def _reference_0_0_3_state_dict(params):
     """A state dict shaped like the reference flora-opt==0.0.3's (written from its documented
     layout, not its code): per parameter step, a torch.Generator seed, the momentum and
     Adafactor's factored second moment; groups without our newer options."""
-    w, b = params
+    _w, _b = params
     state = {
-        0: {"step": 3, "seed": 2147483647, "exp_avg": torch.zeros(8, 30), "exp_avg_sq_row": torch.ones(20),
-            "exp_avg_sq_col": torch.ones(30)},
+        0: {
+            "step": 3,
+            "seed": 2147483647,
+            "exp_avg": torch.zeros(8, 30),
+            "exp_avg_sq_row": torch.ones(20),
+            "exp_avg_sq_col": torch.ones(30),
+        },
         1: {"step": 3, "seed": 2147483648, "exp_avg": torch.zeros(30), "exp_avg_sq": torch.ones(30)},
     }
-    group = dict(lr=1e-2, rank=8, kappa=1000, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=0.9,
-                 weight_decay=0.0, scale_parameter=True, relative_step=False, warmup_init=False, params=[0, 1])
+    group = dict(
+        lr=1e-2,
+        rank=8,
+        kappa=1000,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        beta1=0.9,
+        weight_decay=0.0,
+        scale_parameter=True,
+        relative_step=False,
+        warmup_init=False,
+        params=[0, 1],
+    )
     return {"state": state, "param_groups": [group]}
 
 
@@ -330,8 +360,14 @@ def test_state_dict_carries_a_format_marker_and_old_checkpoints_without_it_load(
 
 @pytest.mark.parametrize(
     "option,value",
-    [("rank", 4), ("quantization", True), ("factorize_second_moment", False), ("beta1", None),
-     ("min_dim_size_to_factor", 8), ("max_aspect_ratio", None)],
+    [
+        ("rank", 4),
+        ("quantization", True),
+        ("factorize_second_moment", False),
+        ("beta1", None),
+        ("min_dim_size_to_factor", 8),
+        ("max_aspect_ratio", None),
+    ],
 )
 def test_constructor_and_checkpoint_disagreeing_on_the_layout_raise(option, value):
     if option == "quantization":
@@ -339,7 +375,9 @@ def test_constructor_and_checkpoint_disagreeing_on_the_layout_raise(option, valu
     params, opt = _trained()
     sd = _roundtrip(opt.state_dict())
     other = flora_opt.Flora(params, lr=1e-2, **{"rank": 8, option: value})
-    with pytest.raises(ValueError, match=rf"group 0 was saved with {option}=.* this optimizer was built with {option}={value!r}"):
+    with pytest.raises(
+        ValueError, match=rf"group 0 was saved with {option}=.* this optimizer was built with {option}={value!r}"
+    ):
         other.load_state_dict(sd)
 
 
@@ -376,9 +414,14 @@ def test_step_param_does_not_scan_the_groups(monkeypatch):
     for p in params:
         p.grad = torch.randn_like(p)
     reference = flora_opt.Flora(
-        [{"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:25]]},
-         {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[25:]], "lr": 1e-3}], lr=1e-2, rank=2,
-        foreach=False)  # the per-tensor path, which step_param uses: bit-identical results
+        [
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:25]]},
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[25:]], "lr": 1e-3},
+        ],
+        lr=1e-2,
+        rank=2,
+        foreach=False,
+    )  # the per-tensor path, which step_param uses: bit-identical results
     ref_params = [p for g in reference.param_groups for p in g["params"]]
     for p, q in zip(params, ref_params):
         q.grad = p.grad.clone()
@@ -437,7 +480,9 @@ def test_finite_gradients_below_the_documented_bound_are_stepped(shape):
     "make",
     [
         lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False),
-        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, step_size_up=3, cycle_momentum=False),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=1e-4, max_lr=1e-2, step_size_up=3, cycle_momentum=False
+        ),
     ],
     ids=["OneCycleLR", "CyclicLR"],
 )

@@ -3,6 +3,7 @@ run queue's priorities, and the state-bytes formula the report checks against th
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -26,8 +27,9 @@ def test_pretrain_preset_is_block_dominated_and_long_enough():
 def test_pretrain_contenders_cover_the_issue():
     preset = bench.PRESETS["pretrain"]
     min_dim = bench.model_facts(preset["lm"])["min_block_dim"]
-    contenders = bench.quality_contenders("pretrain", preset["ranks"], preset["peer_ranks"], preset["bits_rank"],
-                                          preset["lora_rank"], preset["interval"])
+    contenders = bench.quality_contenders(
+        "pretrain", preset["ranks"], preset["peer_ranks"], preset["bits_rank"], preset["lora_rank"], preset["interval"]
+    )
     kinds = [c["kind"] for c in contenders]
     flora_ranks = [c["options"]["rank"] for c in contenders if c["kind"] == "flora"]
     assert len(flora_ranks) >= 3 and min(flora_ranks) * 4 <= min_dim
@@ -38,7 +40,7 @@ def test_pretrain_contenders_cover_the_issue():
         assert kind in kinds
     for c in contenders:
         grid = sorted(c["grid"])
-        assert len(grid) >= 3 and all(b / a <= 2.0 + 1e-9 for a, b in zip(grid, grid[1:])), c["id"]
+        assert len(grid) >= 3 and all(b / a <= 2.0 + 1e-9 for a, b in itertools.pairwise(grid)), c["id"]
         if c["kind"] in ("adamw", "galore", "apollo", "lora"):
             assert c["options"]["betas"] == [0.9, 0.95] and c["options"]["weight_decay"] == 0.1
             assert c["options"]["eps"] == 1e-8

@@ -133,10 +133,14 @@ def test_loading_into_a_different_model_raises():
     opt = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
     _train(model, opt, _batches(1))
     sd = _roundtrip(opt.state_dict())
-    other = torch.nn.Sequential(torch.nn.Embedding(300, 48), torch.nn.Linear(48, 200), torch.nn.Linear(200, 300), torch.nn.Linear(1, 1))
+    other = torch.nn.Sequential(
+        torch.nn.Embedding(300, 48), torch.nn.Linear(48, 200), torch.nn.Linear(200, 300), torch.nn.Linear(1, 1)
+    )
     with pytest.raises(ValueError, match="parameters"):
         flora_opt.Flora(other.parameters(), lr=1e-2, rank=16).load_state_dict(sd)
-    wrong_shapes = torch.nn.Sequential(torch.nn.Embedding(300, 48), torch.nn.Linear(48, 200), torch.nn.GELU(), torch.nn.Linear(200, 300))
+    wrong_shapes = torch.nn.Sequential(
+        torch.nn.Embedding(300, 48), torch.nn.Linear(48, 200), torch.nn.GELU(), torch.nn.Linear(200, 300)
+    )
     with pytest.raises(ValueError, match="cannot load Flora state"):
         flora_opt.Flora(wrong_shapes.parameters(), lr=1e-2, rank=16).load_state_dict(sd)
 

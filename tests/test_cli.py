@@ -46,9 +46,30 @@ def flora_state_by_hand(model, rank):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    argv = ["demo", "--quick", "--steps", "4", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
-            "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--out", str(out),
-            "--optimizers", "adamw", "adafactor_momentum", "flora", "flora_8bit"]
+    argv = [
+        "demo",
+        "--quick",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--optimizers",
+        "adamw",
+        "adafactor_momentum",
+        "flora",
+        "flora_8bit",
+    ]
     status = cli.main(argv)
     return status, out
 
@@ -60,8 +81,17 @@ def test_demo_quick_outputs(demo_run, capsys):
     rows = {r["optimizer"]: r for r in results["rows"]}
     assert list(rows) == ["adamw", "adafactor_momentum", "flora", "flora_8bit"]
     for row in rows.values():
-        for key in ("label", "state_bytes", "peak_live_bytes", "tokens_per_s", "final_val_loss", "val_curve",
-                    "train_losses", "lr", "state_vs_adamw"):
+        for key in (
+            "label",
+            "state_bytes",
+            "peak_live_bytes",
+            "tokens_per_s",
+            "final_val_loss",
+            "val_curve",
+            "train_losses",
+            "lr",
+            "state_vs_adamw",
+        ):
             assert key in row, key
         assert row["steps"] == 4
         for key in ("state_bytes", "peak_live_bytes", "tokens_per_s", "final_val_loss"):
@@ -75,8 +105,11 @@ def test_demo_quick_outputs(demo_run, capsys):
     # Flora's state: the documented formula, and far below AdamW's 8 bytes per parameter
     from flora_lab.lm import LMConfig, TinyLlama
 
-    model = TinyLlama(LMConfig(**{k: results["model"][k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
-                                                                     "ffn_dim", "max_seq_len")}))
+    model = TinyLlama(
+        LMConfig(
+            **{k: results["model"][k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len")}
+        )
+    )
     n = results["model"]["n_params"]
     assert n == sum(p.numel() for p in model.parameters())
     assert rows["flora"]["state_bytes"] == flora_state_by_hand(model, results["settings"]["rank"])
@@ -92,9 +125,28 @@ def test_demo_quick_outputs(demo_run, capsys):
 
 
 def test_demo_prints_table(tmp_path, capsys):
-    status, stdout, _ = run_cli(["demo", "--steps", "2", "--eval-batches", "1", "--no-progress", "--no-plot",
-                                 "--batch-size", "2", "--seq-len", "32", "--threads", "1",
-                                 "--optimizers", "flora", "--out", str(tmp_path)], capsys)
+    status, stdout, _ = run_cli(
+        [
+            "demo",
+            "--steps",
+            "2",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--no-plot",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--threads",
+            "1",
+            "--optimizers",
+            "flora",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert status == 0
     assert "| Flora r=32 |" in stdout and "final val loss" in stdout
     assert not (tmp_path / "demo.png").exists()
@@ -105,8 +157,16 @@ def test_memory_gpt2_table(capsys):
     status, stdout, _ = run_cli(["memory", "gpt2"], capsys)
     assert status == 0
     assert "gpt2: 124,439,808 parameters" in stdout
-    for label in ("AdamW (fp32 states)", "AdamW 8-bit (torchao)", "AdamW 8-bit (bitsandbytes)", "Adafactor ",
-                  "Adafactor + momentum", "GaLore AdamW r=256", "APOLLO r=256", "Flora r=256"):
+    for label in (
+        "AdamW (fp32 states)",
+        "AdamW 8-bit (torchao)",
+        "AdamW 8-bit (bitsandbytes)",
+        "Adafactor ",
+        "Adafactor + momentum",
+        "GaLore AdamW r=256",
+        "APOLLO r=256",
+        "Flora r=256",
+    ):
         assert label in stdout, label
     assert "Flora r=256 8-bit" not in stdout  # only with --quantization
     adamw_mib = (8 * 124_439_808 + 4 * 148) / 2**20
@@ -119,8 +179,17 @@ def test_memory_gpt2_json(capsys):
     report = json.loads(stdout)
     assert report["n_params"] == 124_439_808 and report["rank"] == 64
     rows = {r["method"]: r for r in report["rows"]}
-    assert set(rows) == {"adamw", "adamw8bit_torchao", "adamw8bit_bnb", "adafactor", "adafactor_momentum",
-                         "galore", "apollo", "flora", "flora_8bit"}
+    assert set(rows) == {
+        "adamw",
+        "adamw8bit_torchao",
+        "adamw8bit_bnb",
+        "adafactor",
+        "adafactor_momentum",
+        "galore",
+        "apollo",
+        "flora",
+        "flora_8bit",
+    }
     # Flora r=64 on GPT-2 by hand: every matrix is factored; all are compressed except the
     # token embedding (50257 x 768, aspect ratio > 4), which keeps full momentum
     d, vocab, pos, layers = 768, 50257, 1024, 12
@@ -136,8 +205,9 @@ def test_memory_gpt2_json(capsys):
 
 
 def test_memory_rank_none_and_methods(capsys):
-    status, stdout, _ = run_cli(["memory", "llama-60m", "--rank", "none", "--methods", "adamw", "flora",
-                                 "--json"], capsys)
+    status, stdout, _ = run_cli(
+        ["memory", "llama-60m", "--rank", "none", "--methods", "adamw", "flora", "--json"], capsys
+    )
     assert status == 0
     rows = {r["method"]: r for r in json.loads(stdout)["rows"]}
     assert set(rows) == {"adamw", "flora"}
@@ -153,7 +223,10 @@ def test_memory_rank_none_and_methods(capsys):
         (["memory", "gpt2", "--dtype", "fp8"], "argument --dtype: invalid choice"),
         (["memory", "gpt2", "--methods", "sgd"], "argument --methods: invalid choice"),
         (["memory"], "the following arguments are required: MODEL"),
-        (["demo", "--optimizers", "sgd"], "unknown optimizer 'sgd'; valid: adamw, adafactor_momentum, flora, flora_8bit"),
+        (
+            ["demo", "--optimizers", "sgd"],
+            "unknown optimizer 'sgd'; valid: adamw, adafactor_momentum, flora, flora_8bit",
+        ),
         (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
         (["demo", "--lr", "flora"], "expected NAME=LR"),
         (["demo", "--lr", "flora=fast"], "is not a number"),
@@ -179,7 +252,7 @@ def test_bad_config_file(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"hidden_size": 64}))
     status, _, stderr = run_cli(["memory", str(path)], capsys)
-    assert status == 2 and "no \"model_type\"" in stderr
+    assert status == 2 and 'no "model_type"' in stderr
     path.write_text(json.dumps({"model_type": "no-such-architecture"}))
     status, _, stderr = run_cli(["memory", str(path)], capsys)
     assert status == 2 and "no-such-architecture" in stderr
@@ -206,8 +279,9 @@ def test_without_torch_the_commands_name_the_extra(argv):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", blocker, *argv], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, *argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'flora-opt[torch]'" in lines[0], proc.stderr
@@ -235,11 +309,18 @@ def test_help_explains_every_option():
 
 def test_module_entry_point():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "flora_opt", "--help"], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flora_opt", "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 0 and "flora-opt" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "flora_opt", "memory", "nope"], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flora_opt", "memory", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
 
 
@@ -257,21 +338,40 @@ def test_demo_without_the_lab_names_what_to_install():
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", blocker, "demo", "--quick"], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, "demo", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "flora-lab" in lines[0] and "pip install -e lab" in lines[0], proc.stderr
-    proc = subprocess.run([sys.executable, "-c", blocker, "replicate", "all", "--quick"], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, "replicate", "all", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "flora-opt replicate" in lines[0] and "pip install -e lab" in lines[0], proc.stderr
-    proc = subprocess.run([sys.executable, "-c", blocker, "memory", "gpt2", "--methods", "flora", "--json"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, "memory", "gpt2", "--methods", "flora", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-c", blocker, "--help"], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 0 and "demo" in proc.stdout
 
 

@@ -79,7 +79,7 @@ def test_accumulator_refuses_dtensor_parameters(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         param = torch.nn.Parameter(distribute_tensor(torch.randn(32, 32), mesh, [Shard(0)]))
         optimizer = flora_opt.Flora([param], lr=1e-3, rank=4)
-        with pytest.raises(ValueError, match="DTensor .FSDP2. parameters.*set_requires_gradient_sync"):
+        with pytest.raises(ValueError, match=r"DTensor .FSDP2. parameters.*set_requires_gradient_sync"):
             CompressedAccumulator(optimizer, rank=4, accumulation_steps=2)
         with pytest.raises(ValueError, match=r"layer-wise updates do not support DTensor .*optimizer\.step\(\) after"):
             flora_opt.enable_layerwise_updates(optimizer)

@@ -97,7 +97,7 @@ def test_grouped_step_equals_per_tensor_path_8bit():
 
 
 def test_non_finite_gradient_grouped_skips_only_that_tensor():
-    clean, opt_clean = _run(True, OPTIONS[0], steps=5)
+    clean, _opt_clean = _run(True, OPTIONS[0], steps=5)
     dirty, opt_dirty = _run(True, OPTIONS[0], steps=5, poison=(2, 1))
     reference, opt_reference = _run(False, OPTIONS[0], steps=5, poison=(2, 1))
     _assert_same(dirty, opt_dirty, reference, opt_reference)
@@ -191,9 +191,11 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     _assert_same(grouped, opt_grouped, reference, opt_reference)
 
 
-@pytest.mark.parametrize("options", [dict(rank=None), dict(rank=None, weight_decay=0.1), dict(beta1=None),
-                                     dict(rank=8, kappa=3)],
-                         ids=["full", "full,wd", "none", "compressed+full"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(rank=None), dict(rank=None, weight_decay=0.1), dict(beta1=None), dict(rank=8, kappa=3)],
+    ids=["full", "full,wd", "none", "compressed+full"],
+)
 def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
     """A matrix of more than STACK_ELEMENTS elements without compressed momentum is streamed in
     blocks of rows (no full-size buffer; the momentum updated in place): same results as the
@@ -248,8 +250,9 @@ def test_history_norm_from_the_history_equals_per_tensor_path(monkeypatch, parts
         monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)
     ratios = []
     original = engine.Engine._formed_history
-    monkeypatch.setattr(engine.Engine, "_formed_history",
-                        lambda self, *args: ratios.append(args[-1]) or original(self, *args))
+    monkeypatch.setattr(
+        engine.Engine, "_formed_history", lambda self, *args: ratios.append(args[-1]) or original(self, *args)
+    )
     grouped, opt_grouped = _run(True, options, poison=(2, 1))
     reference, opt_reference = _run(False, options, poison=(2, 1))
     _assert_same(grouped, opt_grouped, reference, opt_reference)
@@ -362,8 +365,12 @@ def _train(opt, params, gen, steps):
 @pytest.mark.parametrize("writer_foreach", [True, False])
 def test_resume_is_bit_exact_and_the_format_is_unchanged(writer_foreach):
     shapes = [(40, 30), (40, 30), (30, 50), (7,)]
-    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))  # noqa: E731
-                    for i, s in enumerate(shapes)]
+
+    def make():
+        return [
+            torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)
+        ]
+
     params = make()
     opt = flora_opt.Flora(params, lr=1e-2, rank=4, kappa=3, foreach=writer_foreach)
     gen = torch.Generator().manual_seed(5)
@@ -407,7 +414,9 @@ def test_compiled_step_has_no_recompiles_across_resamples_and_matches_eager():
         return graph_module.forward
 
     shapes = [(40, 60), (40, 60), (60, 40), (30,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)
+    ]
     eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = flora_opt.Flora(params, lr=1e-2, rank=4, kappa=2)
     eager = flora_opt.Flora(eager_params, lr=1e-2, rank=4, kappa=2)

@@ -65,7 +65,9 @@ def test_fast_path_matches_reference_params_and_state(options):
             np.testing.assert_allclose(state["exp_avg_sq_row"].numpy(), rstate.row, rtol=1e-5)
             np.testing.assert_allclose(state["exp_avg_sq_col"].numpy(), rstate.col, rtol=1e-5)
         else:
-            np.testing.assert_allclose(state["exp_avg_sq"].numpy().reshape(rstate.second.shape), rstate.second, rtol=1e-5)
+            np.testing.assert_allclose(
+                state["exp_avg_sq"].numpy().reshape(rstate.second.shape), rstate.second, rtol=1e-5
+            )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
@@ -145,8 +147,15 @@ def test_rank_none_matches_transformers_adafactor_when_step_size_is_constant_and
     init = [torch.randn(s) for s in shapes]
     ours = [torch.nn.Parameter(x.clone()) for x in init]
     theirs = [torch.nn.Parameter(x.clone()) for x in init]
-    kwargs = dict(lr=1e-2, beta1=0.9, weight_decay=0.01, scale_parameter=False, relative_step=False, warmup_init=False,
-                  clip_threshold=1e6)
+    kwargs = dict(
+        lr=1e-2,
+        beta1=0.9,
+        weight_decay=0.01,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+        clip_threshold=1e6,
+    )
     opt = flora_opt.Flora(ours, rank=None, min_dim_size_to_factor=1, **kwargs)
     # transformers factors the last two dims of a 3-D tensor; ours views it as (8, 30): compare
     # the 3-D tensor through an equivalent 2-D parameter on their side.
@@ -278,7 +287,9 @@ def test_closure_and_zero_grad_and_params_without_grad():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("options", [dict(rank=4), dict(rank=None), dict(beta1=None), dict(factorize_second_moment=False)])
+@pytest.mark.parametrize(
+    "options", [dict(rank=4), dict(rank=None), dict(beta1=None), dict(factorize_second_moment=False)]
+)
 def test_non_finite_gradient_skips_only_that_tensor(bad, options):
     torch.manual_seed(0)
     init = [torch.randn(30, 40), torch.randn(30, 40), torch.randn(7)]
@@ -300,7 +311,7 @@ def test_non_finite_gradient_skips_only_that_tensor(bad, options):
                 assert any("non-finite gradient" in str(w.message) for w in caught)
         return params, opt
 
-    clean, clean_opt = run(False)
+    clean, _clean_opt = run(False)
     dirty, dirty_opt = run(True)
     for p in dirty:
         assert torch.isfinite(p).all()
@@ -444,8 +455,11 @@ class _NewFullSizeStorages(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         out = func(*args, **kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs:
@@ -488,16 +502,19 @@ def test_step_allocates_few_gradient_sized_tensors(shape, options, expected):
     assert counter.count == expected
 
 
-@pytest.mark.parametrize("count, options, expected", [
-    # one gradient read in place: U and the squares share one buffer of the matrix
-    (1, dict(rank=16), 300 * 200 * 4),
-    # two gradients stacked into the buffer, their squares in a second one
-    (2, dict(rank=16), 2 * (2 * 300 * 200 * 4)),
-    # bfloat16 products add U's bfloat16 copy and the widened history
-    (1, dict(rank=16, projection_dtype="bfloat16"), 300 * 200 * (4 + 2 + 4)),
-    # full momentum keeps M_t: only the squares
-    (1, dict(rank=None), 300 * 200 * 4),
-])
+@pytest.mark.parametrize(
+    "count, options, expected",
+    [
+        # one gradient read in place: U and the squares share one buffer of the matrix
+        (1, dict(rank=16), 300 * 200 * 4),
+        # two gradients stacked into the buffer, their squares in a second one
+        (2, dict(rank=16), 2 * (2 * 300 * 200 * 4)),
+        # bfloat16 products add U's bfloat16 copy and the widened history
+        (1, dict(rank=16, projection_dtype="bfloat16"), 300 * 200 * (4 + 2 + 4)),
+        # full momentum keeps M_t: only the squares
+        (1, dict(rank=None), 300 * 200 * 4),
+    ],
+)
 def test_scratch_bytes_are_the_largest_temporaries(count, options, expected):
     params = [torch.nn.Parameter(torch.randn(300, 200)) for _ in range(count)]
     optimizer = flora_opt.Flora(params, lr=0.01, **options)
@@ -519,7 +536,13 @@ def test_quantized_training_tracks_fp32():
     for quantization in (False, True):
         p = torch.nn.Parameter(init.clone())
         opt = flora_opt.Flora(
-            [p], lr=2e-2, rank=32, kappa=5, quantization=quantization, factorize_second_moment=False, scale_parameter=False
+            [p],
+            lr=2e-2,
+            rank=32,
+            kappa=5,
+            quantization=quantization,
+            factorize_second_moment=False,
+            scale_parameter=False,
         )
         for _ in range(60):
             loss = ((p - target) ** 2).sum()
@@ -554,14 +577,21 @@ def test_quantizer_matches_torchao_codes(signed):
     codes, absmax = q.quantize(x, signed)
     assert codes.shape == (3072,) and absmax.shape == (12,) and codes.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (0, 72))
-    normalised, scale = quant_utils.scale_tensor(padded, 256)
+    normalised, _scale = quant_utils.scale_tensor(padded, 256)
     expected = quant_utils.quantize_8bit_with_qmap(normalised, q.qmap(signed, x.device))
     assert torch.equal(codes, expected)
     # the prefix-table encoder equals a plain nearest-midpoint search, also exactly at and
     # next to every midpoint (where rounding direction matters)
     mids = q.midpoints(signed, x.device)
-    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
-                        torch.tensor([0.0, -0.0, 1.0, 1e-30, -1e-30]), torch.rand(20000, generator=gen) * (2 if signed else 1) - (1 if signed else 0)])
+    probes = torch.cat(
+        [
+            mids,
+            torch.nextafter(mids, torch.tensor(2.0)),
+            torch.nextafter(mids, torch.tensor(-2.0)),
+            torch.tensor([0.0, -0.0, 1.0, 1e-30, -1e-30]),
+            torch.rand(20000, generator=gen) * (2 if signed else 1) - (1 if signed else 0),
+        ]
+    )
     probes = probes.clamp(-1.0 if signed else 0.0, 1.0)
     assert torch.equal(q.encode(probes, signed), torch.bucketize(probes, mids, right=True).to(torch.uint8))
     restored = q.dequantize(codes, absmax, (3000,), signed)

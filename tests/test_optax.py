@@ -168,7 +168,9 @@ def test_pytrees_dtypes_structure_and_no_recompilation():
     def step(params, state, t):
         traces.append(1)
         grads = _grads_like(params, 0)
-        grads = jax.tree.map(lambda g: g * (1 + t).astype(g.dtype) if jnp.issubdtype(g.dtype, jnp.floating) else g, grads)
+        grads = jax.tree.map(
+            lambda g: g * (1 + t).astype(g.dtype) if jnp.issubdtype(g.dtype, jnp.floating) else g, grads
+        )
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, updates
 
@@ -283,7 +285,11 @@ def _run(tx, params, grads, state=None, update=None):
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path):
-    params = {"w": jnp.linspace(-1, 1, 16 * 40).reshape(16, 40), "v": jnp.ones((40, 12), jnp.bfloat16), "b": jnp.ones(40)}
+    params = {
+        "w": jnp.linspace(-1, 1, 16 * 40).reshape(16, 40),
+        "v": jnp.ones((40, 12), jnp.bfloat16),
+        "b": jnp.ones(40),
+    }
     grads = [_grads_like(params, t) for t in range(8)]
     tx = flora(0.05, tau=4, kappa=3, min_dim_size_to_factor=8)
     update = jax.jit(tx.update)
@@ -309,7 +315,9 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     assert _tree_signature(restored_state) == _tree_signature(jax.eval_shape(tx2.init, params))
     # (The compiled update is reused: compiling tx2.update again would only cost test time.)
     resumed_params, resumed_state = _run(tx2, restored_params, grads[4:], state=restored_state, update=update)
-    for a, b in zip(jax.tree_util.tree_leaves((full_params, full_state)), jax.tree_util.tree_leaves((resumed_params, resumed_state))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves((full_params, full_state)), jax.tree_util.tree_leaves((resumed_params, resumed_state))
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -164,7 +164,9 @@ def test_multi_steps_matches_scan_loop_and_resumes_bit_exactly():
         ts = jnp.arange(cycle * K, (cycle + 1) * K, dtype=jnp.float32)
         sp, opt_state, acc_state = train_step(sp, opt_state, acc_state, ts)
     for name in p:
-        np.testing.assert_allclose(np.asarray(sp[name], np.float32), np.asarray(p[name], np.float32), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(sp[name], np.float32), np.asarray(p[name], np.float32), rtol=1e-5, atol=1e-6
+        )
     assert not np.allclose(np.asarray(p["rows"]), 0.0)
 
 

@@ -72,8 +72,11 @@ def test_non_finite_leaf_keeps_its_state_and_step():
 
 def test_a_chain_with_it_injects_the_learning_rate_without_static_args():
     def make(learning_rate):
-        return optax.chain(compressed_ema(0.9, tau=4, kappa=3), optax.clip_by_block_rms(1.0),
-                           optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(
+            compressed_ema(0.9, tau=4, kappa=3),
+            optax.clip_by_block_rms(1.0),
+            optax.scale_by_learning_rate(learning_rate),
+        )
 
     tx = optax.inject_hyperparams(make)(learning_rate=0.1)
     updates = _updates(3)
@@ -87,12 +90,15 @@ def test_a_chain_with_it_injects_the_learning_rate_without_static_args():
         np.testing.assert_array_equal(np.asarray(out[k]), 0.0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(b1=1.0), r"Invalid b1: 1\.0"),
-    (dict(tau=0), r"Invalid tau: 0"),
-    (dict(kappa=0), r"Invalid kappa: 0"),
-    (dict(seed=-1), r"Invalid seed: -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(b1=1.0), r"Invalid b1: 1\.0"),
+        (dict(tau=0), r"Invalid tau: 0"),
+        (dict(kappa=0), r"Invalid kappa: 0"),
+        (dict(seed=-1), r"Invalid seed: -1"),
+    ],
+)
 def test_invalid_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compressed_ema(**kwargs)

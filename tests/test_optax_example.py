@@ -31,9 +31,30 @@ def test_flax_example_trains_with_compressed_accumulation(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     args = [
-        "--config", str(config), "--optimizer", "flora", "--tau", "8", "--kappa", "2", "--lr", "0.03",
-        "--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--accumulation-steps", "2",
-        "--compressed-accumulation", "--eval-batches", "2", "--weight-decay", "0.01", "--print-json",
+        "--config",
+        str(config),
+        "--optimizer",
+        "flora",
+        "--tau",
+        "8",
+        "--kappa",
+        "2",
+        "--lr",
+        "0.03",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--accumulation-steps",
+        "2",
+        "--compressed-accumulation",
+        "--eval-batches",
+        "2",
+        "--weight-decay",
+        "0.01",
+        "--print-json",
     ]
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600

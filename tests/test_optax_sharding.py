@@ -171,58 +171,63 @@ def test_square_matrix_sharded_on_both_axes_every_state_leaf_by_key():
     parameter sharded P('a', 'b') the column statistic is P('b') (a shape guess gave P('a'))."""
     stdout = run_on_host_devices(SQUARE_SCRIPT)
     line = next(line for line in stdout.splitlines() if line.startswith("REPORT"))
-    got = {k: tuple(v) if k == "col_shard_shape" else v[1] for k, v in json.loads(line[len("REPORT"):]).items()}
-    shapes = {k: v[0] for k, v in json.loads(line[len("REPORT"):]).items() if k != "col_shard_shape"}
+    got = {k: tuple(v) if k == "col_shard_shape" else v[1] for k, v in json.loads(line[len("REPORT") :]).items()}
+    shapes = {k: v[0] for k, v in json.loads(line[len("REPORT") :]).items() if k != "col_shard_shape"}
     replicated = "()"
     expected = {}
     for k in ("square", "square_t", "full", "unfactored", "conv", "bias"):
         expected[f"step/{k}"] = replicated
         expected[f"ema_step/{k}"] = replicated
         expected[f"seed/{k}"] = replicated
-    expected.update({
-        # square P('a', 'b'), rows side (8, 256): the rank side replicated, the columns along 'b'
-        "exp_avg/square": "(None, 'b')",
-        "exp_avg_sq_row/square": "('a',)",
-        "exp_avg_sq_col/square": "('b',)",
-        "exp_avg_sq/square": replicated,  # placeholder
-        "buffer/square": "(None, 'b')",
-        # the same parameter sharded P('b', 'a')
-        "exp_avg/square_t": "(None, 'a')",
-        "exp_avg_sq_row/square_t": "('b',)",
-        "exp_avg_sq_col/square_t": "('a',)",
-        "exp_avg_sq/square_t": replicated,
-        "buffer/square_t": "(None, 'a')",
-        "exp_avg/full": "(None, 'b')",
-        "exp_avg_sq_row/full": "('a',)",
-        "exp_avg_sq_col/full": "('b',)",
-        "exp_avg_sq/full": replicated,
-        "buffer/full": "(None, 'b')",
-        # (64, 64) at tau=8: compressed rows momentum; second moment unfactored, the parameter's spec
-        "exp_avg/unfactored": "(None, 'b')",
-        "exp_avg_sq_row/unfactored": replicated,
-        "exp_avg_sq_col/unfactored": replicated,
-        "exp_avg_sq/unfactored": "('a', 'b')",
-        "buffer/unfactored": "(None, 'b')",
-        # (256, 4, 64) P('a', None, 'b'): the flattened columns cannot follow 'b', so replicated
-        "exp_avg/conv": "(None, None)",
-        "exp_avg_sq_row/conv": "('a',)",
-        "exp_avg_sq_col/conv": "(None,)",
-        "exp_avg_sq/conv": replicated,
-        "buffer/conv": "(None, None)",
-        # a vector keeps its full states with the parameter's spec
-        "exp_avg/bias": "('b',)",
-        "exp_avg_sq_row/bias": replicated,
-        "exp_avg_sq_col/bias": replicated,
-        "exp_avg_sq/bias": "('b',)",
-        "buffer/bias": "('b',)",
-        # tau=None: full momentum of the parameter's shape and spec
-        "full_exp_avg/square": "('a', 'b')",
-        "full_exp_avg/square_t": "('b', 'a')",
-        "full_exp_avg/full": "('a', 'b')",
-        "full_exp_avg/unfactored": "('a', 'b')",
-        "full_exp_avg/bias": "('b',)",
-        "col_shard_shape": (128,),  # (256,) split over the 2 devices of axis 'b'
-    })
+    expected.update(
+        {
+            # square P('a', 'b'), rows side (8, 256): the rank side replicated, the columns along 'b'
+            "exp_avg/square": "(None, 'b')",
+            "exp_avg_sq_row/square": "('a',)",
+            "exp_avg_sq_col/square": "('b',)",
+            "exp_avg_sq/square": replicated,  # placeholder
+            "buffer/square": "(None, 'b')",
+            # the same parameter sharded P('b', 'a')
+            "exp_avg/square_t": "(None, 'a')",
+            "exp_avg_sq_row/square_t": "('b',)",
+            "exp_avg_sq_col/square_t": "('a',)",
+            "exp_avg_sq/square_t": replicated,
+            "buffer/square_t": "(None, 'a')",
+            "exp_avg/full": "(None, 'b')",
+            "exp_avg_sq_row/full": "('a',)",
+            "exp_avg_sq_col/full": "('b',)",
+            "exp_avg_sq/full": replicated,
+            "buffer/full": "(None, 'b')",
+            # (64, 64) at tau=8: compressed rows momentum; second moment unfactored, the parameter's spec
+            "exp_avg/unfactored": "(None, 'b')",
+            "exp_avg_sq_row/unfactored": replicated,
+            "exp_avg_sq_col/unfactored": replicated,
+            "exp_avg_sq/unfactored": "('a', 'b')",
+            "buffer/unfactored": "(None, 'b')",
+            # (256, 4, 64) P('a', None, 'b'): the flattened columns cannot follow 'b', so replicated
+            "exp_avg/conv": "(None, None)",
+            "exp_avg_sq_row/conv": "('a',)",
+            "exp_avg_sq_col/conv": "(None,)",
+            "exp_avg_sq/conv": replicated,
+            "buffer/conv": "(None, None)",
+            # a vector keeps its full states with the parameter's spec
+            "exp_avg/bias": "('b',)",
+            "exp_avg_sq_row/bias": replicated,
+            "exp_avg_sq_col/bias": replicated,
+            "exp_avg_sq/bias": "('b',)",
+            "buffer/bias": "('b',)",
+            # tau=None: full momentum of the parameter's shape and spec
+            "full_exp_avg/square": "('a', 'b')",
+            "full_exp_avg/square_t": "('b', 'a')",
+            "full_exp_avg/full": "('a', 'b')",
+            "full_exp_avg/unfactored": "('a', 'b')",
+            "full_exp_avg/bias": "('b',)",
+            "col_shard_shape": (128,),  # (256,) split over the 2 devices of axis 'b'
+        }
+    )
     got.pop("full_exp_avg/conv")  # full momentum of a 3-D parameter: checked in the unsharded tests
-    assert got == expected, {k: (got.get(k), expected.get(k), shapes.get(k)) for k in set(got) | set(expected)
-                             if got.get(k) != expected.get(k)}
+    assert got == expected, {
+        k: (got.get(k), expected.get(k), shapes.get(k))
+        for k in set(got) | set(expected)
+        if got.get(k) != expected.get(k)
+    }

@@ -30,6 +30,7 @@ SHAPES = {  # sorted keys: the jax.tree_util.tree_leaves order, used for the tor
     "f_scalar": (),
 }
 
+
 # (name, optax kwargs); the torch kwargs are derived by _torch_kwargs (the docs/jax.md table).
 def _schedule(count):
     return 0.02 * (0.9**count)
@@ -40,8 +41,16 @@ CONFIGS = [
     ("compressed", dict(b1=0.9, tau=4), 0.05),
     ("no_momentum_schedule", dict(b1=None, tau=4), _schedule),
     ("full_momentum", dict(b1=0.9, tau=None), 0.05),
-    ("wd_clip_b2_schedule", dict(b1=0.8, tau=5, weight_decay=0.1, clipping_threshold=0.5, b2=0.7, seed=12345), _schedule),
-    ("unfactored_no_scale", dict(b1=0.9, tau=4, factorized_second_moment=False, multiply_by_parameter_scale=False), 0.05),
+    (
+        "wd_clip_b2_schedule",
+        dict(b1=0.8, tau=5, weight_decay=0.1, clipping_threshold=0.5, b2=0.7, seed=12345),
+        _schedule,
+    ),
+    (
+        "unfactored_no_scale",
+        dict(b1=0.9, tau=4, factorized_second_moment=False, multiply_by_parameter_scale=False),
+        0.05,
+    ),
 ]
 
 
@@ -239,7 +248,9 @@ def test_compressed_accumulation_matches_torch():
     k_micro, cycles, acc_rank, acc_seed = 3, 3, 5, 11
     params, _ = _problem(seed=4, leaves=FEW)
     rng = np.random.default_rng(5)
-    micro = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(k_micro * cycles)]
+    micro = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(k_micro * cycles)
+    ]
     kw = dict(b1=0.9, tau=4)
 
     tx = compressed_multi_steps(

@@ -38,7 +38,9 @@ def _int_stream(ops_name, key, n):
     ops = get_ops(ops_name)
     c = ops.u32_arange(n)
     key2 = pj.mix32_int(key ^ pj.GOLDEN)
-    bits = ops.mix32(ops.u32_xor(ops.mix32(ops.u32_add(c, key), pj.MIX_MUL_1, pj.MIX_MUL_2), key2), pj.MIX_MUL_1, pj.MIX_MUL_2)
+    bits = ops.mix32(
+        ops.u32_xor(ops.mix32(ops.u32_add(c, key), pj.MIX_MUL_1, pj.MIX_MUL_2), key2), pj.MIX_MUL_1, pj.MIX_MUL_2
+    )
     bits = np.asarray(bits.cpu() if hasattr(bits, "cpu") else bits).astype(np.int64) & 0xFFFFFFFF
     return bits
 

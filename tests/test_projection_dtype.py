@@ -22,8 +22,9 @@ def _run(projection_dtype: str, foreach, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     opt = flora_opt.Flora(params, lr=0.03, projection_dtype=projection_dtype, foreach=foreach, **OPTIONS)
-    ref = ReferenceFlora([p.detach().double().numpy() for p in params], lr=0.03, projection_dtype=projection_dtype,
-                         **OPTIONS)
+    ref = ReferenceFlora(
+        [p.detach().double().numpy() for p in params], lr=0.03, projection_dtype=projection_dtype, **OPTIONS
+    )
     for _ in range(STEPS):
         grads = [torch.randn(s, generator=gen) for s in SHAPES]
         for p, g in zip(params, grads):
@@ -61,8 +62,9 @@ def test_bfloat16_products_match_the_reference(foreach):
     params, opt, ref = _run("bfloat16", foreach)
     _, _, ref32 = _run("float32", foreach)
     for index, (p, start) in enumerate(zip(params, _initial())):
-        moved, expected, exact = (x - start for x in (p.detach().double().numpy(), ref.params[index],
-                                                      ref32.params[index]))
+        moved, expected, exact = (
+            x - start for x in (p.detach().double().numpy(), ref.params[index], ref32.params[index])
+        )
         assert _relative(moved, expected) < 2e-3, f"param {index}"
         momentum = opt.state[p].get("exp_avg")
         assert momentum is None or momentum.dtype == torch.float32  # the state stays float32
@@ -95,8 +97,12 @@ def test_bfloat16_resume_is_bit_exact():
 
 
 def test_rounding_is_round_to_nearest_even_as_torch():
-    values = torch.cat([torch.randn(4096) * 10.0 ** torch.randint(-20, 20, (4096,)),
-                        torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 65504.0, 0.0, -0.0])])
+    values = torch.cat(
+        [
+            torch.randn(4096) * 10.0 ** torch.randint(-20, 20, (4096,)),
+            torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 65504.0, 0.0, -0.0]),
+        ]
+    )
     expected = values.to(torch.bfloat16).to(torch.float64).numpy()
     np.testing.assert_array_equal(reference_bfloat16(values.numpy()), expected)
     np.testing.assert_array_equal(get_ops("numpy").narrow(values.numpy(), "bfloat16"), expected)
@@ -126,8 +132,7 @@ def test_optax_bfloat16_products_match_the_reference():
     update = jax.jit(tx.update)
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
-    ref = ReferenceFlora([params[k].astype(np.float64) for k in names], lr=0.03, projection_dtype="bfloat16",
-                         **OPTIONS)
+    ref = ReferenceFlora([params[k].astype(np.float64) for k in names], lr=0.03, projection_dtype="bfloat16", **OPTIONS)
     for _ in range(STEPS):
         grads = {k: rng.normal(size=s).astype(np.float32) for k, s in zip(names, SHAPES)}
         u, state = update(jax.tree.map(jnp.asarray, grads), state, p)
@@ -146,8 +151,9 @@ def test_bfloat16_products_with_8bit_states_grouped_equals_per_tensor():
     for foreach in (None, False):
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 300), (300, 64), (64, 64)]]
-        opt = flora_opt.Flora(params, lr=0.01, rank=16, kappa=3, quantization=True, projection_dtype="bfloat16",
-                              foreach=foreach)
+        opt = flora_opt.Flora(
+            params, lr=0.01, rank=16, kappa=3, quantization=True, projection_dtype="bfloat16", foreach=foreach
+        )
         for _ in range(6):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)

@@ -26,9 +26,16 @@ STEPS, BATCH, SEQ, LR = 60, 8, 64, 0.1
 
 def _train(rank, seed=0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-                                      max_position_embeddings=SEQ, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config)
     text = flora_data.load_text("shakespeare_sample", split="train").encode("utf-8")
     ids = torch.from_numpy(np.frombuffer(text, dtype=np.uint8).astype(np.int64))
@@ -36,7 +43,8 @@ def _train(rank, seed=0):
     val = torch.from_numpy(np.frombuffer(val_text, dtype=np.uint8).astype(np.int64))[: 32 * SEQ + 1]
     optimizer = flora_opt.Flora(model.parameters(), lr=LR, rank=rank, kappa=20, beta1=0.9)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 6) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / STEPS))))
+        optimizer, lambda s: min(1.0, (s + 1) / 6) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / STEPS)))
+    )
     rng = np.random.default_rng(seed)
     for _ in range(STEPS):
         starts = torch.from_numpy(rng.integers(0, len(ids) - SEQ - 1, size=BATCH))

@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("sacrebleu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from flora_lab.replicate import run_replicate, tasks  # noqa: E402
-from flora_lab.replicate.model import ModelConfig, Seq2Seq, greedy_decode, lora_merge, lora_split  # noqa: E402
-from flora_opt.cli import main  # noqa: E402
+from flora_lab.replicate import run_replicate, tasks
+from flora_lab.replicate.model import ModelConfig, Seq2Seq, greedy_decode, lora_merge, lora_split
+from flora_opt.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,33 @@ def _param_shapes(model_cfg: dict):
 
 def test_quick_run_writes_sane_outputs(quick):
     out, results = quick
-    for name in ("results.json", "report.md", "momentum_curves.png", "momentum_memory.png",
-                 "accumulation_curves.png", "accumulation_memory.png"):
+    for name in (
+        "results.json",
+        "report.md",
+        "momentum_curves.png",
+        "momentum_memory.png",
+        "accumulation_curves.png",
+        "accumulation_memory.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "## momentum" in report and "## accumulation" in report and "Claims:" in report
     runs = results["runs"]
     assert [r["method"] for r in runs if r["experiment"] == "momentum"] == [
-        "adafactor", "adafactor_momentum", "lora4", "lora16", "flora4", "flora16"]
+        "adafactor",
+        "adafactor_momentum",
+        "lora4",
+        "lora16",
+        "flora4",
+        "flora16",
+    ]
     assert [r["method"] for r in runs if r["experiment"] == "accumulation"] == [
-        "naive", "lora4", "lora16", "flora4", "flora16"]
+        "naive",
+        "lora4",
+        "lora16",
+        "flora4",
+        "flora16",
+    ]
     for r in runs:
         assert math.isfinite(r["val_loss"]) and 0 < r["val_loss"] < 20, r
         assert 0.0 <= r["bleu"] <= 100.0
@@ -141,13 +158,16 @@ def test_sample_is_verse_aligned_and_split_like_the_data_module():
     assert not {r for r, *_ in train} & {r for r, *_ in val} and len(val) == 40
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    ({"seeds": 0}, "Invalid seeds: 0"),
-    ({"jobs": 0}, "Invalid jobs: 0"),
-    ({"lr_grid": (1.0, -2.0)}, "Invalid lr_grid"),
-    ({"lrs": {"momentum": {"sgd": 1.0}}}, "Invalid lrs entry: momentum.sgd"),
-    ({"lrs": {"momentum": {"flora": 0.0}}}, "Invalid lrs entry: momentum.flora=0.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"seeds": 0}, "Invalid seeds: 0"),
+        ({"jobs": 0}, "Invalid jobs: 0"),
+        ({"lr_grid": (1.0, -2.0)}, "Invalid lr_grid"),
+        ({"lrs": {"momentum": {"sgd": 1.0}}}, "Invalid lrs entry: momentum.sgd"),
+        ({"lrs": {"momentum": {"flora": 0.0}}}, "Invalid lrs entry: momentum.flora=0.0"),
+    ],
+)
 def test_invalid_options_name_argument_and_value(tmp_path, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         run_replicate(["momentum"], tmp_path, quick=True, **kwargs)

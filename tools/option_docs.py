@@ -39,8 +39,12 @@ def _row(*cells: str) -> str:
 
 def _torch_options() -> str:
     signature = str(torch_signature()).replace("(self, ", "(", 1)
-    lines = [f"`flora_opt.Flora{signature}`", "",
-             "| argument | default | meaning | differs from `flora-opt==0.0.3` |", "|---|---|---|---|"]
+    lines = [
+        f"`flora_opt.Flora{signature}`",
+        "",
+        "| argument | default | meaning | differs from `flora-opt==0.0.3` |",
+        "|---|---|---|---|",
+    ]
     by_key: dict[str, list] = {}
     for entry in options():
         if entry.torch is not None:

@@ -33,17 +33,43 @@ import time
 
 PRESETS: dict[str, dict] = {
     # GPT-2 small (124M): the Flora paper's GPT-2 setting.
-    "gpt2-small": {"arch": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
-                   "n_positions": 1024},
-    "gpt2-tiny": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "vocab_size": 1024,
-                  "n_positions": 256},
+    "gpt2-small": {
+        "arch": "gpt2",
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+        "vocab_size": 50257,
+        "n_positions": 1024,
+    },
+    "gpt2-tiny": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "vocab_size": 1024, "n_positions": 256},
     # LLaMA sizes of the GaLore/APOLLO pre-training configs (llama_60m.json, llama_130m.json).
-    "llama-60m": {"arch": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8,
-                  "num_hidden_layers": 8, "vocab_size": 32000, "max_position_embeddings": 1024},
-    "llama-130m": {"arch": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12,
-                   "num_hidden_layers": 12, "vocab_size": 32000, "max_position_embeddings": 1024},
-    "llama-tiny": {"arch": "llama", "hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 4,
-                   "num_hidden_layers": 2, "vocab_size": 1024, "max_position_embeddings": 256},
+    "llama-60m": {
+        "arch": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 1024,
+    },
+    "llama-130m": {
+        "arch": "llama",
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "vocab_size": 32000,
+        "max_position_embeddings": 1024,
+    },
+    "llama-tiny": {
+        "arch": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 1024,
+        "max_position_embeddings": 256,
+    },
 }
 
 
@@ -62,7 +88,7 @@ def resolve_spec(spec) -> dict:
         base.update(spec)
         spec = base
     if spec.get("arch") not in ("gpt2", "llama"):
-        raise ValueError("model JSON needs \"arch\": \"gpt2\" or \"llama\" (or \"preset\")")
+        raise ValueError('model JSON needs "arch": "gpt2" or "llama" (or "preset")')
     return spec
 
 
@@ -182,8 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quantization", action="store_true", help="Flora(quantization=True), bitsandbytes blockwise")
-    ap.add_argument("--library-defaults", action="store_true",
-                    help="pass only lr (and --opt-json); ignore --rank/--kappa/--beta1")
+    ap.add_argument(
+        "--library-defaults", action="store_true", help="pass only lr (and --opt-json); ignore --rank/--kappa/--beta1"
+    )
     ap.add_argument("--opt-json", default="{}", help="extra Flora kwargs as JSON, e.g. '{\"decay_rate\": -0.8}'")
     args = ap.parse_args(argv)
 
@@ -220,8 +247,11 @@ def main(argv=None) -> int:
             opts["quantization"] = True
         optimizer = flora_opt.Flora(model.parameters(), lr=args.lr, **opts)
         out["model"] = {"spec": spec, "n_params": n_params}
-        out["optimizer"] = {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}", "kwargs": opts,
-                            "group_defaults": {k: v for k, v in optimizer.defaults.items()}}
+        out["optimizer"] = {
+            "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "kwargs": opts,
+            "group_defaults": {k: v for k, v in optimizer.defaults.items()},
+        }
 
         gen = torch.Generator().manual_seed(args.seed + 1)
         losses, step_times, iter_times = [], [], []
@@ -251,24 +281,26 @@ def main(argv=None) -> int:
                     if isinstance(ea, torch.Tensor) and tuple(ea.shape) != tuple(p.shape):
                         factored += 1
         later = step_times[1:] or step_times
-        out.update({
-            "ok": True,
-            "steps": args.steps,
-            "losses": losses,
-            "finite": all(x == x and abs(x) != float("inf") for x in losses),
-            "state_bytes": acc["logical"],
-            "state_storage_bytes": acc["storage"],
-            "state_bytes_by_key": acc["by_key"],
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "n_2d_params": two_d,
-            "n_factored_momentum": factored,
-            "first_step_s": step_times[0] if step_times else None,
-            "step_time_s_median": statistics.median(later) if later else None,
-            "step_times_s": step_times,
-            "iter_time_s_median": statistics.median(iter_times[1:] or iter_times) if iter_times else None,
-            "threads": torch.get_num_threads(),
-        })
-    except Exception as e:  # noqa: BLE001 - report any failure as JSON
+        out.update(
+            {
+                "ok": True,
+                "steps": args.steps,
+                "losses": losses,
+                "finite": all(x == x and abs(x) != float("inf") for x in losses),
+                "state_bytes": acc["logical"],
+                "state_storage_bytes": acc["storage"],
+                "state_bytes_by_key": acc["by_key"],
+                "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                "n_2d_params": two_d,
+                "n_factored_momentum": factored,
+                "first_step_s": step_times[0] if step_times else None,
+                "step_time_s_median": statistics.median(later) if later else None,
+                "step_times_s": step_times,
+                "iter_time_s_median": statistics.median(iter_times[1:] or iter_times) if iter_times else None,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    except Exception as e:
         import traceback
 
         traceback.print_exc(file=sys.stderr)

@@ -59,19 +59,21 @@ def one(name: str, arch: str, steps: int, lr: float) -> dict:
         named = dict(reg.named_trainable(model))
         moved = sum(1 for n, p in named.items() if not torch.equal(p.detach(), before[n]))
         finite = all(torch.isfinite(p).all() for p in named.values()) and all(math.isfinite(x) for x in losses)
-        low, other = reg.split_lowrank(model)
-        row.update({
-            "stepped": bool(finite and moved > 0),
-            "losses": [round(x, 4) for x in losses],
-            "params_moved": f"{moved}/{len(named)}",
-            "state_bytes": reg.state_bytes(opt),
-            "state_storage_bytes": reg.state_bytes(opt, storage=True),
-            "trainable_bytes": sum(p.numel() * p.element_size() for p in named.values()),
-            "n_lowrank_block_matrices": len(low),
-            "step_ms_median": round(1000 * sorted(times)[len(times) // 2], 2),
-            "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
-        })
-    except Exception as e:  # noqa: BLE001 - record the failure
+        low, _other = reg.split_lowrank(model)
+        row.update(
+            {
+                "stepped": bool(finite and moved > 0),
+                "losses": [round(x, 4) for x in losses],
+                "params_moved": f"{moved}/{len(named)}",
+                "state_bytes": reg.state_bytes(opt),
+                "state_storage_bytes": reg.state_bytes(opt, storage=True),
+                "trainable_bytes": sum(p.numel() * p.element_size() for p in named.values()),
+                "n_lowrank_block_matrices": len(low),
+                "step_ms_median": round(1000 * sorted(times)[len(times) // 2], 2),
+                "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
+            }
+        )
+    except Exception as e:
         row.update({"stepped": False, "error": f"{type(e).__name__}: {e}"})
     return row
 
@@ -112,8 +114,17 @@ def formula_check(shapes=((384, 128), (128, 384)), r: int = 16) -> list[dict]:
                 p.grad = torch.randn_like(p)
                 opt.step()
             got = reg.state_bytes(opt)
-            rows.append({"name": name, "shape": [m, n], "rank": r, "measured": got, "formula": want,
-                         "match": got == want, "storage_bytes": reg.state_bytes(opt, storage=True)})
+            rows.append(
+                {
+                    "name": name,
+                    "shape": [m, n],
+                    "rank": r,
+                    "measured": got,
+                    "formula": want,
+                    "match": got == want,
+                    "storage_bytes": reg.state_bytes(opt, storage=True),
+                }
+            )
     return rows
 
 
@@ -136,7 +147,7 @@ def hook_selftest() -> dict:
         opt.step()
         ok = seen["opts"] == {"rank": 4, "kappa": 7} and len(seen["groups"]) == 2
         return {"ok": ok, **seen}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     finally:
         reg.unregister(name)
@@ -162,24 +173,31 @@ def main(argv=None) -> int:
             row["arch"] = arch
             rows.append(row)
             status = "OK  " if row.get("stepped") else ("SKIP" if not row["available"] else "FAIL")
-            detail = row.get("error") or (row["reason"] if not row["available"] else
-                                          f"state={row['state_bytes']}B moved={row['params_moved']} "
-                                          f"loss={row['losses']} step={row['step_ms_median']}ms")
+            detail = row.get("error") or (
+                row["reason"]
+                if not row["available"]
+                else f"state={row['state_bytes']}B moved={row['params_moved']} "
+                f"loss={row['losses']} step={row['step_ms_median']}ms"
+            )
             print(f"{status} {arch:5s} {name:22s} {detail}", flush=True)
     result = {"torch": torch.__version__, "rows": rows, "hook": hook_selftest()}
     print(f"{'OK  ' if result['hook']['ok'] else 'FAIL'} register() hook: {result['hook']}")
     if args.formulas:
         result["formulas"] = formula_check()
         for row in result["formulas"]:
-            print(f"{'OK  ' if row['match'] else 'DIFF'} formula {row['name']:22s} {row['shape']} r={row['rank']} "
-                  f"measured={row['measured']} formula={row['formula']} storage={row['storage_bytes']}")
+            print(
+                f"{'OK  ' if row['match'] else 'DIFF'} formula {row['name']:22s} {row['shape']} r={row['rank']} "
+                f"measured={row['measured']} formula={row['formula']} storage={row['storage_bytes']}"
+            )
     if args.ref_worker:
         try:
             result["ref_worker"] = reg.run_ref_worker("llama-tiny", steps=3, rank=8, kappa=2)
             r = result["ref_worker"]
-            print(f"OK   ref_worker llama-tiny state={r['state_bytes']}B step={r['step_time_s_median']:.4f}s "
-                  f"flora-opt {r['flora_opt_version']} from {r['flora_opt_file']}")
-        except Exception as e:  # noqa: BLE001
+            print(
+                f"OK   ref_worker llama-tiny state={r['state_bytes']}B step={r['step_time_s_median']:.4f}s "
+                f"flora-opt {r['flora_opt_version']} from {r['flora_opt_file']}"
+            )
+        except Exception as e:
             result["ref_worker"] = {"ok": False, "error": str(e)}
             print(f"FAIL ref_worker {e}")
     if args.json:

@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 try:
     import flax.linen as nn
 except ImportError as error:  # pragma: no cover
-    raise SystemExit(f"this example needs flax ({error}): pip install -r examples/flax/requirements.txt")
+    raise SystemExit(f"this example needs flax ({error}): pip install -r examples/flax/requirements.txt") from error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from flora_lab import data  # noqa: E402
-from flora_opt.optax import compressed_accumulator, flora, state_bytes  # noqa: E402
+from flora_lab import data
+from flora_opt.optax import compressed_accumulator, flora, state_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,9 @@ class Block(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
         causal = jnp.tril(jnp.ones((length, length), bool))
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-        attention = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype), v)
+        attention = jnp.einsum(
+            "bhqk,bkhd->bqhd", jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype), v
+        )
         x = x + nn.Dense(cfg.d_model, param_dtype=dtype, name="proj")(attention.reshape(batch, length, cfg.d_model))
         h = nn.LayerNorm(param_dtype=dtype, name="ln_2")(x)
         h = nn.Dense(cfg.d_ff, param_dtype=dtype, name="fc")(h)
@@ -115,8 +117,11 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
     parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--compressed-accumulation", action="store_true",
-                        help="accumulate micro-batch gradients compressed (docs/algorithm.md section 12)")
+    parser.add_argument(
+        "--compressed-accumulation",
+        action="store_true",
+        help="accumulate micro-batch gradients compressed (docs/algorithm.md section 12)",
+    )
     parser.add_argument("--accumulation-tau", type=int, default=None, help="default: --tau")
     parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps")
     parser.add_argument("--optimizer", default="flora", choices=["adamw", "adafactor", "flora"])
@@ -142,8 +147,9 @@ def build_config(args, vocab_size: int) -> Config:
     fields = dict(PRESETS[args.model])
     if args.config:
         fields = json.loads(Path(args.config).read_text())
-    fields.update(vocab_size=vocab_size, max_len=max(fields.get("max_len", 1024), args.seq_len),
-                  param_dtype=args.param_dtype)
+    fields.update(
+        vocab_size=vocab_size, max_len=max(fields.get("max_len", 1024), args.seq_len), param_dtype=args.param_dtype
+    )
     return Config(**fields)
 
 
@@ -154,11 +160,22 @@ def make_optimizer(args) -> optax.GradientTransformation:
     if args.optimizer == "adamw":
         tx = optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
     elif args.optimizer == "adafactor":
-        tx = optax.adafactor(schedule, momentum=args.b1 or None, weight_decay_rate=args.weight_decay or None,
-                             weight_decay_mask=decay_mask)
+        tx = optax.adafactor(
+            schedule,
+            momentum=args.b1 or None,
+            weight_decay_rate=args.weight_decay or None,
+            weight_decay_mask=decay_mask,
+        )
     else:
-        tx = flora(schedule, b1=args.b1, tau=args.tau, kappa=args.kappa, seed=args.seed,
-                   weight_decay=args.weight_decay, weight_decay_mask=decay_mask)
+        tx = flora(
+            schedule,
+            b1=args.b1,
+            tau=args.tau,
+            kappa=args.kappa,
+            seed=args.seed,
+            weight_decay=args.weight_decay,
+            weight_decay_mask=decay_mask,
+        )
     if args.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx)
     return tx
@@ -171,8 +188,12 @@ def peak_memory(compiled) -> tuple[int | None, str]:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None, "unavailable"
-    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-             - analysis.alias_size_in_bytes)
+    total = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
     return total, "XLA memory analysis of the train step"
 
 
@@ -180,7 +201,10 @@ def main(argv=None):
     args = parse_args(argv)
     train_text, val_text = data.load_text(args.dataset, "train"), data.load_text(args.dataset, "validation")
     tokenizer = data.train_tokenizer(train_text, args.vocab_size, kind=args.tokenizer)
-    train_ids, val_ids = data.encode(train_text, tokenizer, dtype=np.int32), data.encode(val_text, tokenizer, dtype=np.int32)
+    train_ids, val_ids = (
+        data.encode(train_text, tokenizer, dtype=np.int32),
+        data.encode(val_text, tokenizer, dtype=np.int32),
+    )
     config = build_config(args, tokenizer.vocab_size)
     model = CausalLM(config)
     params = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
@@ -203,6 +227,7 @@ def main(argv=None):
         if k_micro == 1:
             loss, grads = grad_fn(params, inputs[0], targets[0])
         elif compress:
+
             def micro(carry, batch):
                 acc_state, loss_sum = carry
                 loss, grads = grad_fn(params, *batch)
@@ -213,6 +238,7 @@ def main(argv=None):
             acc_state = accumulator.reset(acc_state)  # next cycle: a fresh projection
             loss = loss_sum / k_micro
         else:
+
             def micro(carry, batch):
                 grad_sum, loss_sum = carry
                 loss, grads = grad_fn(params, *batch)
@@ -262,16 +288,19 @@ def main(argv=None):
             raise SystemExit(f"non-finite training loss at step {step + 1}")
 
     total, count = 0.0, 0
-    for inputs, targets in data.lm_batches(val_ids, args.batch_size, args.seq_len, shuffle=False,
-                                           num_batches=args.eval_batches):
+    for inputs, targets in data.lm_batches(
+        val_ids, args.batch_size, args.seq_len, shuffle=False, num_batches=args.eval_batches
+    ):
         total += float(eval_fn(params, jnp.asarray(inputs), jnp.asarray(targets))) * inputs.size
         count += inputs.size
     val_loss = total / count
     peak, source = peak_memory(compiled)
     opt_bytes = state_bytes(opt_state) + (state_bytes(acc_state) if acc_state is not None else 0)
     print(f"validation loss: {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}) over {count} tokens")
-    print(f"optimizer state: {opt_bytes / 2**20:.2f} MiB ({opt_bytes / n_params:.3f} bytes/param)"
-          + (f"; throughput: {tokens / seconds:.0f} tokens/s" if seconds else ""))
+    print(
+        f"optimizer state: {opt_bytes / 2**20:.2f} MiB ({opt_bytes / n_params:.3f} bytes/param)"
+        + (f"; throughput: {tokens / seconds:.0f} tokens/s" if seconds else "")
+    )
     print(f"peak memory: {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'} ({source})")
     result = dict(val_loss=val_loss, train_losses=losses, optimizer_state_bytes=opt_bytes, peak_bytes=peak)
     if args.print_json:

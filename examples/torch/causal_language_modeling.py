@@ -43,7 +43,13 @@ PRESETS = {
     "gpt2": ("gpt2", dict()),  # GPT-2 small, 124M
     "llama-1b": (
         "llama",
-        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        ),
     ),
 }
 
@@ -65,8 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="shakespeare_sample", choices=data.DATASETS)
     parser.add_argument("--train-file", default=None, help="a local UTF-8 text file (instead of --dataset)")
     parser.add_argument("--validation-file", default=None, help="default: every 10th chunk of --train-file")
-    parser.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe", "model"],
-                        help="bytes, a BPE trained on the training text, or the --model-path folder's tokenizer")
+    parser.add_argument(
+        "--tokenizer",
+        default="bytes",
+        choices=["bytes", "bpe", "model"],
+        help="bytes, a BPE trained on the training text, or the --model-path folder's tokenizer",
+    )
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
@@ -113,8 +123,12 @@ def build_model(args, vocab_size):
         )
         return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=max(2048, args.seq_len), bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, **kwargs
+        vocab_size=vocab_size,
+        max_position_embeddings=max(2048, args.seq_len),
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **kwargs,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -222,7 +236,9 @@ def main(argv=None):
         ):
             logits = model(input_ids=torch.from_numpy(inputs).to(device), use_cache=False).logits
             losses.append(
-                torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), torch.from_numpy(targets).to(device).flatten()).item()
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), torch.from_numpy(targets).to(device).flatten()
+                ).item()
             )
     validation_loss = float(np.mean(losses)) if losses else math.nan
     if args.checkpoint_dir:

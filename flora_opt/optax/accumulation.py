@@ -18,7 +18,8 @@ Two ways to use it:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,8 @@ from ..projection import tensor_seed
 from .transform import _float_dtype, _placeholder, _safe_increment
 
 __all__ = [
-    "AccumulatorState",
     "AccumulatorFunctions",
+    "AccumulatorState",
     "CompressedMultiStepsState",
     "compressed_accumulator",
     "compressed_multi_steps",
@@ -77,7 +78,7 @@ class AccumulatorFunctions(NamedTuple):
     reset: Callable
 
 
-def _plan(leaf, tau: Optional[int]):
+def _plan(leaf, tau: int | None):
     """``core.accumulation_layout`` of a float leaf (section 12); ``None`` for other leaves."""
     if _float_dtype(leaf) is None:
         return None
@@ -95,7 +96,7 @@ def _check_axis_name(axis_name) -> None:
         )
 
 
-def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0, axis_name=None) -> AccumulatorFunctions:
+def compressed_accumulator(tau: int | None = 256, seed: int = 0, axis_name=None) -> AccumulatorFunctions:
     r"""Accumulate gradients compressed to rank ``tau`` (docs/algorithm.md section 12).
 
     Args:
@@ -174,7 +175,7 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0, axis_name=No
         seeds = treedef.flatten_up_to(state.seed)
         buffers = treedef.flatten_up_to(state.buffer)
         new_buffers = []
-        for grad, leaf_seed, buffer in zip(leaves, seeds, buffers):
+        for grad, leaf_seed, buffer in zip(leaves, seeds, buffers, strict=True):
             grad = jnp.asarray(grad)
             plan = _plan(grad, tau)
             if plan is None:
@@ -194,10 +195,10 @@ def compressed_accumulator(tau: Optional[int] = 256, seed: int = 0, axis_name=No
         if axis_name is not None:  # one pmean of the compressed buffers and the uncompressed sums
             floats = [i for i, reference in enumerate(like_leaves) if _plan(reference, tau) is not None]
             reduced = jax.lax.pmean([buffers[i] for i in floats], axis_name)
-            for i, value in zip(floats, reduced):
+            for i, value in zip(floats, reduced, strict=True):
                 buffers[i] = value
         out = []
-        for reference, leaf_seed, buffer in zip(like_leaves, seeds, buffers):
+        for reference, leaf_seed, buffer in zip(like_leaves, seeds, buffers, strict=True):
             plan = _plan(reference, tau)
             shape = tuple(np.shape(reference))
             dtype = reference.dtype if hasattr(reference, "dtype") else jnp.result_type(reference)
@@ -242,8 +243,8 @@ def has_updated(state: CompressedMultiStepsState) -> jax.Array:
 
 def compressed_multi_steps(
     opt: optax.GradientTransformation,
-    every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
-    tau: Optional[int] = 256,
+    every_k_schedule: int | Callable[[jax.Array], jax.Array],
+    tau: int | None = 256,
     seed: int = 0,
     use_grad_mean: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -298,9 +299,11 @@ def compressed_multi_steps(
             # handed over exact (as on the PyTorch side).
             single = state.mini_step == 0
             grads = jax.tree.map(
-                lambda g, d: jnp.where(single, (weight * jnp.asarray(g, jnp.float32)).astype(d.dtype), d)
-                if _float_dtype(d) is not None
-                else d,
+                lambda g, d: (
+                    jnp.where(single, (weight * jnp.asarray(g, jnp.float32)).astype(d.dtype), d)
+                    if _float_dtype(d) is not None
+                    else d
+                ),
                 updates,
                 grads,
             )
@@ -313,9 +316,7 @@ def compressed_multi_steps(
         if isinstance(emit, bool):
             new_updates, new_inner, acc_state = (final if emit else accumulate)(acc_state, state.inner_opt_state)
         else:
-            new_updates, new_inner, acc_state = jax.lax.cond(
-                emit, final, accumulate, acc_state, state.inner_opt_state
-            )
+            new_updates, new_inner, acc_state = jax.lax.cond(emit, final, accumulate, acc_state, state.inner_opt_state)
         mini_step = jnp.where(emit, jnp.zeros((), jnp.int32), _safe_increment(state.mini_step))
         return new_updates, CompressedMultiStepsState(mini_step, new_inner, acc_state)
 

@@ -82,8 +82,13 @@ def _layout_from_state(shape, momentum_shape) -> core.TensorLayout:
     return core.TensorLayout(tuple(shape), matrix, False, kind, side, rank)
 
 
-def compressed_ema(b1: float | None = 0.9, tau: int | None = 256, kappa: int = 1000, seed: int = 0,
-                   max_aspect_ratio: float | None = 4.0) -> optax.GradientTransformation:
+def compressed_ema(
+    b1: float | None = 0.9,
+    tau: int | None = 256,
+    kappa: int = 1000,
+    seed: int = 0,
+    max_aspect_ratio: float | None = 4.0,
+) -> optax.GradientTransformation:
     """Flora's compressed momentum (module docstring), a drop-in for ``optax.ema``.
 
     Args:
@@ -113,10 +118,13 @@ def _compressed_ema(hp: core.FloraHyperParams) -> optax.GradientTransformation:
     def init_fn(params):
         b1_value = _static("b1", hp.beta1)
         kappa_value = _concrete(hp.kappa)  # only for the stability warning: skipped when traced
-        layout_hp = replace(_concrete_record(hp), rank=_static("tau", hp.rank),
-                            kappa=1 if _traced(kappa_value) else kappa_value,
-                            beta1=None if not b1_value else float(b1_value),
-                            max_aspect_ratio=_static("max_aspect_ratio", hp.max_aspect_ratio))
+        layout_hp = replace(
+            _concrete_record(hp),
+            rank=_static("tau", hp.rank),
+            kappa=1 if _traced(kappa_value) else kappa_value,
+            beta1=None if not b1_value else float(b1_value),
+            max_aspect_ratio=_static("max_aspect_ratio", hp.max_aspect_ratio),
+        )
         base_seed = _static("seed", hp.seed)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         steps, seeds, momenta = [], [], []
@@ -155,8 +163,10 @@ def _compressed_ema(hp: core.FloraHyperParams) -> optax.GradientTransformation:
         del params
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         fields = _flatten_state(treedef, state._asdict())
-        results = [_on_leaf(leaf_update, leaf, (fields["step"][i], fields["seed"][i], fields["exp_avg"][i]))
-                   for i, leaf in enumerate(leaves)]
+        results = [
+            _on_leaf(leaf_update, leaf, (fields["step"][i], fields["seed"][i], fields["exp_avg"][i]))
+            for i, leaf in enumerate(leaves)
+        ]
         new_updates = treedef.unflatten([r[0] for r in results])
         steps, seeds, momenta = (treedef.unflatten([r[1][j] for r in results]) for j in range(3))
         return new_updates, CompressedEmaState(step=steps, seed=seeds, exp_avg=momenta)

@@ -145,7 +145,10 @@ def state_shardings(state, params, param_shardings):
     def per_leaf(tree, key: str | None):
         leaves = treedef.flatten_up_to(tree)
         return treedef.unflatten(
-            [_leaf_sharding(key, np.shape(value), shape, sh) for value, shape, sh in zip(leaves, shapes, sharding_leaves)]
+            [
+                _leaf_sharding(key, np.shape(value), shape, sh)
+                for value, shape, sh in zip(leaves, shapes, sharding_leaves, strict=True)
+            ]
         )
 
     def is_node(node) -> bool:
@@ -156,14 +159,18 @@ def state_shardings(state, params, param_shardings):
     def _params_like(node) -> bool:
         if not param_leaves or jax.tree_util.tree_structure(node) != treedef:
             return False
-        return all(tuple(np.shape(a)) == s for a, s in zip(jax.tree_util.tree_leaves(node), shapes))
+        return all(tuple(np.shape(a)) == s for a, s in zip(jax.tree_util.tree_leaves(node), shapes, strict=True))
 
     def convert(node):
         if isinstance(node, _FLORA_STATES):
-            return type(node)(**{name: per_leaf(value, _FIELD_KEYS.get(name)) for name, value in node._asdict().items()})
+            return type(node)(
+                **{name: per_leaf(value, _FIELD_KEYS.get(name)) for name, value in node._asdict().items()}
+            )
         if isinstance(node, AccumulatorState):
             return AccumulatorState(
-                cycle=_replicated(any_sharding), seed=per_leaf(node.seed, None), buffer=per_leaf(node.buffer, _BUFFER_KEY)
+                cycle=_replicated(any_sharding),
+                seed=per_leaf(node.seed, None),
+                buffer=per_leaf(node.buffer, _BUFFER_KEY),
             )
         if _params_like(node):
             return per_leaf(node, _BUFFER_KEY)  # shapes equal the parameters': their shardings

@@ -38,8 +38,9 @@ differ from the PyTorch single decision on ``RMS(D)``: only at the float32 overf
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ __all__ = [
     "zero_non_finite",
 ]
 
-MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+MaskOrFn = Any | Callable[[Any], Any] | None
 
 #: Kept for code written for the former monolithic transformation, which had to be injected with
 #: ``optax.inject_hyperparams(flora, static_args=STATIC_ARGS)``. The chain needs no static
@@ -300,8 +301,9 @@ def scale_by_second_moment(
     differs from ``optax.scale_by_factored_rms`` for such leaves. The output is float32; a leaf
     whose ``U`` is not finite keeps its state and step count and passes ``U`` on.
     """
-    arguments = dict(b2=b2, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor,
-                     factorized_second_moment=factorized_second_moment)
+    arguments = dict(
+        b2=b2, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor, factorized_second_moment=factorized_second_moment
+    )
     _check_arguments(arguments)
     return _second_moment(from_optax(arguments))
 
@@ -323,7 +325,9 @@ def _second_moment(hp: FloraHyperParams) -> optax.GradientTransformation:
         fields: dict[str, list] = {name: [] for name in ScaleBySecondMomentState._fields}
         for leaf in leaves:
             fields["step"].append(jnp.zeros((), jnp.int32))
-            shapes = _state_shapes(core.tensor_layout(np.shape(leaf), layout_hp)) if _float_dtype(leaf) is not None else {}
+            shapes = (
+                _state_shapes(core.tensor_layout(np.shape(leaf), layout_hp)) if _float_dtype(leaf) is not None else {}
+            )
             for name, key in _SECOND_MOMENT_FIELDS.items():
                 fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
         return ScaleBySecondMomentState(**{name: treedef.unflatten(v) for name, v in fields.items()})
@@ -359,9 +363,11 @@ def _second_moment(hp: FloraHyperParams) -> optax.GradientTransformation:
             leaf_state = tuple(fields[name][index] for name in ScaleBySecondMomentState._fields)
             new_leaf, new_state = _on_leaf(leaf_update, leaf, leaf_state)
             out.append(new_leaf)
-            for name, value in zip(ScaleBySecondMomentState._fields, new_state):
+            for name, value in zip(ScaleBySecondMomentState._fields, new_state, strict=True):
                 new_fields[name].append(value)
-        return treedef.unflatten(out), ScaleBySecondMomentState(**{k: treedef.unflatten(v) for k, v in new_fields.items()})
+        return treedef.unflatten(out), ScaleBySecondMomentState(
+            **{k: treedef.unflatten(v) for k, v in new_fields.items()}
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -371,7 +377,7 @@ def _map_float(fn, updates, *trees):
     other leaves pass through."""
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     others = [treedef.flatten_up_to(tree) for tree in trees]
-    out = [fn(u, *rest) if _float_dtype(u) is not None else u for u, *rest in zip(leaves, *others)]
+    out = [fn(u, *rest) if _float_dtype(u) is not None else u for u, *rest in zip(leaves, *others, strict=True)]
     return treedef.unflatten(out)
 
 
@@ -380,7 +386,7 @@ def _rms32(x):
     return jnp.sqrt(jnp.mean(x * x))
 
 
-def clip_by_rms(threshold: Optional[float] = 1.0) -> optax.GradientTransformation:
+def clip_by_rms(threshold: float | None = 1.0) -> optax.GradientTransformation:
     r"""``D <- D / max(1, RMS(D) / threshold)`` per leaf (section 7; ``None``: no clipping).
 
     Unlike ``optax.clip_by_block_rms`` (which maps a leaf whose RMS overflows to zero), a leaf
@@ -415,7 +421,7 @@ def add_weight_decay(weight_decay: float, mask: MaskOrFn = None) -> optax.Gradie
         selected = _resolve_mask(mask, params, treedef, len(leaves))
         out = [
             u + weight_decay * jnp.asarray(p).astype(jnp.float32) if keep and _float_dtype(u) is not None else u
-            for u, p, keep in zip(leaves, param_leaves, selected)
+            for u, p, keep in zip(leaves, param_leaves, selected, strict=True)
         ]
         return treedef.unflatten(out), state
 
@@ -525,7 +531,8 @@ def flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
       float32 (not bfloat16); the smaller matrix dimension is compressed and ``ndim > 2``
       leaves are viewed as ``(shape[0], -1)``; a non-finite gradient leaves its leaf's update
       at zero and its state unchanged; the momentum averages the normalised gradient ``U_t``, the
-      history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference added unscaled weight decay after the step).
+      history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference
+      added unscaled weight decay after the step).
     """
     return optax.chain(*_parts(_arguments(args, kwargs)), optax.scale(-1.0), zero_non_finite())
 

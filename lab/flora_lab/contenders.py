@@ -56,40 +56,42 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "Contender",
-    "REGISTRY",
     "DEFAULTS",
-    "make",
+    "REGISTRY",
+    "Contender",
     "available",
-    "names",
-    "predicted_state_bytes",
-    "sweep_options",
     "describe",
+    "is_reference_flora_module",
+    "load_reference_flora",
+    "make",
+    "named_trainable",
+    "names",
+    "peers_venv",
+    "predicted_state_bytes",
+    "ref_python",
+    "ref_venv",
     "register",
-    "unregister",
+    "run_ref_worker",
+    "split_lowrank",
     "state_bytes",
     "state_tensors",
-    "split_lowrank",
-    "named_trainable",
+    "sweep_options",
+    "unregister",
     "wrap_lora",
-    "peers_venv",
-    "ref_venv",
-    "ref_python",
-    "load_reference_flora",
-    "is_reference_flora_module",
-    "run_ref_worker",
 ]
 
 REF_FLORA_VERSION = "0.0.3"
 # benchmarks/peers/ref_worker.py of the repository this lab is installed from (pip install -e lab)
-_REF_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "benchmarks", "peers", "ref_worker.py")
+_REF_WORKER = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "peers", "ref_worker.py"
+)
 
 
 def peers_venv() -> str:
@@ -217,7 +219,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, storage: bool = False) -> int:
         seen.add(key)
         try:
             total += t.untyped_storage().nbytes()
-        except Exception:  # noqa: BLE001
+        except Exception:
             total += t.numel() * t.element_size()
     return total
 
@@ -242,7 +244,7 @@ class Contender:
         for mod in self.requires:
             try:
                 importlib.import_module(mod)
-            except Exception as e:  # noqa: BLE001 - any import failure means unavailable
+            except Exception as e:
                 return False, f"cannot import {mod}: {type(e).__name__}: {e}"
         if self.extra_check is not None:
             return self.extra_check()
@@ -252,9 +254,7 @@ class Contender:
         unknown = set(opts) - set(self.defaults)
         if unknown:
             if not ignore_unknown:
-                raise TypeError(
-                    f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(self.defaults)}"
-                )
+                raise TypeError(f"{self.name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(self.defaults)}")
             opts = {k: v for k, v in opts.items() if k in self.defaults}
         merged = {**self.defaults, **opts}
         return self.build(model_or_named_params, lr, **merged)
@@ -328,7 +328,7 @@ def available(name: str) -> tuple[bool, str]:
 
 def make(name: str, model_or_named_params, lr: float, **opts) -> torch.optim.Optimizer:
     if name not in REGISTRY:
-        ok, reason = available(name)
+        _ok, reason = available(name)
         raise KeyError(reason)
     return REGISTRY[name].make(model_or_named_params, lr, **opts)
 
@@ -378,8 +378,9 @@ def _params(model_or_named_params):
 
 
 def _add(name, build, defaults, requires=(), description="", state_formula="", extra_check=None, label=""):
-    REGISTRY[name] = Contender(name, build, dict(defaults), tuple(requires), description, state_formula, extra_check,
-                               label or name)
+    REGISTRY[name] = Contender(
+        name, build, dict(defaults), tuple(requires), description, state_formula, extra_check, label or name
+    )
     DEFAULTS[name] = REGISTRY[name].defaults
 
 
@@ -408,8 +409,15 @@ def _build_adafactor_torch(m, lr, lowrank_filter=None, **o):
 _add(
     "adafactor_torch",
     _build_adafactor_torch,
-    {"beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "weight_decay": 0.0, "foreach": None, "maximize": False,
-     "lowrank_filter": None},
+    {
+        "beta2_decay": -0.8,
+        "eps": (None, 1e-3),
+        "d": 1.0,
+        "weight_decay": 0.0,
+        "foreach": None,
+        "maximize": False,
+        "lowrank_filter": None,
+    },
     requires=("torch",),
     description="torch.optim.Adafactor (no first moment; step size min(lr, 1/sqrt(t)) * max(eps2, RMS(p)))",
     state_formula="m + n fp32 (row_var m x 1, col_var 1 x n) + a 0-d step tensor; no momentum",
@@ -480,8 +488,17 @@ def _galore_builder(cls_name):
 _add(
     "galore",
     _galore_builder("GaLoreAdamW"),
-    {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-     "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True, "lowrank_filter": None},
+    {
+        "rank": 128,
+        "update_proj_gap": 200,
+        "scale": 0.25,
+        "proj_type": "std",
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "correct_bias": True,
+        "lowrank_filter": None,
+    },
     requires=("galore_torch", "transformers"),
     description="galore_torch.GaLoreAdamW; block matrices projected by SVD every update_proj_gap steps",
     label="GaLore r={rank}",
@@ -499,20 +516,28 @@ def _build_galore_adafactor(m, lr, lowrank_filter=None, **o):
 _add(
     "galore_adafactor",
     _build_galore_adafactor,
-    {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-     **{k: v for k, v in _HF_ADAFACTOR_DEFAULTS.items() if k != "lowrank_filter"}, "beta1": None,
-     "lowrank_filter": None},
+    {
+        "rank": 128,
+        "update_proj_gap": 200,
+        "scale": 0.25,
+        "proj_type": "std",
+        **{k: v for k, v in _HF_ADAFACTOR_DEFAULTS.items() if k != "lowrank_filter"},
+        "beta1": None,
+        "lowrank_filter": None,
+    },
     requires=("galore_torch", "transformers"),
     description="galore_torch.GaLoreAdafactor (Adafactor on the projected gradient)",
     state_formula="projector r*min(m,n) + factored second moment of the r x max(m,n) projected grad "
-                  "(r + max(m,n)); + r*max(m,n) with beta1",
+    "(r + max(m,n)); + r*max(m,n) with beta1",
 )
 
 
 def _galore8bit_check() -> tuple[bool, str]:
     if not torch.cuda.is_available():
-        return False, ("galore-torch 1.0 GaLoreAdamW8bit.step() calls torch.cuda.synchronize() unconditionally: "
-                       "'AssertionError: Torch not compiled with CUDA enabled' on CPU")
+        return False, (
+            "galore-torch 1.0 GaLoreAdamW8bit.step() calls torch.cuda.synchronize() unconditionally: "
+            "'AssertionError: Torch not compiled with CUDA enabled' on CPU"
+        )
     return True, "ok (CUDA)"
 
 
@@ -526,8 +551,16 @@ def _build_galore_adamw8bit(m, lr, lowrank_filter=None, **o):
 _add(
     "galore_adamw8bit",
     _build_galore_adamw8bit,
-    {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-     "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "lowrank_filter": None},
+    {
+        "rank": 128,
+        "update_proj_gap": 200,
+        "scale": 0.25,
+        "proj_type": "std",
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "lowrank_filter": None,
+    },
     requires=("galore_torch", "bitsandbytes"),
     description="galore_torch.GaLoreAdamW8bit (bitsandbytes 8-bit Adam on the projected gradient); CUDA only",
     state_formula="projector r*min(m,n) fp32 + 8-bit moments 2*r*max(m,n) bytes (+ absmax) ",
@@ -547,9 +580,18 @@ def _build_apollo(m, lr, lowrank_filter=None, **o):
     return apollo_torch.APOLLOAdamW(_two_groups(m, low, lowrank_filter), lr=lr, **o)
 
 
-_APOLLO_COMMON = {"proj": "random", "update_proj_gap": 200, "proj_type": "std", "betas": (0.9, 0.999),
-                  "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True, "scale_front": False,
-                  "disable_nl": False, "lowrank_filter": None}
+_APOLLO_COMMON = {
+    "proj": "random",
+    "update_proj_gap": 200,
+    "proj_type": "std",
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.0,
+    "correct_bias": True,
+    "scale_front": False,
+    "disable_nl": False,
+    "lowrank_filter": None,
+}
 _add(
     "apollo",
     _build_apollo,
@@ -558,7 +600,7 @@ _add(
     description="apollo_torch.APOLLOAdamW, channel-wise scaling (README: rank 256 for 1B/7B, scale 1)",
     label="APOLLO r={rank}",
     state_formula="moments 2*r*max(m,n) of the projected grad; apollo-torch 1.0.3 also keeps the random "
-                  "projection r*min(m,n) in state (not regenerated from the seed) + a 0-d norm tensor",
+    "projection r*min(m,n) in state (not regenerated from the seed) + a 0-d norm tensor",
 )
 _add(
     "apollo_mini",
@@ -582,12 +624,18 @@ def _build_bnb(m, lr, lowrank_filter=None, **o):
 _add(
     "adamw8bit_bnb",
     _build_bnb,
-    {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "min_8bit_size": 4096, "is_paged": False,
-     "lowrank_filter": None},
+    {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "min_8bit_size": 4096,
+        "is_paged": False,
+        "lowrank_filter": None,
+    },
     requires=("bitsandbytes",),
     description="bitsandbytes.optim.AdamW8bit (block-wise dynamic 8-bit quantization; CPU backend)",
     state_formula="2mn uint8 + 2*ceil(mn/256) fp32 absmax (+ two shared 256-entry fp32 code books); "
-                  "tensors with < min_8bit_size elements keep 32-bit state (2mn fp32)",
+    "tensors with < min_8bit_size elements keep 32-bit state (2mn fp32)",
 )
 
 
@@ -600,12 +648,18 @@ def _build_torchao(m, lr, lowrank_filter=None, **o):
 _add(
     "adamw8bit_torchao",
     _build_torchao,
-    {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "block_size": 256, "bf16_stochastic_round": False,
-     "lowrank_filter": None},
+    {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "block_size": 256,
+        "bf16_stochastic_round": False,
+        "lowrank_filter": None,
+    },
     requires=("torchao.optim",),
     description="torchao.optim.AdamW8bit (tensor-subclass 8-bit state; works eagerly on CPU)",
     state_formula="2mn uint8 codes + 2*mn/block_size fp32 scales (+ a 256-entry fp32 qmap per state); "
-                  "tensors with < 4096 elements or numel % block_size != 0 keep fp32 state",
+    "tensors with < 4096 elements or numel % block_size != 0 keep fp32 state",
 )
 
 
@@ -619,8 +673,12 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.
     """
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=target_modules if target_modules is not None else "all-linear")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules if target_modules is not None else "all-linear",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -676,7 +734,7 @@ _add(
     _flora_defaults(),
     requires=("flora_opt",),
     description="flora_opt.Flora of this repository (beta1=0.9); full_momentum_for=[substrings] keeps "
-                "matching parameters at full momentum",
+    "matching parameters at full momentum",
     state_formula="docs/algorithm.md section 11: r*max(m,n) + m + n fp32 for compressed, factored matrices",
     label="Flora r={rank}",
 )
@@ -695,8 +753,11 @@ _add(
 
 
 def _ref_flora_file() -> str | None:
-    hits = sorted(glob.glob(os.path.join(ref_venv(), "lib", "python3*", "site-packages", "flora_opt",
-                                         "optimizers", "torch", "flora.py")))
+    hits = sorted(
+        glob.glob(
+            os.path.join(ref_venv(), "lib", "python3*", "site-packages", "flora_opt", "optimizers", "torch", "flora.py")
+        )
+    )
     return hits[-1] if hits else None
 
 
@@ -753,7 +814,7 @@ def _ref_check() -> tuple[bool, str]:
         return False, f"reference venv has flora-opt {version}, expected {REF_FLORA_VERSION}"
     try:
         load_reference_flora()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"loading {path} failed: {type(e).__name__}: {e}"
     return True, f"ok ({path})"
 
@@ -766,28 +827,65 @@ def _build_flora_ref(m, lr, lowrank_filter=None, **o):
 _add(
     "flora_ref",
     _build_flora_ref,
-    {"rank": 8, "kappa": 1000, "beta1": 0.9, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8,
-     "weight_decay": 0.0, "scale_parameter": True, "relative_step": False, "factorize_second_moment": True,
-     "seed": 0, "quantization": False, "lowrank_filter": None},
+    {
+        "rank": 8,
+        "kappa": 1000,
+        "beta1": 0.9,
+        "eps": (1e-30, 1e-3),
+        "clip_threshold": 1.0,
+        "decay_rate": -0.8,
+        "weight_decay": 0.0,
+        "scale_parameter": True,
+        "relative_step": False,
+        "factorize_second_moment": True,
+        "seed": 0,
+        "quantization": False,
+        "lowrank_filter": None,
+    },
     requires=("torch", "accelerate", "bitsandbytes"),
     description="reference Flora (flora-opt==0.0.3 from $FLORA_REF_VENV). NB: the library's own defaults "
-                "are beta1=None and rank=None (= plain factored Adafactor, no momentum); the registry "
-                "defaults to beta1=0.9, rank=8 so that momentum compression is actually exercised",
+    "are beta1=None and rank=None (= plain factored Adafactor, no momentum); the registry "
+    "defaults to beta1=0.9, rank=8 so that momentum compression is actually exercised",
     state_formula="factored momentum (2-D, min(m,n) >= r, max/min <= 4): r*max(m,n) + m + n fp32 "
-                  "+ 0-d RMS; other 2-D: mn + m + n; 1-D: 2n (beta1 set) or n",
+    "+ 0-d RMS; other 2-D: mn + m + n; 1-D: 2n (beta1 set) or n",
     extra_check=_ref_check,
 )
 
 
-def run_ref_worker(model: str | dict = "llama-tiny", steps: int = 5, rank: int | None = 8, kappa: int = 1000,
-                   lr: float = 1e-3, beta1: float | None = 0.9, batch_size: int = 2, seq_len: int = 64,
-                   seed: int = 0, threads: int | None = None, extra: Iterable[str] = (), timeout: float = 1800,
-                   python: str | None = None) -> dict:
+def run_ref_worker(
+    model: str | dict = "llama-tiny",
+    steps: int = 5,
+    rank: int | None = 8,
+    kappa: int = 1000,
+    lr: float = 1e-3,
+    beta1: float | None = 0.9,
+    batch_size: int = 2,
+    seq_len: int = 64,
+    seed: int = 0,
+    threads: int | None = None,
+    extra: Iterable[str] = (),
+    timeout: float = 1800,
+    python: str | None = None,
+) -> dict:
     """Run ``ref_worker.py`` under the reference venv and return its JSON result."""
-    cmd = [python or ref_python(), _REF_WORKER,
-           "--model", model if isinstance(model, str) else json.dumps(model),
-           "--steps", str(steps), "--kappa", str(kappa), "--lr", repr(lr),
-           "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--seed", str(seed)]
+    cmd = [
+        python or ref_python(),
+        _REF_WORKER,
+        "--model",
+        model if isinstance(model, str) else json.dumps(model),
+        "--steps",
+        str(steps),
+        "--kappa",
+        str(kappa),
+        "--lr",
+        repr(lr),
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        str(seq_len),
+        "--seed",
+        str(seed),
+    ]
     cmd += ["--rank", "none" if rank is None else str(rank)]
     cmd += ["--beta1", "none" if beta1 is None else repr(beta1)]
     if threads:

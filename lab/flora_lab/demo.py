@@ -18,27 +18,28 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "DEMO_MODEL",
-    "DEFAULT_LRS",
-    "ADAM_RECIPE",
     "ADAM_BASED",
+    "ADAM_RECIPE",
+    "DEFAULT_LRS",
+    "DEMO_MODEL",
     "OPTIMIZERS",
     "DemoSettings",
     "available_optimizers",
-    "make_optimizer",
-    "recipe_options",
-    "prepare_data",
-    "train_lm",
-    "run_demo",
     "format_results",
+    "make_optimizer",
     "plot_results",
+    "prepare_data",
+    "recipe_options",
+    "run_demo",
+    "train_lm",
 ]
 
 #: The model the demo and the quality benchmark train: ~1.1M parameters with a 1024-token BPE
@@ -230,8 +231,14 @@ def train_lm(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "train", unit="step",
-                   dynamic_ncols=True, leave=True, mininterval=0.5)
+        bar = tqdm(
+            total=steps,
+            desc=progress if isinstance(progress, str) else "train",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.5,
+        )
     batches = lm_batches(train_ids, batch_size, seq_len, seed=data_seed, num_batches=steps)
     model.train()
     curve: list[dict[str, float]] = []
@@ -280,8 +287,13 @@ def train_lm(
         if not math.isfinite(value):
             nonfinite = True
         if eval_every and (step % eval_every == 0) and step != steps:
-            curve.append(dict(step=step, tokens=step * batch_size * seq_len,
-                              val_loss=evaluate(model, val_ids, batch_size, seq_len, eval_batches)))
+            curve.append(
+                dict(
+                    step=step,
+                    tokens=step * batch_size * seq_len,
+                    val_loss=evaluate(model, val_ids, batch_size, seq_len, eval_batches),
+                )
+            )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
@@ -354,8 +366,15 @@ def _environment() -> dict[str, Any]:
     )
 
 
-def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, progress: bool = True, plot: bool = True,
-             command: str | None = None, log=print) -> dict[str, Any]:
+def run_demo(
+    settings: DemoSettings,
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    plot: bool = True,
+    command: str | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Run the demo, write ``results.json`` (and ``demo.png``) to ``out_dir``, return the results."""
     import torch
 
@@ -367,16 +386,20 @@ def run_demo(settings: DemoSettings, out_dir: str | os.PathLike, *, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train_ids, val_ids, data_info = prepare_data(settings.dataset, settings.vocab_size)
-    log(f"data: {data_info['dataset']}, BPE vocab {data_info['vocab_size']}: "
-        f"{data_info['train_tokens']:,} train / {data_info['val_tokens']:,} validation tokens")
+    log(
+        f"data: {data_info['dataset']}, BPE vocab {data_info['vocab_size']}: "
+        f"{data_info['train_tokens']:,} train / {data_info['val_tokens']:,} validation tokens"
+    )
     model_cfg = LMConfig(**{**settings.model, "vocab_size": data_info["vocab_size"]})
     torch.manual_seed(settings.seed)
     reference = TinyLlama(model_cfg)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     n_params = reference.num_params()
-    log(f"model: LLaMA-style, dim {model_cfg.dim}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
+    log(
+        f"model: LLaMA-style, dim {model_cfg.dim}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
         f"ffn {model_cfg.ffn_dim}: {n_params:,} parameters ({tensor_bytes(reference.parameters()) / 2**20:.2f} MiB); "
-        f"{settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens")
+        f"{settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens"
+    )
     rows = []
     for name in settings.optimizers:
         model = TinyLlama(model_cfg)
@@ -453,9 +476,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, (ax_loss, ax_state, ax_peak) = plt.subplots(
-        1, 3, figsize=(15, 4.5), gridspec_kw=dict(width_ratios=[5, 3, 3])
-    )
+    fig, (ax_loss, ax_state, ax_peak) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw=dict(width_ratios=[5, 3, 3]))
     for r in rows:
         tokens = [p["tokens"] for p in r["val_curve"]]
         ax_loss.plot(tokens, [p["val_loss"] for p in r["val_curve"]], marker="o", ms=3, label=r["label"])
@@ -467,8 +488,10 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     names = [r["label"] for r in rows]
     y = np.arange(len(rows))
     colors = [f"C{i}" for i in range(len(rows))]
-    for ax, key, title in ((ax_state, "state_bytes", "optimizer state (exact)"),
-                           (ax_peak, "peak_live_bytes", "peak live tensors, one step")):
+    for ax, key, title in (
+        (ax_state, "state_bytes", "optimizer state (exact)"),
+        (ax_peak, "peak_live_bytes", "peak live tensors, one step"),
+    ):
         values = [(r[key] or 0) / 2**20 for r in rows]
         ax.barh(y, values, color=colors)
         for yi, v in zip(y, values):
@@ -477,7 +500,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("MiB")
         ax.set_title(title)
-        ax.set_xlim(0, max(values + [1e-9]) * 1.3)
+        ax.set_xlim(0, max([*values, 1e-09]) * 1.3)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

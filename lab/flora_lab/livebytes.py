@@ -11,7 +11,7 @@ lifetimes without data), where ``fake_scalars=True`` answers ``.item()``/``bool(
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.utils import _pytree as pytree

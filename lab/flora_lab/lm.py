@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LMConfig", "TinyLlama", "LORA_TARGETS", "tensor_bytes"]
+__all__ = ["LORA_TARGETS", "LMConfig", "TinyLlama", "tensor_bytes"]
 
 #: Linear layers of a block, for ``peft.LoraConfig(target_modules=LORA_TARGETS)``.
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -169,5 +169,3 @@ def tensor_bytes(tensors) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-

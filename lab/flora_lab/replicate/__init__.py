@@ -19,9 +19,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from . import tasks
 from .experiments import (
@@ -60,14 +60,32 @@ def _plan(experiments, scale: Scale, seeds: int, lr_grid) -> list[tuple[str, Met
 def _environment() -> dict:
     import jax
 
-    return {"python": platform.python_version(), "jax": jax.__version__, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
 
 
-def run_replicate(experiments, out: str | os.PathLike, *, quick: bool = False, seeds: int = 3,
-                  lrs: dict | None = None, lr_grid=(1.0,), steps: int | None = None,
-                  finetune_steps: int | None = None, jobs: int = 1, progress: bool = True, plot: bool = True,
-                  command: str = "", cache_dir=None, log: Callable[[str], None] = print) -> dict:
+def run_replicate(
+    experiments,
+    out: str | os.PathLike,
+    *,
+    quick: bool = False,
+    seeds: int = 3,
+    lrs: dict | None = None,
+    lr_grid=(1.0,),
+    steps: int | None = None,
+    finetune_steps: int | None = None,
+    jobs: int = 1,
+    progress: bool = True,
+    plot: bool = True,
+    command: str = "",
+    cache_dir=None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run ``experiments`` (a subset of :data:`EXPERIMENTS`) and write the results to ``out``.
 
     Args:
@@ -106,28 +124,43 @@ def run_replicate(experiments, out: str | os.PathLike, *, quick: bool = False, s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log(f"replicate: {', '.join(experiments)} ({'quick' if quick else 'full'} scale, {seeds} seed(s)); "
-        "reading the verses ...")
+    log(
+        f"replicate: {', '.join(experiments)} ({'quick' if quick else 'full'} scale, {seeds} seed(s)); "
+        "reading the verses ..."
+    )
 
     # one shared BPE for every task, trained on the train split of the three Bibles
     translate = tasks.load_pairs("kjv", "sparv", "train", quick=quick, cache_dir=cache_dir)
     modern = tasks.load_pairs("kjv", "web", "train", quick=quick, cache_dir=cache_dir)
-    tok = tasks.build_tokenizer([a for _, a, _ in translate] + [b for _, _, b in translate]
-                                + [b for _, _, b in modern], scale.vocab_size)
-    cfg = ModelConfig(vocab=tok.vocab_size + len(tasks.SPECIAL), d_model=scale.d_model, n_heads=scale.n_heads,
-                      d_ff=scale.d_ff, enc_layers=scale.layers, dec_layers=scale.layers, max_len=scale.max_len)
+    tok = tasks.build_tokenizer(
+        [a for _, a, _ in translate] + [b for _, _, b in translate] + [b for _, _, b in modern], scale.vocab_size
+    )
+    cfg = ModelConfig(
+        vocab=tok.vocab_size + len(tasks.SPECIAL),
+        d_model=scale.d_model,
+        n_heads=scale.n_heads,
+        d_ff=scale.d_ff,
+        enc_layers=scale.layers,
+        dec_layers=scale.layers,
+        max_len=scale.max_len,
+    )
     benches, data_info = {}, {}
     if "momentum" in experiments:
         train = tasks.make_task(translate, tok, scale.max_len)
-        val = tasks.make_task(tasks.load_pairs("kjv", "sparv", "validation", quick=quick, cache_dir=cache_dir),
-                              tok, scale.max_len)
+        val = tasks.make_task(
+            tasks.load_pairs("kjv", "sparv", "validation", quick=quick, cache_dir=cache_dir), tok, scale.max_len
+        )
         benches["momentum"] = Workbench(cfg, scale, tok, train, val)
-        data_info["momentum"] = {"task": "KJV -> Reina-Valera 1909 (English -> Spanish)",
-                                 "train_pairs": len(train), "validation_pairs": len(val)}
+        data_info["momentum"] = {
+            "task": "KJV -> Reina-Valera 1909 (English -> Spanish)",
+            "train_pairs": len(train),
+            "validation_pairs": len(val),
+        }
     if "accumulation" in experiments:
         train = tasks.make_task(modern, tok, scale.max_len)
-        val = tasks.make_task(tasks.load_pairs("kjv", "web", "validation", quick=quick, cache_dir=cache_dir),
-                              tok, scale.max_len)
+        val = tasks.make_task(
+            tasks.load_pairs("kjv", "web", "validation", quick=quick, cache_dir=cache_dir), tok, scale.max_len
+        )
         bench = Workbench(cfg, scale, tok, train, val)
         benches["accumulation"] = bench
         verses = [(r, a, a) for r, a, _ in translate] + [(r, b, b) for r, _, b in translate]
@@ -136,33 +169,61 @@ def run_replicate(experiments, out: str | os.PathLike, *, quick: bool = False, s
         copy_bleu = _copy_bleu(val)
         data_info["accumulation"] = {
             "pretrain_task": "denoising KJV and Reina-Valera verses (15% of tokens in masked spans)",
-            "task": "KJV -> World English Bible (archaic -> modern English)", "pretrain_verses": len(denoise),
-            "train_pairs": len(train), "validation_pairs": len(val), "copy_source_bleu": copy_bleu}
+            "task": "KJV -> World English Bible (archaic -> modern English)",
+            "pretrain_verses": len(denoise),
+            "train_pairs": len(train),
+            "validation_pairs": len(val),
+            "copy_source_bleu": copy_bleu,
+        }
 
     plan = _plan(experiments, scale, seeds, lr_grid)
     total = sum(scale.steps if e == "momentum" else scale.finetune_steps for e, *_ in plan)
     total += scale.pretrain_steps if "accumulation" in experiments else 0
     bar = _bar(total, progress)
-    results = {"command": command, "scale": "quick" if quick else "full", "settings": asdict(scale),
-               "model": asdict(cfg), "seeds": seeds, "lr_grid": list(lr_grid), "lrs": table, "data": data_info,
-               "jobs": jobs, "environment": _environment(), "runs": []}
+    results = {
+        "command": command,
+        "scale": "quick" if quick else "full",
+        "settings": asdict(scale),
+        "model": asdict(cfg),
+        "seeds": seeds,
+        "lr_grid": list(lr_grid),
+        "lrs": table,
+        "data": data_info,
+        "jobs": jobs,
+        "environment": _environment(),
+        "runs": [],
+    }
     try:
         pretrained = None
         if "accumulation" in experiments:
             bar.set_description("pretrain (denoising)")
-            key = _digest(asdict(cfg), scale.pretrain_steps, scale.pretrain_batch_size, scale.warmup_fraction,
-                          DEFAULT_LRS["pretrain"], quick, tok.backend.to_str())
+            key = _digest(
+                asdict(cfg),
+                scale.pretrain_steps,
+                scale.pretrain_batch_size,
+                scale.warmup_fraction,
+                DEFAULT_LRS["pretrain"],
+                quick,
+                tok.backend.to_str(),
+            )
             pretrained, results["pretrain"] = pretrain(
-                benches["accumulation"], denoise, steps=scale.pretrain_steps, lr=DEFAULT_LRS["pretrain"],
-                cache=out / f"pretrained-{key}.msgpack", advance=bar.update)
+                benches["accumulation"],
+                denoise,
+                steps=scale.pretrain_steps,
+                lr=DEFAULT_LRS["pretrain"],
+                cache=out / f"pretrained-{key}.msgpack",
+                advance=bar.update,
+            )
             results["pretrain"]["val_loss_before_finetune"] = benches["accumulation"].val_loss(pretrained)
         runs = [(i, e, m, seed, table[e][m.kind] * f, f) for i, (e, m, seed, f) in enumerate(plan)]
         by_index = {}
 
         def done(record):
             by_index[record["index"]] = record
-            bar.write(f"  {record['experiment']:12s} {record['label']:26s} seed {record['seed']} lr {record['lr']:.2g}: "
-                      f"val loss {record['val_loss']:.4f}  BLEU {record['bleu']:.2f}  ({record['wall_s']:.0f} s)")
+            bar.write(
+                f"  {record['experiment']:12s} {record['label']:26s} seed {record['seed']} lr {record['lr']:.2g}: "
+                f"val loss {record['val_loss']:.4f}  BLEU {record['bleu']:.2f}  ({record['wall_s']:.0f} s)"
+            )
             results["runs"] = [by_index[k] for k in sorted(by_index)]
             results["wall_s"] = time.time() - t0
             _write_json(out / "results.json", results)  # partial results survive an interruption
@@ -192,8 +253,9 @@ def _execute(benches, pretrained, run, advance) -> dict:
     if experiment == "momentum":
         record = run_momentum(bench, method, seed, lr, steps=bench.scale.steps, advance=advance)
     else:
-        record = run_accumulation(bench, method, seed, lr, pretrained, steps=bench.scale.finetune_steps,
-                                  advance=advance)
+        record = run_accumulation(
+            bench, method, seed, lr, pretrained, steps=bench.scale.finetune_steps, advance=advance
+        )
     record["lr_factor"], record["index"] = factor, index
     return record
 
@@ -226,7 +288,7 @@ def _worker(queue, benches, pretrained, runs) -> None:
         benches = {e: Workbench(b.cfg, b.scale, b.tok, b.train, b.val) for e, b in benches.items()}
         for run in runs:
             queue.put(("run", _execute(benches, pretrained, run, lambda n: queue.put(("tick", n)))))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which stops the others
+    except BaseException:
         queue.put(("error", traceback.format_exc()))
     queue.put(("done", None))
 
@@ -244,8 +306,10 @@ def _in_processes(benches, pretrained, runs, jobs, scale, advance, done) -> None
     saved = os.environ.get("XLA_FLAGS")
     os.environ["XLA_FLAGS"] = ((saved or "") + " --xla_cpu_multi_thread_eigen=false").strip()
     try:
-        procs = [ctx.Process(target=_worker, args=(queue, plain, pretrained, share), daemon=True)
-                 for share in _shares(runs, jobs, scale)]
+        procs = [
+            ctx.Process(target=_worker, args=(queue, plain, pretrained, share), daemon=True)
+            for share in _shares(runs, jobs, scale)
+        ]
         for p in procs:
             p.start()
     finally:

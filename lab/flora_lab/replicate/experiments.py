@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,19 @@ from flora_opt.optax import compressed_accumulator, flora, state_bytes
 from . import tasks
 from .model import ModelConfig, Seq2Seq, greedy_decode, lora_merge, lora_split, sequence_loss
 
-__all__ = ["ACCUMULATION_KINDS", "EXPERIMENTS", "FULL", "MOMENTUM_KINDS", "QUICK", "Method", "Scale", "Workbench",
-           "methods_for", "run_accumulation", "run_momentum"]
+__all__ = [
+    "ACCUMULATION_KINDS",
+    "EXPERIMENTS",
+    "FULL",
+    "MOMENTUM_KINDS",
+    "QUICK",
+    "Method",
+    "Scale",
+    "Workbench",
+    "methods_for",
+    "run_accumulation",
+    "run_momentum",
+]
 
 EXPERIMENTS = ("momentum", "accumulation")
 MOMENTUM_KINDS = ("adafactor", "adafactor_momentum", "lora", "flora")
@@ -82,12 +93,44 @@ class Scale:
     max_train_pairs: int = 0  # 0: all
 
 
-FULL = Scale(d_model=128, n_heads=4, d_ff=256, layers=2, max_len=40, vocab_size=2048, ranks=(8, 32),
-             batch_size=16, steps=350, pretrain_batch_size=32, pretrain_steps=400, finetune_steps=30, accum=16,
-             eval_every=50, eval_verses=512, bleu_verses=256, kappa=100)
-QUICK = Scale(d_model=64, n_heads=2, d_ff=128, layers=1, max_len=48, vocab_size=1024, ranks=(4, 16),
-              batch_size=16, steps=20, pretrain_batch_size=16, pretrain_steps=20, finetune_steps=4, accum=16,
-              eval_every=10, eval_verses=0, bleu_verses=16, kappa=20)
+FULL = Scale(
+    d_model=128,
+    n_heads=4,
+    d_ff=256,
+    layers=2,
+    max_len=40,
+    vocab_size=2048,
+    ranks=(8, 32),
+    batch_size=16,
+    steps=350,
+    pretrain_batch_size=32,
+    pretrain_steps=400,
+    finetune_steps=30,
+    accum=16,
+    eval_every=50,
+    eval_verses=512,
+    bleu_verses=256,
+    kappa=100,
+)
+QUICK = Scale(
+    d_model=64,
+    n_heads=2,
+    d_ff=128,
+    layers=1,
+    max_len=48,
+    vocab_size=1024,
+    ranks=(4, 16),
+    batch_size=16,
+    steps=20,
+    pretrain_batch_size=16,
+    pretrain_steps=20,
+    finetune_steps=4,
+    accum=16,
+    eval_every=10,
+    eval_verses=0,
+    bleu_verses=16,
+    kappa=20,
+)
 
 #: Peak learning rates (before warm-up and cosine decay), chosen with the pilot grid in
 #: docs/replication.md ("Learning rates").
@@ -107,8 +150,13 @@ class Method:
 
     @property
     def label(self) -> str:
-        names = {"adafactor": "Adafactor, no momentum", "adafactor_momentum": "Adafactor, full momentum",
-                 "naive": "naive accumulation", "lora": "LoRA", "flora": "Flora"}
+        names = {
+            "adafactor": "Adafactor, no momentum",
+            "adafactor_momentum": "Adafactor, full momentum",
+            "naive": "naive accumulation",
+            "lora": "LoRA",
+            "flora": "Flora",
+        }
         return names[self.kind] + (f" r={self.rank}" if self.rank is not None else "")
 
     @property
@@ -128,20 +176,31 @@ def methods_for(experiment: str, ranks) -> list[Method]:
 
 
 def _schedule(lr: float, steps: int, warmup_fraction: float):
-    warmup = max(1, int(round(steps * warmup_fraction)))
+    warmup = max(1, round(steps * warmup_fraction))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=0.1 * lr)
 
 
 def _adafactor(lr, steps, scale: Scale, *, b1, tau=None, seed=0):
     """Adafactor as ``flora_opt.optax.flora`` (b1=None: no momentum; tau=None: full momentum)."""
-    return flora(_schedule(lr, steps, scale.warmup_fraction), b1=b1, tau=tau, seed=seed, kappa=scale.kappa,
-                 multiply_by_parameter_scale=False)
+    return flora(
+        _schedule(lr, steps, scale.warmup_fraction),
+        b1=b1,
+        tau=tau,
+        seed=seed,
+        kappa=scale.kappa,
+        multiply_by_parameter_scale=False,
+    )
 
 
 def _memory(compiled) -> dict[str, int]:
     stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     out = {f.removesuffix("_size_in_bytes"): int(getattr(stats, f)) for f in fields if stats is not None}
     if out:
         out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
@@ -189,8 +248,10 @@ class Workbench:
     def _padded(self, src, tgt):
         n = src.shape[0]
         pad = (-n) % self.eval_batch
-        return (np.concatenate([src, np.zeros((pad, src.shape[1]), src.dtype)]),
-                np.concatenate([tgt, np.zeros((pad, tgt.shape[1]), tgt.dtype)]))
+        return (
+            np.concatenate([src, np.zeros((pad, src.shape[1]), src.dtype)]),
+            np.concatenate([tgt, np.zeros((pad, tgt.shape[1]), tgt.dtype)]),
+        )
 
     def init_params(self, seed: int):
         src = jnp.zeros((1, self.cfg.max_len), jnp.int32)
@@ -199,7 +260,9 @@ class Workbench:
     def val_loss(self, params) -> float:
         total, count = 0.0, 0.0
         for i in range(0, self.eval_src.shape[0], self.eval_batch):
-            s, c = self._loss_sums(params, self.eval_src[i:i + self.eval_batch], self.eval_tgt[i:i + self.eval_batch])
+            s, c = self._loss_sums(
+                params, self.eval_src[i : i + self.eval_batch], self.eval_tgt[i : i + self.eval_batch]
+            )
             total, count = total + float(s), count + float(c)
         return total / count
 
@@ -208,9 +271,9 @@ class Workbench:
 
         hyps = []
         for i in range(0, self.bleu_src.shape[0], self.eval_batch):
-            out = np.asarray(self._decode(params, self.bleu_src[i:i + self.eval_batch]))
+            out = np.asarray(self._decode(params, self.bleu_src[i : i + self.eval_batch]))
             hyps.extend(tasks.decode(self.tok, row) for row in out)
-        hyps = hyps[:len(self.bleu_refs)]
+        hyps = hyps[: len(self.bleu_refs)]
         return float(sacrebleu.corpus_bleu(hyps, [self.bleu_refs]).score), hyps
 
     def loss_fn(self, merge):
@@ -249,8 +312,15 @@ def _finish(bench: Workbench, record: dict, params, t0: float) -> dict:
     return record
 
 
-def run_momentum(bench: Workbench, method: Method, seed: int, lr: float, *, steps: int,
-                 advance: Callable[[int], None] = lambda n: None) -> dict:
+def run_momentum(
+    bench: Workbench,
+    method: Method,
+    seed: int,
+    lr: float,
+    *,
+    steps: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict:
     """One training run of the momentum experiment; returns its record (see the module docstring)."""
     t0 = time.time()
     scale = bench.scale
@@ -273,22 +343,42 @@ def run_momentum(bench: Workbench, method: Method, seed: int, lr: float, *, step
     # serves every seed of a method
     key = ("momentum", method.key, lr, steps)
     if key not in bench.compiled:
-        bench.compiled[key] = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, opt_state, src0,
-                                                                         tgt0).compile()
+        bench.compiled[key] = (
+            jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, opt_state, src0, tgt0).compile()
+        )
     compiled = bench.compiled[key]
-    record = {"experiment": "momentum", "method": method.key, "kind": method.kind, "rank": method.rank,
-              "label": method.label, "seed": seed, "lr": lr, "steps": steps, "batch_size": scale.batch_size,
-              "trainable_params": _param_count(trainable), "state_bytes": state_bytes(opt_state),
-              "momentum_bytes": _momentum_bytes(opt_state), "xla": _memory(compiled), "curve": [],
-              "train_tokens": int(sum(np.count_nonzero(bench.train.tgt[rows][:, 1:]) for rows in order))}
+    record = {
+        "experiment": "momentum",
+        "method": method.key,
+        "kind": method.kind,
+        "rank": method.rank,
+        "label": method.label,
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "batch_size": scale.batch_size,
+        "trainable_params": _param_count(trainable),
+        "state_bytes": state_bytes(opt_state),
+        "momentum_bytes": _momentum_bytes(opt_state),
+        "xla": _memory(compiled),
+        "curve": [],
+        "train_tokens": int(sum(np.count_nonzero(bench.train.tgt[rows][:, 1:]) for rows in order)),
+    }
     train_losses = []
     for i, rows in enumerate(order):
-        trainable, opt_state, value = compiled(trainable, frozen, opt_state, bench.train.src[rows], bench.train.tgt[rows])
+        trainable, opt_state, value = compiled(
+            trainable, frozen, opt_state, bench.train.src[rows], bench.train.tgt[rows]
+        )
         train_losses.append(value)
         advance(1)
         if (i + 1) % scale.eval_every == 0 or i + 1 == steps:
-            record["curve"].append([i + 1, bench.val_loss(merge(trainable, frozen)),
-                                    float(np.mean([float(v) for v in train_losses[-scale.eval_every:]]))])
+            record["curve"].append(
+                [
+                    i + 1,
+                    bench.val_loss(merge(trainable, frozen)),
+                    float(np.mean([float(v) for v in train_losses[-scale.eval_every :]])),
+                ]
+            )
     return _finish(bench, record, merge(trainable, frozen), t0)
 
 
@@ -298,8 +388,15 @@ def _momentum_bytes(opt_state) -> int:
     return sum(state_bytes(value) for _, value in found)
 
 
-def pretrain(bench: Workbench, denoise: tasks.TaskData, *, steps: int, lr: float, cache: Path,
-             advance: Callable[[int], None] = lambda n: None) -> tuple[dict, dict]:
+def pretrain(
+    bench: Workbench,
+    denoise: tasks.TaskData,
+    *,
+    steps: int,
+    lr: float,
+    cache: Path,
+    advance: Callable[[int], None] = lambda n: None,
+) -> tuple[dict, dict]:
     """Denoising pretraining (Adafactor with full momentum, seed 0), cached as ``cache``.
 
     Returns ``(params, info)``; a cache written with other settings is not reused (its file name
@@ -333,13 +430,26 @@ def pretrain(bench: Workbench, denoise: tasks.TaskData, *, steps: int, lr: float
     tmp = cache.with_suffix(".tmp")
     tmp.write_bytes(serialization.to_bytes(params))
     tmp.replace(cache)
-    info = {"cached": None, "steps": steps, "lr": lr, "wall_s": time.time() - t0,
-            "final_train_loss": float(np.mean([float(v) for v in values[-20:]]))}
+    info = {
+        "cached": None,
+        "steps": steps,
+        "lr": lr,
+        "wall_s": time.time() - t0,
+        "final_train_loss": float(np.mean([float(v) for v in values[-20:]])),
+    }
     return params, info
 
 
-def run_accumulation(bench: Workbench, method: Method, seed: int, lr: float, pretrained, *, steps: int,
-                     advance: Callable[[int], None] = lambda n: None) -> dict:
+def run_accumulation(
+    bench: Workbench,
+    method: Method,
+    seed: int,
+    lr: float,
+    pretrained,
+    *,
+    steps: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> dict:
     """One fine-tuning run of the accumulation experiment (batch 1, ``scale.accum`` micro-batches)."""
     t0 = time.time()
     scale = bench.scale
@@ -370,25 +480,49 @@ def run_accumulation(bench: Workbench, method: Method, seed: int, lr: float, pre
     src0, tgt0 = bench.train.src[order[0]].reshape(shape), bench.train.tgt[order[0]].reshape(shape)
     key = ("accumulation", method.key, lr, steps)
     if key not in bench.compiled:
-        bench.compiled[key] = jax.jit(step, donate_argnums=(0, 2, 3)).lower(trainable, frozen, opt_state, acc_state,
-                                                                            src0, tgt0).compile()
+        bench.compiled[key] = (
+            jax.jit(step, donate_argnums=(0, 2, 3)).lower(trainable, frozen, opt_state, acc_state, src0, tgt0).compile()
+        )
     compiled = bench.compiled[key]
-    record = {"experiment": "accumulation", "method": method.key, "kind": method.kind, "rank": method.rank,
-              "label": method.label, "seed": seed, "lr": lr, "steps": steps, "accum": k, "micro_batch": 1,
-              "trainable_params": _param_count(trainable), "state_bytes": state_bytes(opt_state),
-              "accum_bytes": state_bytes(acc_state.buffer), "xla": _memory(compiled), "curve": [],
-              "train_tokens": int(sum(np.count_nonzero(bench.train.tgt[rows][:, 1:]) for rows in order))}
+    record = {
+        "experiment": "accumulation",
+        "method": method.key,
+        "kind": method.kind,
+        "rank": method.rank,
+        "label": method.label,
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "accum": k,
+        "micro_batch": 1,
+        "trainable_params": _param_count(trainable),
+        "state_bytes": state_bytes(opt_state),
+        "accum_bytes": state_bytes(acc_state.buffer),
+        "xla": _memory(compiled),
+        "curve": [],
+        "train_tokens": int(sum(np.count_nonzero(bench.train.tgt[rows][:, 1:]) for rows in order)),
+    }
     every = max(1, steps // 6)  # six points on the validation curve
     train_losses = []
     for i, rows in enumerate(order):
         trainable, opt_state, acc_state, value = compiled(
-            trainable, frozen, opt_state, acc_state, bench.train.src[rows].reshape(shape),
-            bench.train.tgt[rows].reshape(shape))
+            trainable,
+            frozen,
+            opt_state,
+            acc_state,
+            bench.train.src[rows].reshape(shape),
+            bench.train.tgt[rows].reshape(shape),
+        )
         train_losses.append(value)
         advance(1)
         if (i + 1) % every == 0 or i + 1 == steps:
-            record["curve"].append([i + 1, bench.val_loss(merge(trainable, frozen)),
-                                    float(np.mean([float(v) for v in train_losses[-every:]]))])
+            record["curve"].append(
+                [
+                    i + 1,
+                    bench.val_loss(merge(trainable, frozen)),
+                    float(np.mean([float(v) for v in train_losses[-every:]])),
+                ]
+            )
     return _finish(bench, record, merge(trainable, frozen), t0)
 
 

@@ -111,7 +111,9 @@ class DecoderLayer(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.norm_self, self.norm_cross, self.norm_ff = (nn.RMSNorm(name=n) for n in ("norm_self", "norm_cross", "norm_ff"))
+        self.norm_self, self.norm_cross, self.norm_ff = (
+            nn.RMSNorm(name=n) for n in ("norm_self", "norm_cross", "norm_ff")
+        )
         self.self_attn = Attention(c.d_model, c.n_heads)
         self.cross_attn = Attention(c.d_model, c.n_heads)
         self.ff = FeedForward(c.d_model, c.d_ff)
@@ -213,8 +215,9 @@ def greedy_decode(model: Seq2Seq, params, src, bos: int, eos: int, length: int):
 
     def body(t, carry):
         token, caches, out, done = carry
-        logits, caches = model.apply({"params": params}, token, t, caches, cross, cross_mask,
-                                     method=Seq2Seq.decode_step)
+        logits, caches = model.apply(
+            {"params": params}, token, t, caches, cross, cross_mask, method=Seq2Seq.decode_step
+        )
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, 0, nxt)
         out = out.at[:, t].set(nxt)
@@ -246,8 +249,10 @@ def lora_split(params, rank: int, key, *, train_rest: bool = True):
         m, n = flat[path].shape
         if rank > min(m, n):
             raise ValueError(f"Invalid rank: {rank}: exceeds min(m, n) = {min(m, n)} of {'/'.join(path)}")
-        adapters["/".join(path)] = {"a": jax.random.normal(k, (m, rank), jnp.float32) / np.sqrt(m),
-                                    "b": jnp.zeros((rank, n), jnp.float32)}
+        adapters["/".join(path)] = {
+            "a": jax.random.normal(k, (m, rank), jnp.float32) / np.sqrt(m),
+            "b": jnp.zeros((rank, n), jnp.float32),
+        }
         frozen["/".join(path)] = flat[path]
     for path, leaf in flat.items():
         if not _is_block_kernel(path, leaf):

@@ -16,7 +16,10 @@ __all__ = ["BASELINE", "summarise", "write_plots", "write_report"]
 
 #: The full-size baseline of each experiment (the row Flora should match).
 BASELINE = {"momentum": "adafactor_momentum", "accumulation": "naive"}
-_BYTES = {"momentum": ("momentum_bytes", "momentum bytes"), "accumulation": ("accum_bytes", "accumulation buffer bytes")}
+_BYTES = {
+    "momentum": ("momentum_bytes", "momentum bytes"),
+    "accumulation": ("accum_bytes", "accumulation buffer bytes"),
+}
 
 
 def _save(fig, ax, path, xlabel: str, ylabel: str, title: str) -> str:
@@ -48,11 +51,20 @@ def summarise(results: dict) -> dict:
     summary: dict = {}
     for (experiment, method, factor), runs in groups.items():
         first = runs[0]
-        row = {"label": first["label"], "kind": first["kind"], "rank": first["rank"], "lr": first["lr"],
-               "lr_factor": factor, "val_loss": _stats([r["val_loss"] for r in runs]),
-               "bleu": _stats([r["bleu"] for r in runs]), "state_bytes": first["state_bytes"],
-               "trainable_params": first["trainable_params"], "xla_peak": first["xla"].get("peak"),
-               "xla_temp": first["xla"].get("temp"), "seeds": [r["seed"] for r in runs]}
+        row = {
+            "label": first["label"],
+            "kind": first["kind"],
+            "rank": first["rank"],
+            "lr": first["lr"],
+            "lr_factor": factor,
+            "val_loss": _stats([r["val_loss"] for r in runs]),
+            "bleu": _stats([r["bleu"] for r in runs]),
+            "state_bytes": first["state_bytes"],
+            "trainable_params": first["trainable_params"],
+            "xla_peak": first["xla"].get("peak"),
+            "xla_temp": first["xla"].get("temp"),
+            "seeds": [r["seed"] for r in runs],
+        }
         field = _BYTES[experiment][0]
         row[field] = first[field]
         rows = summary.setdefault(experiment, {})
@@ -61,7 +73,7 @@ def summarise(results: dict) -> dict:
             old = rows[method]
             entry = {"lr": row["lr"], "val_loss": row["val_loss"]["mean"]}
             if row["val_loss"]["mean"] < old["val_loss"]["mean"]:
-                grid = old.pop("grid") + [{"lr": old["lr"], "val_loss": old["val_loss"]["mean"]}]
+                grid = [*old.pop("grid"), {"lr": old["lr"], "val_loss": old["val_loss"]["mean"]}]
                 rows[method] = {**row, "grid": grid}
             else:
                 old["grid"].append(entry)
@@ -89,8 +101,10 @@ def _claims(experiment: str, rows: dict) -> list[str]:
     if base is not None and floras:
         best = min(floras.values(), key=lambda r: r["val_loss"]["mean"])
         held = best["gap_pct"] <= 1.0
-        lines.append(f"- Flora at its best rank (r={best['rank']}) is {best['gap_pct']:+.2f}% from {base['label']} "
-                     f"in validation loss: {'within' if held else 'NOT within'} 1%.")
+        lines.append(
+            f"- Flora at its best rank (r={best['rank']}) is {best['gap_pct']:+.2f}% from {base['label']} "
+            f"in validation loss: {'within' if held else 'NOT within'} 1%."
+        )
     for rank in sorted(set(floras) & set(loras)):
         f, lo = floras[rank]["val_loss"], loras[rank]["val_loss"]
         verdict = "better than" if f["mean"] < lo["mean"] else "NOT better than"
@@ -99,45 +113,65 @@ def _claims(experiment: str, rows: dict) -> list[str]:
         worst = max(floras.values(), key=lambda r: r["val_loss"]["mean"])
         nm = rows["adafactor"]["val_loss"]
         verdict = "better than" if worst["val_loss"]["mean"] < nm["mean"] else "NOT better than"
-        lines.append(f"- Flora at every rank (worst: r={worst['rank']}, {_pm(worst['val_loss'], 4)}) is {verdict} "
-                     f"Adafactor without momentum ({_pm(nm, 4)}).")
+        lines.append(
+            f"- Flora at every rank (worst: r={worst['rank']}, {_pm(worst['val_loss'], 4)}) is {verdict} "
+            f"Adafactor without momentum ({_pm(nm, 4)})."
+        )
     return lines
 
 
 def write_report(results: dict, path: Path) -> None:
     """``report.md``: one table per experiment, the claims checked, the command."""
-    lines = ["# flora-opt replicate: results", "",
-             f"Command: `{results['command']}` ({results['scale']} scale, {results['seeds']} seed(s) per method, "
-             f"{results.get('wall_s', 0) / 60:.1f} min). Mean ± sample standard deviation over seeds; "
-             "gap = difference to the full-size baseline in % of its validation loss.", ""]
+    lines = [
+        "# flora-opt replicate: results",
+        "",
+        f"Command: `{results['command']}` ({results['scale']} scale, {results['seeds']} seed(s) per method, "
+        f"{results.get('wall_s', 0) / 60:.1f} min). Mean ± sample standard deviation over seeds; "
+        "gap = difference to the full-size baseline in % of its validation loss.",
+        "",
+    ]
     model = results["model"]
-    lines += [f"Model: encoder-decoder Transformer, d_model {model['d_model']}, {model['n_heads']} heads, "
-              f"d_ff {model['d_ff']}, {model['enc_layers']}+{model['dec_layers']} layers, vocabulary {model['vocab']}, "
-              f"max length {model['max_len']}.", ""]
+    lines += [
+        f"Model: encoder-decoder Transformer, d_model {model['d_model']}, {model['n_heads']} heads, "
+        f"d_ff {model['d_ff']}, {model['enc_layers']}+{model['dec_layers']} layers, vocabulary {model['vocab']}, "
+        f"max length {model['max_len']}.",
+        "",
+    ]
     for experiment, rows in results.get("summary", {}).items():
         field, title = _BYTES[experiment]
         info = results["data"][experiment]
-        lines += [f"## {experiment}", "", f"Task: {info['task']}; {info['train_pairs']} training pairs, "
-                  f"{info['validation_pairs']} held-out pairs."]
+        lines += [
+            f"## {experiment}",
+            "",
+            f"Task: {info['task']}; {info['train_pairs']} training pairs, {info['validation_pairs']} held-out pairs.",
+        ]
         if experiment == "accumulation":
             pre = results.get("pretrain", {})
-            lines += [f"Pretraining: {info['pretrain_task']}, {pre.get('steps')} steps; validation loss of the "
-                      f"pretrained model on the fine-tuning task: {pre.get('val_loss_before_finetune', float('nan')):.4f}. "
-                      f"BLEU of copying the KJV source: {info['copy_source_bleu']:.2f}."]
-        lines += ["", f"| method | lr | val loss | gap | BLEU | {title} | optimizer-state bytes | trainable params "
-                  "| XLA step peak bytes |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"Pretraining: {info['pretrain_task']}, {pre.get('steps')} steps; validation loss of the "
+                f"pretrained model on the fine-tuning task: {pre.get('val_loss_before_finetune', float('nan')):.4f}. "
+                f"BLEU of copying the KJV source: {info['copy_source_bleu']:.2f}."
+            ]
+        lines += [
+            "",
+            f"| method | lr | val loss | gap | BLEU | {title} | optimizer-state bytes | trainable params "
+            "| XLA step peak bytes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in rows.values():
             gap = f"{row['gap_pct']:+.2f}%" if "gap_pct" in row else ""
-            lines.append(f"| {row['label']} | {row['lr']:.2g} | {_pm(row['val_loss'], 4)} | {gap} | "
-                         f"{_pm(row['bleu'], 2)} | {row[field]:,} | {row['state_bytes']:,} | "
-                         f"{row['trainable_params']:,} | {row['xla_peak'] or 0:,} |")
+            lines.append(
+                f"| {row['label']} | {row['lr']:.2g} | {_pm(row['val_loss'], 4)} | {gap} | "
+                f"{_pm(row['bleu'], 2)} | {row[field]:,} | {row['state_bytes']:,} | "
+                f"{row['trainable_params']:,} | {row['xla_peak'] or 0:,} |"
+            )
         grids = [(row["label"], row["grid"]) for row in rows.values() if "grid" in row]
         if grids:
             lines += ["", "Learning-rate grid (mean validation loss of the other learning rates tried):", ""]
             for label, grid in grids:
                 tried = ", ".join(f"{g['lr']:.2g}: {g['val_loss']:.4f}" for g in sorted(grid, key=lambda g: g["lr"]))
                 lines.append(f"- {label}: {tried}")
-        lines += ["", "Claims:", ""] + _claims(experiment, rows) + [""]
+        lines += ["", "Claims:", "", *_claims(experiment, rows), ""]
         for plot in results.get("plots", {}).get(experiment, []):
             lines.append(f"![{experiment}]({plot})")
         lines.append("")
@@ -162,16 +196,29 @@ def write_plots(results: dict, out: Path) -> dict:
             steps = [p[0] for p in curves[0]]
             mean = np.mean([[p[1] for p in c] for c in curves], axis=0)
             ax.plot(steps, mean, marker="o", ms=3, label=row["label"])
-        curves_name = _save(fig, ax, out / f"{experiment}_curves.png", "optimizer step", "validation loss",
-                            f"{experiment}: validation loss (mean of {results['seeds']} seed(s))")
+        curves_name = _save(
+            fig,
+            ax,
+            out / f"{experiment}_curves.png",
+            "optimizer step",
+            "validation loss",
+            f"{experiment}: validation loss (mean of {results['seeds']} seed(s))",
+        )
 
         field, title = _BYTES[experiment]
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for row in rows.values():
-            ax.errorbar(row[field], row["val_loss"]["mean"], yerr=row["val_loss"]["std"], fmt="o", capsize=3,
-                        label=row["label"])
+            ax.errorbar(
+                row[field], row["val_loss"]["mean"], yerr=row["val_loss"]["std"], fmt="o", capsize=3, label=row["label"]
+            )
         ax.set_xscale("symlog", linthresh=1024)
-        memory_name = _save(fig, ax, out / f"{experiment}_memory.png", title, "final validation loss",
-                            f"{experiment}: quality against memory")
+        memory_name = _save(
+            fig,
+            ax,
+            out / f"{experiment}_memory.png",
+            title,
+            "final validation loss",
+            f"{experiment}: quality against memory",
+        )
         written[experiment] = [curves_name, memory_name]
     return written

@@ -21,8 +21,17 @@ import numpy as np
 
 from .. import data as lab_data
 
-__all__ = ["SAMPLE_PATH", "SPECIAL", "TaskData", "build_tokenizer", "decode", "load_pairs", "make_task", "noised",
-           "special_id"]
+__all__ = [
+    "SAMPLE_PATH",
+    "SPECIAL",
+    "TaskData",
+    "build_tokenizer",
+    "decode",
+    "load_pairs",
+    "make_task",
+    "noised",
+    "special_id",
+]
 
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "data_files" / "bible_sample.tsv"
 _COLUMNS = ("kjv", "sparv", "web")
@@ -123,5 +132,5 @@ def noised(task: TaskData, mask_id: int, rate: float, seed: int) -> TaskData:
                 out.append(tokens[i])
                 i += 1
         out.append(tokens[-1])
-        src[row, :len(out)] = out
+        src[row, : len(out)] = out
     return TaskData(src, task.tgt, task.sources, task.refs, task.vocab)
