@@ -23,7 +23,12 @@ Estimators (``--estimators``), for every matrix whose smaller side exceeds the a
   the new gradient (one warm-started power iteration, then the running estimate re-projected);
   ``-last``: the sync micro-batch's gradient added exactly instead of projected; ``oracle``: the
   best rank-``r`` approximation of the exact sum (truncated SVD; not implementable in
-  ``O(r (m + n))`` memory, an upper bound for any rank-``r`` basis).
+  ``O(r (m + n))`` memory, an upper bound for any rank-``r`` basis). ``flora-path`` (Flora
+  optimizers only): accumulation in the momentum's own projection ``P``, which makes the momentum
+  increment ``P U`` exact; the step's current term ``(1 - beta1) U`` is then known only through
+  ``P``, as ``(1 - beta1) P^T P U``. Emulated optimistically: the second moment and ``P U`` come
+  from the exact sum (Flora's per-tensor path, ``foreach=False``), only the current term is
+  replaced.
 
 Usage::
 
@@ -135,7 +140,27 @@ def _make_optimizer(cfg, params):
         )
     from flora_opt import Flora
 
-    return Flora(params, lr=cfg["lr"], rank=int(optimizer.split("-r")[1]), kappa=50, beta1=0.9)
+    foreach = cfg["estimator"] != "flora-path"
+    return Flora(params, lr=cfg["lr"], rank=int(optimizer.split("-r")[1]), kappa=50, beta1=0.9, foreach=foreach)
+
+
+def _emulate_flora_path() -> None:
+    """Replace the current term of Flora's compressed momentum direction by its projection through
+    the momentum's own ``P``: ``D = (1 - beta1) P^T P U + beta1 s H`` (rows; ``U P^T P`` cols)."""
+    from flora_opt import core
+
+    exact = core.momentum_direction
+
+    def momentum_direction(normalised, momentum, step, seed, layout, hp, ops, device=None, projection_index=None):
+        direction, state = exact(normalised, momentum, step, seed, layout, hp, ops, device, projection_index)
+        if layout.momentum != core.MOMENTUM_COMPRESSED:
+            return direction, state
+        index = (step - 1) // hp.kappa if projection_index is None else projection_index
+        p = core.momentum_projection(seed, index, layout.rank, layout.compressed_dim, ops, device)
+        seen = core.decompress(core.compress(normalised, p, layout.side, ops), p, layout.side, ops)
+        return direction + (1.0 - hp.beta1) * (seen - normalised), state
+
+    core.momentum_direction = momentum_direction
 
 
 def run_worker(cfg: dict) -> dict:
@@ -163,6 +188,8 @@ def run_worker(cfg: dict) -> dict:
         if estimator != "product:gaussian":
             kwargs["estimator"] = estimator.split(":", 1)[1]
         accumulator = CompressedAccumulator(optimizer, rank=acc_rank, accumulation_steps=micro, **kwargs)
+    elif estimator == "flora-path":
+        _emulate_flora_path()
     elif estimator != "naive":
         for index, p in enumerate(params):
             layout = core.accumulation_layout(p.shape, acc_rank)

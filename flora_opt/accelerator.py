@@ -21,8 +21,9 @@ import warnings
 import torch
 from accelerate import Accelerator
 
+from . import core
 from .accumulation import CompressedAccumulator
-from .hyperparams import check_bool, check_int, check_real, check_seed
+from .hyperparams import check_bool, check_choice, check_int, check_real, check_seed
 
 __all__ = ["FloraAccelerator"]
 
@@ -50,16 +51,20 @@ class FloraAccelerator(Accelerator):
     r"""``accelerate.Accelerator`` whose gradient accumulation is compressed (Flora, Algorithm 1).
 
     For each weight matrix ``(m, n)`` with ``min(m, n) > accumulation_compression_rank``, each
-    micro-batch gradient is projected into an ``r x max(m, n)`` buffer as soon as it is produced
-    and ``.grad`` is freed; at the sync micro-batch the buffer is decompressed once into
-    ``.grad``, unbiased for what ``accelerate`` would have accumulated (the loss is still divided by
-    ``gradient_accumulation_steps``). Each cycle (optimizer step) draws a fresh projection.
+    micro-batch gradient is folded into an ``r x max(m, n)`` buffer as soon as it is produced
+    and ``.grad`` is freed; at the sync micro-batch the buffer is expanded once into ``.grad``,
+    the estimate of what ``accelerate`` would have accumulated (the loss is still divided by
+    ``gradient_accumulation_steps``). The estimator is :class:`flora_opt.CompressedAccumulator`'s
+    (docs/algorithm.md section 12).
 
     Args:
       accumulation_compression_rank (int or None, default None): rank ``r_acc``; ``None`` keeps
         accelerate's accumulation unchanged (then, without ``layerwise``, this class is exactly
         ``accelerate.Accelerator``).
       accumulation_seed (int, default 0): seed of the accumulation projections.
+      accumulation_estimator (str, default ``"subspace"``): ``"subspace"`` projects on a basis
+        tracked through the micro-batches (``min(m, n) x r`` more floats, kept between cycles);
+        ``"gaussian"`` is the paper's unbiased random projection, fresh at every cycle.
       layerwise (bool, default False): update each tensor inside ``accelerator.backward`` on the
         sync micro-batch, as soon as its gradient is complete (LOMO-style; single process only,
         not with fp16 loss scaling). ``optimizer.step()``/``zero_grad()`` stay in your loop and
@@ -105,6 +110,7 @@ class FloraAccelerator(Accelerator):
         *args,
         accumulation_compression_rank: int | None = None,
         accumulation_seed: int = 0,
+        accumulation_estimator: str = core.ESTIMATOR_SUBSPACE,
         layerwise: bool = False,
         layerwise_max_grad_norm: float | None = None,
         compressed_communication: bool = True,
@@ -113,6 +119,7 @@ class FloraAccelerator(Accelerator):
         rank = accumulation_compression_rank
         check_int("accumulation_compression_rank", rank, none="for uncompressed accumulation")
         check_seed("accumulation_seed", accumulation_seed)
+        check_choice("accumulation_estimator", accumulation_estimator, core.ESTIMATORS)
         check_bool("layerwise", layerwise)
         check_bool("compressed_communication", compressed_communication)
         norm = layerwise_max_grad_norm
@@ -126,6 +133,7 @@ class FloraAccelerator(Accelerator):
         super().__init__(*args, **accelerate_kwargs)
         self.accumulation_compression_rank = None if rank is None else int(rank)
         self.accumulation_seed = int(accumulation_seed)
+        self.accumulation_estimator = accumulation_estimator
         self.layerwise = bool(layerwise)
         self.compressed_communication = bool(compressed_communication)
         self.flora_comm_state = None  # flora_opt.distributed.CompressedAllreduceState under DDP
@@ -197,6 +205,7 @@ class FloraAccelerator(Accelerator):
                 seed=self.accumulation_seed,
                 layerwise=self.layerwise,
                 max_grad_norm=self.layerwise_max_grad_norm,
+                estimator=self.accumulation_estimator,
             )
         return prepared
 

@@ -37,13 +37,13 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import core
-from .hyperparams import check_bool, check_int, check_real, check_seed, is_int
+from .hyperparams import check_bool, check_choice, check_int, check_real, check_seed, is_int
 from .ops import get_ops
 from .projection import tensor_seed
 
 __all__ = ["CompressedAccumulator", "enable_layerwise_updates", "step_parameter", "unwrap_optimizer"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 # parameter -> the CompressedAccumulator whose hooks are on it (two would compress twice)
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -52,7 +52,7 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 class _Slot:
     """Book-keeping for one parameter (position ``index`` in the optimizer's parameter order)."""
 
-    __slots__ = ("buffer", "done", "group", "handle", "index", "layout", "param", "seed")
+    __slots__ = ("basis", "buffer", "done", "group", "handle", "index", "layout", "param", "seed")
 
     def __init__(self, param, index, group, layout, seed):
         self.param = param
@@ -61,6 +61,7 @@ class _Slot:
         self.layout = layout
         self.seed = seed
         self.buffer = None  # float32 (r, n) or (m, r) while a cycle has compressed data
+        self.basis = None  # subspace estimator: float32 (min(m, n), r), kept from cycle to cycle
         self.done = False  # handled in the current sync backward
         self.handle = None
 
@@ -134,6 +135,7 @@ class CompressedAccumulator:
         seed: int = 0,
         layerwise: bool = False,
         max_grad_norm: float | None = None,
+        estimator: str = core.ESTIMATOR_SUBSPACE,
     ):
         optimizer = unwrap_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -145,6 +147,7 @@ class CompressedAccumulator:
         check_int("accumulation_steps", accumulation_steps)
         check_seed("seed", seed)
         check_bool("layerwise", layerwise)
+        check_choice("estimator", estimator, core.ESTIMATORS)
         if max_grad_norm is not None:
             check_real("max_grad_norm", max_grad_norm, above=0.0, none="")
             if not layerwise:
@@ -158,6 +161,7 @@ class CompressedAccumulator:
         self.seed = int(seed)
         self.layerwise = bool(layerwise)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.estimator = estimator
         self.cycle = 0
         self.micro_step = 0  # backward passes done in the current cycle
         self.sync_gradients = False  # whether the last (or current) micro-batch closes a cycle
@@ -166,7 +170,8 @@ class CompressedAccumulator:
         # set by flora_opt.distributed.register_compressed_allreduce (DDP): the sync micro-batch's
         # buffers are kept until the DDP comm hook has all-reduced them instead of the gradients
         self.communicate_compressed = False
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
+        # id(param) -> (slot, buffer, projection or None): the sync micro-batch's buffers, for the DDP hook
+        self._pending: dict[int, tuple[_Slot, torch.Tensor, torch.Tensor | None]] = {}
         self._norm_sq: torch.Tensor | None = None
         self._ops = get_ops("torch")
         self._slots: list[_Slot] = []
@@ -241,8 +246,9 @@ class CompressedAccumulator:
             loss.backward(**kwargs)
 
     def buffer_bytes(self) -> int:
-        """Bytes held by the compression buffers now (exact)."""
-        return sum(s.buffer.numel() * s.buffer.element_size() for s in self._slots if s.buffer is not None)
+        """Bytes held by the accumulation state now (exact): the compressed buffers and, with the
+        subspace estimator, the bases kept between cycles."""
+        return sum(t.numel() * t.element_size() for s in self._slots for t in (s.buffer, s.basis) if t is not None)
 
     def compressed_parameters(self) -> list[torch.Tensor]:
         """The parameters whose gradients are accumulated in compressed form."""
@@ -256,7 +262,7 @@ class CompressedAccumulator:
         self.micro_step = 0
 
     def remove(self) -> None:
-        """Remove the hooks; the accumulator stops acting (buffers are dropped)."""
+        """Remove the hooks; the accumulator stops acting (buffers and bases are dropped)."""
         for slot in self._slots:
             if slot.handle is not None:
                 slot.handle.remove()
@@ -264,6 +270,7 @@ class CompressedAccumulator:
                 if _OWNERS.get(slot.param) is self:
                     del _OWNERS[slot.param]
             slot.buffer = None
+            slot.basis = None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """What ``clip_grad_norm_`` means in layer-wise mode.
@@ -295,12 +302,13 @@ class CompressedAccumulator:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Seed, cycle, position in the cycle and buffers: ints and tensors only.
+        """Seed, cycle, position in the cycle, buffers and bases: strings, ints and tensors only.
 
         Mid-cycle it also holds the partial ``.grad`` of the naively accumulated tensors, so a
         run resumed from it continues bit-exactly. Loads with ``torch.load(weights_only=True)``.
         """
         buffers = {s.index: s.buffer.detach().clone() for s in self._slots if s.buffer is not None}
+        bases = {s.index: s.basis.detach().clone() for s in self._slots if s.basis is not None}
         grads = {}
         if self.micro_step > 0:
             for slot in self._slots:
@@ -310,10 +318,12 @@ class CompressedAccumulator:
             "format": STATE_FORMAT,
             "rank": self.rank,
             "seed": self.seed,
+            "estimator": self.estimator,
             "accumulation_steps": self.accumulation_steps,
             "cycle": self.cycle,
             "micro_step": self.micro_step,
             "buffers": buffers,
+            "bases": bases,
             "grads": grads,
         }
 
@@ -337,14 +347,24 @@ class CompressedAccumulator:
                 f"{self.accumulation_steps}: resume with the same accumulation_steps, or from a checkpoint taken "
                 "at a cycle boundary (there a new accumulation_steps applies from the next cycle)"
             )
-        if state_dict.get("rank") != self.rank or state_dict["seed"] != self.seed:
+        saved = (state_dict.get("rank"), state_dict["seed"], state_dict.get("estimator"))
+        if saved != (self.rank, self.seed, self.estimator):
             raise ValueError(
-                f"accumulator state was saved with rank={state_dict.get('rank')!r}, seed={state_dict['seed']!r}; "
-                f"this accumulator has rank={self.rank!r}, seed={self.seed!r}"
+                f"accumulator state was saved with rank={saved[0]!r}, seed={saved[1]!r}, estimator={saved[2]!r}; "
+                f"this accumulator has rank={self.rank!r}, seed={self.seed!r}, estimator={self.estimator!r}"
             )
         by_index = {slot.index: slot for slot in self._slots}
         buffers = state_dict.get("buffers", {})
+        bases = state_dict.get("bases", {})
         grads = state_dict.get("grads", {})
+        for index, value in bases.items():
+            slot = by_index.get(index)
+            expected = None if slot is None or not slot.layout.compressed else slot.layout.basis_shape()
+            if expected is None or tuple(value.shape) != expected:
+                raise ValueError(
+                    f"accumulator state: basis for parameter {index} has shape {tuple(value.shape)}, "
+                    f"expected {expected}"
+                )
         for index, value in buffers.items():
             slot = by_index.get(index)
             if slot is None or not slot.layout.compressed or tuple(value.shape) != slot.layout.buffer_shape():
@@ -362,6 +382,8 @@ class CompressedAccumulator:
         for slot in self._slots:
             value = buffers.get(slot.index)
             slot.buffer = None if value is None else value.to(device=slot.param.device, dtype=torch.float32, copy=True)
+            value = bases.get(slot.index)
+            slot.basis = None if value is None else value.to(device=slot.param.device, dtype=torch.float32, copy=True)
             if slot.index in grads:
                 slot.param.grad = grads[slot.index].to(device=slot.param.device, dtype=slot.param.dtype, copy=True)
 
@@ -408,31 +430,44 @@ class CompressedAccumulator:
             else:
                 grad = param.grad
                 param.grad = None
-                projection = self._projection(slot)
-                matrix = grad.to(torch.float32).reshape(slot.layout.matrix)
-                compressed = core.compress(matrix, projection, slot.layout.side, self._ops)
-                del matrix
+                self._fold(slot, grad.to(torch.float32).reshape(slot.layout.matrix))
                 del grad
-                if slot.buffer is None:
-                    slot.buffer = compressed
-                else:
-                    slot.buffer.add_(compressed)
-                del compressed
                 if sync:
-                    self._flush(slot, projection)
+                    self._flush(slot)
         if sync:
             if self.layerwise:
                 self._apply(slot)
             if managed:
                 slot.done = True
 
-    def _flush(self, slot: _Slot, projection: torch.Tensor | None = None) -> None:
-        """``.grad <- decompress(B)`` (added to any gradient already there); the buffer is freed."""
-        if projection is None:
+    def _fold(self, slot: _Slot, matrix: torch.Tensor) -> None:
+        """Add one micro-batch's float32 ``(m, n)`` gradient to the slot's compressed state."""
+        side = slot.layout.side
+        if self.estimator == core.ESTIMATOR_SUBSPACE:
+            basis = slot.basis
+            if basis is None:
+                basis = core.initial_basis(
+                    slot.seed, slot.layout.rank, slot.layout.compressed_dim, self._ops, slot.param.device
+                )
+            slot.basis, slot.buffer = core.track_subspace(basis, slot.buffer, matrix, side, self._ops)
+            return
+        compressed = core.compress(matrix, self._projection(slot), side, self._ops)
+        if slot.buffer is None:
+            slot.buffer = compressed
+        else:
+            slot.buffer.add_(compressed)
+
+    def _flush(self, slot: _Slot) -> None:
+        """``.grad <- `` the cycle's estimate (added to any gradient already there); the buffer is freed."""
+        side = slot.layout.side
+        if self.estimator == core.ESTIMATOR_SUBSPACE:
+            projection = None
+            dense = core.expand_subspace(slot.basis, slot.buffer, side, self._ops)
+        else:
             projection = self._projection(slot)
-        dense = core.decompress(slot.buffer, projection, slot.layout.side, self._ops)
-        if self.communicate_compressed:  # the DDP comm hook reduces B, not .grad
-            self._pending[id(slot.param)] = (slot.buffer, projection, slot.layout.side)
+            dense = core.decompress(slot.buffer, projection, side, self._ops)
+        if self.communicate_compressed:  # the DDP comm hook reduces the compressed state, not .grad
+            self._pending[id(slot.param)] = (slot, slot.buffer, projection)
         slot.buffer = None
         param = slot.param
         dense = dense.view(param.shape)
@@ -478,7 +513,8 @@ class CompressedAccumulator:
     def __repr__(self) -> str:
         compressed = sum(1 for s in self._slots if s.layout.compressed)
         return (
-            f"CompressedAccumulator(rank={self.rank}, accumulation_steps={self.accumulation_steps}, seed={self.seed}, "
+            f"CompressedAccumulator(rank={self.rank}, estimator={self.estimator!r}, "
+            f"accumulation_steps={self.accumulation_steps}, seed={self.seed}, "
             f"layerwise={self.layerwise}, max_grad_norm={self.max_grad_norm}, compressed_tensors={compressed}/"
             f"{len(self._slots)}, cycle={self.cycle}, micro_step={self.micro_step})"
         )
@@ -541,6 +577,7 @@ def enable_layerwise_updates(
     accumulation_rank: int | None = None,
     seed: int = 0,
     max_grad_norm: float | None = None,
+    accumulation_estimator: str = core.ESTIMATOR_SUBSPACE,
 ):
     """Update every parameter of ``optimizer`` inside backward, as soon as its gradient is complete.
 
@@ -555,6 +592,7 @@ def enable_layerwise_updates(
       accumulation_steps (int, default 1): micro-batches per optimizer step.
       accumulation_rank (int or None, default None): rank of compressed accumulation.
       seed (int, default 0): seed of the accumulation projections.
+      accumulation_estimator (str, default ``"subspace"``): see :class:`CompressedAccumulator`.
       max_grad_norm (float or None, default None): clip each tensor ``i`` to norm
         ``max_grad_norm * sqrt(numel_i / numel_total)`` before its update, which bounds the
         global norm of the applied gradient by ``max_grad_norm`` (the exact global norm is not
@@ -578,4 +616,5 @@ def enable_layerwise_updates(
         seed=seed,
         layerwise=True,
         max_grad_norm=max_grad_norm,
+        estimator=accumulation_estimator,
     )

@@ -20,7 +20,13 @@ from typing import Any, NamedTuple
 
 from .hyperparams import FloraHyperParams
 from .ops import ArrayOps
-from .projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, gaussian_projection, projection_key
+from .projection import (
+    STREAM_ACCUMULATION,
+    STREAM_CONSENSUS,
+    STREAM_MOMENTUM,
+    gaussian_projection,
+    projection_key,
+)
 
 MOMENTUM_NONE = "none"
 MOMENTUM_FULL = "full"
@@ -244,6 +250,10 @@ class AccumulationLayout:
         m, n = self.matrix
         return (self.rank, n) if self.side == SIDE_ROWS else (m, self.rank)
 
+    def basis_shape(self) -> tuple[int, ...] | None:
+        """Shape of the subspace estimator's float32 basis, ``(min(m, n), rank)``."""
+        return None if self.side is None else (min(self.matrix), self.rank)
+
 
 def accumulation_layout(shape, rank: int | None) -> AccumulationLayout:
     """Section 12: a gradient is accumulated compressed iff ``rank`` is not ``None``, the tensor
@@ -263,6 +273,83 @@ def accumulation_projection(seed, cycle, rank: int, dim: int, ops: ArrayOps, dev
     ``tensor_seed(acc_seed, i)``: ``key(seed, STREAM_ACCUMULATION, cycle)`` (section 12)."""
     key = projection_key(seed, STREAM_ACCUMULATION, cycle, ops)
     return gaussian_projection(key, rank, dim, ops, device)
+
+
+#: Accumulation estimators (section 12): ``"subspace"`` projects onto a basis fitted to the
+#: gradients and tracked through the cycle; ``"gaussian"`` is the paper's unbiased random one.
+ESTIMATOR_SUBSPACE = "subspace"
+ESTIMATOR_GAUSSIAN = "gaussian"
+ESTIMATORS = (ESTIMATOR_SUBSPACE, ESTIMATOR_GAUSSIAN)
+
+
+def _oriented(x, side: str, ops: ArrayOps):
+    """``x`` with the compressed dimension first: itself (rows) or its transpose (cols)."""
+    return x if side == SIDE_ROWS else ops.transpose(x)
+
+
+def initial_basis(seed, rank: int, dim: int, ops: ArrayOps, device=None):
+    """The start of a tensor's first cycle: ``Q_0^T`` (``dim x rank``), the Gaussian of cycle 0."""
+    return ops.transpose(accumulation_projection(seed, 0, rank, dim, ops, device))
+
+
+def track_subspace(basis, buffer, grad, side: str, ops: ArrayOps):
+    """One micro-batch of the subspace estimator (section 12): fold ``grad`` into ``(Q, B)``.
+
+    In the orientation where the compressed dimension ``d`` comes first (``X = G`` for rows,
+    ``G^T`` for cols), the running estimate of the cycle's sum is ``S = Q B`` with ``Q`` a
+    ``d x r`` orthonormal basis and ``B = Q^T S``; ``buffer=None`` starts a cycle (``S = 0``,
+    ``basis`` then holds the previous cycle's basis, or :func:`initial_basis`). With
+    ``Z = S + X``, one power iteration warm-started from ``Q`` gives the new basis
+    ``Q' = orth(Z Z^T Q)``, and ``B' = Q'^T Z``: what ``Z`` loses is only its part outside the
+    ``r`` directions of largest energy (a randomized range finder with one power step, Halko,
+    Martinsson and Tropp 2011; warm-started as PowerSGD, Vogels et al. 2019). ``Z`` is never
+    formed: ``Z^T Q = B^T + X^T Q`` and ``Z (Z^T Q) = Q (B (Z^T Q)) + X (Z^T Q)``, ``r``-sized
+    products only. A non-finite ``grad`` keeps the basis (the buffer then carries the NaN to the
+    optimizer, which skips that step). Returns ``(Q', B')``, ``B'`` shaped like the buffer:
+    ``(r, n)`` for rows, ``(m, r)`` for cols.
+    """
+    x = _oriented(grad, side, ops)
+    across = ops.matmul(ops.transpose(x), basis)  # X^T Q
+    if buffer is not None:
+        running = _oriented(buffer, side, ops)  # B (r, N)
+        across = across + ops.transpose(running)
+        sketch = ops.matmul(basis, ops.matmul(running, across)) + ops.matmul(x, across)
+    else:
+        sketch = ops.matmul(x, across)
+    sketch = ops.where(ops.isfinite(ops.sum(sketch)), sketch, basis)
+    new_basis = ops.orthonormal(sketch)
+    new_buffer = ops.matmul(ops.transpose(new_basis), x)
+    if buffer is not None:
+        new_buffer = new_buffer + ops.matmul(ops.matmul(ops.transpose(new_basis), basis), running)
+    return new_basis, _oriented(new_buffer, side, ops)
+
+
+def expand_subspace(basis, buffer, side: str, ops: ArrayOps):
+    """The subspace estimate ``Q B`` (rows) or ``B Q^T`` (cols), shaped like the gradient."""
+    if side == SIDE_ROWS:
+        return ops.matmul(basis, buffer)
+    return ops.matmul(buffer, ops.transpose(basis))
+
+
+def range_sketch(basis, buffer, test_matrix, side: str, ops: ArrayOps):
+    """``S Omega`` (``d x r``) of a rank's estimate ``S = Q B`` against the test matrix
+    ``Omega`` (``N x r``, the same on every rank): linear in ``S``, so its mean over the ranks is
+    the sketch of the mean estimate (data parallelism, section 12)."""
+    running = _oriented(buffer, side, ops)
+    return ops.matmul(basis, ops.matmul(running, test_matrix))
+
+
+def reproject(new_basis, basis, buffer, side: str, ops: ArrayOps):
+    """The buffer of ``S = Q B`` in another basis: ``Q'^T Q B``, shaped like the buffer."""
+    mixing = ops.matmul(ops.transpose(new_basis), basis)
+    return _oriented(ops.matmul(mixing, _oriented(buffer, side, ops)), side, ops)
+
+
+def consensus_test_matrix(seed, cycle, rank: int, length: int, ops: ArrayOps, device=None):
+    """``Omega`` of :func:`range_sketch`: ``length x rank`` Gaussian from stream 2 of the tensor
+    seed at ``cycle``, regenerated alike on every rank."""
+    key = projection_key(seed, STREAM_CONSENSUS, cycle, ops)
+    return ops.transpose(gaussian_projection(key, rank, length, ops, device))
 
 
 def accumulate_compressed(buffer, grad, projection, side: str, ops: ArrayOps, weight=1.0):

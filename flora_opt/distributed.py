@@ -352,62 +352,91 @@ class CompressedAllreduceState:
 def compressed_allreduce_hook(state: CompressedAllreduceState, bucket):
     r"""DDP communication hook: all-reduce compressed buffers, not decompressed gradients.
 
-    At the sync micro-batch of a cycle, rank ``i`` holds ``B_i = sum_k Q_c g_{i,k}`` for every
-    compressed tensor (all ranks use the same ``Q_c``: same seed, same cycle). Compression is
-    linear, so the mean gradient DDP would compute is
+    At the sync micro-batch of a cycle, rank ``i`` holds, for every compressed tensor, its
+    cycle's compressed state (docs/algorithm.md section 12), and the hook sends only that:
 
-    .. math::
-       \frac1W \sum_i Q_c^\top B_i = Q_c^\top \Big(\frac1W \sum_i B_i\Big),
+    * ``gaussian``: ``B_i = sum_k Q_c g_{i,k}`` with the same ``Q_c`` on every rank; compression
+      is linear, so :math:`\frac1W \sum_i Q_c^\top B_i = Q_c^\top (\frac1W \sum_i B_i)` and one
+      all-reduce of the ``r x max(m, n)`` buffers gives the mean gradient's estimate.
+    * ``subspace``: ``S_i = Q_i B_i`` with a basis ``Q_i`` of the rank's own. Two all-reduces
+      agree on a common basis and then average in it: the ``min(m, n) x r`` range sketches
+      ``S_i Omega_c`` (``Omega_c`` a Gaussian regenerated alike on every rank, stream 2) are
+      averaged into the sketch of the mean estimate, ``Q = orth(mean_i S_i Omega_c)`` (a
+      randomized range finder), and the buffers re-projected on it, ``Q^T Q_i B_i``
+      (``r x max(m, n)``), are averaged. The gradient is ``Q mean_i(Q^T Q_i B_i)``, the
+      projection of the mean estimate on ``Q``, and ``Q`` is every rank's basis for the next cycle.
 
-    and the hook all-reduces the ``r x max(m, n)`` buffers (divided by ``W`` first, as DDP's
-    default hook does) and writes ``decompress(mean B)`` into the bucket. Tensors without a
+    Values are divided by ``W`` before the sum, as DDP's default hook does. Tensors without a
     pending buffer (uncompressed: vectors, small or embedding-like matrices, and cycles of one
-    micro-batch) are reduced exactly as DDP's default ``allreduce_hook`` would. One all-reduce
-    per bucket, of ``sum(r max(m, n))`` + uncompressed elements. Every rank decompresses the same
-    reduced buffer, so the gradients, and the parameters after the step, are bit-identical
-    across ranks.
+    micro-batch) are reduced exactly as DDP's default ``allreduce_hook`` would, in the last
+    all-reduce. Every rank computes from the same reduced values, so the gradients, and the
+    parameters after the step, are bit-identical across ranks.
     """
     import torch.distributed as dist
 
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    pending = state.accumulator._pending
-    gradients = bucket.gradients()
-    pieces = []
-    plan = []
-    for param, grad in zip(bucket.parameters(), gradients, strict=True):
-        entry = pending.pop(id(param), None)
-        source = grad if entry is None else entry[0]
-        pieces.append(source.reshape(-1).to(grad.dtype if entry is None else torch.float32))
-        plan.append((grad, entry, source.numel()))
-    if all(entry is None for _, entry, _ in plan):
-        flat = bucket.buffer()
-    else:
-        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-    flat.div_(world)
-    state.calls += 1
-    state.elements += flat.numel()
-    future = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    accumulator = state.accumulator
+    ops = accumulator._ops
+    plan = []  # (grad, None) for an uncompressed tensor, else (grad, [slot, buffer, projection])
+    for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+        entry = accumulator._pending.pop(id(param), None)
+        plan.append((grad, None if entry is None else list(entry)))
     buffer = bucket.buffer()
-    ops = state.accumulator._ops
+    if all(entry is None for _, entry in plan):
+        return _allreduce(state, buffer, group, world).then(lambda fut: buffer)
+
+    subspace = [entry for _, entry in plan if entry is not None and entry[2] is None]
+    if subspace:  # first all-reduce: the range sketches, for a common basis
+        sketches = []
+        for slot, compressed, _ in subspace:
+            layout = slot.layout
+            test = core.consensus_test_matrix(
+                slot.seed, accumulator.cycle, layout.rank, max(layout.matrix), ops, compressed.device
+            )
+            sketches.append(core.range_sketch(slot.basis, compressed, test, layout.side, ops))
+        reduced = _allreduce(state, torch.cat([s.reshape(-1) for s in sketches]), group, world).wait()[0]
+        offset = 0
+        for entry, sketch in zip(subspace, sketches, strict=True):
+            slot, compressed, _ = entry
+            basis = ops.orthonormal(reduced[offset : offset + sketch.numel()].view(sketch.shape))
+            offset += sketch.numel()
+            entry[1] = core.reproject(basis, slot.basis, compressed, slot.layout.side, ops)
+            slot.basis = basis
+
+    pieces = [grad.reshape(-1) if entry is None else entry[1].reshape(-1).to(grad.dtype) for grad, entry in plan]
+    flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
     def unpack(fut):
         reduced = fut.value()[0]
-        if reduced.data_ptr() == buffer.data_ptr():
-            return buffer
         offset = 0
-        for grad, entry, numel in plan:
+        for grad, entry in plan:
+            numel = grad.numel() if entry is None else entry[1].numel()
             part = reduced[offset : offset + numel]
             offset += numel
             if entry is None:
                 grad.copy_(part.view_as(grad))
+                continue
+            slot, compressed, projection = entry
+            part = part.view(compressed.shape).to(torch.float32)
+            if projection is None:
+                dense = core.expand_subspace(slot.basis, part, slot.layout.side, ops)
             else:
-                compressed, projection, side = entry
-                dense = core.decompress(part.view(compressed.shape), projection, side, ops)
-                grad.copy_(dense.view_as(grad))
+                dense = core.decompress(part, projection, slot.layout.side, ops)
+            grad.copy_(dense.view_as(grad))
         return buffer
 
-    return future.then(unpack)
+    return _allreduce(state, flat, group, world).then(unpack)
+
+
+def _allreduce(state: CompressedAllreduceState, flat: torch.Tensor, group, world: int):
+    """Mean over ``group`` of ``flat`` (in place), counted in ``state``; a future."""
+    import torch.distributed as dist
+
+    flat.div_(world)
+    state.calls += 1
+    state.elements += flat.numel()
+    return dist.all_reduce(flat, group=group, async_op=True).get_future()
 
 
 def register_compressed_allreduce(ddp_model, accumulator, process_group=None) -> CompressedAllreduceState:

@@ -57,6 +57,7 @@ class FloraTrainer(transformers.Trainer):
       accumulation_compression_rank (int or None, default None): rank of the compressed
         gradient accumulation (used when ``gradient_accumulation_steps > 1``).
       accumulation_seed (int, default 0): seed of the accumulation projections.
+      accumulation_estimator (str, default ``"subspace"``): as :class:`flora_opt.FloraAccelerator`.
       layerwise (bool, default False): update each tensor inside backward (single process,
         not with fp16). ``TrainingArguments.max_grad_norm`` then clips each tensor to its
         share ``max_grad_norm * sqrt(numel_i / numel_total)`` (docs/accumulation.md); the logged
@@ -73,12 +74,14 @@ class FloraTrainer(transformers.Trainer):
         *args,
         accumulation_compression_rank: int | None = None,
         accumulation_seed: int = 0,
+        accumulation_estimator: str = "subspace",
         layerwise: bool = False,
         **kwargs,
     ):
         self._flora_options = dict(
             accumulation_compression_rank=accumulation_compression_rank,
             accumulation_seed=accumulation_seed,
+            accumulation_estimator=accumulation_estimator,
             layerwise=layerwise,
         )
         super().__init__(*args, **kwargs)

@@ -136,6 +136,11 @@ def check_seed(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value!r}: must be an int in [0, 2**32)")
 
 
+def check_choice(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
 def _check_lr(lr, relative_step: bool) -> None:
     if relative_step:
         if lr is not None:
@@ -188,8 +193,7 @@ def _off_if_zero(value):
 
 def _choice(*allowed: str) -> Callable[[str, Any], None]:
     def check(name: str, value) -> None:
-        if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"Invalid {name}: {value!r}: must be one of {', '.join(map(repr, allowed))}")
+        check_choice(name, value, allowed)
 
     return check
 

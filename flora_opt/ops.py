@@ -122,6 +122,12 @@ class ArrayOps:
     def isfinite(self, x):
         return self.xp.isfinite(x)
 
+    def orthonormal(self, x):
+        """An orthonormal basis of the columns of ``x`` (``..., d, r``, ``r <= d``): the ``Q`` of
+        its reduced QR decomposition (Householder, so orthonormal even when ``x`` is rank
+        deficient)."""
+        return self.xp.linalg.qr(x)[0]
+
     def rms(self, x):
         """Root mean square of all elements, as a 0-d array."""
         return self.sqrt(self.mean(x * x))

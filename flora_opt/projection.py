@@ -35,8 +35,10 @@ Definition (all arithmetic modulo 2^32; ``>>`` is a logical shift):
     (if rank * dim is odd the last pair's sine is dropped). Since u1 >= 2^-24, |P_ij| sqrt(rank)
     never exceeds sqrt(48 ln 2) = 5.77: the Gaussian is truncated beyond 5.77 sigma.
 
-Streams: ``STREAM_MOMENTUM`` (index = resample number, floor((step - 1) / kappa)) and
-``STREAM_ACCUMULATION`` (index = accumulation cycle number) never share a matrix.
+Streams: ``STREAM_MOMENTUM`` (index = resample number, floor((step - 1) / kappa)),
+``STREAM_ACCUMULATION`` (index = accumulation cycle number) and ``STREAM_CONSENSUS`` (index =
+accumulation cycle number: the data-parallel test matrix of the subspace estimator) never share
+a matrix.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ MIX_MUL_2 = 0x735A2D97
 
 STREAM_MOMENTUM = 0
 STREAM_ACCUMULATION = 1
+STREAM_CONSENSUS = 2
 
 __all__ = [
     "STREAM_ACCUMULATION",
+    "STREAM_CONSENSUS",
     "STREAM_MOMENTUM",
     "gaussian_projection",
     "gaussian_projections",

@@ -215,3 +215,27 @@ class ReferenceFlora:
         else:
             st.second = new_second
         st.step = t
+
+
+def reference_subspace_accumulation(grads, rank: int, tensor_seed: int, basis=None):
+    """Section 12, the subspace estimator for one tensor over one cycle, in float64.
+
+    ``grads`` are the cycle's micro-batch gradients of an ``(m, n)`` matrix; ``basis`` the
+    previous cycle's ``min(m, n) x rank`` basis (``None`` at the first cycle: the transposed
+    Gaussian of cycle 0, stream 1). Every micro-batch forms ``Z = Q B + X`` (``X`` the gradient
+    with its smaller dimension first, ``B = 0`` at the first), then ``Q = orth(Z Z^T Q)``,
+    ``B = Q^T Z``. Returns ``(estimate, basis)`` with ``estimate = Q B`` in the gradient's shape.
+    """
+    m, n = np.shape(grads[0])
+    rows = m <= n
+    if basis is None:
+        basis = reference_projection(reference_key(tensor_seed, 1, 0), rank, min(m, n)).T
+    basis = np.asarray(basis, dtype=np.float64)
+    running = np.zeros((rank, max(m, n)))
+    for grad in grads:
+        x = np.asarray(grad, dtype=np.float64)
+        z = basis @ running + (x if rows else x.T)
+        basis = np.linalg.qr(z @ z.T @ basis)[0]
+        running = basis.T @ z
+    estimate = basis @ running
+    return (estimate if rows else estimate.T), basis

@@ -1,12 +1,16 @@
 """Worker for tests/test_distributed_ddp.py, run under ``torch.distributed.run`` (gloo, CPU).
 
-``python -m torch.distributed.run --nproc_per_node=W _ddp_worker.py MODE OUT``
+``python -m torch.distributed.run --nproc_per_node=W _ddp_worker.py MODE OUT [ESTIMATOR]``
 
-DDP with compressed gradient accumulation whose compressed buffers are all-reduced at the end of
-each cycle (``flora_opt.distributed.register_compressed_allreduce``), against single-process
-compressed accumulation over the same global batch. MODE is ``plain`` (DDP +
+DDP with compressed gradient accumulation whose compressed state is all-reduced at the end of
+each cycle (``flora_opt.distributed.register_compressed_allreduce``). MODE is ``plain`` (DDP +
 ``CompressedAccumulator``), ``accelerate`` (``FloraAccelerator``) or ``trainer``
-(``flora_opt.hf.FloraTrainer``, parameters across ranks and all-reduce count only).
+(``flora_opt.hf.FloraTrainer``, parameters across ranks and all-reduce count only). With the
+``gaussian`` estimator the run is compared with single-process compressed accumulation over the
+same global batch (the same projections: equal up to the order of summation). With ``subspace``
+each rank's micro-batch is one sample, so the global cycle's gradient of a weight has rank
+``<= K W = 6 <= SUBSPACE_RANK``: the estimate is then exact and the run is compared with naive
+accumulation over the same global batch.
 """
 
 import json
@@ -20,7 +24,7 @@ from _tiny_mlp import PER_RANK, build, micro_batch
 import flora_opt
 from flora_opt.accumulation import CompressedAccumulator
 
-K, CYCLES, RANK = 3, 3, 4
+K, CYCLES, RANK, SUBSPACE_RANK = 3, 3, 4, 8
 
 
 def trainer(out):
@@ -88,22 +92,34 @@ def trainer(out):
 
 def main():
     mode, out = sys.argv[1], sys.argv[2]
+    estimator = sys.argv[3] if len(sys.argv) > 3 else "gaussian"
     if mode == "trainer":
         return trainer(out)
+    acc_rank, per_rank = (RANK, PER_RANK) if estimator == "gaussian" else (SUBSPACE_RANK, 1)
     if mode == "accelerate":
         accelerator = flora_opt.FloraAccelerator(
-            gradient_accumulation_steps=K, accumulation_compression_rank=RANK, cpu=True
+            gradient_accumulation_steps=K,
+            accumulation_compression_rank=acc_rank,
+            accumulation_estimator=estimator,
+            cpu=True,
         )
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    # single-process compressed accumulation over the global batch (every rank computes it)
+    def global_batch(index):
+        return torch.cat([micro_batch(index, world)[r * PER_RANK :][:per_rank] for r in range(world)])
+
+    # the single-process run over the global batch (every rank computes it): compressed
+    # accumulation with the same projections (gaussian), or naive accumulation (subspace)
     reference = build()
     reference_opt = flora_opt.Flora(reference.parameters(), lr=1e-2, rank=RANK)
-    reference_acc = CompressedAccumulator(reference_opt, rank=RANK, accumulation_steps=K)
+    reference_rank = RANK if estimator == "gaussian" else None
+    reference_acc = CompressedAccumulator(
+        reference_opt, rank=reference_rank, accumulation_steps=K, estimator="gaussian"
+    )
     for index in range(K * CYCLES):
-        reference_acc.backward(reference(micro_batch(index, world)).pow(2).mean() / K)
+        reference_acc.backward(reference(global_batch(index)).pow(2).mean() / K)
         if reference_acc.sync_gradients:
             reference_opt.step()
             reference_opt.zero_grad()
@@ -115,11 +131,11 @@ def main():
         state = None
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
-        accumulator = CompressedAccumulator(optimizer, rank=RANK, accumulation_steps=K)
+        accumulator = CompressedAccumulator(optimizer, rank=acc_rank, accumulation_steps=K, estimator=estimator)
         state = flora_opt.distributed.register_compressed_allreduce(model, accumulator)
     identical = True
     for index in range(K * CYCLES):
-        local = micro_batch(index, world)[rank * PER_RANK : (rank + 1) * PER_RANK]
+        local = micro_batch(index, world)[rank * PER_RANK :][:per_rank]
         if mode == "accelerate":
             with accelerator.accumulate(model):
                 accelerator.backward(model(local).pow(2).mean())

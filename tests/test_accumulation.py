@@ -1,7 +1,5 @@
 """Compressed gradient accumulation (docs/algorithm.md section 12): the rule, the math, the memory, the state."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,12 @@ from flora_opt import core
 from flora_opt.accumulation import CompressedAccumulator
 from flora_opt.ops import get_ops
 from flora_opt.projection import STREAM_ACCUMULATION, STREAM_MOMENTUM, projection_key, tensor_seed
-from flora_opt.reference import reference_key, reference_projection, reference_tensor_seed
+from flora_opt.reference import (
+    reference_key,
+    reference_projection,
+    reference_subspace_accumulation,
+    reference_tensor_seed,
+)
 
 K = 4
 RANK = 8
@@ -48,9 +51,9 @@ def naive_grads(model, xs):
     return grads
 
 
-def accumulated_grads(model, xs, rank, seed):
+def accumulated_grads(model, xs, rank, seed, estimator="subspace"):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=len(xs), seed=seed)
+    accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=len(xs), seed=seed, estimator=estimator)
     for x in xs:
         accumulator.backward(loss_fn(model, x))
     assert accumulator.sync_gradients and accumulator.cycle == 1
@@ -114,22 +117,27 @@ def test_accumulate_compressed_functional_core():
 # ---- what the accumulator computes --------------------------------------------------------
 
 
+def micro_batch_grads(model, xs):
+    """Each micro-batch's gradients, computed naively on a copy of ``model``."""
+    copy = make_model()
+    copy.load_state_dict(model.state_dict())
+    micro = []
+    for x in xs:
+        copy.zero_grad()
+        loss_fn(copy, x).backward()
+        micro.append([p.grad.clone() for p in copy.parameters()])
+    return micro
+
+
 def test_sync_gradient_is_decompressed_sum_with_cycle_projection():
-    """The exact formula: .grad = decompress(sum_k compress(g_k; Q_c); Q_c), Q_c from key(seed_i, 1, c)."""
+    """The paper's estimator: .grad = decompress(sum_k compress(g_k; Q_c); Q_c), Q_c from key(seed_i, 1, c)."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=77)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=77, estimator="gaussian")
     params = list(model.parameters())
     for cycle in range(2):
         xs = batches(K, seed=10 + cycle)
-        # per-micro-batch gradients, computed naively on a copy
-        copy = make_model()
-        copy.load_state_dict(model.state_dict())
-        micro = []
-        for x in xs:
-            copy.zero_grad()
-            loss_fn(copy, x).backward()
-            micro.append([p.grad.clone() for p in copy.parameters()])
+        micro = micro_batch_grads(model, xs)
         for x in xs:
             accumulator.backward(loss_fn(model, x))
         assert accumulator.cycle == cycle + 1
@@ -149,7 +157,75 @@ def test_sync_gradient_is_decompressed_sum_with_cycle_projection():
         optimizer.zero_grad()
 
 
-def test_unbiased_over_seeds_and_error_shrinks_with_rank():
+def test_sync_gradient_is_the_subspace_estimate_of_the_reference():
+    """The default estimator: .grad = Q B of the tracked basis, as the float64 reference computes
+    it, over two cycles (the basis carries over); ineligible tensors are summed exactly. Micro-batches
+    of two samples give weight gradients of rank <= 2, so a cycle's sum has rank <= 8 = RANK: the
+    estimate is then exact and the basis spans its column space, which pins both down (with more
+    rank than that, which directions are dropped depends on rounding, as for any truncated SVD)."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=77)
+    params = list(model.parameters())
+    bases = {}
+    for cycle in range(2):
+        xs = [x[:2] for x in batches(K, seed=10 + cycle)]
+        micro = micro_batch_grads(model, xs)
+        for x in xs:
+            accumulator.backward(loss_fn(model, x))
+        kept = accumulator.state_dict()["bases"]
+        for index, param in enumerate(params):
+            grads = [g[index].double().numpy() for g in micro]
+            if not core.accumulation_layout(param.shape, RANK).compressed:
+                np.testing.assert_allclose(param.grad.double().numpy(), sum(grads), rtol=1e-5, atol=1e-7)
+                continue
+            expected, bases[index] = reference_subspace_accumulation(
+                grads, RANK, reference_tensor_seed(77, index), bases.get(index)
+            )
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(param.grad.double().numpy(), expected, rtol=0, atol=1e-5 * scale)
+            np.testing.assert_allclose(expected, sum(grads), rtol=0, atol=1e-6 * scale)
+            basis = kept[index].double().numpy()
+            np.testing.assert_allclose(basis @ basis.T, bases[index] @ bases[index].T, atol=1e-3)
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("side", ["rows", "cols"])
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_subspace_core_matches_reference_and_is_exact_in_a_common_subspace(framework, side):
+    """``core.track_subspace`` on every backend equals the float64 reference; micro-batch
+    gradients inside one rank-r column space are recovered exactly (no amplified noise, unlike
+    the Gaussian estimator); a non-finite gradient keeps the basis."""
+    ops = get_ops(framework)
+    rng = np.random.default_rng(3)
+    d, length, rank = 12, 30, 4
+    column_space = rng.standard_normal((d, rank))
+    grads = [column_space @ rng.standard_normal((rank, length)) for _ in range(K)]
+    noisy = [g + rng.standard_normal(g.shape) for g in grads]
+    seed = tensor_seed(9, 1)
+    as_array = {
+        "numpy": lambda a: a,
+        "torch": lambda a: torch.tensor(a, dtype=torch.float32),
+        "jax": lambda a: __import__("jax.numpy").numpy.asarray(a, dtype="float32"),
+    }[framework]
+    oriented = (lambda a: a) if side == "rows" else (lambda a: a.T)
+    for micro, exact in ((grads, True), (noisy, False)):
+        basis, buffer = core.initial_basis(seed, rank, d, ops), None
+        for g in micro:
+            basis, buffer = core.track_subspace(basis, buffer, as_array(oriented(g)), side, ops)
+        estimate = np.asarray(core.expand_subspace(basis, buffer, side, ops), dtype=np.float64)
+        expected, _ = reference_subspace_accumulation([oriented(g) for g in micro], rank, seed)
+        tolerance = 2e-5
+        np.testing.assert_allclose(estimate, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+        if exact:
+            np.testing.assert_allclose(estimate, oriented(sum(micro)), rtol=0, atol=tolerance * np.abs(expected).max())
+    bad = np.full((d, length), np.nan)
+    kept, buffer = core.track_subspace(basis, None, as_array(oriented(bad)), side, ops)
+    np.testing.assert_allclose(np.abs(np.asarray(kept).T @ np.asarray(basis)), np.eye(rank), atol=1e-5)
+    assert np.isnan(np.asarray(buffer)).all()
+
+
+def test_gaussian_is_unbiased_over_seeds_and_error_shrinks_with_rank():
     xs = batches(K)
     model = make_model()
     naive = naive_grads(model, xs)
@@ -160,7 +236,7 @@ def test_unbiased_over_seeds_and_error_shrinks_with_rank():
     mean = torch.zeros_like(reference)
     errors = {}
     for draws in range(1, 401):
-        grads = accumulated_grads(model, xs, rank, seed=draws)
+        grads = accumulated_grads(model, xs, rank, seed=draws, estimator="gaussian")
         mean += (torch.cat([grads[i].flatten() for i in compressed_ids]) - mean) / draws
         if draws in (25, 400):
             errors[draws] = ((mean - reference).norm() / reference.norm()).item()
@@ -173,7 +249,7 @@ def test_unbiased_over_seeds_and_error_shrinks_with_rank():
     for rank in (2, 8, 20):
         values = []
         for seed in range(60):
-            grads = accumulated_grads(model, xs, rank, seed=1000 + seed)
+            grads = accumulated_grads(model, xs, rank, seed=1000 + seed, estimator="gaussian")
             values.append(
                 (
                     (torch.cat([grads[i].flatten() for i in compressed_ids]) - reference).norm() ** 2
@@ -201,15 +277,21 @@ def test_cycle_of_one_micro_batch_is_exact():
 # ---- memory: no full-size gradient between micro-batches ------------------------------------
 
 
-def test_no_full_size_gradient_between_micro_batches():
+@pytest.mark.parametrize("estimator", ["subspace", "gaussian"])
+def test_no_full_size_gradient_between_micro_batches(estimator):
+    """Between micro-batches a compressed (m, n) tensor holds its r x max(m, n) buffer and, with
+    the subspace estimator, its min(m, n) x r basis (kept between cycles): at most
+    r (max(m, n) + min(m, n)) floats, asserted in bytes, and no gradient."""
     xs = batches(K)
     live = {}
+    bases = 4 * RANK * (24 + 16) if estimator == "subspace" else 0  # (40, 24) -> 24 x r, (16, 40) -> 16 x r
+    buffers = 4 * (40 * RANK + RANK * 40)
     for rank in (None, RANK):
         model = make_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         tracker = LiveTensorBytes()
         with tracker:
-            accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K)
+            accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K, estimator=estimator)
             live[rank] = []
             for step, x in enumerate(xs):
                 accumulator.backward(loss_fn(model, x))
@@ -217,22 +299,21 @@ def test_no_full_size_gradient_between_micro_batches():
                 if rank is not None and step < K - 1:
                     for param in accumulator.compressed_parameters():
                         assert param.grad is None
-                    expected = sum(
-                        4 * math.prod(core.accumulation_layout(p.shape, rank).buffer_shape())
+                    bound = sum(
+                        4 * rank * sum(core.accumulation_layout(p.shape, rank).matrix)
                         for p in accumulator.compressed_parameters()
                     )
-                    assert accumulator.buffer_bytes() == expected == 4 * (40 * RANK + RANK * 40)
+                    assert accumulator.buffer_bytes() == buffers + bases <= bound
                     held = sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
                     assert held == 4 * (40 + 16 + 1)  # the biases and the (1, 16) weight only
         if rank is not None:
-            assert accumulator.buffer_bytes() == 0  # buffers are freed at the sync step
+            assert accumulator.buffer_bytes() == bases  # buffers are freed at the sync step
             assert all(p.grad is not None for p in model.parameters())
-    # the exact difference in live bytes between micro-batches: full grads minus buffers
+    # the exact difference in live bytes between micro-batches: full grads minus the compressed state
     full = 4 * (40 * 24 + 16 * 40)
-    buffers = 4 * (40 * RANK + RANK * 40)
     for step in range(K - 1):
-        assert live[None][step] - live[RANK][step] == full - buffers
-    assert live[None][K - 1] == live[RANK][K - 1]  # at the sync step .grad is full-size again
+        assert live[None][step] - live[RANK][step] == full - buffers - bases
+    assert live[RANK][K - 1] - live[None][K - 1] == bases  # at the sync step .grad is full-size again
 
 
 # ---- state -------------------------------------------------------------------------------
@@ -246,18 +327,19 @@ def _train(model, optimizer, accumulator, xs):
             optimizer.zero_grad()
 
 
+@pytest.mark.parametrize("estimator", ["subspace", "gaussian"])
 @pytest.mark.parametrize("stop", [5, 8, 10])
-def test_mid_cycle_state_dict_resume_is_bit_exact(tmp_path, stop):
+def test_mid_cycle_state_dict_resume_is_bit_exact(tmp_path, stop, estimator):
     xs = batches(3 * K)
     model = make_model()
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
-    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3, estimator=estimator)
     _train(model, optimizer, accumulator, xs)
     expected = [p.detach().clone() for p in model.parameters()]
 
     model = make_model()
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
-    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3, estimator=estimator)
     _train(model, optimizer, accumulator, xs[:stop])
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "accumulator": accumulator.state_dict()},
@@ -266,11 +348,12 @@ def test_mid_cycle_state_dict_resume_is_bit_exact(tmp_path, stop):
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["accumulator"]["micro_step"] == stop % K
     assert checkpoint["accumulator"]["cycle"] == stop // K
+    assert len(checkpoint["accumulator"]["bases"]) == (2 if estimator == "subspace" else 0)
     model = make_model(seed=123)
     model.load_state_dict(checkpoint["model"])
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=4)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3)
+    accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K, seed=3, estimator=estimator)
     accumulator.load_state_dict(checkpoint["accumulator"])
     _train(model, optimizer, accumulator, xs[stop:])
     for param, value in zip(model.parameters(), expected):
@@ -289,14 +372,18 @@ def test_bf16_parameters_keep_float32_buffers():
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
 
 
-def test_load_state_dict_rejects_other_rank_or_seed():
+def test_load_state_dict_rejects_other_rank_seed_or_estimator():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     accumulator = CompressedAccumulator(optimizer, RANK, accumulation_steps=K)
     state = accumulator.state_dict()
     accumulator.remove()
-    for rank, seed, pattern in ((4, 0, "rank=8"), (RANK, 1, "seed=0")):
-        accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K, seed=seed)
+    for rank, seed, estimator, pattern in (
+        (4, 0, "subspace", "rank=8"),
+        (RANK, 1, "subspace", "seed=0"),
+        (RANK, 0, "gaussian", "estimator='subspace'"),
+    ):
+        accumulator = CompressedAccumulator(optimizer, rank, accumulation_steps=K, seed=seed, estimator=estimator)
         with pytest.raises(ValueError, match=pattern):
             accumulator.load_state_dict(state)
         accumulator.remove()
@@ -340,6 +427,8 @@ def test_load_state_dict_with_other_accumulation_steps_mid_cycle_is_refused():
         (dict(rank=4, max_grad_norm=1.0), ValueError, r"Invalid max_grad_norm: 1.0: it is only used with layerwise"),
         (dict(layerwise=True, max_grad_norm=0.0), ValueError, r"Invalid max_grad_norm: 0.0"),
         (dict(layerwise=True, max_grad_norm=float("inf")), ValueError, r"Invalid max_grad_norm: inf"),
+        (dict(rank=4, estimator="svd"), ValueError, r"Invalid estimator: 'svd': must be one of 'subspace', 'gaussian'"),
+        (dict(rank=4, estimator=None), ValueError, r"Invalid estimator: None"),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):

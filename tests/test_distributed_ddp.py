@@ -11,11 +11,13 @@ from _torchrun import run_torchrun
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_ddp_worker.py")
 
-# tests/_ddp_worker.py: rank 4; (40, 24) -> 40 x 4 buffer, (16, 40) -> 4 x 40; the rest uncompressed
-# ((1, 16), biases 40 + 16 + 1)
-COMPRESSED_ELEMENTS = 4 * 40 + 4 * 40
+# tests/_ddp_worker.py: rank 4 (gaussian) or 8 (subspace); (40, 24) -> 40 x r buffer, (16, 40) ->
+# r x 40; the rest uncompressed ((1, 16), biases 40 + 16 + 1). The subspace estimator also sends
+# the range sketches of its bases, 24 x r and 16 x r.
 UNCOMPRESSED_ELEMENTS = 16 + 40 + 16 + 1
 CYCLES = 3
+BUFFER_ELEMENTS = {"gaussian": 4 * 40 + 4 * 40, "subspace": 8 * 40 + 8 * 40}
+SKETCH_ELEMENTS = {"gaussian": 0, "subspace": 8 * 24 + 8 * 16}
 
 
 def run_worker(world, *args, timeout=100):
@@ -24,17 +26,23 @@ def run_worker(world, *args, timeout=100):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["plain", "accelerate"])
-def test_ddp_all_reduces_compressed_buffers_and_matches_single_process(tmp_path, mode):
+@pytest.mark.parametrize(
+    "mode,estimator",
+    [("plain", "gaussian"), ("accelerate", "gaussian"), ("plain", "subspace"), ("accelerate", "subspace")],
+)
+def test_ddp_all_reduces_compressed_buffers_and_matches_single_process(tmp_path, mode, estimator):
     out = tmp_path / "result.json"
-    run_worker(2, mode, out)
+    run_worker(2, mode, out, estimator)
     result = json.loads(out.read_text())
     assert result["identical"]  # parameters bit-identical across ranks after every micro-batch
-    # single-process compressed accumulation over the same global batch: same projections, the
-    # sums ordered differently
-    assert result["error"] < 1e-6, result["error"]
-    assert result["calls"] == CYCLES  # one all-reduce (one DDP bucket) per cycle, none in between
-    assert result["elements"] == CYCLES * (COMPRESSED_ELEMENTS + UNCOMPRESSED_ELEMENTS)
+    # gaussian: single-process compressed accumulation over the same global batch, the sums
+    # ordered differently; subspace: naive accumulation (the global gradient's rank fits)
+    assert result["error"] < (1e-6 if estimator == "gaussian" else 2e-5), result["error"]
+    # per cycle, one all-reduce per DDP bucket (one here), and one more of the sketches for subspace
+    assert result["calls"] == CYCLES * (1 if estimator == "gaussian" else 2)
+    sent = BUFFER_ELEMENTS[estimator] + SKETCH_ELEMENTS[estimator]
+    assert result["elements"] == CYCLES * (sent + UNCOMPRESSED_ELEMENTS)
+    assert sent <= 2 * BUFFER_ELEMENTS[estimator]  # the estimator's collectives: at most 2x the buffers
     assert result["numel"] == 40 * 24 + 16 * 40 + UNCOMPRESSED_ELEMENTS
 
 
