@@ -7,13 +7,16 @@ decides the state layout, and the doc line. Everything else is derived from it:
 
 * torch: :data:`DEFAULTS` (``Flora.defaults``), :func:`validate_group`, :func:`from_group`
   (param group -> record, the record that :func:`flora_opt.core.flora_update` and the grouped
-  engine read), :data:`LAYOUT_OPTIONS` (what a checkpoint must agree on) and ``Flora``'s
-  signature and ``Args`` (:func:`torch_signature`, :func:`docstring_args`);
-* optax: the signature of ``flora``/``scale_by_flora`` (:func:`optax_signature`), their
-  validation (:func:`check_optax`), the record the stages read (:func:`from_optax`), and their
-  ``Args``; :data:`OPTAX_NAMES` maps torch names to optax names;
-* the option tables of README.md and docs/jax.md (``tools/option_docs.py`` writes them; a test
-  fails when they differ from the record).
+  engine read), :data:`LAYOUT_OPTIONS` (what a checkpoint must agree on);
+* optax: the validation of ``flora``/``scale_by_flora``'s arguments (:func:`check_optax`) and
+  the record the stages read (:func:`from_optax`); :data:`OPTAX_NAMES` maps torch names to optax
+  names;
+* the option tables of README.md and docs/jax.md (``tools/option_docs.py`` writes them).
+
+The signatures of ``Flora`` and ``flora``/``scale_by_flora`` and their ``Args`` are written out
+in ``optim.py`` and ``optax/alias.py``, with types, for type checkers and IDEs;
+``tools/option_docs.py`` derives from the record what they must say (names, order, kinds,
+defaults, doc lines), and ``tests/test_hyperparams.py`` fails when they, or the tables, differ.
 
 Messages follow ``torch.optim``: they name the argument and the bad value (``Invalid rank: 0: must
 be an int >= 1, ...``); the optax side names its own argument (``Invalid tau: 0: ...``).
@@ -30,7 +33,6 @@ import functools
 import inspect
 import math
 import numbers
-import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -48,17 +50,14 @@ __all__ = [
     "check_optax",
     "check_real",
     "check_seed",
-    "docstring_args",
     "from_group",
     "from_optax",
     "is_int",
     "is_real",
     "normalize_group",
     "optax_flags",
-    "optax_signature",
     "option",
     "options",
-    "torch_signature",
     "validate_group",
 ]
 
@@ -208,7 +207,7 @@ def _same(value):
 
 # ---- the record -----------------------------------------------------------------------------
 
-#: The optax default of an argument that has none (``learning_rate``).
+#: The optax default of an argument that has none (``learning_rate``), as ``inspect`` writes it.
 REQUIRED = inspect.Parameter.empty
 
 
@@ -268,7 +267,9 @@ class FloraHyperParams:
     ``min_parameter_scale``), ``decay_rate`` is ``-b2``, ``beta1`` is ``None`` when momentum is
     off (``0`` is normalised to ``None`` by :func:`from_group`), ``rank`` is ``None`` for full,
     uncompressed momentum. Each field's metadata is its :class:`Option`; **adding an option is
-    adding a field here** (and, if it changes the math, the core function it changes and the spec).
+    adding a field here**, its argument to the written signatures of ``Flora`` and
+    ``flora``/``scale_by_flora`` with their ``Args`` lines (a test names what is missing), and,
+    if it changes the math, the core function it changes and the spec (docs/architecture.md).
     """
 
     lr: float | None = option(
@@ -583,37 +584,7 @@ def _torch_plan() -> tuple[tuple[str, str, int | None, Callable[[Any], Any]], ..
     return tuple((e.name, e.torch, e.index, e.spec.convert) for e in options() if e.torch is not None)
 
 
-def torch_signature() -> inspect.Signature:
-    """``Flora(params, lr=None, *, rank=256, ...)``: every param-group option with its default."""
-    parameters = [
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-    ]
-    for key, entries in _torch_keys().items():  # lr (required) is positional, as in Flora.__init__
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if entries[0].spec.required else inspect.Parameter.KEYWORD_ONLY
-        parameters.append(inspect.Parameter(key, kind, default=DEFAULTS[key]))
-    return inspect.Signature(parameters)
-
-
 # ---- optax: flora's arguments -------------------------------------------------------------------
-
-
-def _optax_entries() -> list[Entry]:
-    """The optax options in ``flora``'s order: the positional ones, then the keyword-only ones."""
-    entries = [e for e in options() if e.optax is not None]
-    positional = sorted((e for e in entries if e.spec.optax_position is not None), key=lambda e: e.spec.optax_position)
-    return positional + [e for e in entries if e.spec.optax_position is None]
-
-
-def optax_signature() -> inspect.Signature:
-    """``flora(learning_rate, b1=0.9, ..., *, min_parameter_scale=0.001, ...)`` from the record."""
-    parameters = []
-    for entry in _optax_entries():
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        if entry.spec.optax_position is None:
-            kind = inspect.Parameter.KEYWORD_ONLY
-        parameters.append(inspect.Parameter(entry.optax, kind, default=entry.optax_default))
-    return inspect.Signature(parameters)
 
 
 def check_optax(name: str, value) -> None:
@@ -644,37 +615,3 @@ def from_optax(arguments: Mapping[str, Any]) -> FloraHyperParams:
             value = arguments[entry.optax]
             values[entry.name] = -value if entry.spec.optax_negated and value is not None else value
     return FloraHyperParams(**values)
-
-
-# ---- doc lines -------------------------------------------------------------------------------------
-
-
-def _rst(text: str) -> str:
-    """Markdown code spans as reStructuredText literals, their spaces unbreakable (``\\0``)."""
-    parts = text.split("`")
-    return "``".join(part.replace(" ", "\0") if i % 2 else part for i, part in enumerate(parts))
-
-
-def docstring_args(framework: str, indent: int) -> str:
-    """The ``Args`` lines of ``Flora`` (``"torch"``) or ``flora`` (``"optax"``), one per option."""
-    if framework not in ("torch", "optax"):
-        raise ValueError(f"Invalid framework: {framework!r}: must be 'torch' or 'optax'")
-    lines = []
-    if framework == "torch":
-        for key, entries in _torch_keys().items():
-            default = "required" if entries[0].spec.required else f"default {DEFAULTS[key]!r}"
-            text = "; ".join(e.spec.doc for e in entries)
-            lines.append(f"{key} ({default}): {text}")
-    else:
-        for entry in _optax_entries():
-            default = "required" if entry.optax_default is REQUIRED else f"default {entry.optax_default!r}"
-            keyword = "keyword, " if entry.spec.optax_position is None else ""
-            text = entry.spec.optax_doc or entry.spec.doc
-            if entry.torch is not None and entry.torch != entry.optax:
-                torch = entry.torch if entry.index is None else f"{entry.torch}[{entry.index}]"
-                torch += f" = -{entry.optax}" if entry.spec.optax_negated else ""
-                text += f". PyTorch: `{torch}`"
-            lines.append(f"{entry.optax} ({keyword}{default}): {text}")
-    pad = " " * indent
-    filled = (textwrap.fill(_rst(line), width=100, initial_indent=pad, subsequent_indent=pad + "  ") for line in lines)
-    return "\n".join(filled).replace("\0", " ")

@@ -48,11 +48,9 @@ from .engine import implements as engine_implements
 from .hyperparams import (
     DEFAULTS,
     LAYOUT_OPTIONS,
-    docstring_args,
     from_group,
     is_int,
     normalize_group,
-    torch_signature,
     validate_group,
 )
 from .ops import get_ops
@@ -121,10 +119,92 @@ class Flora(torch.optim.Optimizer):
     second moment ``m + n`` (Adafactor's factored statistics). The projections are never
     stored: each is regenerated from an integer seed in the state (docs/algorithm.md).
 
+    For a weight viewed as an ``m x n`` matrix with ``m <= n`` (for ``m > n`` the columns are
+    compressed, ``M`` is ``m x r``); ``min(m, n) <= r``, ``rank=None`` and embedding-like
+    matrices keep a full ``m x n`` momentum (``D_t = M_t``), vectors and small matrices a full
+    second moment (docs/algorithm.md sections 1-8):
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input}      : \rho \text{ (lr)}, \beta_1 \text{ (beta1)},
+                \: c \text{ (decay\_rate)}, \: r \text{ (rank)}, \: \kappa \text{ (kappa)},
+                \: d \text{ (clip\_threshold)}, \: \lambda \text{ (weight\_decay)},               \\
+            &\hspace{13mm} \epsilon_1, \epsilon_2 \text{ (eps)}, \: W_0 \text{ (params)},
+                \: f(W) \text{ (objective)}                                                      \\
+            &\textbf{initialize} : R_0 \leftarrow 0 \in \mathbb{R}^m, \: C_0 \leftarrow 0 \in \mathbb{R}^n,
+                \: M_0 \leftarrow 0 \in \mathbb{R}^{r \times n}                                  \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
+            &\hspace{5mm} G_t \leftarrow \nabla_W f_t(W_{t-1})                                  \\
+            &\hspace{5mm} \beta_{2,t} \leftarrow 1 - t^{c}, \quad Q \leftarrow G_t^2 + \epsilon_1 \\
+            &\hspace{5mm} R_t \leftarrow \beta_{2,t} R_{t-1} + (1 - \beta_{2,t}) \,\mathrm{mean}_j Q_{ij},
+                \quad C_t \leftarrow \beta_{2,t} C_{t-1} + (1 - \beta_{2,t}) \,\mathrm{mean}_i Q_{ij} \\
+            &\hspace{5mm} U_t \leftarrow G_t / \sqrt{\hat V_t}, \quad
+                \hat V_{t,ij} = R_{t,i} C_{t,j} / \mathrm{mean}(R_t)                           \\
+            &\hspace{5mm} k \leftarrow \lfloor (t - 1)/\kappa \rfloor, \quad
+                P_k \in \mathbb{R}^{r \times m}, \ (P_k)_{ij} \sim \mathcal{N}(0, 1/r)
+                \text{ regenerated from (seed, } k)                                              \\
+            &\hspace{5mm} \textbf{if} \: t > 1 \textbf{ and } (t - 1) \bmod \kappa = 0 \textbf{ then }
+                M_{t-1} \leftarrow P_k P_{k-1}^\top M_{t-1}                                     \\
+            &\hspace{5mm} s \leftarrow \|M_{t-1}\|_F / \|P_k^\top M_{t-1}\|_F                   \\
+            &\hspace{5mm} D_t \leftarrow (1 - \beta_1) U_t + \beta_1 s P_k^\top M_{t-1}         \\
+            &\hspace{5mm} M_t \leftarrow \beta_1 M_{t-1} + (1 - \beta_1) P_k U_t                \\
+            &\hspace{5mm} D_t \leftarrow D_t / \max(1, \mathrm{RMS}(D_t) / d)                   \\
+            &\hspace{5mm} \eta_t \leftarrow \rho_t \max(\epsilon_2, \mathrm{RMS}(W_{t-1}))       \\
+            &\hspace{5mm} W_t \leftarrow (1 - \eta_t \lambda) W_{t-1} - \eta_t D_t               \\
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\textbf{return} \: W_t                                                       \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+       \end{aligned}
+
+    with ``rho_t = lr``, or ``min(1e-2, 1/sqrt(t))`` when ``relative_step``; ``eta_t = rho_t``
+    when ``scale_parameter=False``; ``s = 0`` while ``M = 0``.
+
     Args:
       params: iterable of tensors or of param-group dicts (every option below can be set
         per group, e.g. ``{"params": embeddings, "rank": None}``).
-      <options>
+      lr (required): learning rate ``rho``; required unless ``relative_step`` (then it must be
+        ``None``)
+      rank (default 256): projection rank ``r``; a tensor whose smaller matrix dimension is
+        ``<= rank`` keeps full momentum; ``None``: full momentum everywhere (the paper's
+        uncompressed baseline)
+      kappa (default 1000): resample the momentum projection every ``kappa`` steps, carrying the
+        momentum over (``M <- P_new P_old^T M``); too small a ``kappa`` amplifies noise at each
+        transfer and can diverge (a ``RuntimeWarning`` names the smallest stable value,
+        docs/algorithm.md section 4)
+      eps (default (1e-30, 0.001)): ``eps1``, added to squared gradients (section 6); ``eps2``,
+        floor of the parameter RMS in the step size (section 5)
+      clip_threshold (default 1.0): update clipping of the combined direction:
+        ``D <- D / max(1, RMS(D) / clip_threshold)``
+      decay_rate (default -0.8): second-moment decay ``beta2_t = 1 - t^decay_rate``
+      beta1 (default 0.9): momentum; ``None`` or ``0`` disables it (then Flora is exactly
+        Adafactor)
+      weight_decay (default 0.0): decoupled, ``p <- p - eta_t * weight_decay * p``
+      scale_parameter (default True): step size ``eta_t = rho_t * max(eps2, RMS(p))``
+      relative_step (default False): ``rho_t = min(1e-2, 1/sqrt(t))`` instead of ``lr``
+      warmup_init (default False): ``rho_t = min(1e-6 t, 1/sqrt(t))``; needs ``relative_step``
+      factorize_second_moment (default True): Adafactor's factored second moment for matrices
+        (``False``: a full, Adam-like one)
+      min_dim_size_to_factor (default 128): factor only matrices whose smaller dimension is at
+        least this (as ``optax.adafactor``)
+      max_aspect_ratio (default 4.0): embedding-like matrices (``max(m, n) > ratio * min(m, n)``:
+        token embeddings, LM heads) keep full momentum; ``None`` compresses them too
+      seed (default 0): 32-bit seed of the projections
+      projection_dtype (default 'float32'): precision of the two ``r x m x n`` products of
+        compressed momentum, ``P U`` and ``P^T M``: ``"bfloat16"`` rounds their operands and
+        results to bfloat16 (float32 sums; state, statistics and update stay float32), 2-4x
+        faster on CPUs with AVX512-BF16 and GPUs
+      quantization (default False): 8-bit blockwise momentum and full second moments (torchao's
+        dynamic-tree code)
+      foreach (default None): ``None``/``True``: the grouped step (tensors of a group with the
+        same layout stepped together, no host sync after the first step); ``False``: the
+        per-tensor path (one ``core.flora_update`` per tensor)
+
+    Raises:
+      ValueError: an option breaks its rule; the message names the option and the value
+        (``Invalid rank: 0: must be an int >= 1, or None for full momentum``).
+      TypeError: an unknown option.
 
     Example:
       >>> import torch, flora_opt
@@ -152,16 +232,31 @@ class Flora(torch.optim.Optimizer):
       momentum over (``state["projection"]`` counts resamples).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float | None = None, **kwargs):
-        unknown = sorted(set(kwargs) - set(DEFAULTS))
-        if unknown:
-            raise TypeError(
-                f"Flora.__init__() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(DEFAULTS)}"
-            )
-        defaults = dict(DEFAULTS)
-        defaults.update(kwargs)
-        defaults["lr"] = lr
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor | None = None,
+        *,
+        rank: int | None = 256,
+        kappa: int = 1000,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = 0.9,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+        factorize_second_moment: bool = True,
+        min_dim_size_to_factor: int = 128,
+        max_aspect_ratio: float | None = 4.0,
+        seed: int = 0,
+        projection_dtype: str = "float32",
+        quantization: bool = False,
+        foreach: bool | None = None,
+    ):
+        # Every argument but params is an option of the record, which checks them (validate_group).
+        defaults = {key: value for key, value in locals().items() if key in DEFAULTS}
         if isinstance(defaults["eps"], list):
             defaults["eps"] = tuple(defaults["eps"])
         validate_group(defaults)
@@ -594,12 +689,6 @@ class Flora(torch.optim.Optimizer):
             normalize_group(group)
         self._layout_cache = {}
         self._reindex()
-
-
-# The Args lines of the docstring and the signature of Flora(...) come from the record.
-if Flora.__doc__:  # None under python -OO
-    Flora.__doc__ = Flora.__doc__.replace("      <options>\n", docstring_args("torch", 6) + "\n")
-Flora.__init__.__signature__ = torch_signature()
 
 
 def _foreign_state_message(state_dict: dict[str, Any]) -> str | None:

@@ -369,8 +369,8 @@ BAD = [
     (dict(min_dim_size_to_factor=0), ValueError, r"Invalid min_dim_size_to_factor: 0"),
     (dict(max_aspect_ratio=0.5), ValueError, r"Invalid max_aspect_ratio: 0\.5"),
     (dict(max_aspect_ratio="4"), ValueError, r"Invalid max_aspect_ratio: '4'"),
-    (dict(betas=(0.9, 0.99)), TypeError, r"unexpected keyword argument\(s\) 'betas'"),
-    (dict(momentum=0.9), TypeError, r"unexpected keyword argument\(s\) 'momentum'"),
+    (dict(betas=(0.9, 0.99)), TypeError, r"unexpected keyword argument 'betas'"),
+    (dict(momentum=0.9), TypeError, r"unexpected keyword argument 'momentum'"),
 ]
 
 

@@ -43,18 +43,89 @@ def test_doc_tables_are_the_records():
         assert f"| `{key}` | " + ("required" if key == "lr" else f"`{default!r}`") in table, key
 
 
-def test_docstrings_and_signatures_list_every_option():
+def test_written_signatures_and_args_are_the_records():
+    """``Flora.__init__``, ``flora`` and ``scale_by_flora`` are written out (typed, for type
+    checkers and IDEs); their names, order, kinds and defaults, and the ``Args`` entries of
+    ``Flora`` and ``flora``, are the record's."""
+    pytest.importorskip("flora_opt.optax")
+    docs = _option_docs()
+    assert docs.signature_problems() == []
+    # What the checks read is there: every option, in inspect.signature and in the docstrings.
+    from flora_opt.optax import flora
+
+    assert list(inspect.signature(Flora).parameters) == ["params", *DEFAULTS]
+    assert len(docs.written_args(Flora.__doc__)) == len(DEFAULTS) + 1  # and params
+    optax_names = [e.optax for e in options() if e.optax is not None]
+    assert sorted(inspect.signature(flora).parameters) == sorted(optax_names)
+    assert sorted(docs.written_args(flora.__doc__)) == sorted(optax_names)
+
+
+def _drifted_signatures():
+    """The record's optax signature, changed in each way the check must catch."""
+    docs = _option_docs()
+    expected = docs.optax_signature()
+    parameters = list(expected.parameters.values())
+    kappa = next(i for i, p in enumerate(parameters) if p.name == "kappa")
+    last_positional = next(i for i, p in enumerate(parameters) if p.name == "factorized_second_moment")
+
+    def changed(index, **replace):
+        return [*parameters[:index], parameters[index].replace(**replace), *parameters[index + 1 :]]
+
+    zeta = inspect.Parameter("zeta", inspect.Parameter.KEYWORD_ONLY, default=0.5)
+    swapped = [*parameters[:kappa], parameters[kappa + 1], parameters[kappa], *parameters[kappa + 2 :]]
+    return expected, [
+        (
+            parameters[:kappa] + parameters[kappa + 1 :],
+            "argument 'kappa' is missing (the record: positional or keyword, default 1000)",
+        ),
+        (
+            changed(kappa, default=100),
+            "argument 'kappa' is positional or keyword, default 100; the record: positional or keyword, default 1000",
+        ),
+        (changed(kappa, default=1000.0), "argument 'kappa' is positional or keyword, default 1000.0"),
+        (
+            changed(last_positional, kind=inspect.Parameter.KEYWORD_ONLY),
+            "argument 'factorized_second_moment' is keyword-only, default True; the record: positional or keyword",
+        ),
+        ([*parameters, zeta], "argument 'zeta' is not an option of the record"),
+        (swapped, "arguments in the order"),
+    ]
+
+
+def test_the_signature_check_names_each_drift():
+    expected, cases = _drifted_signatures()
+    docs = _option_docs()
+    assert docs.signature_differences(expected, expected, "f") == []
+    for parameters, message in cases:
+        problems = docs.signature_differences(expected.replace(parameters=parameters), expected, "f")
+        assert len(problems) == 1 and problems[0].startswith(f"f: {message}"), problems
+
+
+def test_the_args_check_names_each_drift():
+    """Each change of an ``Args`` entry is named; rewrapping its lines is not a change."""
     flora_optax = pytest.importorskip("flora_opt.optax")
-    torch_parameters = inspect.signature(Flora).parameters
-    for key, default in DEFAULTS.items():
-        assert torch_parameters[key].default == default, key
-        assert f"      {key} (" in Flora.__doc__, key
-    optax_parameters = inspect.signature(flora_optax.flora).parameters
-    for entry in options():
-        if entry.optax is not None:
-            assert optax_parameters[entry.optax].default == entry.optax_default, entry.optax
-            assert f"      {entry.optax} (" in flora_optax.flora.__doc__, entry.optax
-    assert inspect.signature(flora_optax.scale_by_flora) == inspect.signature(flora_optax.flora)
+    docs = _option_docs()
+    doc, expected = flora_optax.flora.__doc__, docs.args_entries("optax")
+    assert docs.args_differences(doc, expected, "f") == []
+    kappa, clipping = "      kappa (default 1000): resample", "      clipping_threshold (default 1.0)"
+    seed_entry = doc[doc.index("      seed (default 0)") : doc.index(kappa)]
+    assert (
+        docs.args_differences(doc.replace("resample the momentum", "resample the\n        momentum"), expected, "f")
+        == []
+    )
+    cases = [
+        (doc.replace(seed_entry, ""), "f: Args has no entry for 'seed'; the record's: seed (default 0): 32-bit seed"),
+        (doc.replace(kappa, "      kappa (default 100): resample"), "f: Args entry 'kappa' differs from the record's"),
+        (doc.replace("resample the momentum", "resample the momentum\n        projection"), "f: Args entry 'kappa'"),
+        (doc.replace(kappa, "      zeta (default 0.5): a throw-away option\n" + kappa), "f: Args entry 'zeta' is not"),
+        (doc.replace(seed_entry, "").replace(clipping, seed_entry + clipping), "f: Args entries in the order"),
+    ]
+    for text, message in cases:
+        problems = docs.args_differences(text, expected, "f")
+        assert len(problems) == 1 and problems[0].startswith(message), problems
+    assert docs.args_differences(None, {"x": "x (default 1): y"}, "f") == [
+        "f: Args has no entry for 'x'; the record's: x (default 1): y"
+    ]
 
 
 def test_torch_and_optax_defaults_give_the_same_record():
@@ -85,8 +156,34 @@ def test_a_tuple_option_is_validated_element_by_element():
         hyperparams.check_optax("rank", 4)
 
 
-# One field added to the record, in a copy of the package: nothing else is edited.
+# One field added to the record, in a copy of the package.
 _NEW_FIELD = '    zeta: float = option(0.5, "a throw-away option", _real(above=0.0), optax="zeta_opt", convert=float)\n'
+
+# ... then its argument and Args entry added to the written signatures (text anchor -> insertion).
+_WRITTEN = {
+    "optim.py": [
+        ("        foreach: bool | None = None,\n", "        zeta: float = 0.5,\n", 1, "before"),
+        ("      foreach (default None): ", "      zeta (default 0.5): a throw-away option\n", 1, "before"),
+    ],
+    "optax/alias.py": [
+        ('    projection_dtype: str = "float32",\n', "    zeta_opt: float = 0.5,\n", 2, "after"),
+        (
+            "        faster on CPUs with AVX512-BF16 and GPUs\n",
+            "      zeta_opt (keyword, default 0.5): a throw-away option. PyTorch: ``zeta``\n",
+            1,
+            "after",
+        ),
+    ],
+}
+
+_CHECK_SIGNATURES = textwrap.dedent("""
+    import sys
+    import flora_opt
+    assert flora_opt.__file__.startswith(sys.argv[1]), flora_opt.__file__
+    sys.path.insert(0, sys.argv[2])
+    import option_docs
+    print("\\n".join(option_docs.signature_problems()))
+""")
 
 _SCRIPT = textwrap.dedent("""
     import inspect, sys
@@ -103,11 +200,9 @@ _SCRIPT = textwrap.dedent("""
         else:
             raise AssertionError(f"no error: {text}")
 
-    # torch: a group option with its default, in the signature and the docstring, validated by name
+    # torch: a group option with its default, validated by name
     p = torch.nn.Parameter(torch.ones(4, 4))
     assert Flora([p], lr=0.1).defaults["zeta"] == 0.5
-    assert inspect.signature(Flora).parameters["zeta"].default == 0.5
-    assert "zeta (default 0.5): a throw-away option" in Flora.__doc__
     raises(lambda: Flora([p], lr=0.1, zeta=-1.0), "Invalid zeta: -1.0: must be a finite float > 0")
     raises(lambda: Flora([p], lr=0.1).add_param_group({"params": [torch.ones(2)], "zeta": 0}), "Invalid zeta: 0")
 
@@ -128,14 +223,11 @@ _SCRIPT = textwrap.dedent("""
     assert [group["zeta"] for group in saved["param_groups"]] == [0.25, 0.5, 0.75]
     Flora([{"params": [p]}, {"params": [q]}, {"params": [r]}], lr=0.1).load_state_dict(saved)
 
-    # optax: a keyword-only argument of flora with its default, validated by its optax name ...
+    # optax: an argument of flora validated by its optax name ...
     import jax.numpy as jnp, optax
     from flora_opt.optax import flora, scale_by_flora
-    parameter = inspect.signature(flora).parameters["zeta_opt"]
-    assert parameter.default == 0.5 and parameter.kind is parameter.KEYWORD_ONLY
-    assert "zeta_opt" in inspect.signature(scale_by_flora).parameters
-    assert "zeta_opt (keyword, default 0.5): a throw-away option. PyTorch: ``zeta``" in flora.__doc__
     raises(lambda: flora(1e-3, zeta_opt=-1.0), "Invalid zeta_opt: -1.0: must be a finite float > 0")
+    raises(lambda: scale_by_flora(1e-3, zeta_opt=0.0), "Invalid zeta_opt: 0.0: must be a finite float > 0")
 
     # ... that reaches the record of the core functions the stages call, injected or not
     seen.clear()
@@ -148,9 +240,10 @@ _SCRIPT = textwrap.dedent("""
         tx.update(params, tx.init(params), params)
     assert seen == [0.75] * 4, seen
 
-    # the doc tables: one more row each
+    # the written signatures agree with the record again; the doc tables have one more row each
     sys.path.insert(0, sys.argv[2])
     import option_docs
+    assert option_docs.signature_problems() == [], option_docs.signature_problems()
     assert "| `zeta` | `0.5` | a throw-away option | |" in option_docs.render("torch-options")
     assert "| `zeta_opt` (keyword) | 0.5 | `zeta` | 0.5 | |" in option_docs.render("optax-options")
     assert "    zeta_opt=0.5," in option_docs.render("optax-signature")
@@ -158,31 +251,56 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_adding_an_option_touches_only_the_record(tmp_path):
-    """docs/architecture.md's claim, executed: one field added to FloraHyperParams (in a copy of
-    the package) is a torch group option (default, signature, docstring, validation, checkpoint)
-    that reaches the record of core.flora_update and of the engine (a group that sets it away from
-    its default takes the per-tensor path until the engine implements it), and an optax argument of
-    flora/scale_by_flora (signature, docstring, validation, inject_hyperparams) that reaches the
-    record of the core functions the stages call, and a row of each doc table."""
-    pytest.importorskip("optax")
-    copy = tmp_path / "flora_opt"
-    shutil.copytree(ROOT / "flora_opt", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    record = copy / "hyperparams.py"
-    text = record.read_text()
-    anchor = "    foreach: bool | None = option("
-    assert text.count(anchor) == 1
-    record.write_text(text.replace(anchor, _NEW_FIELD + anchor))
+def _run(script: str, copy: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    completed = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(copy), str(ROOT / "tools")],
+    return subprocess.run(
+        [sys.executable, "-c", script, str(copy), str(ROOT / "tools")],
         env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def _insert(path: Path, edits) -> None:
+    text = path.read_text()
+    for anchor, line, count, where in edits:
+        assert text.count(anchor) == count, (path.name, anchor)
+        text = text.replace(anchor, line + anchor if where == "before" else anchor + line)
+    path.write_text(text)
+
+
+@pytest.mark.slow
+def test_adding_an_option(tmp_path):
+    """docs/architecture.md's recipe, executed in a copy of the package. One field added to
+    FloraHyperParams: the signature check names each written signature and Args section that
+    lacks it. With the argument and its Args line written in (and nothing else edited), it is a
+    torch group option (default, validation, checkpoint) that reaches the record of
+    core.flora_update and of the engine (a group that sets it away from its default takes the
+    per-tensor path until the engine implements it), an optax argument of flora/scale_by_flora
+    (validation, inject_hyperparams) that reaches the record of the core functions the stages
+    call, and a row of each doc table."""
+    pytest.importorskip("optax")
+    copy = tmp_path / "flora_opt"
+    shutil.copytree(ROOT / "flora_opt", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    _insert(copy / "hyperparams.py", [("    foreach: bool | None = option(", _NEW_FIELD, 1, "before")])
+
+    completed = _run(_CHECK_SIGNATURES, copy, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    problems = completed.stdout.strip().splitlines()
+    assert problems == [
+        "flora_opt.Flora: argument 'zeta' is missing (the record: keyword-only, default 0.5)",
+        "flora_opt.Flora: Args has no entry for 'zeta'; the record's: zeta (default 0.5): a throw-away option",
+        "flora_opt.optax.flora: argument 'zeta_opt' is missing (the record: keyword-only, default 0.5)",
+        "flora_opt.optax.flora: Args has no entry for 'zeta_opt'; the record's: zeta_opt (keyword, default 0.5): a "
+        "throw-away option. PyTorch: ``zeta``",
+        "flora_opt.optax.scale_by_flora: argument 'zeta_opt' is missing (the record: keyword-only, default 0.5)",
+    ]
+
+    for relative, edits in _WRITTEN.items():
+        _insert(copy / relative, edits)
+    completed = _run(_SCRIPT, copy, tmp_path)
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-4000:]
 
 

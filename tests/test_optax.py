@@ -14,7 +14,6 @@ import flora_opt  # noqa: E402
 from flora_opt import core  # noqa: E402
 from flora_opt.ops import get_ops  # noqa: E402
 from flora_opt.optax import (  # noqa: E402
-    STATIC_ARGS,
     CompressedEmaState,
     ScaleBySecondMomentState,
     compressed_ema,
@@ -26,9 +25,9 @@ from flora_opt.projection import tensor_seed  # noqa: E402
 
 
 def _stages(state):
-    """The states of the chain's second-moment and momentum stages (``None``: no momentum stage)."""
+    """The states of the chain's second-moment and momentum stages."""
     second = next(s for s in state if isinstance(s, ScaleBySecondMomentState))
-    return second, next((s for s in state if isinstance(s, CompressedEmaState)), None)
+    return second, next(s for s in state if isinstance(s, CompressedEmaState))
 
 
 def _tree_signature(tree):
@@ -42,7 +41,6 @@ def test_public_names():
     assert isinstance(scale_by_flora(1e-3), optax.GradientTransformation)
     state = tx.init({"w": jnp.ones((3, 3))})
     assert isinstance(state[0], ScaleBySecondMomentState) and isinstance(state[1], CompressedEmaState)
-    assert STATIC_ARGS == ()  # kept as a no-op: the chain needs no static arguments
 
 
 BAD_INPUTS = [
@@ -394,8 +392,6 @@ def test_learning_rate_can_be_injected_without_static_arguments():
         for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert _stages(state.inner_state)[1].exp_avg["w"].shape == (4, 40)
-    # The old static list is an empty tuple now: code that passes it still works.
-    optax.inject_hyperparams(flora, static_args=STATIC_ARGS)(learning_rate=0.1).init(params)
     # init fixes the layout: under jit the injected tau is traced, which is refused clearly.
     with pytest.raises(ValueError, match="traced value"):
         jax.jit(injected.init)(params)
@@ -471,9 +467,68 @@ def test_the_small_stages():
 
 
 def test_flora_is_a_chain_of_the_documented_stages():
+    """Eight stages whatever the values (the momentum and weight decay stages are there at
+    ``b1=None`` and ``weight_decay=0``); only ``multiply_by_parameter_scale=False`` drops one."""
     params = {"w": jnp.ones((16, 40))}
-    kinds = [type(s).__name__ for s in flora(1e-3, tau=4, weight_decay=0.1).init(params)]
     # second moment, momentum, clip, weight decay, learning rate, parameter scale, sign, non-finite
-    assert kinds == ["ScaleBySecondMomentState", "CompressedEmaState"] + ["EmptyState"] * 6
-    assert len(flora(1e-3, b1=None, multiply_by_parameter_scale=False).init(params)) == 5
-    assert isinstance(flora(optax.constant_schedule(1e-3)).init(params)[3], optax.ScaleByScheduleState)
+    kinds = ["ScaleBySecondMomentState", "CompressedEmaState"] + ["EmptyState"] * 6
+    for kwargs in (dict(tau=4, weight_decay=0.1), dict(), dict(b1=None), dict(b1=0.0, weight_decay=None)):
+        assert [type(s).__name__ for s in flora(1e-3, **kwargs).init(params)] == kinds, kwargs
+    no_momentum = flora(1e-3, b1=None).init(params)[1]
+    assert no_momentum.exp_avg["w"].shape == (0,)  # a placeholder
+    assert len(flora(1e-3, b1=None, multiply_by_parameter_scale=False).init(params)) == 7
+    assert isinstance(flora(optax.constant_schedule(1e-3)).init(params)[4], optax.ScaleByScheduleState)
+
+
+# Every numeric argument of flora (what inject_hyperparams turns into an array), at a value other
+# than its default. None values stay Python values under inject_hyperparams.
+_INJECTED_VALUES = {
+    "learning_rate": 0.05,
+    "b1": 0.0,
+    "b2": 0.7,
+    "tau": 2,
+    "seed": 7,
+    "kappa": 3,
+    "clipping_threshold": 0.5,
+    "weight_decay": 0.1,
+    "eps": 1e-20,
+    "min_dim_size_to_factor": 4,
+    "min_parameter_scale": 1e-2,
+    "max_aspect_ratio": 2.0,
+}
+
+
+def _numeric_arguments():
+    import inspect
+
+    parameters = inspect.signature(flora).parameters.values()
+    return [
+        p.name
+        for p in parameters
+        if p.name == "learning_rate" or (isinstance(p.default, (int, float)) and not isinstance(p.default, bool))
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [(None, None), *_INJECTED_VALUES.items(), ("b1", 0.5), ("b1", None), ("tau", None), ("weight_decay", None)],
+)
+def test_injected_hyperparameters_give_the_state_tree_of_flora(name, value):
+    """``inject_hyperparams`` turns every numeric argument into an array; the chain, and so the
+    state tree, must not depend on it: ``inject_hyperparams(flora)(...)``'s inner state and
+    ``flora(...)``'s state are interchangeable, at the defaults and away from them."""
+    assert sorted(_numeric_arguments()) == sorted(_INJECTED_VALUES)  # a new numeric argument needs a value here
+    kwargs = {"learning_rate": 0.1} if name is None else {"learning_rate": 0.1, name: value}
+    params = {"w": jnp.linspace(-1.0, 1.0, 8 * 24).reshape(8, 24), "v": jnp.ones((24, 6)), "b": jnp.ones((24,))}
+    grads = _grads_like(params, 0)
+    plain, injected = flora(**kwargs), optax.inject_hyperparams(flora)(**kwargs)
+    plain_state, injected_state = plain.init(params), injected.init(params)
+    assert _tree_signature(plain_state) == _tree_signature(injected_state.inner_state)
+    # Each update takes the other's state: one step of each, from the other's state, agree.
+    updates, plain_next = jax.jit(plain.update)(grads, injected_state.inner_state, params)
+    injected_updates, injected_next = jax.jit(injected.update)(
+        grads, injected_state._replace(inner_state=plain_state), params
+    )
+    assert _tree_signature(plain_next) == _tree_signature(injected_next.inner_state) == _tree_signature(plain_state)
+    for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(injected_updates)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -204,15 +204,39 @@ def test_single_micro_batch_cycles_hand_gradients_over_exact():
     assert int(state.accumulator.cycle) == 2
 
 
-def test_accumulator_functions_name_and_deprecated_alias():
-    import warnings
-
+def test_accumulator_functions_name():
     import flora_opt.optax as fo
 
-    acc = fo.compressed_accumulator(tau=4)
-    assert isinstance(acc, fo.AccumulatorFunctions)
-    assert "CompressedAccumulator" not in fo.__all__  # the torch flora_opt.CompressedAccumulator owns the name
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert fo.CompressedAccumulator is fo.AccumulatorFunctions
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert isinstance(fo.compressed_accumulator(tau=4), fo.AccumulatorFunctions)
+    # flora_opt.CompressedAccumulator is the PyTorch accumulator: the optax package has no such name
+    assert not hasattr(fo, "CompressedAccumulator") and "CompressedAccumulator" not in fo.__all__
+
+
+@pytest.mark.parametrize("tau", [None, 4])
+def test_multi_steps_keeps_the_dtypes_of_optax_multisteps(tau):
+    """As ``optax.MultiSteps``: the updates have the inner optimizer's dtype (float32 parameters
+    with bfloat16 gradients get float32 updates, not bfloat16-rounded ones), including the zero
+    updates between steps, and the inner state keeps its dtypes (adam's float16 moments of
+    float16 parameters, fed float32 gradients)."""
+    params = {"rows": jnp.linspace(-1.0, 1.0, 12 * 40).reshape(12, 40), "bias": jnp.ones((40,))}
+    cases = [
+        (flora(0.05, tau=4, b1=None), params, jnp.bfloat16),
+        (optax.adam(0.1), jax.tree.map(lambda p: p.astype(jnp.float16), params), jnp.float32),
+    ]
+    for inner, p, grad_dtype in cases:
+        ours = compressed_multi_steps(inner, every_k_schedule=2, tau=tau)
+        theirs = optax.MultiSteps(inner, every_k_schedule=2)
+        state, their_state = ours.init(p), theirs.init(p)
+        update, their_update = jax.jit(ours.update), jax.jit(theirs.update)
+        for t in range(4):
+            grads = jax.tree.map(lambda g, dtype=grad_dtype: g.astype(dtype), _micro_grads(t, p))
+            u, state = update(grads, state, p)
+            v, their_state = their_update(grads, their_state, p)
+            assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, v), t
+            assert jax.tree.map(lambda x: x.dtype, state.inner_opt_state) == jax.tree.map(
+                lambda x: x.dtype, their_state.inner_opt_state
+            )
+            if tau is None:  # plain sums: the same updates as optax.MultiSteps
+                for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(v)):
+                    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5)
+        assert bool(has_updated(state))

@@ -125,9 +125,9 @@ def _run_torch(params, grads, kw, lr, param_dtype=torch.float32):
 
 
 def _stages(state):
-    """The states of the chain's second-moment and momentum stages (``None``: no momentum stage)."""
+    """The states of the chain's second-moment and momentum stages."""
     second = next(s for s in state if isinstance(s, ScaleBySecondMomentState))
-    return second, next((s for s in state if isinstance(s, CompressedEmaState)), None)
+    return second, next(s for s in state if isinstance(s, CompressedEmaState))
 
 
 def _assert_close(a, b, rtol, atol, what):
@@ -144,13 +144,11 @@ def test_parameters_match_torch_every_step(name, kw, lr):
         _assert_close(a, b, rtol=2e-5, atol=2e-6, what=f"{name} step {t + 1}")
     # The states agree too, compressed momentum included (same projections on both sides).
     second, ema = _stages(jax_state)
-    assert (ema is None) == (kw["b1"] is None)
     for k, p in zip(sorted(params), tparams):
         st = opt.state[p]
         assert int(second.step[k]) == st["step"] == STEPS
-        if ema is not None:
-            assert int(ema.step[k]) == STEPS
-            assert int(ema.seed[k]) == st["seed"]
+        assert int(ema.step[k]) == (0 if kw["b1"] is None else STEPS)  # without momentum it passes through
+        assert int(ema.seed[k]) == st["seed"]
         if "exp_avg" in st:
             np.testing.assert_allclose(
                 np.asarray(ema.exp_avg[k]).reshape(st["exp_avg"].shape),
@@ -160,7 +158,7 @@ def test_parameters_match_torch_every_step(name, kw, lr):
                 err_msg=f"{name}: momentum of {k}",
             )
         else:
-            assert ema is None or ema.exp_avg[k].shape == (0,)
+            assert ema.exp_avg[k].shape == (0,)
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
             if key in st:
                 np.testing.assert_allclose(

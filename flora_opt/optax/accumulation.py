@@ -18,6 +18,7 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ from .. import core
 from ..hyperparams import is_int
 from ..ops import get_ops
 from ..projection import tensor_seed
-from .transform import _float_dtype, _placeholder, _safe_increment
+from ._common import float_dtype, placeholder
 
 __all__ = [
     "AccumulatorFunctions",
@@ -40,6 +41,9 @@ __all__ = [
     "compressed_multi_steps",
     "has_updated",
 ]
+
+# optax >= 0.2.4 names it safe_increment; older versions safe_int32_increment.
+_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 
 class AccumulatorState(NamedTuple):
@@ -62,7 +66,7 @@ class AccumulatorFunctions(NamedTuple):
     """Pure functions of a compressed gradient accumulator (see :func:`compressed_accumulator`).
 
     Named apart from the PyTorch ``flora_opt.CompressedAccumulator`` (an object with backward
-    hooks); ``flora_opt.optax.CompressedAccumulator`` is a deprecated alias of this class.
+    hooks).
 
     Attributes:
       init: ``init(params) -> AccumulatorState`` (cycle 0, zero buffers).
@@ -80,7 +84,7 @@ class AccumulatorFunctions(NamedTuple):
 
 def _plan(leaf, tau: int | None):
     """``core.accumulation_layout`` of a float leaf (section 12); ``None`` for other leaves."""
-    if _float_dtype(leaf) is None:
+    if float_dtype(leaf) is None:
         return None
     return core.accumulation_layout(np.shape(leaf), tau)
 
@@ -162,7 +166,7 @@ def compressed_accumulator(tau: int | None = 256, seed: int = 0, axis_name=None)
             seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
             plan = _plan(leaf, tau)
             if plan is None:
-                buffers.append(_placeholder())
+                buffers.append(placeholder())
             else:
                 shape = plan.buffer_shape() if plan.compressed else plan.shape
                 buffers.append(jnp.zeros(shape, jnp.float32))
@@ -284,40 +288,60 @@ def compressed_multi_steps(
             mini_step=jnp.zeros((), jnp.int32), inner_opt_state=opt.init(params), accumulator=accumulator.init(params)
         )
 
+    def cycle_gradients(acc_state, updates, weight, single):
+        """What ``opt`` receives at the end of a cycle: ``decompress(B; Q_c)`` in the dtypes of
+        the micro-batch gradients (as ``optax.MultiSteps`` casts its mean). A cycle of one
+        micro-batch has nothing to accumulate: its gradient is handed over exact (section 12, as
+        on the PyTorch side)."""
+        grads = accumulator.result(acc_state, like=updates)
+        return jax.tree.map(
+            lambda g, d: (
+                jnp.where(single, (weight * jnp.asarray(g, jnp.float32)).astype(d.dtype), d)
+                if float_dtype(d) is not None
+                else d
+            ),
+            updates,
+            grads,
+        )
+
     def update_fn(updates, state: CompressedMultiStepsState, params=None, **extra_args):
         k = every_k(state.accumulator.cycle)
         weight = 1.0 / jnp.asarray(k, jnp.float32) if use_grad_mean else 1.0
         acc_state = accumulator.add(updates, state.accumulator, weight=weight)
         emit = state.mini_step >= k - 1
 
-        def cast_like(tree):
-            return jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype), tree, updates)
-
-        def final(acc_state, inner_state):
-            grads = accumulator.result(acc_state, like=updates)
-            # Section 12: a cycle of one micro-batch has nothing to accumulate, its gradient is
-            # handed over exact (as on the PyTorch side).
-            single = state.mini_step == 0
-            grads = jax.tree.map(
-                lambda g, d: (
-                    jnp.where(single, (weight * jnp.asarray(g, jnp.float32)).astype(d.dtype), d)
-                    if _float_dtype(d) is not None
-                    else d
-                ),
-                updates,
-                grads,
-            )
+        def step(acc_state, inner_state):
+            grads = cycle_gradients(acc_state, updates, weight, single=state.mini_step == 0)
             new_updates, new_inner = opt.update(grads, inner_state, params, **extra_args)
-            return cast_like(new_updates), new_inner, accumulator.reset(acc_state)
+            # As optax.MultiSteps: the inner state keeps its dtypes whatever the gradients' are
+            # (adam's float16 moments fed float32 gradients), so both branches have one type.
+            return new_updates, _cast_like(new_inner, inner_state), accumulator.reset(acc_state)
 
         def accumulate(acc_state, inner_state):
-            return jax.tree.map(lambda u: jnp.zeros_like(jnp.asarray(u)), updates), inner_state, acc_state
+            return _zeros_of(inner_updates), inner_state, acc_state
 
-        if isinstance(emit, bool):
-            new_updates, new_inner, acc_state = (final if emit else accumulate)(acc_state, state.inner_opt_state)
-        else:
-            new_updates, new_inner, acc_state = jax.lax.cond(emit, final, accumulate, acc_state, state.inner_opt_state)
+        # The updates between steps are zeros of the inner optimizer's update dtypes (as
+        # optax.MultiSteps), never cast to the gradients' (float32 params, bfloat16 gradients).
+        inner_updates = _update_shapes(opt, updates, state.inner_opt_state, params, extra_args)
+        new_updates, new_inner, acc_state = jax.lax.cond(emit, step, accumulate, acc_state, state.inner_opt_state)
         mini_step = jnp.where(emit, jnp.zeros((), jnp.int32), _safe_increment(state.mini_step))
         return new_updates, CompressedMultiStepsState(mini_step, new_inner, acc_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_shapes(opt, updates, inner_state, params, extra_args):
+    """The shapes and dtypes of ``opt.update``'s updates, traced abstractly (array extra
+    arguments are passed as arguments, the others bound, as ``optax.MultiSteps`` does)."""
+    static = {name: value for name, value in extra_args.items() if not isinstance(value, jax.Array)}
+    dynamic = {name: value for name, value in extra_args.items() if isinstance(value, jax.Array)}
+    update = functools.partial(opt.update, **static)
+    return jax.eval_shape(update, updates, inner_state, params, **dynamic)[0]
+
+
+def _zeros_of(shapes):
+    return jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), shapes)
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), tree, like)

@@ -34,8 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import core
 from .accumulation import AccumulatorState
-from .ema import CompressedEmaState
-from .transform import ScaleBySecondMomentState
+from .transform import CompressedEmaState, ScaleBySecondMomentState
 
 __all__ = ["state_shardings"]
 

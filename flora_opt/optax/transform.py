@@ -1,7 +1,7 @@
-r"""``flora``: the Flora update (docs/algorithm.md section 8) as an ``optax.chain`` of small transformations.
+r"""The stages of Flora's optax chain, each an ``optax.GradientTransformation`` of its own.
 
-Built the way ``optax.adafactor`` is, with Flora's momentum in place of ``optax.ema``. For a leaf
-``W`` (an ``m x n`` matrix view) with gradient ``G`` at its step ``t``:
+For a leaf ``W`` (an ``m x n`` matrix view) with incoming update ``G`` at its step ``t``
+(docs/algorithm.md sections 5-9):
 
 .. math::
    \begin{aligned}
@@ -11,16 +11,15 @@ Built the way ``optax.adafactor`` is, with Flora's momentum in place of ``optax.
      &&\text{full: } M_t = b_1 M + (1-b_1) U,\ D = M_t;\ \text{compressed: } D = (1-b_1) U + b_1 s P^\top M \\
    &D \leftarrow D / \max(1, \mathrm{RMS}(D)/d) &&\text{clip\_by\_rms} \\
    &D \leftarrow D + \lambda W &&\text{add\_weight\_decay (decoupled)} \\
-   &D \leftarrow \alpha_t D &&\text{optax.scale\_by\_learning\_rate} \\
    &D \leftarrow \max(\epsilon_2, \mathrm{RMS}(W))\, D &&\text{scale\_by\_param\_rms} \\
-   &\text{update} = -D &&\text{optax.scale(-1)} \\
    &\text{update} \leftarrow 0 \text{ where not finite} &&\text{zero\_non\_finite (section 9)}
    \end{aligned}
 
-so that ``W_t = W - eta_t D_clip - eta_t lambda W`` with ``eta_t = alpha_t max(eps2, RMS(W))``: the
-weight decay is added before the two scalings, which is what scales it by ``eta_t`` as in the
-PyTorch :class:`flora_opt.Flora`. No ``scale_by_*`` takes a learning rate, so
-``optax.inject_hyperparams(flora)(learning_rate=...)`` works without a list of static arguments.
+:func:`flora_opt.optax.flora` chains them (``flora_opt/optax/alias.py``). The two stateful stages
+call the core (:func:`flora_opt.core.normalised_update`, :func:`flora_opt.core.momentum_direction`)
+per leaf with one record of every option: :func:`second_moment_stage` and :func:`momentum_stage`
+take that record, :func:`scale_by_second_moment` and :func:`compressed_ema` build it from their
+own arguments.
 
 **The state fixes the layout.** ``init`` decides each leaf's layout (section 1) from the
 arguments; ``update`` reads it back from the state's shapes (placeholder, full or compressed
@@ -31,15 +30,17 @@ argument into one); only ``init`` needs them concrete (call it outside ``jax.jit
 
 **Non-finite steps (section 9)** are decided per stage, each on its own output: a stage whose
 output leaf has a non-finite sum of squares keeps that leaf's state and step count and passes the
-non-finite values on, ``clip_by_rms`` turns a leaf with a non-finite RMS into NaN, and the last
-stage sets such a leaf's update to zero. docs/jax.md ("Non-finite gradients") says where this can
-differ from the PyTorch single decision on ``RMS(D)``: only at the float32 overflow boundary.
+non-finite values on, ``clip_by_rms`` turns a leaf with a non-finite RMS into NaN, and
+``zero_non_finite`` sets such a leaf's update to zero. docs/jax.md ("Non-finite gradients") says
+where this can differ from the PyTorch single decision on ``RMS(D)``: only at the float32
+overflow boundary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import jax
@@ -49,136 +50,25 @@ import optax
 
 from .. import core
 from ..core import EXP_AVG_SQ, EXP_AVG_SQ_COL, EXP_AVG_SQ_ROW
-from ..hyperparams import (
-    FloraHyperParams,
-    check_optax,
-    check_real,
-    docstring_args,
-    from_optax,
-    is_real,
-    optax_flags,
-    optax_signature,
-)
+from ..hyperparams import FloraHyperParams, from_optax, is_real
 from ..ops import get_ops
+from ..projection import tensor_seed
+from ._common import check_arguments, concrete, concrete_record, float_dtype, placeholder, static_value, traced
 
 __all__ = [
-    "STATIC_ARGS",
+    "CompressedEmaState",
     "ScaleBySecondMomentState",
     "add_weight_decay",
     "clip_by_rms",
-    "flora",
-    "scale_by_flora",
+    "compressed_ema",
+    "momentum_stage",
     "scale_by_param_rms",
     "scale_by_second_moment",
-    "state_bytes",
+    "second_moment_stage",
     "zero_non_finite",
 ]
 
 MaskOrFn = Any | Callable[[Any], Any] | None
-
-#: Kept for code written for the former monolithic transformation, which had to be injected with
-#: ``optax.inject_hyperparams(flora, static_args=STATIC_ARGS)``. The chain needs no static
-#: argument, so this is now empty: passing it changes nothing.
-STATIC_ARGS: tuple[str, ...] = ()
-
-# optax >= 0.2.4 names it safe_increment; older versions safe_int32_increment.
-_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
-
-
-def _placeholder():
-    return jnp.zeros((0,), jnp.float32)
-
-
-def _traced(value) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def _concrete(value):
-    """A concrete 0-d array (what ``inject_hyperparams`` passes to ``init``) as a Python number;
-    tracers, Python values and everything else unchanged."""
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not _traced(value) and np.ndim(value) == 0:
-        dtype = np.dtype(value.dtype)
-        if dtype == np.bool_:
-            return bool(value)
-        if np.issubdtype(dtype, np.integer):
-            return int(value)
-        if np.issubdtype(dtype, np.floating):
-            return float(value)
-    return value
-
-
-def _static(name: str, value):
-    """The Python value of an argument that fixes the state layout (only ``init`` reads these)."""
-    value = _concrete(value)
-    if _traced(value):
-        raise ValueError(
-            f"Invalid {name}: a traced value: it fixes the state layout, so init needs it concrete "
-            "(call tx.init outside jax.jit/eval_shape, or list it in inject_hyperparams' static_args)"
-        )
-    return value
-
-
-def _is_zero(value) -> bool:
-    """``None`` or a Python/NumPy number equal to 0 (arrays, possibly traced, are not)."""
-    return value is None or (is_real(value) and float(value) == 0.0)
-
-
-def _validate(arguments: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the argument and the bad value: ``learning_rate`` (a number, 0-d
-    array or schedule) here, every other argument by :func:`_check_arguments`."""
-    learning_rate = arguments["learning_rate"]
-    if learning_rate is None:
-        raise ValueError("Invalid learning_rate: None: pass a float or an optax schedule")
-    if not callable(learning_rate) and not _traced(learning_rate):
-        if isinstance(learning_rate, (jax.Array, np.ndarray)) and not is_real(learning_rate):
-            if np.ndim(learning_rate) != 0:
-                raise ValueError(
-                    f"Invalid learning_rate: an array learning_rate must be 0-d, got shape {np.shape(learning_rate)}"
-                )
-            if not jnp.issubdtype(learning_rate.dtype, jnp.floating) and not jnp.issubdtype(
-                learning_rate.dtype, jnp.integer
-            ):
-                raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a real number")
-            check_real("learning_rate", float(learning_rate), at_least=0.0)
-        elif is_real(learning_rate):
-            check_real("learning_rate", learning_rate, at_least=0.0)
-        else:
-            raise ValueError(f"Invalid learning_rate: {learning_rate!r}: expected a float or a schedule")
-    _check_arguments({name: value for name, value in arguments.items() if name != "learning_rate"})
-
-
-def _check_arguments(arguments: Mapping[str, Any]) -> None:
-    """Each optax argument by its rule in the record (:func:`flora_opt.hyperparams.check_optax`,
-    the rules :class:`flora_opt.Flora` applies under the torch names). Concrete 0-d arrays are
-    checked as Python numbers; traced values (under ``inject_hyperparams``, inside a jitted
-    ``update``) were checked when ``init`` ran."""
-    flags = optax_flags()
-    for name, value in arguments.items():
-        if isinstance(value, (jax.Array, np.ndarray)) and not _traced(value) and np.ndim(value) == 0:
-            if np.dtype(value.dtype) == np.bool_ and name not in flags:
-                check_optax(name, value)  # a boolean array is refused with the value named
-                continue
-            value = _concrete(value)
-        if not _traced(value):
-            check_optax(name, value)
-
-
-def _concrete_record(hp: FloraHyperParams) -> FloraHyperParams:
-    """``hp`` with its concrete 0-d arrays as Python numbers (what ``init`` reads the layout from)."""
-    return replace(hp, **{f.name: _concrete(getattr(hp, f.name)) for f in fields(hp)})
-
-
-def _float_dtype(value):
-    """The leaf's dtype if it is a real floating array or number; ``None`` otherwise."""
-    try:
-        dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.dtype(jnp.result_type(value))
-    except TypeError:  # not an array or a number (e.g. a string in a config-like tree)
-        return None
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise ValueError(f"Flora does not support complex parameters or gradients (dtype {dtype})")
-    if jnp.issubdtype(dtype, jnp.floating):
-        return dtype
-    return None
 
 
 def _explicit_sharding(value):
@@ -304,37 +194,37 @@ def scale_by_second_moment(
     arguments = dict(
         b2=b2, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor, factorized_second_moment=factorized_second_moment
     )
-    _check_arguments(arguments)
-    return _second_moment(from_optax(arguments))
+    check_arguments(arguments)
+    return second_moment_stage(from_optax(arguments))
 
 
-def _second_moment(hp: FloraHyperParams) -> optax.GradientTransformation:
-    """:func:`scale_by_second_moment` reading the whole record ``hp`` (what :func:`flora` builds):
+def second_moment_stage(hp: FloraHyperParams) -> optax.GradientTransformation:
+    """:func:`scale_by_second_moment` reading the whole record ``hp`` (what :func:`flora_opt.optax.flora` builds):
     ``init`` lays the state out with :func:`flora_opt.core.tensor_layout`, ``update`` calls
     :func:`flora_opt.core.normalised_update` with ``hp``."""
     ops = get_ops("jax")
 
     def init_fn(params):
         layout_hp = replace(
-            _concrete_record(hp),
+            concrete_record(hp),
             beta1=None,
-            factorize_second_moment=_static("factorized_second_moment", hp.factorize_second_moment),
-            min_dim_size_to_factor=_static("min_dim_size_to_factor", hp.min_dim_size_to_factor),
+            factorize_second_moment=static_value("factorized_second_moment", hp.factorize_second_moment),
+            min_dim_size_to_factor=static_value("min_dim_size_to_factor", hp.min_dim_size_to_factor),
         )
         leaves, treedef = jax.tree_util.tree_flatten(params)
         fields: dict[str, list] = {name: [] for name in ScaleBySecondMomentState._fields}
         for leaf in leaves:
             fields["step"].append(jnp.zeros((), jnp.int32))
             shapes = (
-                _state_shapes(core.tensor_layout(np.shape(leaf), layout_hp)) if _float_dtype(leaf) is not None else {}
+                _state_shapes(core.tensor_layout(np.shape(leaf), layout_hp)) if float_dtype(leaf) is not None else {}
             )
             for name, key in _SECOND_MOMENT_FIELDS.items():
-                fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else _placeholder())
+                fields[name].append(jnp.zeros(shapes[key], jnp.float32) if key in shapes else placeholder())
         return ScaleBySecondMomentState(**{name: treedef.unflatten(v) for name, v in fields.items()})
 
     def leaf_update(grad, leaf_state):
         step, row, col, full = leaf_state
-        if _float_dtype(grad) is None:
+        if float_dtype(grad) is None:
             return _non_float_update(grad), leaf_state
         grad = jnp.asarray(grad)
         new_step = step + 1
@@ -372,12 +262,154 @@ def _second_moment(hp: FloraHyperParams) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class CompressedEmaState(NamedTuple):
+    """Per-leaf step counts (int32), seeds (uint32) and momenta (float32; placeholders where unused).
+
+    A momentum is compressed ``(tau, n)`` (``m <= n``) or ``(m, tau)``, full (the parameter's
+    shape), or a ``(0,)`` placeholder; ``update`` reads the layout back from these shapes.
+    """
+
+    step: optax.Params
+    seed: optax.Params
+    exp_avg: optax.Params
+
+
+def _layout_from_state(shape, momentum_shape) -> core.TensorLayout:
+    """The momentum layout that ``init`` chose, recovered from the state's shape (so ``update``
+    needs neither ``tau`` nor ``max_aspect_ratio`` as Python values)."""
+    matrix = core.matrix_view(shape)
+    if matrix is not None and min(matrix) == 0:
+        matrix = None
+    if momentum_shape == (0,) and shape != (0,):
+        kind, side, rank = core.MOMENTUM_NONE, None, None
+    elif matrix is None or momentum_shape in (tuple(shape), matrix):
+        kind, side, rank = core.MOMENTUM_FULL, None, None
+    else:
+        m, n = matrix
+        side = core.SIDE_ROWS if m <= n else core.SIDE_COLS
+        kind, rank = core.MOMENTUM_COMPRESSED, momentum_shape[0] if side == core.SIDE_ROWS else momentum_shape[1]
+    return core.TensorLayout(tuple(shape), matrix, False, kind, side, rank)
+
+
+def compressed_ema(
+    b1: float | None = 0.9,
+    tau: int | None = 256,
+    kappa: int = 1000,
+    seed: int = 0,
+    max_aspect_ratio: float | None = 4.0,
+) -> optax.GradientTransformation:
+    r"""Flora's momentum (docs/algorithm.md sections 1, 3, 4 and 8), a drop-in for ``optax.ema``.
+
+    For each leaf, with ``U`` the incoming update (in Flora, the Adafactor-normalised gradient)
+    and ``t`` the leaf's step count (:func:`flora_opt.core.momentum_direction`):
+
+    .. math::
+       \text{full momentum (} \tau = \text{None, small or embedding-like leaves):}\quad
+         M_t = \beta_1 M_{t-1} + (1-\beta_1) U, \quad D = M_t \\
+       \text{compressed:}\quad P = P_k\ (k = \lfloor (t-1)/\kappa \rfloor,\ M \text{ transferred at a resample}),\quad
+         s = \|M_{t-1}\|_F / \|P^\top M_{t-1}\|_F \\
+       D = (1-\beta_1) U + \beta_1 s P^\top M_{t-1}, \qquad M_t = \beta_1 M_{t-1} + (1-\beta_1) P U
+
+    and the transformation outputs ``D``. With ``tau=None`` it is ``optax.ema(b1, debias=False)``
+    (tested). A leaf whose ``D`` is not finite keeps its state and step count (section 9,
+    :func:`flora_opt.core.keep_if_finite`) and passes the non-finite ``D`` on, so that a later
+    stage can zero it. It takes no learning rate, so a chain built with it works with
+    ``optax.inject_hyperparams`` without a list of static arguments.
+
+    Args:
+      b1: momentum coefficient ``beta1`` in ``[0, 1)``; ``None`` or 0: no momentum (the updates
+        pass through, every momentum is a placeholder).
+      tau: projection rank ``r`` (``None``: full momentum for every leaf).
+      kappa: resample interval.
+      seed: 32-bit seed; leaf ``i`` (in ``jax.tree_util.tree_leaves`` order) uses
+        ``tensor_seed(seed, i)``, as :func:`flora_opt.optax.flora` does.
+      max_aspect_ratio: matrices with ``max(m, n) > ratio * min(m, n)`` keep full momentum.
+
+    ``b1`` (whether it is 0), ``tau``, ``seed`` and ``max_aspect_ratio`` are read by ``init`` only
+    (they fix the state); ``update`` takes the layout from the state's shapes, so ``b1`` and
+    ``kappa`` may be traced arrays there (``optax.inject_hyperparams``).
+
+    Example::
+
+        tx = optax.chain(optax.scale_by_factored_rms(), compressed_ema(0.9, tau=32, kappa=1000),
+                         optax.clip_by_block_rms(1.0), optax.scale_by_learning_rate(1e-3))
+    """
+    arguments = dict(b1=b1, tau=tau, kappa=kappa, seed=seed, max_aspect_ratio=max_aspect_ratio)
+    check_arguments(arguments)
+    return momentum_stage(from_optax(arguments))
+
+
+def momentum_stage(hp: FloraHyperParams) -> optax.GradientTransformation:
+    """:func:`compressed_ema` reading the whole record ``hp`` (what :func:`flora_opt.optax.flora`
+    builds): ``init`` lays the state out with :func:`flora_opt.core.tensor_layout`, ``update``
+    calls :func:`flora_opt.core.momentum_direction` with ``hp``."""
+    ops = get_ops("jax")
+
+    def init_fn(params):
+        b1_value = static_value("b1", hp.beta1)
+        kappa_value = concrete(hp.kappa)  # only for the stability warning: skipped when traced
+        layout_hp = replace(
+            concrete_record(hp),
+            rank=static_value("tau", hp.rank),
+            kappa=1 if traced(kappa_value) else kappa_value,
+            beta1=None if not b1_value else float(b1_value),
+            max_aspect_ratio=static_value("max_aspect_ratio", hp.max_aspect_ratio),
+        )
+        base_seed = static_value("seed", hp.seed)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        steps, seeds, momenta = [], [], []
+        for index, leaf in enumerate(leaves):
+            steps.append(jnp.zeros((), jnp.int32))
+            seeds.append(jnp.asarray(tensor_seed(base_seed, index), dtype=jnp.uint32))
+            shape = None
+            if float_dtype(leaf) is not None:
+                layout = core.tensor_layout(jnp.shape(leaf), layout_hp)
+                shape = _state_shapes(layout).get(core.EXP_AVG)
+                message = None if traced(kappa_value) else core.unstable_transfer_message(layout, layout_hp)
+                if message is not None:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+            momenta.append(jnp.zeros(shape, jnp.float32) if shape is not None else placeholder())
+        return CompressedEmaState(*(treedef.unflatten(x) for x in (steps, seeds, momenta)))
+
+    def leaf_update(update, leaf_state):
+        step, leaf_seed, momentum = leaf_state
+        if float_dtype(update) is None or jnp.size(update) == 0:
+            return update, leaf_state
+        update = jnp.asarray(update)
+        layout = _layout_from_state(update.shape, tuple(momentum.shape))
+        if layout.momentum == core.MOMENTUM_NONE:
+            return update, leaf_state
+        new_step = step + 1
+        normalised = update.astype(jnp.float32).reshape(layout.work_shape)
+        direction, new_state = core.momentum_direction(
+            normalised, momentum.reshape(layout.momentum_shape()), new_step, leaf_seed, layout, hp, ops
+        )
+        finite = jnp.isfinite(jnp.sum(direction * direction))
+        new_momentum = core.keep_if_finite(finite, new_state[core.EXP_AVG].reshape(momentum.shape), momentum, ops)
+        kept_step = core.keep_if_finite(finite, new_step, step, ops)
+        return direction.reshape(update.shape).astype(update.dtype), (kept_step, leaf_seed, new_momentum)
+
+    def update_fn(updates, state: CompressedEmaState, params=None):
+        del params
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        fields = _flatten_state(treedef, state._asdict())
+        results = [
+            _on_leaf(leaf_update, leaf, (fields["step"][i], fields["seed"][i], fields["exp_avg"][i]))
+            for i, leaf in enumerate(leaves)
+        ]
+        new_updates = treedef.unflatten([r[0] for r in results])
+        steps, seeds, momenta = (treedef.unflatten([r[1][j] for r in results]) for j in range(3))
+        return new_updates, CompressedEmaState(step=steps, seed=seeds, exp_avg=momenta)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _map_float(fn, updates, *trees):
     """``fn(update, *leaves)`` on the float leaves of ``updates`` (``trees`` flattened up to it);
     other leaves pass through."""
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     others = [treedef.flatten_up_to(tree) for tree in trees]
-    out = [fn(u, *rest) if _float_dtype(u) is not None else u for u, *rest in zip(leaves, *others, strict=True)]
+    out = [fn(u, *rest) if float_dtype(u) is not None else u for u, *rest in zip(leaves, *others, strict=True)]
     return treedef.unflatten(out)
 
 
@@ -393,7 +425,7 @@ def clip_by_rms(threshold: float | None = 1.0) -> optax.GradientTransformation:
     whose ``RMS(D)`` is not finite becomes NaN, so that :func:`zero_non_finite` skips it: the
     PyTorch optimizer skips exactly the tensors with a non-finite ``RMS(D)`` (section 9).
     """
-    _check_arguments(dict(clipping_threshold=threshold))
+    check_arguments(dict(clipping_threshold=threshold))
 
     def clip(u):
         rms = _rms32(u)
@@ -407,20 +439,26 @@ def clip_by_rms(threshold: float | None = 1.0) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def add_weight_decay(weight_decay: float, mask: MaskOrFn = None) -> optax.GradientTransformation:
+def add_weight_decay(weight_decay: float | None, mask: MaskOrFn = None) -> optax.GradientTransformation:
     r"""``D <- D + lambda W`` (in float32) on the leaves that ``mask`` selects.
 
     Placed before ``scale_by_learning_rate`` and :func:`scale_by_param_rms`, the decay ends up
     ``eta_t lambda W``, scaled like the step (section 8). ``mask``: a tree of Python bools with
-    the structure of the params, or a function of the params returning one.
+    the structure of the params, or a function of the params returning one. A ``weight_decay``
+    of ``None`` or a Python 0 passes the updates through and needs no params; an array (what
+    ``optax.inject_hyperparams`` passes) is applied whatever its value. Stateless either way
+    (``optax.EmptyState``), so the chain that holds it has one state tree.
     """
+    check_arguments(dict(weight_decay=weight_decay))
+    if weight_decay is None or (is_real(weight_decay) and weight_decay == 0):
+        return optax.identity()
 
     def update_fn(updates, state, params=None):
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         param_leaves = _flatten_params(treedef, params, "the weight decay")
         selected = _resolve_mask(mask, params, treedef, len(leaves))
         out = [
-            u + weight_decay * jnp.asarray(p).astype(jnp.float32) if keep and _float_dtype(u) is not None else u
+            u + weight_decay * jnp.asarray(p).astype(jnp.float32) if keep and float_dtype(u) is not None else u
             for u, p, keep in zip(leaves, param_leaves, selected, strict=True)
         ]
         return treedef.unflatten(out), state
@@ -449,7 +487,7 @@ def zero_non_finite() -> optax.GradientTransformation:
         def leaf(u, p=None):
             finite = jnp.all(jnp.isfinite(u))
             out = core.keep_if_finite(finite, u, jnp.zeros_like(u), ops)
-            dtype = None if p is None else _float_dtype(p)
+            dtype = None if p is None else float_dtype(p)
             return out if dtype is None else out.astype(dtype)
 
         if params is None:
@@ -458,105 +496,3 @@ def zero_non_finite() -> optax.GradientTransformation:
         return _map_float(leaf, updates, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def _parts(arguments: Mapping[str, Any]) -> list[optax.GradientTransformation]:
-    """Validate ``flora``'s arguments (by optax name), then the chain's stages up to (not
-    including) the sign flip. The stateful stages read the one record :func:`from_optax` builds,
-    so an option of the record reaches the core functions they call without being passed by name."""
-    _validate(arguments)
-    hp = from_optax(arguments)
-    from .ema import _compressed_ema  # ema.py imports this module's helpers
-
-    parts = [_second_moment(hp)]
-    if not _is_zero(hp.beta1):
-        parts.append(_compressed_ema(hp))
-    parts.append(clip_by_rms(hp.clip_threshold))
-    if not _is_zero(hp.weight_decay):
-        parts.append(add_weight_decay(hp.weight_decay, hp.weight_decay_mask))
-    parts.append(optax.scale_by_learning_rate(hp.lr, flip_sign=False))
-    if hp.scale_parameter:
-        parts.append(scale_by_param_rms(hp.eps2))
-    return parts
-
-
-def _arguments(args, kwargs) -> dict[str, Any]:
-    """``flora``'s arguments by name, defaults filled in (a ``TypeError`` for unknown ones, as a call)."""
-    bound = _FLORA_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-def flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
-    r"""Flora: Adafactor whose momentum is compressed by regenerated Gaussian projections.
-
-    For an ``m x n`` weight the momentum costs ``tau * max(m, n)`` floats instead of ``m * n``
-    and the second moment ``m + n``; the projections are regenerated from a per-leaf seed kept in
-    the state. The same algorithm, and the same projection matrices, as the PyTorch
-    :class:`flora_opt.Flora` (docs/algorithm.md; the argument mapping is in docs/jax.md).
-
-    Args:
-      <options>
-
-    Returns:
-      ``optax.chain(scale_by_second_moment(b2, eps, ...), compressed_ema(b1, tau, kappa, seed, ...),
-      clip_by_rms(clipping_threshold), add_weight_decay(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate, flip_sign=False),
-      scale_by_param_rms(min_parameter_scale), optax.scale(-1.0), zero_non_finite())``, without
-      the momentum stage when ``b1`` is ``None``/0, the weight decay when it is 0 and the
-      parameter scale when ``multiply_by_parameter_scale=False`` (module docstring). Every
-      argument may be injected with ``optax.inject_hyperparams(flora)(learning_rate=...)``, no
-      static list needed (``init`` must then run outside ``jax.jit``: it fixes the layout).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from flora_opt.optax import flora
-      >>> params = {"w": jnp.ones((512, 256)), "b": jnp.zeros((256,))}
-      >>> tx = flora(1e-3, tau=32, kappa=100)
-      >>> state = tx.init(params)
-      >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
-      >>> params = optax.apply_updates(params, updates)
-
-    References:
-      Yongchang Hao, Yanshuai Cao, Lili Mou. "Flora: Low-Rank Adapters Are Secretly Gradient
-      Compressors", ICML 2024. https://arxiv.org/abs/2402.03293
-
-    Note:
-      Deviations from the reference JAX code (``flora-opt==0.0.3``): defaults ``tau=256,
-      b2=0.8`` (the reference used ``tau=4, b2=0.99``); projections come from the portable
-      generator of docs/algorithm.md section 2 (not ``jax.random``), so they equal the PyTorch
-      ones; the momentum transfer applies ``P_new P_old^T M`` (the reference re-projected with
-      the old key, scrambling the momentum at every resample); momentum and statistics are
-      float32 (not bfloat16); the smaller matrix dimension is compressed and ``ndim > 2``
-      leaves are viewed as ``(shape[0], -1)``; a non-finite gradient leaves its leaf's update
-      at zero and its state unchanged; the momentum averages the normalised gradient ``U_t``, the
-      history is rescaled by ``s`` and the weight decay is scaled by ``eta_t`` (the reference
-      added unscaled weight decay after the step).
-    """
-    return optax.chain(*_parts(_arguments(args, kwargs)), optax.scale(-1.0), zero_non_finite())
-
-
-def scale_by_flora(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
-    r"""The Flora step ``Delta_t = eta_t (D_clip + lambda W)`` of every leaf, to be *subtracted*:
-    :func:`flora` without its ``optax.scale(-1)`` (kept for code written against the former
-    monolithic transformation; its state is now the chain's tuple). Same arguments as
-    :func:`flora` (its signature is :func:`flora`'s, so the defaults have one home)."""
-    return optax.chain(*_parts(_arguments(args, kwargs)), zero_non_finite())
-
-
-# flora's signature, defaults and Args lines come from the record (flora_opt.hyperparams): every
-# option is there with its default for inspect.signature, help() and optax.inject_hyperparams.
-_FLORA_SIGNATURE = optax_signature().replace(return_annotation=optax.GradientTransformationExtraArgs)
-flora.__signature__ = scale_by_flora.__signature__ = _FLORA_SIGNATURE
-if flora.__doc__:  # None under python -OO
-    flora.__doc__ = flora.__doc__.replace("      <options>\n", docstring_args("optax", 6) + "\n")
-
-
-def state_bytes(state) -> int:
-    """Bytes of all arrays in an optax state (works on ``jax.eval_shape`` output too)."""
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(state):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-    return total
