@@ -16,6 +16,7 @@ from flora_opt.optax import (  # noqa: E402
     has_updated,
 )
 from flora_opt.projection import STREAM_ACCUMULATION, gaussian_projection, projection_key, tensor_seed  # noqa: E402
+from flora_opt.reference import reference_subspace_accumulation  # noqa: E402
 
 K = 3
 
@@ -51,7 +52,7 @@ def _naive_mean(params, ts):
 
 def test_layout_and_fresh_projection_each_cycle():
     params = _params()
-    acc = compressed_accumulator(tau=4, seed=7)
+    acc = compressed_accumulator(tau=4, seed=7, estimator="gaussian")
     state = acc.init(params)
     shapes = jax.tree.map(jnp.shape, state.buffer)
     assert shapes == {"rows": (4, 40), "cols": (40, 4), "conv": (4, 12), "bias": (40,), "small": (3, 40), "ids": (0,)}
@@ -73,9 +74,67 @@ def test_layout_and_fresh_projection_each_cycle():
     assert not np.allclose(q0, core.momentum_projection(seed, 0, 4, 12, ops))
 
 
+def test_subspace_state_layout_and_reference():
+    """The default estimator keeps a (min(m, n), tau) basis per compressed leaf (the Gaussian of
+    cycle 0 at first) and hands over the float64 reference's estimate; exact when the cycle's sum
+    lies in a rank-tau column space."""
+    params = _params()
+    acc = compressed_accumulator(tau=4, seed=7)
+    state = acc.init(params)
+    shapes = jax.tree.map(jnp.shape, state.basis)
+    assert shapes == {"rows": (12, 4), "cols": (10, 4), "conv": (10, 4), "bias": (0,), "small": (0,), "ids": (0,)}
+    ops = get_ops("jax")
+    seed = tensor_seed(7, sorted(params).index("rows"))
+    np.testing.assert_array_equal(state.basis["rows"], core.initial_basis(seed, 4, 12, ops))
+    rng = np.random.default_rng(0)
+    column_space = rng.standard_normal((12, 4))
+    for exact in (True, False):
+        micro = [column_space @ rng.standard_normal((4, 40)) for _ in range(K)]
+        if not exact:
+            micro = [g + 0.5 * rng.standard_normal(g.shape) for g in micro]
+        state = acc.init(params)
+        for g in micro:
+            state = jax.jit(acc.add)(dict(_micro_grads(0), rows=jnp.asarray(g, jnp.float32)), state)
+        estimate = np.asarray(acc.result(state, like=params)["rows"], np.float64)
+        expected, _ = reference_subspace_accumulation(micro, 4, seed)
+        np.testing.assert_allclose(estimate, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+        if exact:
+            np.testing.assert_allclose(estimate, sum(micro), rtol=0, atol=2e-5 * np.abs(expected).max())
+    finished, next_state = acc.finish(state, like=params)
+    assert int(next_state.cycle) == 1 and not np.any(np.asarray(next_state.buffer["rows"]))
+    np.testing.assert_array_equal(next_state.basis["rows"], state.basis["rows"])
+    np.testing.assert_array_equal(finished["rows"], acc.result(state, like=params)["rows"])
+
+
+def test_subspace_estimator_matches_torch():
+    """The JAX accumulator and the PyTorch CompressedAccumulator compute the same estimate from the
+    same micro-batch gradients, over two cycles (the basis carries over)."""
+    torch = pytest.importorskip("torch")
+    from flora_opt.accumulation import CompressedAccumulator
+
+    rng = np.random.default_rng(1)
+    shapes = [(12, 40), (40, 10)]
+    torch_params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    accumulator = CompressedAccumulator(torch.optim.SGD(torch_params, lr=0.0), 4, accumulation_steps=K, seed=5)
+    acc = compressed_accumulator(tau=4, seed=5)
+    params = [jnp.zeros(shape, jnp.float32) for shape in shapes]
+    state = acc.init(params)
+    for _ in range(2):
+        for _ in range(K):
+            grads = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+            loss = sum((p * torch.from_numpy(g)).sum() for p, g in zip(torch_params, grads))
+            accumulator.backward(loss)
+            state = acc.add([jnp.asarray(g) for g in grads], state)
+        estimates, state = acc.finish(state, like=params)
+        for p, estimate in zip(torch_params, estimates):
+            expected = p.grad.numpy()
+            np.testing.assert_allclose(np.asarray(estimate), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+            p.grad = None
+
+
 def test_compressed_accumulation_is_unbiased_over_seeds():
     params = _params()
-    acc = compressed_accumulator(tau=4)
+    acc = compressed_accumulator(tau=4, estimator="gaussian")
     micro = [_micro_grads(t) for t in range(K)]
     template = acc.init(params)
 
@@ -178,6 +237,7 @@ def test_multi_steps_matches_scan_loop_and_resumes_bit_exactly():
         (dict(seed=-1), r"Invalid seed: -1"),
         (dict(every_k_schedule=0), r"Invalid every_k_schedule: 0"),
         (dict(use_grad_mean="yes"), r"Invalid use_grad_mean: 'yes'"),
+        (dict(estimator="svd"), r"Invalid estimator: 'svd': must be one of 'subspace', 'gaussian'"),
     ],
 )
 def test_bad_accumulation_inputs(kwargs, pattern):
@@ -185,7 +245,7 @@ def test_bad_accumulation_inputs(kwargs, pattern):
     every_k = kwargs.pop("every_k_schedule", 2)
     with pytest.raises(ValueError, match=pattern):
         compressed_multi_steps(flora(1e-3), every_k, **kwargs)
-    if "tau" in kwargs or "seed" in kwargs:
+    if "tau" in kwargs or "seed" in kwargs or "estimator" in kwargs:
         with pytest.raises(ValueError, match=pattern):
             compressed_accumulator(**kwargs)
 
@@ -202,6 +262,7 @@ def test_single_micro_batch_cycles_hand_gradients_over_exact():
         expected, inner_state = inner.update(g, inner_state, params)
         np.testing.assert_allclose(u["rows"], expected["rows"], rtol=1e-6, atol=1e-8)
     assert int(state.accumulator.cycle) == 2
+    np.testing.assert_array_equal(state.accumulator.basis["rows"], tx.init(params).accumulator.basis["rows"])
 
 
 def test_accumulator_functions_name():
