@@ -164,7 +164,7 @@ class Flora(torch.optim.Optimizer):
         defaults["lr"] = lr
         if isinstance(defaults["eps"], list):
             defaults["eps"] = tuple(defaults["eps"])
-        validate_group(defaults)
+        validate_group(defaults, lr_optional=True)  # every group's lr is checked by add_param_group
         normalize_group(defaults)
         self._layout_cache: dict[tuple, TensorLayout] = {}
         # parameter -> (group index, index in the group, position in the flattened groups)

@@ -145,7 +145,7 @@ BAD = [
     ),
     (dict(scale_parameter=1), ValueError, r"Invalid scale_parameter: 1: must be a bool"),
     (dict(eps=(1e-30, math.inf)), ValueError, r"Invalid eps value at index 1: inf"),
-    (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, r"Invalid lr: a tensor lr must have one element"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, r"Invalid lr: Tensor lr must be 1-element"),
     (dict(ranks=4), TypeError, r"unexpected keyword argument\(s\) 'ranks'"),
 ]
 
