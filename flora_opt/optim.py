@@ -237,7 +237,9 @@ class Flora(torch.optim.Optimizer):
         device-to-host copy), corrects the integers of tensors whose steps were skipped, and
         raises the non-finite ``RuntimeWarning`` for them. Called by :meth:`state_dict`,
         :meth:`load_state_dict` and :meth:`step_param`; call it to read the counts during
-        training. Returns the number of skipped tensor steps it found.
+        training. Integers that someone else wrote into the state since the last step (as
+        ``torch.distributed.checkpoint``'s ``dcp.load`` does) are kept, and the device counters
+        are rebuilt from them. Returns the number of skipped tensor steps it found.
         """
         return self._engine.synchronize()
 
