@@ -714,6 +714,29 @@ def test_can_load_older_state_dict(optim_input):
     _train(unpickled, weight, bias, x, 1)
 
 
+@configurations
+def test_can_load_a_state_dict_of_fewer_tensors(optim_input):
+    """A checkpoint taken before some tensors had a gradient holds no state for them: they start
+    fresh at their first step, as in the run that wrote it."""
+    weight, bias, x = _weight_bias_input()
+    optimizer = flora_opt.Flora([weight, bias], **optim_input.kwargs)
+    for _ in range(3):  # the bias has no gradient yet
+        optimizer.zero_grad()
+        _loss(weight, bias, x).backward()
+        bias.grad = None
+        optimizer.step()
+    smaller = _roundtrip(optimizer.state_dict())
+    assert list(smaller["state"]) == [0]
+    weight_c, bias_c = _copies(weight, bias)
+    optimizer_c = flora_opt.Flora([weight_c, bias_c], **optim_input.kwargs)
+    optimizer_c.load_state_dict(smaller)
+    assert bias_c not in optimizer_c.state
+    _train(optimizer, weight, bias, x, 3)
+    _train(optimizer_c, weight_c, bias_c, x, 3)
+    assert torch.equal(weight, weight_c) and torch.equal(bias, bias_c)
+    assert_states_equal(_by_position(optimizer), _by_position(optimizer_c))
+
+
 # ---- hooks ---------------------------------------------------------------------------------------
 
 
