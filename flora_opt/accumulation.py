@@ -41,14 +41,7 @@ from .hyperparams import check_bool, check_int, check_real, check_seed, is_int
 from .ops import get_ops
 from .projection import tensor_seed
 
-__all__ = [
-    "CompressedAccumulator",
-    "enable_layerwise_updates",
-    "layerwise_across_processes_message",
-    "process_count",
-    "step_parameter",
-    "unwrap_optimizer",
-]
+__all__ = ["CompressedAccumulator", "enable_layerwise_updates", "step_parameter", "unwrap_optimizer"]
 
 STATE_FORMAT = 1
 
@@ -503,7 +496,7 @@ class CompressedAccumulator:
         in a callback queued during backward. The callback queued here queues the check behind
         every callback queued during backward, so the check sees ``.grad`` after DDP wrote it.
         """
-        task = torch._C._current_graph_task_id()
+        task = torch._C._current_graph_task_id()  # this backward (one autograd graph task)
         if task != self._checked_task:
             self._checked_task = task
             self._updated_in_backward = []
@@ -519,10 +512,10 @@ class CompressedAccumulator:
         for slot in updated:  # optimizer.step() must not apply these gradients a second time
             slot.param.grad = None
         self.remove()
-        slot = rewritten[0]
+        first = rewritten[0]
         raise RuntimeError(
-            f"layer-wise updates: parameter {slot.index} (shape {tuple(slot.param.shape)}) and "
-            f"{len(rewritten) - 1} more received a gradient again after their update inside backward: their module "
+            f"layer-wise updates: parameter {first.index} (shape {tuple(first.param.shape)}), of "
+            f"{len(rewritten)} tensor(s), received a gradient again after their update inside backward: their module "
             "is wrapped in DistributedDataParallel, whose reducer writes the reduced gradient into .grad when "
             "backward ends, so optimizer.step() would apply it a second time. Layer-wise updates run on the "
             "unwrapped module of a single process; under DDP call optimizer.step() after backward. The "

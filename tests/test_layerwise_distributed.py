@@ -39,7 +39,8 @@ REFUSAL = (
     r"after backward"
 )
 REWRITTEN = (
-    r"layer-wise updates: parameter \d+ \(shape .*received a gradient again after their update inside "
+    r"layer-wise updates: parameter \d+ \(shape \(\d+,( \d+)?\)\), of 6 tensor\(s\), received a gradient again "
+    r"after their update inside "
     r"backward: their module is wrapped in DistributedDataParallel.*under DDP call optimizer\.step\(\) after backward"
 )
 
