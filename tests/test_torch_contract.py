@@ -359,6 +359,43 @@ def _by_position(optimizer):
     return {index: optimizer.state[p] for index, p in enumerate(params) if p in optimizer.state}
 
 
+# ---- the configurations hold the state they are named after --------------------------------------
+
+EXPECTED_WEIGHT_STATE = {
+    "compressed momentum": {"exp_avg": (8, COLS), "exp_avg_sq": (ROWS, COLS)},
+    "compressed momentum, factored second moment": {
+        "exp_avg": (8, COLS),
+        "exp_avg_sq_row": (ROWS,),
+        "exp_avg_sq_col": (COLS,),
+    },
+    "full momentum": {"exp_avg": (ROWS, COLS), "exp_avg_sq": (ROWS, COLS)},
+    "no momentum": {"exp_avg_sq_row": (ROWS,), "exp_avg_sq_col": (COLS,)},
+    "small kappa: a resample every 8 steps": {
+        "exp_avg": (16, COLS),
+        "exp_avg_sq_row": (ROWS,),
+        "exp_avg_sq_col": (COLS,),
+    },
+    "8-bit momentum and second moment": {
+        "exp_avg_codes": (ROWS * COLS,),
+        "exp_avg_absmax": (ROWS * COLS // 256,),
+        "exp_avg_sq_codes": (ROWS * COLS,),
+        "exp_avg_sq_absmax": (ROWS * COLS // 256,),
+    },
+}
+
+
+@configurations
+def test_configurations_hold_the_state_they_are_named_after(optim_input):
+    weight, bias, x = _weight_bias_input()
+    optimizer = flora_opt.Flora([weight, bias], **optim_input.kwargs)
+    _train(optimizer, weight, bias, x, 1)
+    tensors = {key: tuple(value.shape) for key, value in optimizer.state[weight].items() if torch.is_tensor(value)}
+    expected = EXPECTED_WEIGHT_STATE.get(
+        optim_input.desc.removesuffix(" & foreach"), EXPECTED_WEIGHT_STATE["compressed momentum"]
+    )
+    assert tensors == expected
+
+
 # ---- the direction of the steps --------------------------------------------------------------------
 
 
