@@ -57,11 +57,16 @@ def test_optax_refuses_complex_leaves_and_split_real_and_imaginary_trains():
         return jnp.sum(jnp.abs(p["w"] @ x) ** 2)
 
     tx = optax.contrib.split_real_and_imaginary(flora(1e-2, tau=4, min_dim_size_to_factor=8))
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))  # the descent direction of a real loss
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
     state = tx.init(params)
     initial = loss(params)
     for _ in range(20):
-        grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))  # the descent direction of a real loss
-        updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state)
     assert loss(params) < 0.9 * initial
     assert params["w"].dtype == jnp.complex64
