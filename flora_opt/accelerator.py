@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from . import core
-from .accumulation import CompressedAccumulator
+from .accumulation import CompressedAccumulator, layerwise_across_processes_message
 from .hyperparams import check_bool, check_choice, check_int, check_real, check_seed
 
 __all__ = ["FloraAccelerator"]
@@ -155,8 +155,7 @@ class FloraAccelerator(Accelerator):
             )
         if layerwise and self.num_processes > 1:
             raise ValueError(
-                f"FloraAccelerator: layerwise=True needs a single process (got num_processes={self.num_processes}): "
-                "each tensor is updated inside backward, before DDP has reduced its gradient"
+                f"FloraAccelerator(layerwise=True): {layerwise_across_processes_message(self.num_processes)}"
             )
         if layerwise and self.scaler is not None:
             raise ValueError(

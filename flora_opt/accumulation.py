@@ -49,6 +49,26 @@ STATE_FORMAT = 2
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def process_count() -> int:
+    """The size of the default process group, 1 when none is initialised."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
+def layerwise_across_processes_message(processes: int) -> str:
+    """Why layer-wise updates refuse to run on ``processes > 1`` processes, and what to do instead."""
+    return (
+        f"layer-wise updates need a single process ({processes} processes here): each tensor would be updated "
+        "inside backward with its local gradient, before DDP all-reduces it (or FSDP2 reduce-scatters it), and "
+        "DDP then writes the reduced gradient into .grad, which optimizer.step() would apply a second time. "
+        "Across processes, call optimizer.step() after backward (it then sees the reduced gradient); to save "
+        "gradient memory, shard with FSDP2 (fully_shard: each rank keeps 1/world of the gradients) or compress "
+        "the accumulation without layerwise (it works under DDP); docs/accumulation.md, docs/distributed.md"
+    )
+
+
 class _Slot:
     """Book-keeping for one parameter (position ``index`` in the optimizer's parameter order)."""
 
@@ -95,7 +115,11 @@ class CompressedAccumulator:
         when its ``sync`` argument is not given.
       seed (int, default 0): 32-bit seed of the accumulation projections (stream 1; it never
         collides with Flora's momentum projections, stream 0, even with the same seed).
-      layerwise (bool, default False): update each tensor inside the sync backward.
+      layerwise (bool, default False): update each tensor inside the sync backward. Single
+        process only: refused (``ValueError``) in a process group of more than one process and
+        for DTensor parameters, and (``RuntimeError``, when the first backward ends) for a
+        module wrapped in ``DistributedDataParallel``, whose reduced gradient would otherwise be
+        applied a second time by ``optimizer.step()``.
       max_grad_norm (float or None, default None): layer-wise gradient clipping (needs
         ``layerwise=True``): tensor ``i`` of ``n_i`` elements is clipped to norm
         ``max_grad_norm * sqrt(n_i / N)`` (``N``: all elements), so the gradient applied has
@@ -172,6 +196,10 @@ class CompressedAccumulator:
         self.communicate_compressed = False
         # id(param) -> (slot, buffer, projection or None): the sync micro-batch's buffers, for the DDP hook
         self._pending: dict[int, tuple[_Slot, torch.Tensor, torch.Tensor | None]] = {}
+        # layer-wise, with a process group: the autograd graph task whose end is checked
+        # (_queue_check_after_backward) and the slots updated in it
+        self._checked_task: int | None = None
+        self._updated_in_backward: list[_Slot] = []
         self._norm_sq: torch.Tensor | None = None
         self._ops = get_ops("torch")
         self._slots: list[_Slot] = []
@@ -183,6 +211,9 @@ class CompressedAccumulator:
                     self._slots.append(_Slot(param, index, group_index, layout, tensor_seed(seed, index)))
                 index += 1
         self._total_numel = sum(slot.param.numel() for slot in self._slots)
+        processes = process_count()
+        if layerwise and processes > 1:
+            raise ValueError(layerwise_across_processes_message(processes))
         hooked = [slot for slot in self._slots if slot.layout.compressed or layerwise]
         if any(type(slot.param).__name__ == "DTensor" for slot in hooked):
             if layerwise:
@@ -436,6 +467,8 @@ class CompressedAccumulator:
                     self._flush(slot)
         if sync:
             if self.layerwise:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    self._queue_check_after_backward(slot)
                 self._apply(slot)
             if managed:
                 slot.done = True
@@ -489,6 +522,40 @@ class CompressedAccumulator:
             grad.mul_((budget / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
         step_parameter(self.optimizer, param, slot.group)
         param.grad = None
+
+    def _queue_check_after_backward(self, slot: _Slot) -> None:
+        """Check, once this backward has ended, that no tensor updated in it got a gradient back.
+
+        A process group (of one process: larger ones are refused up front) is what
+        ``DistributedDataParallel`` needs; its reducer writes the reduced gradients into ``.grad``
+        in a callback queued during backward. The callback queued here queues the check behind
+        every callback queued during backward, so the check sees ``.grad`` after DDP wrote it.
+        """
+        task = torch._C._current_graph_task_id()  # this backward (one autograd graph task)
+        if task != self._checked_task:
+            self._checked_task = task
+            self._updated_in_backward = []
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(self._check_after_backward))
+        self._updated_in_backward.append(slot)
+
+    def _check_after_backward(self) -> None:
+        updated, self._updated_in_backward = self._updated_in_backward, []
+        rewritten = [slot for slot in updated if slot.param.grad is not None]
+        if not rewritten:
+            return
+        for slot in updated:  # optimizer.step() must not apply these gradients a second time
+            slot.param.grad = None
+        self.remove()
+        first = rewritten[0]
+        raise RuntimeError(
+            f"layer-wise updates: parameter {first.index} (shape {tuple(first.param.shape)}), of "
+            f"{len(rewritten)} tensor(s), received a gradient again after their update inside backward: their module "
+            "is wrapped in DistributedDataParallel, whose reducer writes the reduced gradient into .grad when "
+            "backward ends, so optimizer.step() would apply it a second time. Layer-wise updates run on the "
+            "unwrapped module of a single process; under DDP call optimizer.step() after backward. The "
+            "gradients were cleared and the layer-wise hooks removed"
+        )
 
     @torch.no_grad()
     def _end_micro_batch(self) -> None:
@@ -586,6 +653,9 @@ def enable_layerwise_updates(
     micro-batch's backward through ``accumulator.backward(loss)`` so the update fires on the last
     micro-batch of each cycle only; ``accumulation_rank`` compresses the accumulation
     (docs/algorithm.md section 12). With ``accumulation_steps=1`` a bare ``loss.backward()`` works.
+
+    Single process only: across processes (or under ``DistributedDataParallel``) the update
+    would run before the gradient is reduced; see :class:`CompressedAccumulator`'s ``layerwise``.
 
     Args:
       optimizer: a per-tensor torch optimizer (see the module docstring).

@@ -266,16 +266,23 @@ def _block_direction(
     return block
 
 
+def _host_integers(state: dict[str, Any]) -> tuple:
+    """The integers of a tensor's host state that its device counter mirrors."""
+    return state.get("step"), state.get(PROJECTION), state.get("skipped_steps"), state.get("seed")
+
+
 @torch.compiler.disable
-def _advance_host_integers(states, kappa: int) -> None:
+def _advance_host_integers(params, states, kappa: int, written: dict[torch.Tensor, tuple]) -> None:
     """The checkpoint's integers, advanced as if no step were skipped (exact unless one was; see
-    :meth:`Engine.synchronize`). Kept out of ``torch.compile`` graphs: Python integers that
-    change at every step would make each step a new graph."""
-    for state in states:
+    :meth:`Engine.synchronize`), and recorded in ``written`` (:attr:`Engine.host_integers`). Kept
+    out of ``torch.compile`` graphs: Python integers that change at every step would make each
+    step a new graph."""
+    for param, state in zip(params, states, strict=True):
         step = state["step"] + 1
         if PROJECTION in state and step > 1 and (step - 1) % kappa == 0:
             state[PROJECTION] += 1
         state["step"] = step
+        written[param] = _host_integers(state)
 
 
 class Engine:
@@ -290,6 +297,11 @@ class Engine:
         # exactly (counter built from the host state, or synchronize()): the device step lies
         # between it and the optimistic host ``state["step"]`` (steps skipped since lower it)
         self.known_steps: dict[torch.Tensor, int] = {}
+        # parameter -> its host integers (``_host_integers``) as the engine last built the counter
+        # from them, advanced them or synchronized them. Host integers that differ were written by
+        # someone else since (``torch.distributed.checkpoint`` loading into the live state, a hand
+        # edit): they win, and :meth:`synchronize` drops the counter instead of overwriting them.
+        self.host_integers: dict[torch.Tensor, tuple] = {}
         # (CPU device, dtype, slot) -> a buffer kept between steps for the step's full-size temporaries
         self._scratch: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
@@ -330,6 +342,7 @@ class Engine:
             counter = torch.tensor(values, dtype=torch.int64, device=param.device)
             self.counters[param] = counter
             self.known_steps[param] = state["step"]
+            self.host_integers[param] = _host_integers(state)
         return counter
 
     def synchronize(self, params=None, drop: bool = False) -> int:
@@ -340,6 +353,11 @@ class Engine:
         skips are then zeroed on the device (no host-to-device copy at the next step), or, with
         ``drop`` (the host state is about to be replaced or stepped by the per-tensor path), the
         counters are dropped and rebuilt from the host integers at the next grouped step.
+
+        A tensor whose host integers were written by someone else since the engine last wrote
+        them (:attr:`host_integers`: ``torch.distributed.checkpoint``'s ``dcp.load`` writes a
+        checkpoint into the live state, which ``set_state_dict`` then hands to
+        :meth:`~flora_opt.Flora.load_state_dict`) keeps them: its counter is stale, and is dropped.
         Returns the number of skipped tensor steps found.
         """
         chosen = list(self.counters) if params is None else [p for p in params if p in self.counters]
@@ -348,11 +366,14 @@ class Engine:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for param in chosen:
             by_device.setdefault(self.counters[param].device, []).append(param)
-        skipped = []
+        skipped, stale = [], set()
         for device_params in by_device.values():
             values = torch.stack([self.counters[p] for p in device_params]).tolist()
             for param, (step, proj, pending, _) in zip(device_params, values, strict=True):
                 state = self.optimizer.state[param]
+                if _host_integers(state) != self.host_integers.get(param):
+                    stale.add(param)
+                    continue
                 state["step"] = int(step)
                 self.known_steps[param] = int(step)
                 if PROJECTION in state:
@@ -360,10 +381,12 @@ class Engine:
                 if pending:
                     state["skipped_steps"] += int(pending)
                     skipped.append((tuple(param.shape), int(pending)))
+                self.host_integers[param] = _host_integers(state)
         for param in chosen:
-            if drop:
+            if drop or param in stale:
                 del self.counters[param]
                 self.known_steps.pop(param, None)
+                self.host_integers.pop(param, None)
             else:
                 self.counters[param][PENDING] = 0
         if skipped:
@@ -603,7 +626,7 @@ class Engine:
             increments[:, PROJ] = resample.to(torch.int64) * (1 - skipped)
         torch._foreach_add_([self.counters[p] for p in params], list(increments.unbind(0)))
 
-        _advance_host_integers(states, hp.kappa)
+        _advance_host_integers(params, states, hp.kappa, self.host_integers)
 
         # Apply: p <- p - decay * p - Delta (core.apply_direction, in place), masked decay.
         keep = 1.0 - torch.where(finite, eta * hp.weight_decay, 0.0) if hp.weight_decay != 0 else None

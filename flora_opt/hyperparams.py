@@ -140,7 +140,7 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"Invalid {name}: {value!r}: must be one of {', '.join(map(repr, allowed))}")
 
 
-def _check_lr(lr, relative_step: bool) -> None:
+def _check_lr(lr, relative_step: bool, optional: bool = False) -> None:
     if relative_step:
         if lr is not None:
             raise ValueError(
@@ -149,10 +149,15 @@ def _check_lr(lr, relative_step: bool) -> None:
             )
         return
     if lr is None:
-        raise ValueError("Invalid lr: None: pass a learning rate, or set relative_step=True")
+        if optional:
+            return
+        raise ValueError(
+            "Invalid lr: None: pass a learning rate (to the optimizer, or in every param group), "
+            "or set relative_step=True"
+        )
     if hasattr(lr, "numel") and hasattr(lr, "item"):  # a torch tensor (e.g. for torch.compile)
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if lr.numel() != 1:  # torch.optim's words, which its tests match
+            raise ValueError(f"Invalid lr: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if lr.is_floating_point() or lr.dtype.is_signed:
             value = float(lr) if lr.device.type != "meta" else 0.0
         else:
@@ -535,15 +540,18 @@ LAYOUT_OPTIONS: dict[str, Callable[[Any], Any]] = {
 # ---- torch: param groups ----------------------------------------------------------------------
 
 
-def validate_group(group: Mapping[str, Any]) -> None:
+def validate_group(group: Mapping[str, Any], *, lr_optional: bool = False) -> None:
     """Validate one torch param group's options (all of :data:`DEFAULTS` present).
 
     Raises ``ValueError`` naming the argument and the bad value; changes nothing. Each option's
     rule is its :class:`Option`'s ``check``; an element of a tuple option is named
     ``"eps value at index 1"``. Two rules span options: ``lr`` (``None`` exactly when
-    ``relative_step``) and ``warmup_init`` (needs ``relative_step``).
+    ``relative_step``) and ``warmup_init`` (needs ``relative_step``). ``lr_optional`` accepts
+    ``lr=None`` without ``relative_step``: the optimizer's defaults, when every param group
+    brings its own ``lr`` (each group is then validated with it, as ``torch.optim`` does in
+    ``add_param_group``).
     """
-    _check_lr(group["lr"], group["relative_step"])
+    _check_lr(group["lr"], group["relative_step"], optional=lr_optional)
     for key, entries in _torch_keys().items():
         value = group[key]
         if entries[0].index is None:

@@ -29,6 +29,8 @@ References:
 
 from __future__ import annotations
 
+import collections
+import copy
 import functools
 import math
 import types
@@ -259,7 +261,7 @@ class Flora(torch.optim.Optimizer):
         defaults = {key: value for key, value in locals().items() if key in DEFAULTS}
         if isinstance(defaults["eps"], list):
             defaults["eps"] = tuple(defaults["eps"])
-        validate_group(defaults)
+        validate_group(defaults, lr_optional=True)  # every group's lr is checked by add_param_group
         normalize_group(defaults)
         self._layout_cache: dict[tuple, TensorLayout] = {}
         # parameter -> (group index, index in the group, position in the flattened groups)
@@ -289,10 +291,20 @@ class Flora(torch.optim.Optimizer):
         validate_group(options)
         for param in params if isinstance(params, list) else ():
             if isinstance(param, torch.Tensor) and param.is_complex():
-                raise ValueError(f"Flora does not support complex parameters (shape {tuple(param.shape)})")
+                shape = tuple(param.shape)
+                raise ValueError(
+                    f"Flora does not support complex parameters (shape {shape}, {param.dtype}): its second "
+                    "moment, norms, clipping and 8-bit states are defined for real tensors (docs/algorithm.md "
+                    f"section 1). Keep a real parameter of shape {(*shape, 2)} instead (torch.view_as_real) and "
+                    "use torch.view_as_complex(parameter) in the forward pass"
+                )
         super().add_param_group(param_group)
         normalize_group(self.param_groups[-1])
         self._index_group(len(self.param_groups) - 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.synchronize()  # a copy or a pickle holds the exact integers, not the optimistic ones
+        return super().__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -332,7 +344,9 @@ class Flora(torch.optim.Optimizer):
         device-to-host copy), corrects the integers of tensors whose steps were skipped, and
         raises the non-finite ``RuntimeWarning`` for them. Called by :meth:`state_dict`,
         :meth:`load_state_dict` and :meth:`step_param`; call it to read the counts during
-        training. Returns the number of skipped tensor steps it found.
+        training. Integers that someone else wrote into the state since the last step (as
+        ``torch.distributed.checkpoint``'s ``dcp.load`` does) are kept, and the device counters
+        are rebuilt from them. Returns the number of skipped tensor steps it found.
         """
         return self._engine.synchronize()
 
@@ -606,13 +620,22 @@ class Flora(torch.optim.Optimizer):
         * Hand-edited or damaged per-parameter state (negative ``step``, missing ``seed``, wrong
           shapes) raises a ``ValueError`` naming the parameter and the key.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype;
-        for bf16/fp16 parameters that would silently downcast the fp32 (possibly compressed)
-        state, so the saved tensors are restored as they were, on the parameter's device.
+        The steps of ``torch.optim.Optimizer.load_state_dict``, in its order: the registered
+        pre-hooks first (they may adapt the dict before it is checked), then the check and the
+        load, then the post-hooks (they see the loaded state). Unlike it, floating state is not
+        cast to the parameter dtype (for bf16/fp16 parameters that would silently downcast the
+        fp32, possibly compressed, state): the saved tensors are copied as they are, to the
+        parameter's device.
         """
+        self._engine.synchronize(drop=True)
+        if isinstance(state_dict, dict):
+            state_dict = dict(state_dict)  # shallow, as torch.optim: a pre-hook may replace keys
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
-        self._engine.synchronize(drop=True)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         foreign = _foreign_state_message(state_dict)
@@ -674,21 +697,36 @@ class Flora(torch.optim.Optimizer):
                 + ". Construct Flora with the checkpoint's options to resume (saved options win, as in "
                 "torch.optim, but these decide the shape of the state), or start the optimizer fresh"
             )
-        super().load_state_dict(state_dict)
+        loaded_ids = set()
+        state: collections.defaultdict[Any, dict] = collections.defaultdict(dict)
         for param, saved_id, hp, _ in pairs:
+            loaded_ids.add(saved_id)
             if saved_id not in saved_state:
                 continue
-            state = self.state[param]
-            for key, value in saved_state[saved_id].items():
-                if isinstance(value, torch.Tensor):
-                    state[key] = value.to(device=param.device, copy=True)
+            entry = {
+                key: value.to(device=param.device, copy=True)
+                if isinstance(value, torch.Tensor)
+                else copy.deepcopy(value)
+                for key, value in saved_state[saved_id].items()
+            }
             compressed = core.tensor_layout(param.shape, hp).momentum == core.MOMENTUM_COMPRESSED
-            if compressed and PROJECTION not in state:  # format 1: it was floor((step - 1) / kappa)
-                state[PROJECTION] = max(state["step"] - 1, 0) // hp.kappa
+            if compressed and PROJECTION not in entry:  # format 1: it was floor((step - 1) / kappa)
+                entry[PROJECTION] = max(entry["step"] - 1, 0) // hp.kappa
+            state[param] = entry
+        for key, value in saved_state.items():  # state of no parameter is kept as it is, as torch.optim does
+            if key not in loaded_ids:
+                state[key] = value
+        param_groups = []
+        for group, saved in zip(self.param_groups, copy.deepcopy(saved_groups), strict=True):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            param_groups.append(saved)
+        self.__setstate__({"state": state, "param_groups": param_groups})
         for group in self.param_groups:
             normalize_group(group)
-        self._layout_cache = {}
-        self._reindex()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _foreign_state_message(state_dict: dict[str, Any]) -> str | None:
