@@ -11,10 +11,10 @@ Contenders (``--methods``):
 
 * ``adafactor``: ``transformers.Adafactor(beta1=0.9)``, full momentum (Flora's ceiling);
 * ``flora``: ours; ``flora-ref``: the reference (skipped with a note if its venv is missing);
-* ``adamw``: ``torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.1)``, for scale;
-* ``acc-naive``, ``acc-flora``: 4 micro-batches of 4 x 128 per step into
-  ``transformers.Adafactor(beta1=0.9)``, accumulated naively or with our
-  :class:`flora_opt.CompressedAccumulator` at ``--ranks`` (only the accumulator differs).
+* ``adamw``: ``torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.1)``, for scale.
+
+Gradient accumulation on this benchmark (micro-batches, estimators, optimizers) is
+``benchmarks/accumulation_quality.py``, which imports this module's model, data and schedule.
 
 Usage::
 
@@ -50,14 +50,11 @@ MODEL = dict(
     tie_word_embeddings=False,
 )
 FLORA_METHODS = ("flora", "flora-ref")
-ACC_METHODS = ("acc-naive", "acc-flora")
 DEFAULT_LRS = {
     "adafactor": [0.03, 0.1],
     "flora": [0.01, 0.03, 0.1],
     "flora-ref": [0.03, 0.1],
     "adamw": [1e-3, 3e-3],
-    "acc-naive": [0.03, 0.1],
-    "acc-flora": [0.03, 0.1],
 }
 
 

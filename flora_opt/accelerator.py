@@ -301,11 +301,21 @@ class FloraAccelerator(Accelerator):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _flora_save_hook(self, models, weights, output_dir) -> None:
+        self.save_accumulator(output_dir)
+
+    def _flora_load_hook(self, models, input_dir) -> None:
+        self.load_accumulator(input_dir)
+
+    def save_accumulator(self, output_dir: str) -> None:
+        """Write the accumulator's state to ``output_dir/flora_accumulator_<process>.pt``
+        (``save_state`` does it; :class:`flora_opt.hf.FloraTrainer` at each checkpoint)."""
         if self._flora_accumulator is not None:
             path = os.path.join(output_dir, STATE_FILE.format(self.process_index))
             torch.save(self._flora_accumulator.state_dict(), path)
 
-    def _flora_load_hook(self, models, input_dir) -> None:
+    def load_accumulator(self, input_dir: str) -> None:
+        """Restore what :meth:`save_accumulator` wrote (``load_state`` does it); a checkpoint
+        without it starts a fresh accumulation cycle, with a warning."""
         if self._flora_accumulator is None:
             return
         path = os.path.join(input_dir, STATE_FILE.format(self.process_index))

@@ -22,9 +22,11 @@ steps the sharded parameters and shards its state with them.
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .accelerator import FloraAccelerator
 
@@ -32,21 +34,32 @@ __all__ = ["FloraTrainer"]
 
 
 class _CycleCallback(transformers.TrainerCallback):
-    """Keeps the accumulation cycle equal to the optimizer step count, also after a resume.
+    """Keeps the accumulator in step with the Trainer's checkpoints.
 
     The Trainer checkpoints only at cycle boundaries (after an optimizer step), where the
     compressed buffers are empty; what must survive is the cycle number, which selects the
-    projections. The Trainer restores ``state.global_step``, so the cycle is set from it.
+    projections, and the subspace estimator's bases. Each checkpoint folder gets the
+    accumulator's state (``FloraAccelerator.save_accumulator``); a resumed run loads it, and
+    the cycle is set from the Trainer's restored ``state.global_step`` in any case.
     """
 
     def __init__(self, trainer: FloraTrainer):
         self._trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        accumulator = self._trainer.accelerator.accumulator
+        accelerator = self._trainer.accelerator
+        accumulator = accelerator.accumulator
         if accumulator is not None:
             accumulator.reset()
+            if self._trainer._flora_resume is not None:
+                accelerator.load_accumulator(self._trainer._flora_resume)
             accumulator.cycle = int(state.global_step)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            self._trainer.accelerator.save_accumulator(folder)
         return control
 
 
@@ -84,8 +97,17 @@ class FloraTrainer(transformers.Trainer):
             accumulation_estimator=accumulation_estimator,
             layerwise=layerwise,
         )
+        self._flora_resume: str | None = None  # the checkpoint folder train() resumes from
         super().__init__(*args, **kwargs)
         self.add_callback(_CycleCallback(self))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``transformers.Trainer.train``; a resumed run also restores the accumulator's state."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        self._flora_resume = folder if isinstance(folder, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_accelerator_and_postprocess(self) -> None:
         options = dict(self._flora_options)
