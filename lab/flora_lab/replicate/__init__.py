@@ -270,7 +270,7 @@ def _shares(runs, jobs: int, scale: Scale) -> list[list]:
     def cost(group):  # optimizer steps, Flora's projections and an accumulation step weighted
         e, m = group[0][1], group[0][2]
         per = scale.steps if e == "momentum" else scale.finetune_steps
-        return len(group) * per * (1.3 if m.kind == "flora" else 1.0)
+        return len(group) * per * (1.3 if m.kind.startswith("flora") else 1.0)
 
     shares, loads = [[] for _ in range(jobs)], [0.0] * jobs
     for group in sorted(groups.values(), key=cost, reverse=True):

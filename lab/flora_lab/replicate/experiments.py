@@ -21,8 +21,12 @@ Adafactor without momentum as the optimizer:
 
 * ``naive``: a full-size float32 buffer (``compressed_accumulator(tau=None)``, ``optax.MultiSteps``' sum);
 * ``lora`` at rank ``r``: adapters only (embedding frozen; norms trained), naive accumulation;
-* ``flora`` at rank ``r``: ``B = sum_k compress(g_k / K; Q_c)``, ``(r, n)`` or ``(m, r)`` per
-  matrix (``compressed_accumulator(tau=r)``), decompressed once per optimizer step.
+* ``flora`` at rank ``r``: compressed accumulation with the library's default estimator
+  (``compressed_accumulator(tau=r)``: ``B = Q^T S``, ``(r, n)`` or ``(m, r)`` per matrix, of the
+  running sum ``S`` on a basis ``Q`` tracked through the micro-batches), expanded once per step;
+* ``flora_gaussian`` at rank ``r``: the paper's estimator, ``B = sum_k compress(g_k / K; Q_c)``
+  with a fresh Gaussian ``Q_c`` per step (``compressed_accumulator(tau=r, estimator="gaussian")``),
+  decompressed once per optimizer step.
 
 Metrics of every run: validation loss (token cross-entropy on held-out verses), SacreBLEU of
 greedy decodes of held-out verses, exact optimizer-state bytes and accumulation-buffer bytes
@@ -65,7 +69,7 @@ __all__ = [
 
 EXPERIMENTS = ("momentum", "accumulation")
 MOMENTUM_KINDS = ("adafactor", "adafactor_momentum", "lora", "flora")
-ACCUMULATION_KINDS = ("naive", "lora", "flora")
+ACCUMULATION_KINDS = ("naive", "lora", "flora", "flora_gaussian")
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ QUICK = Scale(
 #: docs/replication.md ("Learning rates").
 DEFAULT_LRS = {
     "momentum": {"adafactor": 1e-2, "adafactor_momentum": 1e-2, "lora": 3e-2, "flora": 1e-2},
-    "accumulation": {"naive": 3e-3, "lora": 9e-3, "flora": 3e-3},
+    "accumulation": {"naive": 3e-3, "lora": 9e-3, "flora": 3e-3, "flora_gaussian": 3e-3},
     "pretrain": 3e-3,
 }
 
@@ -156,6 +160,7 @@ class Method:
             "naive": "naive accumulation",
             "lora": "LoRA",
             "flora": "Flora",
+            "flora_gaussian": "Flora, Gaussian estimator",
         }
         return names[self.kind] + (f" r={self.rank}" if self.rank is not None else "")
 
@@ -172,7 +177,10 @@ def methods_for(experiment: str, ranks) -> list[Method]:
         base = [Method("naive")]
     else:
         raise ValueError(f"Invalid experiment: {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
-    return base + [Method("lora", r) for r in ranks] + [Method("flora", r) for r in ranks]
+    methods = base + [Method("lora", r) for r in ranks] + [Method("flora", r) for r in ranks]
+    if experiment == "accumulation":
+        methods += [Method("flora_gaussian", r) for r in ranks]
+    return methods
 
 
 def _schedule(lr: float, steps: int, warmup_fraction: float):
@@ -461,7 +469,9 @@ def run_accumulation(
         frozen = {**frozen, **{n: v for n, v in trainable["rest"].items() if n not in norms}}
         trainable = {"adapters": trainable["adapters"], "rest": norms}
     tx = _adafactor(lr, steps, scale, b1=None)
-    acc = compressed_accumulator(tau=method.rank if method.kind == "flora" else None, seed=seed)
+    compressed = method.kind in ("flora", "flora_gaussian")
+    estimator = "gaussian" if method.kind == "flora_gaussian" else "subspace"
+    acc = compressed_accumulator(tau=method.rank if compressed else None, seed=seed, estimator=estimator)
     opt_state, acc_state = tx.init(trainable), acc.init(trainable)
     loss = bench.loss_fn(merge)
 
@@ -471,9 +481,9 @@ def run_accumulation(
             return acc.add(grads, acc_state, weight=1.0 / k), value
 
         acc_state, values = jax.lax.scan(micro, acc_state, (src, tgt))
-        grads = acc.result(acc_state, like=trainable)
+        grads, acc_state = acc.finish(acc_state, like=trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, acc.reset(acc_state), jnp.mean(values)
+        return optax.apply_updates(trainable, updates), opt_state, acc_state, jnp.mean(values)
 
     order = _train_order(len(bench.train), k, steps, seed)
     shape = (k, 1, bench.cfg.max_len)
@@ -497,7 +507,7 @@ def run_accumulation(
         "micro_batch": 1,
         "trainable_params": _param_count(trainable),
         "state_bytes": state_bytes(opt_state),
-        "accum_bytes": state_bytes(acc_state.buffer),
+        "accum_bytes": state_bytes(acc_state.buffer) + state_bytes(acc_state.basis),
         "xla": _memory(compiled),
         "curve": [],
         "train_tokens": int(sum(np.count_nonzero(bench.train.tgt[rows][:, 1:]) for rows in order)),
