@@ -1,14 +1,14 @@
-"""flora-opt: Flora (Hao, Cao and Mou, ICML 2024) for PyTorch and JAX.
+"""flora_opt (the ``flora-optim`` distribution): Flora (Hao, Cao and Mou, ICML 2024) for PyTorch and JAX.
 
 ``import flora_opt`` needs neither framework; the framework-specific names are loaded on first
 use and raise an ImportError naming the extra to install when their framework is missing:
 
-* ``flora_opt.Flora``: the PyTorch optimizer (``pip install 'flora-opt[torch]'``).
-* ``flora_opt.FloraAccelerator``: accelerate integration (``pip install 'flora-opt[torch]'``).
+* ``flora_opt.Flora``: the PyTorch optimizer (``pip install 'flora-optim[torch]'``).
+* ``flora_opt.FloraAccelerator``: accelerate integration (``pip install 'flora-optim[torch]'``).
 * ``flora_opt.CompressedAccumulator``, ``flora_opt.enable_layerwise_updates``: the same without
   accelerate; ``flora_opt.FloraTrainer``: for ``transformers.Trainer`` (``[hf]``).
 * ``flora_opt.optax_flora`` / ``flora_opt.optax``: the optax transformations
-  (``pip install 'flora-opt[jax]'``).
+  (``pip install 'flora-optim[jax]'``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def __getattr__(name: str):
             missing = getattr(error, "name", None) or ""
             if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax", "transformers"}:
                 raise ImportError(
-                    f"flora_opt.{name} needs {framework} ({error}); install it with: pip install 'flora-opt[{extra}]'"
+                    f"flora_opt.{name} needs {framework} ({error}); install it with: pip install 'flora-optim[{extra}]'"
                 ) from error
             raise
         value = getattr(module, attribute)
