@@ -41,7 +41,13 @@ def __getattr__(name: str):
     if name in _LAZY:
         module_name, attribute, extra, framework = _LAZY[name]
         try:
-            module = importlib.import_module(module_name)
+            if extra == "hf":  # transformers imports torchao (when installed) on its way
+                from .quantization import quiet_torchao_import
+
+                with quiet_torchao_import():
+                    module = importlib.import_module(module_name)
+            else:
+                module = importlib.import_module(module_name)
         except ImportError as error:
             missing = getattr(error, "name", None) or ""
             if missing.split(".")[0] in {"torch", "accelerate", "jax", "jaxlib", "optax", "transformers"}:

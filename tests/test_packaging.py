@@ -226,22 +226,28 @@ def _run_quietly(args):
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-def test_import_and_8bit_states_print_nothing():
-    """Importing the library, and the first step with 8-bit states (which imports torchao), write
-    nothing to stderr: torchao's warnings about optional kernels a CPU build cannot load and torch's
-    deprecation warning for torchao's enums are not ours to show."""
-    pytest.importorskip("torchao")
-    code = (
-        "import torch, flora_opt\n"
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the first step with 8-bit states imports torchao
         "w = torch.nn.Parameter(torch.ones(64, 128))\n"
         "optimizer = flora_opt.Flora([w], lr=0.1, rank=8, quantization=True)\n"
         "w.grad = torch.ones_like(w)\n"
-        "optimizer.step()\n"
-        "assert 'torchao' in __import__('sys').modules\n"
-        "print('stepped')\n"
-    )
+        "optimizer.step()\n",
+        # every public name (transformers, behind FloraTrainer, imports torchao too)
+        "for name in flora_opt.__all__:\n    getattr(flora_opt, name)\n",
+    ],
+    ids=["8bit-step", "public-names"],
+)
+def test_import_and_first_use_print_nothing(body):
+    """Importing the library, its public names and the first step with 8-bit states write nothing
+    to stderr: torchao's warnings about optional kernels a CPU build cannot load and torch's
+    deprecation warning for torchao's enums are not ours to show."""
+    for module in ("torchao", "transformers", "jax", "optax"):
+        pytest.importorskip(module)
+    code = f"import sys, torch, flora_opt\n{body}assert 'torchao' in sys.modules\nprint('done')\n"
     proc = _run_quietly([sys.executable, "-c", code])
-    assert proc.returncode == 0 and proc.stdout == "stepped\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
     assert proc.stderr == ""
 
 
