@@ -342,9 +342,9 @@ _MODES = (
 def memory_at_scale(optimizers, model: str = "llama-7b", rank: int = 256) -> dict[str, Any]:
     """The demo's optimizers on a large model: exact state bytes and predicted training-step memory.
 
-    ``model`` is a preset of :mod:`flora_opt.memory` (``llama-7b``: LLaMA-2-7B's shape) or a
-    ``config.json``, built on the meta device (nothing allocated or downloaded). Weights and
-    gradients are in :data:`SCALE`'s dtype; every rank-``rank`` method uses ``rank``. The library's
+    ``model`` is a preset of :mod:`flora_opt.memory` (``llama-7b``: the shape of LLaMA 7B and
+    LLaMA-2-7B) or a ``config.json``, built on the meta device (nothing allocated or downloaded).
+    Weights and gradients are in :data:`SCALE`'s dtype; every rank-``rank`` method uses ``rank``. The library's
     estimator (:func:`flora_opt.memory.estimate`) gives the totals: with all gradients alive, with
     layer-wise updates, with gradient accumulation (Flora: compressed at ``rank``, layer-wise; the
     others: naive); the state bytes come from :func:`flora_lab.peer_memory.method_state_bytes`
@@ -372,7 +372,7 @@ def memory_at_scale(optimizers, model: str = "llama-7b", rank: int = 256) -> dic
     return dict(estimate=estimate.to_dict(), gpu_gib=SCALE["gpu_gib"], fits=fits)
 
 
-def format_fits(at_scale: dict[str, Any]) -> str:
+def _format_fits(at_scale: dict[str, Any]) -> str:
     """One line: which optimizers fit on the GPU of :data:`SCALE`, and how."""
     parts = []
     for row in at_scale["estimate"]["rows"]:
@@ -569,7 +569,7 @@ def _format_at_scale(at_scale: dict[str, Any]) -> list[str]:
             f"{r['total_bytes'] / gib:.2f} | {r['total_layerwise_bytes'] / gib:.2f} | "
             f"{r['total_accumulation_bytes'] / gib:.2f} |"
         )
-    return [*lines, "", format_fits(at_scale)]
+    return [*lines, "", _format_fits(at_scale)]
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
