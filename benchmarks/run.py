@@ -3,7 +3,7 @@
     python benchmarks/run.py step          # optimizer step time and exact state bytes (LLaMA-130M)
     python benchmarks/run.py throughput    # training tokens/s at several tokens-per-step sizes
     python benchmarks/run.py quality       # validation loss against state bytes, peers tuned alike (Shakespeare)
-    python benchmarks/run.py quality --preset demo   # the learning-rate sweep behind flora-opt demo
+    python benchmarks/run.py quality --preset demo   # the learning-rate sweep behind flora-lab demo
     python benchmarks/run.py all           # the three, in that order
 
 Every contender runs in a fresh process (``benchmarks/worker.py``; the reference
@@ -51,7 +51,7 @@ for _path in (REPO, REPO / "lab"):  # flora_opt and the lab (flora_lab) of this 
 # The quality benchmark's presets. ``pretrain`` (the default): a LLaMA-style decoder whose block
 # matrices hold 86% of the parameters (byte-level vocabulary, hidden 64, 4 layers; 1M tokens take
 # about 40 s of one core), trained on the Shakespeare corpus for 512 steps of 16 x 128 bytes
-# (1,048,576 tokens) per run. ``demo``: the model, data and budget of ``flora-opt demo`` (its
+# (1,048,576 tokens) per run. ``demo``: the model, data and budget of ``flora-lab demo`` (its
 # learning-rate sweep, one seed). ``interval`` is Flora's resample interval kappa and
 # GaLore/APOLLO's update_proj_gap, the same for all: the libraries' defaults (1000, 200) are meant
 # for runs of many thousand steps.
@@ -819,7 +819,7 @@ def _slim(run: dict) -> dict:
 
 def summarize_quality(results: dict) -> list[dict]:
     """One row per contender: the best LR, the seeds' final validation losses (mean, std), the
-    state bytes counted from the optimizer's tensors and the ``flora_opt.memory`` formula's."""
+    state bytes counted from the optimizer's tensors and the ``flora_lab.peer_memory`` formula's."""
     rows = []
     for cid, r in results.items():
         finals = [s["final_val_loss"] for s in r["seeds"] if s.get("ok") and math.isfinite(s["final_val_loss"])]
@@ -1074,7 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=list(PRESETS),
         default="pretrain",
-        help="pretrain: the peer comparison (default); demo: the learning-rate sweep of flora-opt demo",
+        help="pretrain: the peer comparison (default); demo: the learning-rate sweep of flora-lab demo",
     )
     q.add_argument("--dataset", default=None, help="flora_lab.data dataset (pretrain: shakespeare)")
     q.add_argument("--tokenizer", choices=["bytes", "bpe"], default=None, help="pretrain: bytes; demo: bpe")

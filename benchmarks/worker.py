@@ -8,7 +8,7 @@ of the one contender registry, ``flora_lab.contenders`` (``adamw``, ``adamw8bit_
 ``apollo``, ``lora``: peft LoRA adapters on the lab's model, ``options`` ``rank`` and ``alpha``, the
 rest AdamW's), and ``options`` are the contender's keyword options (JSON). The
 state-bytes prediction of a contender is ``flora_lab.contenders.predicted_state_bytes`` (the
-``flora-opt memory`` formula of the same name). The training loop is the lab's
+``flora_lab.peer_memory`` formula of the same name). The training loop is the lab's
 (``flora_lab.demo.train_lm``). The result is written as JSON to ``--out``; failures are recorded
 there as ``{"ok": false, "error": ...}``.
 """
@@ -56,7 +56,7 @@ def build_optimizer(spec, model, lr):
 
 def predicted_state_bytes(spec, model) -> int | None:
     """The state bytes the formulas predict: for Flora, ``flora_opt.statebytes`` of each
-    parameter's layout under this run's options; for a peer, its ``flora_opt.memory`` formula
+    parameter's layout under this run's options; for a peer, its ``flora_lab.peer_memory`` formula
     (``None`` for LoRA, which has none)."""
     import dataclasses
 
@@ -95,7 +95,7 @@ def task_step(spec, config) -> dict:
     """State bytes and ``optimizer.step()`` time on a transformers model (same protocol as
     ``benchmarks/peers/ref_worker.py``: random token batches, real forward/backward)."""
     from benchmarks.peers.ref_worker import build_model
-    from flora_opt.memory import optimizer_state_bytes
+    from flora_lab.peer_memory import optimizer_state_bytes
 
     device = torch.device(config.get("device", "cpu"))
     model, model_spec = build_model(config["model"], seed=config.get("seed", 0))
@@ -186,7 +186,7 @@ def task_throughput(spec, config) -> dict:
                 optimizer_all=opt,
             )
         )
-    from flora_opt.memory import optimizer_state_bytes
+    from flora_lab.peer_memory import optimizer_state_bytes
 
     return dict(n_params=model.num_params(), state_bytes=optimizer_state_bytes(optimizer), sizes=sizes)
 

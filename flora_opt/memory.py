@@ -5,6 +5,8 @@ Hugging Face config (a built-in preset from :data:`PRESETS` or a local ``config.
 instantiated on the ``meta`` device, so only parameter *shapes* exist and a 13B model costs
 nothing. For each optimizer the state bytes follow from the shapes by the formulas below, which
 ``tests/test_memory_estimator.py`` checks against the bytes each optimizer actually allocates.
+The formulas of the peers the benchmarks also compare (8-bit AdamW, GaLore, APOLLO) are the
+lab's (``flora_lab.peer_memory``); :meth:`Estimate.add_row` takes their bytes.
 
 Formulas per parameter (``m x n`` matrix view, ``N`` elements, ``s`` bytes per parameter
 element, ``r`` the rank):
@@ -13,18 +15,9 @@ element, ``r`` the rank):
 optimizer                   state bytes
 ==========================  =====================================================================
 AdamW (``torch.optim``)     ``2 N s`` (exp_avg, exp_avg_sq in the parameter dtype) + 4 (0-d step)
-AdamW 8-bit (torchao)       per moment: ``N + 4 N/256 + 1024`` (codes, scales, own qmap) if
-                            ``N >= 4096`` and ``256 | N``, else ``N s``; + 4 (0-d step)
-AdamW 8-bit (bitsandbytes)  per moment: ``N + 4 ceil(N/256)`` if ``N >= 4096``, else ``4 N``;
-                            + 2 x 1024 for the two code books shared by all tensors
 Adafactor (transformers)    ``ndim >= 2``: ``4 (prod(shape[:-1]) + prod(shape[:-2]) shape[-1])``
                             (row and column statistics), else ``4 N``; ``+ 4 N`` with momentum;
                             + 4 (0-d RMS)
-GaLore (``GaLoreAdamW``)    block matrices: ``s r' (min(m, n) + 2 max(m, n))``, ``r' = min(r,
-                            min(m, n))`` (SVD projector + Adam moments of the projected gradient);
-                            other tensors AdamW ``2 N s``
-APOLLO (``APOLLOAdamW``)    block matrices: ``s r (min(m, n) + 2 max(m, n)) + 4`` (random
-                            projector kept in state, moments, 0-d norm); other tensors ``2 N s``
 Flora (this package)        ``flora_opt.core.tensor_layout``: compressed momentum ``4 r max(m, n)``
                             if ``min(m, n) > r`` and ``max(m, n) <= 4 min(m, n)``, else ``4 N``;
                             factored second moment ``4 (m + n)`` if ``min(m, n) >= 128``, else ``4 N``;
@@ -32,44 +25,41 @@ Flora (this package)        ``flora_opt.core.tensor_layout``: compressed momentu
                             (docs/algorithm.md section 11)
 ==========================  =====================================================================
 
-GaLore and APOLLO project the 2-D weights of the transformer blocks only (their training
-scripts' convention, as ``benchmarks/peers``): a parameter is a *block matrix* when it is 2-D, is
-not an embedding, is not the output head, and its name has an integer component (``...layers.3...``).
-Flora keeps full momentum for embedding-like matrices (``max(m, n) > max_aspect_ratio * min(m, n)``,
-default 4) and compresses every other matrix view with ``min(m, n) > r``.
-
 The training-step breakdown adds weights and gradients (both in the parameter dtype) to the
 optimizer state. Without layer-wise updates every gradient is alive at ``optimizer.step()``;
 with layer-wise updates (``flora_opt.enable_layerwise_updates``) each gradient is consumed and freed as soon as
 it is complete, so the peak holds the largest single gradient plus the gradients of tied
 parameters (a tied weight's gradient accumulates over two uses, so it lives through most of
-backward). Activations are not included (they depend on batch, sequence and checkpointing).
+backward). With gradient accumulation, naive accumulation keeps every gradient through the
+cycle; Flora's compressed accumulation keeps ``r x max(m, n)`` float32 buffers instead
+(:func:`accumulation_gradient_bytes`). Activations are not included (they depend on batch,
+sequence and checkpointing).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DTYPE_BYTES",
+    "FLORA_METHODS",
     "METHODS",
     "PRESETS",
+    "Estimate",
+    "ModelConfigError",
     "ParamInfo",
+    "accumulation_gradient_bytes",
     "estimate",
     "format_table",
     "load_config",
     "method_state_bytes",
-    "optimizer_state_bytes",
-    "optimizer_state_tensors",
     "params_from_config",
     "params_from_module",
-    "storage_key",
 ]
 
 # ---- built-in model configs (published architectures, random init, never downloaded) -------
@@ -107,33 +97,23 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "llama-13b": (_llama(5120, 13824, 40, 40), "LLaMA 13B (Touvron et al., 2023)"),
 }
 
-#: Optimizer rows of the estimate, in table order.
-METHODS = (
-    "adamw",
-    "adamw8bit_torchao",
-    "adamw8bit_bnb",
-    "adafactor",
-    "adafactor_momentum",
-    "galore",
-    "apollo",
-    "flora",
-    "flora_8bit",
-)
+#: Optimizer rows of the estimate, in table order: Flora and the two optimizers it is measured
+#: against in the paper (AdamW; Adafactor, whose factored second moment Flora keeps).
+METHODS = ("adamw", "adafactor", "adafactor_momentum", "flora", "flora_8bit")
+
+#: The rows that accumulate gradients compressed (``CompressedAccumulator`` at the estimate's rank).
+FLORA_METHODS = ("flora", "flora_8bit")
 
 _LABELS = {
-    "adamw": "AdamW (fp32 states)",
-    "adamw8bit_torchao": "AdamW 8-bit (torchao)",
-    "adamw8bit_bnb": "AdamW 8-bit (bitsandbytes)",
+    "adamw": "AdamW",
     "adafactor": "Adafactor",
     "adafactor_momentum": "Adafactor + momentum",
-    "galore": "GaLore AdamW r={rank}",
-    "apollo": "APOLLO r={rank}",
     "flora": "Flora r={rank}",
     "flora_8bit": "Flora r={rank} 8-bit",
 }
 
-_DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-_BLOCK_RE = re.compile(r"(^|\.)\d+\.")
+#: Bytes per element of the weight and gradient dtypes the estimate takes.
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
 class ModelConfigError(ValueError):
@@ -147,20 +127,12 @@ class ParamInfo:
     name: str
     shape: tuple[int, ...]
     itemsize: int = 4
-    embedding: bool = False
+    embedding: bool = False  # the weight of an nn.Embedding
     uses: int = 1  # modules sharing it (> 1: tied)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def block_matrix(self) -> bool:
-        """GaLore/APOLLO convention: 2-D, not an embedding or the output head, inside a block."""
-        lowered = self.name.lower()
-        if len(self.shape) != 2 or self.embedding or "emb" in lowered or "lm_head" in lowered:
-            return False
-        return bool(_BLOCK_RE.search(self.name))
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -218,16 +190,6 @@ def load_config(model: str) -> tuple[str, dict[str, Any], str]:
     )
 
 
-def _quiet_imports():
-    """Silence the optional-kernel warnings torchao and torch print when transformers imports them."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
 def params_from_module(module, itemsize: int | None = None) -> list[ParamInfo]:
     """Deduplicated trainable parameters of an ``nn.Module`` (meta or real)."""
     from torch import nn
@@ -253,21 +215,26 @@ def params_from_module(module, itemsize: int | None = None) -> list[ParamInfo]:
 
 
 def params_from_config(config: Mapping[str, Any], itemsize: int = 4) -> list[ParamInfo]:
-    """Build the model on the meta device (no weights allocated) and list its parameters."""
-    _quiet_imports()
+    """Build the model on the meta device (no weights allocated) and list its parameters.
+
+    Needs torch and transformers (``pip install 'flora-optim[torch,hf]'``); their ImportError
+    propagates."""
     import torch
 
-    try:
-        import transformers
-    except ImportError as error:  # pragma: no cover - transformers is in the dev/demo setups
-        raise ModelConfigError("flora-opt memory needs transformers: pip install transformers") from error
+    from .quantization import quiet_torchao_import
+
     config = dict(config)
     model_type = config.pop("model_type")
-    try:
-        hf_config = transformers.AutoConfig.for_model(model_type, **config)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ModelConfigError(f"transformers cannot build a config of model_type {model_type!r}: {error}") from error
-    with torch.device("meta"):
+    # transformers imports torchao (when installed) to build a model
+    with quiet_torchao_import(), torch.device("meta"):
+        import transformers
+
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **config)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelConfigError(
+                f"transformers cannot build a config of model_type {model_type!r}: {error}"
+            ) from error
         model = None
         errors = []
         for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
@@ -276,89 +243,77 @@ def params_from_config(config: Mapping[str, Any], itemsize: int = 4) -> list[Par
                 break
             except (ValueError, KeyError, TypeError) as error:
                 errors.append(str(error))
-        if model is None:
-            raise ModelConfigError(f"transformers cannot build a model for model_type {model_type!r}: {errors[-1]}")
+    if model is None:
+        raise ModelConfigError(f"transformers cannot build a model for model_type {model_type!r}: {errors[-1]}")
     return params_from_module(model, itemsize)
 
 
 # ---- formulas --------------------------------------------------------------------------------
 
 
-def _adamw(p: ParamInfo, **_) -> int:
+def _adamw(p: ParamInfo) -> int:
     return 2 * p.numel * p.itemsize + 4
 
 
-def _adamw8bit_torchao(p: ParamInfo, **_) -> int:
-    n = p.numel
-    if n >= 4096 and n % 256 == 0:
-        return 2 * (n + 4 * (n // 256) + 1024) + 4
-    return 2 * n * p.itemsize + 4
-
-
-def _adamw8bit_bnb(p: ParamInfo, **_) -> int:
-    n = p.numel
-    if n >= 4096:
-        return 2 * (n + 4 * math.ceil(n / 256))
-    return 2 * 4 * n
-
-
-def _adafactor(p: ParamInfo, momentum: bool = False, **_) -> int:
+def _adafactor(p: ParamInfo, momentum: bool) -> int:
     shape = p.shape
     second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else p.numel
     return 4 * second + (4 * p.numel if momentum else 0) + 4
 
 
-def _galore(p: ParamInfo, rank: int, **_) -> int:
-    if not p.block_matrix:
-        return 2 * p.numel * p.itemsize
-    m, n = p.shape
-    r = min(rank, m, n)
-    return p.itemsize * r * (min(m, n) + 2 * max(m, n))
-
-
-def _apollo(p: ParamInfo, rank: int, **_) -> int:
-    if not p.block_matrix:
-        return 2 * p.numel * p.itemsize
-    m, n = p.shape
-    return p.itemsize * rank * (min(m, n) + 2 * max(m, n)) + 4
-
-
-def _flora(p: ParamInfo, rank: int, quantization: bool = False, beta1: float | None = 0.9, **_) -> int:
+def _flora(p: ParamInfo, rank: int | None, quantization: bool) -> int:
     from . import core
     from .statebytes import state_bytes
 
     if p.numel == 0:
         return 0
-    return state_bytes(core.tensor_layout(p.shape, core.FloraHyperParams(rank=rank, beta1=beta1)), quantization)
+    return state_bytes(core.tensor_layout(p.shape, core.FloraHyperParams(rank=rank)), quantization)
 
 
 _FORMULAS = {
-    "adamw": _adamw,
-    "adamw8bit_torchao": _adamw8bit_torchao,
-    "adamw8bit_bnb": _adamw8bit_bnb,
-    "adafactor": _adafactor,
-    "adafactor_momentum": lambda p, **o: _adafactor(p, momentum=True),
-    "galore": _galore,
-    "apollo": _apollo,
-    "flora": _flora,
-    "flora_8bit": lambda p, **o: _flora(p, o["rank"], quantization=True),
+    "adamw": lambda p, rank: _adamw(p),
+    "adafactor": lambda p, rank: _adafactor(p, momentum=False),
+    "adafactor_momentum": lambda p, rank: _adafactor(p, momentum=True),
+    "flora": lambda p, rank: _flora(p, rank, quantization=False),
+    "flora_8bit": lambda p, rank: _flora(p, rank, quantization=True),
 }
 
 
 def method_state_bytes(method: str, params: Iterable[ParamInfo], rank: int | None = 256) -> int:
     """Exact optimizer-state bytes of ``method`` (one of :data:`METHODS`) for ``params``.
 
-    ``rank=None`` means full momentum for Flora; GaLore and APOLLO need an int rank.
+    ``rank`` is Flora's (``None``: full momentum); the other methods ignore it.
     """
     if method not in _FORMULAS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    params = list(params)
-    if method in ("galore", "apollo") and rank is None:
-        raise ValueError(f"{method} needs an int rank")
-    total = sum(_FORMULAS[method](p, rank=rank) for p in params)
-    if method == "adamw8bit_bnb" and any(p.numel >= 4096 for p in params):
-        total += 2 * 256 * 4  # the signed and unsigned code books, shared by all tensors
-    return total
+    return sum(_FORMULAS[method](p, rank) for p in params)
+
+
+def accumulation_gradient_bytes(params: Iterable[ParamInfo], rank: int | None) -> int:
+    """Peak gradient bytes of compressed accumulation with layer-wise updates
+    (``CompressedAccumulator(optimizer, rank, layerwise=True)``, more than one micro-batch).
+
+    Between micro-batches each tensor compressed at ``rank`` (``core.accumulation_layout``) holds
+    a float32 buffer of ``rank x max(m, n)``, every other tensor its gradient in ``.grad``; while
+    backward runs, one full gradient of a compressed tensor exists until its hook compresses it
+    (the largest of them counted), and a tied tensor's gradient from its first use on. At the last
+    micro-batch each tensor is decompressed, stepped and freed in turn.
+    """
+    from . import core
+
+    held, largest, tied = 0, 0, 0
+    for p in params:
+        layout = core.accumulation_layout(p.shape, rank)
+        gradient = p.numel * p.itemsize
+        if not layout.compressed:
+            held += gradient
+            continue
+        held += 4 * math.prod(layout.buffer_shape())
+        if p.uses > 1:
+            tied += gradient
+        else:
+            largest = max(largest, gradient)
+    return held + tied + largest
 
 
 # ---- estimate and report ---------------------------------------------------------------------
@@ -366,6 +321,17 @@ def method_state_bytes(method: str, params: Iterable[ParamInfo], rank: int | Non
 
 @dataclass
 class Estimate:
+    """Memory of one training step of a model, per optimizer (:func:`estimate`).
+
+    Every byte count is exact for the model's parameter shapes; activations, temporaries of the
+    step and the framework's own memory are not included. Per row (:meth:`add_row`):
+    ``total_bytes`` = weights + all gradients + state; ``total_layerwise_bytes`` = weights + the
+    gradients layer-wise updates keep alive + state; ``total_accumulation_bytes`` = the peak of a
+    step that accumulates gradients over micro-batches: naive accumulation keeps every gradient
+    (weights + gradients + state), Flora's compressed accumulation with layer-wise updates keeps
+    :func:`accumulation_gradient_bytes`.
+    """
+
     model: str
     source: str
     n_params: int
@@ -374,7 +340,26 @@ class Estimate:
     weights_bytes: int
     grads_bytes: int
     grads_layerwise_bytes: int
+    grads_accumulation_bytes: int
+    adamw_state_bytes: int
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_row(self, method: str, label: str, state_bytes: int, *, compressed_accumulation: bool = False) -> None:
+        """Append the row of an optimizer whose state takes ``state_bytes`` (for a peer whose
+        formula lives elsewhere, e.g. the lab's); ``compressed_accumulation`` says whether it
+        accumulates gradients compressed (Flora's rows)."""
+        accumulating = self.grads_accumulation_bytes if compressed_accumulation else self.grads_bytes
+        self.rows.append(
+            dict(
+                method=method,
+                optimizer=label,
+                state_bytes=state_bytes,
+                state_vs_adamw=state_bytes / self.adamw_state_bytes if self.adamw_state_bytes else float("nan"),
+                total_bytes=self.weights_bytes + self.grads_bytes + state_bytes,
+                total_layerwise_bytes=self.weights_bytes + self.grads_layerwise_bytes + state_bytes,
+                total_accumulation_bytes=self.weights_bytes + accumulating + state_bytes,
+            )
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -389,13 +374,15 @@ def estimate(
     dtype: str = "fp32",
     methods: Iterable[str] | None = None,
 ) -> Estimate:
-    """Memory estimate for a preset / config path (``model``) or an explicit ``params`` list.
+    """Memory estimate for a preset / config path (``model``) or an explicit ``params`` list
+    (then ``model`` only names it).
 
-    ``quantization=True`` adds the 8-bit Flora row (``flora_8bit``) to the default methods.
+    ``quantization=True`` adds the 8-bit Flora row (``flora_8bit``) to the default methods;
+    ``methods=()`` gives an estimate without rows, for :meth:`Estimate.add_row`.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"Invalid dtype: {dtype!r}: valid: {', '.join(_DTYPES)}")
-    itemsize = _DTYPES[dtype]
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"Invalid dtype: {dtype!r}: valid: {', '.join(DTYPE_BYTES)}")
+    itemsize = DTYPE_BYTES[dtype]
     source = "explicit parameter list"
     name = model or "model"
     if params is None:
@@ -407,28 +394,33 @@ def estimate(
         params = [ParamInfo(p.name, p.shape, itemsize, p.embedding, p.uses) for p in params]
     if methods is None:
         methods = [m for m in METHODS if m != "flora_8bit" or quantization]
-        if rank is None:
-            methods = [m for m in methods if m not in ("galore", "apollo")]
+    else:
+        methods = list(methods)
+        unknown = [m for m in methods if m not in _FORMULAS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
     n_params = sum(p.numel for p in params)
     weights = n_params * itemsize
-    grads = weights
     tied = sum(p.numel * p.itemsize for p in params if p.uses > 1)
     largest_untied = max((p.numel * p.itemsize for p in params if p.uses == 1), default=0)
-    grads_layerwise = min(grads, tied + largest_untied)
-    result = Estimate(name, source, n_params, dtype, rank, weights, grads, grads_layerwise)
-    adamw = method_state_bytes("adamw", params, rank)
+    result = Estimate(
+        model=name,
+        source=source,
+        n_params=n_params,
+        dtype=dtype,
+        rank=rank,
+        weights_bytes=weights,
+        grads_bytes=weights,
+        grads_layerwise_bytes=min(weights, tied + largest_untied),
+        grads_accumulation_bytes=accumulation_gradient_bytes(params, rank),
+        adamw_state_bytes=method_state_bytes("adamw", params),
+    )
     for method in methods:
-        state = method_state_bytes(method, params, rank)
-        label = _LABELS[method].format(rank=rank)
-        result.rows.append(
-            dict(
-                method=method,
-                optimizer=label,
-                state_bytes=state,
-                state_vs_adamw=state / adamw if adamw else float("nan"),
-                total_bytes=weights + grads + state,
-                total_layerwise_bytes=weights + grads_layerwise + state,
-            )
+        result.add_row(
+            method,
+            _LABELS[method].format(rank=rank),
+            method_state_bytes(method, params, rank),
+            compressed_accumulation=method in FLORA_METHODS,
         )
     return result
 
@@ -444,10 +436,11 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{est.model}: {est.n_params:,} parameters ({est.source}), {est.dtype} weights and gradients",
         f"weights {_fmt(est.weights_bytes, unit)} {unit}; gradients {_fmt(est.grads_bytes, unit)} {unit} "
-        f"(layer-wise: {_fmt(est.grads_layerwise_bytes, unit)} {unit})",
+        f"(layer-wise: {_fmt(est.grads_layerwise_bytes, unit)} {unit}; compressed accumulation at rank "
+        f"{est.rank}: {_fmt(est.grads_accumulation_bytes, unit)} {unit})",
         "",
     ]
-    header = ["optimizer", f"state {unit}", "vs AdamW", f"step total {unit}", f"layer-wise total {unit}"]
+    header = ["optimizer", f"state {unit}", "vs AdamW", f"step {unit}", f"layer-wise {unit}", f"accumulation {unit}"]
     rows = [
         [
             row["optimizer"],
@@ -455,6 +448,7 @@ def format_table(est: Estimate) -> str:
             f"{row['state_vs_adamw']:.3f}",
             _fmt(row["total_bytes"], unit),
             _fmt(row["total_layerwise_bytes"], unit),
+            _fmt(row["total_accumulation_bytes"], unit),
         ]
         for row in est.rows
     ]
@@ -467,77 +461,7 @@ def format_table(est: Estimate) -> str:
     )
     lines.extend(out)
     lines.append("")
-    lines.append("step total = weights + gradients + optimizer state (activations not included);")
-    lines.append("layer-wise = each gradient freed as soon as its tensor is updated. Formulas: docs/cli.md.")
+    lines.append("step = weights + gradients + optimizer state (activations not included); layer-wise = each")
+    lines.append("gradient freed as soon as its tensor is updated; accumulation = gradients accumulated over")
+    lines.append("micro-batches (Flora: compressed, with layer-wise updates). Formulas: docs/cli.md.")
     return "\n".join(lines)
-
-
-# ---- measuring real optimizers ---------------------------------------------------------------
-
-
-def storage_key(t) -> tuple:
-    """Identifies the storage behind ``t`` (meta and storage-less tensors by object identity)."""
-    try:
-        ptr = 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
-    except Exception:
-        ptr = 0
-    return (t.device.type, ptr) if ptr else ("id", id(t))
-
-
-def _view_key(t) -> tuple:
-    """Identifies one view of a storage: two state entries with equal keys are the same tensor."""
-    return (*storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def optimizer_state_tensors(optimizer, max_depth: int = 4) -> list:
-    """Every distinct tensor reachable from ``optimizer.state``.
-
-    Walks dicts, lists, tuples, tensor subclasses (torchao's 8-bit state: its ``codes``,
-    ``scale``, ``qmap``) and the attributes of helper objects kept in the state (GaLore and
-    APOLLO projectors). Each tensor view is returned once; a tensor shared by several
-    parameters' state (bitsandbytes' code books) once.
-    """
-    import torch
-    from torch import nn
-
-    found: list[torch.Tensor] = []
-    seen_views: set = set()
-    seen_objects: set[int] = set()
-
-    def add(t: torch.Tensor) -> None:
-        if type(t) is not torch.Tensor and type(t) is not nn.Parameter and hasattr(t, "__tensor_flatten__"):
-            names, _ = t.__tensor_flatten__()
-            for name in names:
-                add(getattr(t, name))
-            return
-        key = _view_key(t)
-        if key not in seen_views:
-            seen_views.add(key)
-            found.append(t)
-
-    def visit(obj, depth: int) -> None:
-        if depth > max_depth or id(obj) in seen_objects:
-            return
-        seen_objects.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            add(obj)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value, depth + 1)
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            for value in obj:
-                visit(value, depth + 1)
-        elif isinstance(obj, (str, bytes, int, float, bool, type(None), nn.Module, torch.optim.Optimizer)):
-            return
-        elif hasattr(obj, "__dict__"):
-            for value in vars(obj).values():
-                visit(value, depth + 1)
-
-    for state in optimizer.state.values():
-        visit(state, 0)
-    return found
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Exact bytes of the tensors held in an optimizer's state (``numel * element_size``)."""
-    return sum(t.numel() * t.element_size() for t in optimizer_state_tensors(optimizer))

@@ -17,7 +17,10 @@ float32, as in bitsandbytes and torchao: for them the scales would cost more tha
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -31,24 +34,34 @@ _MIDPOINTS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 _TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _quant_utils():
-    import logging
-
-    # torchao logs about optional CUDA kernels it cannot load on import; they are irrelevant
-    # to the pure-PyTorch functions used here.
+@contextlib.contextmanager
+def quiet_torchao_import() -> Iterator[None]:
+    """A context for importing torchao, directly or through another library (transformers imports
+    it to build models): while it lasts, torchao's warnings about optional compiled kernels it
+    cannot load (its mxfp8 and CUTLASS extensions need a CUDA build) and torch's deprecation
+    warning for the enums torchao registers are not logged. Flora uses torchao's pure-PyTorch
+    functions only. Errors are still logged and exceptions propagate."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
-        for logger in quiet:
-            logger.setLevel(logging.ERROR)
-        from torchao.optim import quant_utils
-    except ImportError as error:  # pragma: no cover - exercised only without torchao
-        raise ImportError(
-            "Flora(quantization=True) needs torchao: pip install 'flora-opt[torch]' (or pip install torchao)"
-        ) from error
+        yield
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
+
+
+def _quant_utils():
+    try:
+        with quiet_torchao_import():
+            from torchao.optim import quant_utils
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "torchao":
+            raise  # torchao is there but failed: its own message says why
+        raise ImportError(
+            f"Flora(quantization=True) needs torchao ({error}); install it with: pip install 'flora-optim[torch]'"
+        ) from error
     return quant_utils
 
 

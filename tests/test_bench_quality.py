@@ -128,7 +128,7 @@ def test_worker_formula_matches_counted_state_bytes(kind):
     from benchmarks import worker
     from flora_lab import contenders
     from flora_lab.lm import LMConfig, TinyLlama
-    from flora_opt.memory import optimizer_state_bytes
+    from flora_lab.peer_memory import optimizer_state_bytes
 
     spec = next(c for c in bench.quality_contenders("pretrain", [16], [8], 32, 16, 128) if c["kind"] == kind)
     torch.manual_seed(0)

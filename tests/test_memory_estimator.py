@@ -1,4 +1,6 @@
-"""flora_opt.memory: the estimator's bytes equal what each optimizer actually allocates.
+"""The state-bytes formulas equal what each optimizer actually allocates: the library's
+(``flora_opt.memory``: AdamW, Adafactor, Flora) and the lab's peers (``flora_lab.peer_memory``:
+8-bit AdamW, GaLore, APOLLO); and the estimator's gradient bytes under compressed accumulation.
 
 Every formula is checked against ``optimizer_state_bytes`` (the exact sum of the state tensors'
 ``numel * element_size``) after real optimizer steps on small models whose shapes straddle the
@@ -17,7 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flora_opt  # noqa: E402
+from flora_lab import peer_memory as P  # noqa: E402
 from flora_lab.lm import LMConfig, TinyLlama  # noqa: E402
+from flora_lab.peer_memory import optimizer_state_bytes  # noqa: E402
 from flora_opt import memory as M  # noqa: E402
 
 
@@ -66,7 +70,9 @@ def _step(model, optimizer, steps=2):
 
 
 def _predicted(method, model, rank=64):
-    return M.method_state_bytes(method, M.params_from_module(model), rank)
+    """The library's formula for its methods, the lab's for the peers."""
+    formulas = M if method in M.METHODS else P
+    return formulas.method_state_bytes(method, M.params_from_module(model), rank)
 
 
 OWN_CASES = [
@@ -83,7 +89,7 @@ def test_formula_matches_allocation(method, build, rank):
     model = Mixed()
     optimizer = build(model, rank)
     _step(model, optimizer)
-    measured = M.optimizer_state_bytes(optimizer)
+    measured = optimizer_state_bytes(optimizer)
     assert measured == _predicted(method, model, rank)
     if method.startswith("flora"):
         assert measured == optimizer.state_bytes()  # Flora's own accounting agrees
@@ -99,7 +105,7 @@ def test_adafactor_formula(beta1):
     optimizer = Adafactor(model.parameters(), lr=1e-3, beta1=beta1, scale_parameter=True, relative_step=False)
     _step(model, optimizer)
     method = "adafactor_momentum" if beta1 else "adafactor"
-    assert M.optimizer_state_bytes(optimizer) == _predicted(method, model)
+    assert optimizer_state_bytes(optimizer) == _predicted(method, model)
 
 
 @pytest.mark.skipif(not _has("torchao"), reason="torchao not installed")
@@ -117,7 +123,7 @@ def test_torchao_adamw8bit_formula(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     _step(model, optimizer, steps=1)
     assert any(type(t).__name__ == "OptimState8bit" for s in optimizer.state.values() for t in s.values())
-    assert M.optimizer_state_bytes(optimizer) == _predicted("adamw8bit_torchao", model)
+    assert optimizer_state_bytes(optimizer) == _predicted("adamw8bit_torchao", model)
 
 
 @pytest.mark.skipif(not _has("bitsandbytes"), reason="bitsandbytes not installed")
@@ -128,13 +134,13 @@ def test_bnb_adamw8bit_formula():
     model = Mixed()
     optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
     _step(model, optimizer)
-    assert M.optimizer_state_bytes(optimizer) == _predicted("adamw8bit_bnb", model)
+    assert optimizer_state_bytes(optimizer) == _predicted("adamw8bit_bnb", model)
 
 
 def _lowrank_groups(model, options):
     infos = {i.name: i for i in M.params_from_module(model)}
-    low = [p for n, p in model.named_parameters() if infos[n].block_matrix]
-    other = [p for n, p in model.named_parameters() if not infos[n].block_matrix]
+    low = [p for n, p in model.named_parameters() if P.is_block_matrix(infos[n])]
+    other = [p for n, p in model.named_parameters() if not P.is_block_matrix(infos[n])]
     return [{"params": other}, {"params": low, **options}]
 
 
@@ -148,7 +154,7 @@ def test_galore_formula(rank):
     groups = _lowrank_groups(model, dict(rank=rank, update_proj_gap=200, scale=0.25, proj_type="std"))
     optimizer = galore_torch.GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
     _step(model, optimizer)
-    assert M.optimizer_state_bytes(optimizer) == _predicted("galore", model, rank)
+    assert optimizer_state_bytes(optimizer) == _predicted("galore", model, rank)
 
 
 @pytest.mark.skipif(not _has("apollo_torch"), reason="apollo-torch not installed")
@@ -162,7 +168,7 @@ def test_apollo_formula():
     )
     optimizer = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
     _step(model, optimizer)
-    assert M.optimizer_state_bytes(optimizer) == _predicted("apollo", model, 16)
+    assert optimizer_state_bytes(optimizer) == _predicted("apollo", model, 16)
 
 
 def test_bf16_parameters():
@@ -172,10 +178,10 @@ def test_bf16_parameters():
     _step(model, adamw)
     params = M.params_from_module(model)
     assert all(p.itemsize == 2 for p in params)
-    assert M.optimizer_state_bytes(adamw) == M.method_state_bytes("adamw", params)
+    assert optimizer_state_bytes(adamw) == M.method_state_bytes("adamw", params)
     flora = flora_opt.Flora(model.parameters(), lr=1e-2, rank=8)
     _step(model, flora)
-    assert M.optimizer_state_bytes(flora) == M.method_state_bytes("flora", params, 8)  # fp32 state
+    assert optimizer_state_bytes(flora) == M.method_state_bytes("flora", params, 8)  # fp32 state
 
 
 def test_flora_formula_by_hand():
@@ -203,6 +209,36 @@ def test_flora_formula_by_hand():
     assert M.method_state_bytes("flora_8bit", params, r) == expected_8bit
 
 
+# ---- gradient accumulation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rank", [8, 64])
+def test_compressed_accumulation_holds_what_the_estimate_says(rank, dtype):
+    """Between micro-batches, a layer-wise CompressedAccumulator holds exactly the float32
+    buffers of the compressed tensors and the gradients of the others; the estimate adds one
+    full gradient of a compressed tensor (the largest) for the moment before its hook compresses it."""
+    from flora_opt.accumulation import CompressedAccumulator
+
+    torch.manual_seed(0)
+    model = Mixed().to(dtype)
+    optimizer = flora_opt.Flora(model.parameters(), lr=1e-2, rank=rank)
+    accumulator = CompressedAccumulator(optimizer, rank=rank, accumulation_steps=2, layerwise=True)
+    accumulator.backward(model(torch.randint(0, 300, (2, 7))).float())  # the first of two micro-batches
+    compressed = {id(p) for p in accumulator.compressed_parameters()}
+    assert compressed and len(compressed) < len(list(model.parameters()))  # both kinds present
+    held = accumulator.buffer_bytes()
+    for p in model.parameters():
+        assert (p.grad is None) == (id(p) in compressed)
+        if p.grad is not None:
+            held += p.grad.numel() * p.grad.element_size()
+    largest = max(p.numel() * p.element_size() for p in model.parameters() if id(p) in compressed)
+    params = M.params_from_module(model)
+    assert M.accumulation_gradient_bytes(params, rank) == held + largest
+    # naive accumulation (rank None) keeps every gradient
+    assert M.accumulation_gradient_bytes(params, None) == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 # ---- configs on the meta device --------------------------------------------------------------
 
 
@@ -219,6 +255,7 @@ def test_preset_parameter_counts(preset, n_params):
     n_tensors = len(M.params_from_config(M.PRESETS[preset][0]))
     assert rows["adamw"]["state_bytes"] == 8 * n_params + 4 * n_tensors
     assert rows["flora"]["state_bytes"] < rows["adafactor_momentum"]["state_bytes"] < rows["adamw"]["state_bytes"]
+    assert est.grads_layerwise_bytes < est.grads_accumulation_bytes < est.grads_bytes
 
 
 @pytest.mark.skipif(not _has("transformers"), reason="transformers not installed")
@@ -241,10 +278,10 @@ def test_meta_config_matches_real_model(tmp_path):
     ids = torch.randint(0, 500, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    assert rows["flora"]["state_bytes"] == M.optimizer_state_bytes(optimizer)
+    assert rows["flora"]["state_bytes"] == optimizer_state_bytes(optimizer)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     adamw.step()
-    assert rows["adamw"]["state_bytes"] == M.optimizer_state_bytes(adamw)
+    assert rows["adamw"]["state_bytes"] == optimizer_state_bytes(adamw)
     # tied embedding: wte counted once; layer-wise gradients = wte (tied) + the largest other
     wte = 500 * 160 * 4
     largest = max(p.numel() * 4 for n, p in model.named_parameters() if "wte" not in n)
@@ -273,8 +310,14 @@ def test_load_config_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(M.ModelConfigError, match="JSON"):
         M.load_config(str(bad))
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
         M.method_state_bytes("sgd", [])
+    with pytest.raises(ValueError, match="unknown method 'galore'"):  # a peer: the lab's formula
+        M.estimate(params=[M.ParamInfo("w", (4, 4))], methods=["galore"])
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
+        P.method_state_bytes("sgd", [])
+    with pytest.raises(ValueError, match="galore needs an int rank, got rank=None"):
+        P.method_state_bytes("galore", [M.ParamInfo("w", (4, 4))], None)
     with pytest.raises(ValueError, match="dtype"):
         M.estimate(params=[M.ParamInfo("w", (4, 4))], dtype="fp8")
 

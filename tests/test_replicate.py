@@ -1,5 +1,5 @@
-"""`flora-opt replicate` (lab/flora_lab/replicate): the quick run end to end, exact bytes, the
-model's pieces (LoRA merge, cached greedy decoding, denoising), validation and the missing-lab path."""
+"""`flora-lab replicate` (lab/flora_lab/replicate): the quick run end to end, exact bytes, the
+model's pieces (LoRA merge, cached greedy decoding, denoising) and validation."""
 
 import json
 import math
@@ -13,9 +13,9 @@ pytest.importorskip("sacrebleu")
 import jax
 import jax.numpy as jnp
 
+from flora_lab.cli import main
 from flora_lab.replicate import run_replicate, tasks
 from flora_lab.replicate.model import ModelConfig, Seq2Seq, greedy_decode, lora_merge, lora_split
-from flora_opt.cli import main
 
 
 @pytest.fixture(scope="module")

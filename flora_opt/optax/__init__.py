@@ -27,7 +27,7 @@ try:
     import optax  # noqa: F401
 except ImportError as _error:  # name the extra, as the README promises
     raise ImportError(
-        f"flora_opt.optax needs jax and optax ({_error}); install them with: pip install 'flora-opt[jax]'"
+        f"flora_opt.optax needs jax and optax ({_error}); install them with: pip install 'flora-optim[jax]'"
     ) from _error
 
 from ._common import state_bytes

@@ -8,9 +8,10 @@ Every contender is built the same way::
     if ok:
         opt = contenders.make("galore", model, lr=1e-3, rank=64)   # -> torch.optim.Optimizer
 
-A contender's name is the name ``flora_opt.memory`` (``flora-opt memory``) gives its state-bytes
-formula when it has one (``adamw``, ``adamw8bit_torchao``, ``adamw8bit_bnb``, ``adafactor``,
-``adafactor_momentum``, ``galore``, ``apollo``, ``flora``, ``flora_8bit``), so
+A contender's name is the name :mod:`flora_lab.peer_memory` gives its state-bytes formula when it
+has one (``adamw``, ``adamw8bit_torchao``, ``adamw8bit_bnb``, ``adafactor``,
+``adafactor_momentum``, ``galore``, ``apollo``, ``flora``, ``flora_8bit``; the library's
+``flora_opt.memory`` and ``flora-opt memory`` use the same names for the ones they know), so
 :func:`predicted_state_bytes` needs no table between names. ``flora`` and ``flora_8bit`` are
 this repository's :class:`flora_opt.Flora`; ``flora_ref`` is the reference ``flora-opt==0.0.3``.
 
@@ -53,7 +54,6 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -61,6 +61,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from . import peer_memory
 
 __all__ = [
     "DEFAULTS",
@@ -110,8 +112,6 @@ def ref_python() -> str:
 # parameter handling
 # --------------------------------------------------------------------------------------------
 
-_BLOCK_RE = re.compile(r"(^|\.)\d+\.")
-
 
 def named_trainable(model_or_named_params) -> list[tuple[str, torch.Tensor]]:
     """Normalise the accepted inputs into a list of ``(name, tensor)`` with requires_grad."""
@@ -149,11 +149,9 @@ def _embedding_ids(model_or_named_params) -> set[int]:
 
 
 def default_lowrank_filter(name: str, p: torch.Tensor) -> bool:
-    """2-D tensor whose qualified name has an integer component (a transformer-block matrix)."""
-    lowered = name.lower()
-    if p.ndim != 2 or "emb" in lowered or "lm_head" in lowered:
-        return False
-    return bool(_BLOCK_RE.search(name))
+    """2-D tensor whose qualified name has an integer component (a transformer-block matrix):
+    :func:`flora_lab.peer_memory.is_block_matrix_name`, the convention of the GaLore/APOLLO formulas."""
+    return peer_memory.is_block_matrix_name(name, p.ndim)
 
 
 def split_lowrank(model_or_named_params, lowrank_filter=None):
@@ -185,12 +183,9 @@ def _two_groups(model_or_named_params, lowrank_opts: dict, lowrank_filter=None) 
 def state_tensors(optimizer: torch.optim.Optimizer, max_depth: int = 4) -> list[torch.Tensor]:
     """All tensors reachable from ``optimizer.state``: plain values, containers, tensor
     subclasses (unwrapped), and attributes of helper objects kept in the state (GaLore/APOLLO
-    projectors, bitsandbytes QuantState). Each distinct tensor (view) is returned once. The walk
-    is ``flora_opt.memory.optimizer_state_tensors`` (this repository's, on ``PYTHONPATH``), so the
-    benchmarks and ``flora-opt memory`` count state the same way."""
-    from flora_opt.memory import optimizer_state_tensors
-
-    return optimizer_state_tensors(optimizer, max_depth)
+    projectors, bitsandbytes QuantState). Each distinct tensor (view) is returned once: the walk
+    of :func:`flora_lab.peer_memory.optimizer_state_tensors`, which the formula checks use too."""
+    return peer_memory.optimizer_state_tensors(optimizer, max_depth)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, storage: bool = False) -> int:
@@ -205,15 +200,13 @@ def state_bytes(optimizer: torch.optim.Optimizer, storage: bool = False) -> int:
     once. It is larger when a state tensor is a slice of a bigger buffer: galore-torch 1.0 keeps
     ``Vh[:r]`` / ``U[:, :r]`` of the SVD, which pins the whole ``min(m,n) x min(m,n)`` factor.
     """
-    from flora_opt.memory import storage_key
-
     tensors = state_tensors(optimizer)
     if not storage:
         return sum(t.numel() * t.element_size() for t in tensors)
     total = 0
     seen: set[tuple] = set()
     for t in tensors:
-        key = storage_key(t)
+        key = peer_memory.storage_key(t)
         if key in seen:
             continue
         seen.add(key)
@@ -241,9 +234,12 @@ class Contender:
     label: str = ""  # display name; ``{rank}`` is filled in by :func:`label`
 
     def available(self) -> tuple[bool, str]:
+        from flora_opt.quantization import quiet_torchao_import
+
         for mod in self.requires:
             try:
-                importlib.import_module(mod)
+                with quiet_torchao_import():  # torchao's loader warns about kernels it cannot load
+                    importlib.import_module(mod)
             except Exception as e:
                 return False, f"cannot import {mod}: {type(e).__name__}: {e}"
         if self.extra_check is not None:
@@ -363,14 +359,14 @@ def sweep_options(name: str, rank: int | None = None, interval: int | None = Non
 
 
 def predicted_state_bytes(name: str, model, **options) -> int | None:
-    """The state bytes ``flora_opt.memory`` predicts for contender ``name`` over ``model``'s
-    parameters with ``options`` (``None`` when it has no formula for it)."""
-    from flora_opt.memory import METHODS, method_state_bytes, params_from_module
+    """The state bytes :mod:`flora_lab.peer_memory` predicts for contender ``name`` over
+    ``model``'s parameters with ``options`` (``None`` when it has no formula for it)."""
+    from flora_opt.memory import params_from_module
 
-    if name not in METHODS or options.get("full_momentum_for"):
+    if name not in peer_memory.METHODS or options.get("full_momentum_for"):
         return None
     merged = {**REGISTRY[name].defaults, **options}
-    return method_state_bytes(name, params_from_module(model), merged.get("rank"))
+    return peer_memory.method_state_bytes(name, params_from_module(model), merged.get("rank"))
 
 
 def _params(model_or_named_params):
@@ -640,7 +636,10 @@ _add(
 
 
 def _build_torchao(m, lr, lowrank_filter=None, **o):
-    import torchao.optim
+    from flora_opt.quantization import quiet_torchao_import
+
+    with quiet_torchao_import():
+        import torchao.optim
 
     return torchao.optim.AdamW8bit(_params(m), lr=lr, **o)
 

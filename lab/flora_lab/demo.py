@@ -1,10 +1,14 @@
-"""``flora-opt demo``: train one small LLaMA-style LM on real text with several optimizers.
+"""``flora-lab demo``: train one small LLaMA-style LM on real text with several optimizers.
 
 The same randomly initialised model (:class:`flora_lab.lm.TinyLlama`) is trained from the same
 seed, on the same batches, for the same number of steps, with each optimizer in turn; the run
 reports, per optimizer, the exact optimizer-state bytes (from the state tensors), the peak of live
 tensor bytes over one full training step (:class:`flora_lab.livebytes.LiveTensorBytes`), training
-tokens/s and the final validation loss, and writes ``results.json`` and ``demo.png``.
+tokens/s and the final validation loss. At this size activations dominate the peak, so the demo
+ends with the same optimizers at scale (:func:`memory_at_scale`: a LLaMA-7B shape by default,
+built on the meta device): exact state bytes and the predicted training-step memory from the
+library's estimator (:mod:`flora_opt.memory`), and what fits on a 24 GiB GPU. It writes
+``results.json``, ``results.md`` and ``demo.png``.
 
 :func:`train_lm` and :func:`prepare_data` are shared with the benchmark suite
 (``benchmarks/run.py quality``), so the demo is a small version of the quality benchmark.
@@ -31,10 +35,12 @@ __all__ = [
     "DEFAULT_LRS",
     "DEMO_MODEL",
     "OPTIMIZERS",
+    "SCALE",
     "DemoSettings",
     "available_optimizers",
     "format_results",
     "make_optimizer",
+    "memory_at_scale",
     "plot_results",
     "prepare_data",
     "recipe_options",
@@ -120,7 +126,7 @@ def recipe_options(name: str, rank: int | None = None, interval: int | None = No
 
 
 def formula_state_bytes(name: str, model, rank: int) -> int | None:
-    """The state bytes ``flora_opt.memory`` predicts for the demo optimizer ``name``."""
+    """The state bytes the formulas (:mod:`flora_lab.peer_memory`) predict for the demo optimizer ``name``."""
     from . import contenders
 
     return contenders.predicted_state_bytes(name, model, **contenders.sweep_options(name, rank))
@@ -216,10 +222,9 @@ def train_lm(
     """
     import torch
 
-    from flora_opt.memory import optimizer_state_bytes, optimizer_state_tensors
-
     from .data import lm_batches
     from .livebytes import LiveTensorBytes
+    from .peer_memory import optimizer_state_bytes, optimizer_state_tensors
 
     if steps < 1:
         raise ValueError(f"Invalid steps: {steps}: must be >= 1")
@@ -324,6 +329,68 @@ def train_lm(
     )
 
 
+# ---- memory at scale -------------------------------------------------------------------------
+
+# the predicted totals of one row: (results key, what it assumes)
+_MODES = (
+    ("total_bytes", "all gradients"),
+    ("total_layerwise_bytes", "layer-wise updates"),
+    ("total_accumulation_bytes", "gradient accumulation"),
+)
+
+
+def memory_at_scale(optimizers, model: str = "llama-7b", rank: int = 256) -> dict[str, Any]:
+    """The demo's optimizers on a large model: exact state bytes and predicted training-step memory.
+
+    ``model`` is a preset of :mod:`flora_opt.memory` (``llama-7b``: the shape of LLaMA 7B and
+    LLaMA-2-7B) or a ``config.json``, built on the meta device (nothing allocated or downloaded).
+    Weights and gradients are in :data:`SCALE`'s dtype; every rank-``rank`` method uses ``rank``. The library's
+    estimator (:func:`flora_opt.memory.estimate`) gives the totals: with all gradients alive, with
+    layer-wise updates, with gradient accumulation (Flora: compressed at ``rank``, layer-wise; the
+    others: naive); the state bytes come from :func:`flora_lab.peer_memory.method_state_bytes`
+    (the library's formulas for AdamW, Adafactor and Flora). Activations are not included.
+    Returns ``{"estimate": Estimate.to_dict(), "gpu_gib", "fits": {name: [modes that fit]}}``.
+    """
+    from flora_opt import memory
+
+    from . import contenders, peer_memory
+
+    name, config, source = memory.load_config(model)
+    params = memory.params_from_config(config, memory.DTYPE_BYTES[SCALE["dtype"]])
+    estimate = memory.estimate(name, params=params, rank=rank, dtype=SCALE["dtype"], methods=())
+    estimate.source = source
+    for optimizer in optimizers:
+        if optimizer in peer_memory.METHODS:
+            estimate.add_row(
+                optimizer,
+                contenders.label(optimizer, rank),
+                peer_memory.method_state_bytes(optimizer, params, rank),
+                compressed_accumulation=optimizer in memory.FLORA_METHODS,
+            )
+    budget = SCALE["gpu_gib"] * 2**30
+    fits = {row["method"]: [mode for key, mode in _MODES if row[key] <= budget] for row in estimate.rows}
+    return dict(estimate=estimate.to_dict(), gpu_gib=SCALE["gpu_gib"], fits=fits)
+
+
+def _format_fits(at_scale: dict[str, Any]) -> str:
+    """One line: which optimizers fit on the GPU of :data:`SCALE`, and how."""
+    parts = []
+    for row in at_scale["estimate"]["rows"]:
+        fitting = [
+            f"{mode} ({row[key] / 2**30:.1f} GiB)" for key, mode in _MODES if mode in at_scale["fits"][row["method"]]
+        ]
+        if fitting:
+            parts.append(f"{row['optimizer']} fits with {' or '.join(fitting)}")
+        else:
+            best = min(row[key] for key, _ in _MODES)
+            parts.append(f"{row['optimizer']} does not ({best / 2**30:.1f} GiB at best)")
+    return (
+        f"On a {at_scale['gpu_gib']} GiB GPU (weights, gradients and optimizer state; activations need the rest): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 # ---- the demo --------------------------------------------------------------------------------
 
 
@@ -345,7 +412,14 @@ class DemoSettings:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
     threads: int | None = None
     device: str = "cpu"
+    scale_model: str | None = "llama-7b"
+    scale_rank: int = 256
 
+
+#: The memory story at scale (:func:`memory_at_scale`): weights and gradients in bfloat16, the
+#: estimate set against a GPU of this many GiB. ``DemoSettings.scale_model`` (a preset of
+#: ``flora_opt.memory`` or a config.json; ``None`` skips it) and ``scale_rank`` choose the rest.
+SCALE = dict(dtype="bf16", gpu_gib=24)
 
 #: ``--quick``: about a minute on a 2-core CPU.
 QUICK = dict(steps=40, eval_every=10, eval_batches=4, final_eval_batches=None)
@@ -441,8 +515,10 @@ def run_demo(
         data=data_info,
         environment=_environment(),
         rows=rows,
-        wall_s=time.perf_counter() - started,
     )
+    if settings.scale_model is not None:
+        results["at_scale"] = memory_at_scale(settings.optimizers, settings.scale_model, settings.scale_rank)
+    results["wall_s"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(format_results(results) + "\n")
     if plot:
@@ -455,7 +531,7 @@ def run_demo(
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """Markdown table of a demo run."""
+    """Markdown tables of a demo run: the training comparison, then the memory at scale."""
     header = "| optimizer | state MiB | state / AdamW | peak live MiB | tokens/s | final val loss |"
     lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
@@ -465,18 +541,52 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['state_bytes'] / 2**20:.3f} | {ratio} | {peak} | {tps} | {r['final_val_loss']:.4f} |"
         )
+    lines += [
+        "",
+        "peak live = weights + gradients + optimizer state + activations of one step; at this size the "
+        "activations dominate it.",
+    ]
+    if "at_scale" in results:
+        lines += ["", *_format_at_scale(results["at_scale"])]
     return "\n".join(lines)
 
 
+def _format_at_scale(at_scale: dict[str, Any]) -> list[str]:
+    est = at_scale["estimate"]
+    gib = 2**30
+    lines = [
+        f"At scale: {est['model']}, {est['n_params']:,} parameters ({est['source']}), {est['dtype']} weights "
+        f"({est['weights_bytes'] / gib:.2f} GiB) and gradients, rank {est['rank']}; training-step memory "
+        "predicted by flora_opt.memory (weights + gradients + optimizer state; activations not included; "
+        "any model: flora-opt memory MODEL):",
+        "",
+        "| optimizer | state GiB | state / AdamW | all gradients GiB | layer-wise GiB | accumulation GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in est["rows"]:
+        lines.append(
+            f"| {r['optimizer']} | {r['state_bytes'] / gib:.2f} | {r['state_vs_adamw']:.3f} | "
+            f"{r['total_bytes'] / gib:.2f} | {r['total_layerwise_bytes'] / gib:.2f} | "
+            f"{r['total_accumulation_bytes'] / gib:.2f} |"
+        )
+    return [*lines, "", _format_fits(at_scale)]
+
+
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Validation-loss curves, optimizer-state bars and peak-live-memory bars in one PNG."""
+    """Validation-loss curves, optimizer-state bars and peak-live-memory bars in one PNG; below
+    them, with ``results["at_scale"]``, the predicted training-step memory at scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, (ax_loss, ax_state, ax_peak) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw=dict(width_ratios=[5, 3, 3]))
+    at_scale = results.get("at_scale")
+    fig = plt.figure(figsize=(15, 9.5 if at_scale else 4.5))
+    grid = fig.add_gridspec(
+        2 if at_scale else 1, 3, width_ratios=[5, 3, 3], height_ratios=[1, 1.1] if at_scale else [1]
+    )
+    ax_loss, ax_state, ax_peak = (fig.add_subplot(grid[0, i]) for i in range(3))
     for r in rows:
         tokens = [p["tokens"] for p in r["val_curve"]]
         ax_loss.plot(tokens, [p["val_loss"] for p in r["val_curve"]], marker="o", ms=3, label=r["label"])
@@ -502,6 +612,41 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlim(0, max([*values, 1e-09]) * 1.3)
         ax.grid(axis="x", alpha=0.3)
+    if at_scale:
+        _plot_at_scale(fig.add_subplot(grid[1, :]), at_scale, {r["optimizer"]: c for r, c in zip(rows, colors)})
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_at_scale(ax, at_scale: dict[str, Any], colors: dict[str, str]) -> None:
+    """Stacked bars (weights, gradients, state) per optimizer and mode, and the GPU's size."""
+    est = at_scale["estimate"]
+    gib = 2**30
+    ticks, labels = [], []
+    position = 0.0
+    for row in est["rows"]:
+        for key, mode in _MODES:
+            state = row["state_bytes"] / gib
+            weights = est["weights_bytes"] / gib
+            grads = row[key] / gib - weights - state  # all, layer-wise or accumulated gradients
+            ax.barh(position, weights, color="0.75", label="weights" if position == 0 else None)
+            ax.barh(position, grads, left=weights, color="0.55", label="gradients" if position == 0 else None)
+            ax.barh(position, state, left=weights + grads, color=colors.get(row["method"], "C0"))
+            ax.text(weights + grads + state, position, f" {row[key] / gib:.1f}", va="center", fontsize=8)
+            ticks.append(position)
+            labels.append(f"{row['optimizer']}: {mode}")
+            position += 1
+        position += 0.6
+    budget = at_scale["gpu_gib"]
+    ax.axvline(budget, color="k", linestyle="--", linewidth=1)
+    ax.text(budget, position - 0.9, f" {budget} GiB GPU", fontsize=8, va="center")
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_ylim(position - 0.3, -0.7)
+    ax.set_xlabel("GiB (activations not included; optimizer state in the optimizer's colour)")
+    ax.set_title(
+        f"{est['model']} ({est['n_params'] / 1e9:.1f}B parameters, {est['dtype']}, rank {est['rank']}): "
+        "predicted training-step memory"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)

@@ -1,6 +1,6 @@
 """A small LLaMA-style causal language model in plain PyTorch.
 
-Used by ``flora-opt demo`` and the benchmarks (``benchmarks/run.py``), so both train the same
+Used by ``flora-lab demo`` and the benchmarks (``benchmarks/run.py``), so both train the same
 model. Nothing is downloaded: the model is randomly initialised from a :class:`LMConfig`.
 
 The architecture follows LLaMA (Touvron et al., 2023): pre-norm blocks with RMSNorm, rotary

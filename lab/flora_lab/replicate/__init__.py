@@ -1,4 +1,4 @@
-"""``flora-opt replicate``: the Flora paper's two experiments in JAX on public-domain Bibles.
+"""``flora-lab replicate``: the Flora paper's two experiments in JAX on public-domain Bibles.
 
 :func:`run_replicate` runs the momentum and/or the accumulation experiment
 (:mod:`flora_lab.replicate.experiments`), every method for ``seeds`` seeds, and writes to
@@ -8,7 +8,7 @@ deviation over seeds) and PNG plots (:mod:`flora_lab.replicate.report`). The acc
 experiment's pretrained checkpoint is cached in ``out`` (``pretrained-<digest>.msgpack``).
 
 Needs ``jax``, ``optax``, ``flax``, ``sacrebleu``, ``matplotlib`` and ``tqdm``
-(``pip install 'flora-opt[replicate]'`` plus the lab, ``pip install -e lab``).
+(the lab with its ``replicate`` extra: ``pip install -e 'lab[replicate]'``).
 See docs/replication.md for the set-up next to the paper's and the results.
 """
 

@@ -1,4 +1,4 @@
-"""Tables (``report.md``) and plots (PNG) of a ``flora-opt replicate`` results dictionary.
+"""Tables (``report.md``) and plots (PNG) of a ``flora-lab replicate`` results dictionary.
 
 Per experiment and method: mean and sample standard deviation (``ddof=1``; 0 with one seed)
 of the final validation loss and BLEU over seeds, the bytes (identical across seeds), and the
@@ -123,7 +123,7 @@ def _claims(experiment: str, rows: dict) -> list[str]:
 def write_report(results: dict, path: Path) -> None:
     """``report.md``: one table per experiment, the claims checked, the command."""
     lines = [
-        "# flora-opt replicate: results",
+        "# flora-lab replicate: results",
         "",
         f"Command: `{results['command']}` ({results['scale']} scale, {results['seeds']} seed(s) per method, "
         f"{results.get('wall_s', 0) / 60:.1f} min). Mean ± sample standard deviation over seeds; "
