@@ -84,7 +84,7 @@ def _make_optimizer(cfg, params):
     import torch
 
     method, lr = cfg["method"], cfg["lr"]
-    if method in ("adafactor", "acc-naive", "acc-flora"):
+    if method == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
@@ -109,14 +109,9 @@ def run_worker(cfg: dict) -> dict:
     model = LlamaForCausalLM(LlamaConfig(**MODEL))
     train = np.load(cfg["train"])
     val = np.load(cfg["val"])
-    batch, seq, steps, micro = cfg["batch"], cfg["seq"], cfg["steps"], cfg.get("micro", 1)
+    batch, seq, steps = cfg["batch"], cfg["seq"], cfg["steps"]
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, cfg["warmup"]))
-    accumulator = None
-    if cfg["method"] == "acc-flora":
-        from flora_opt import CompressedAccumulator
-
-        accumulator = CompressedAccumulator(optimizer, rank=cfg["rank"], accumulation_steps=micro)
     rng = np.random.default_rng(1000 + cfg["seed"])
     windows = torch.from_numpy(val[: (len(val) - 1) // seq * seq + 1].astype(np.int64))
     val_x = windows[:-1].view(-1, seq)
@@ -136,16 +131,12 @@ def run_worker(cfg: dict) -> dict:
 
     curve, losses, start = [], [], time.time()
     for step in range(steps):
-        for _ in range(micro):
-            starts = rng.integers(0, len(train) - seq - 1, size=batch // micro)
-            w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
-            logits = model(input_ids=w[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
-            if accumulator is not None:
-                accumulator.backward(loss / micro)
-            else:
-                (loss / micro).backward()
-            losses.append(loss.item())
+        starts = rng.integers(0, len(train) - seq - 1, size=batch)
+        w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
+        logits = model(input_ids=w[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,7 +194,7 @@ def _launch(cfg: dict) -> dict:
 
 def _label(cfg: dict) -> str:
     parts = [cfg["method"]]
-    if cfg["method"] in (*FLORA_METHODS, "acc-flora"):
+    if cfg["method"] in FLORA_METHODS:
         parts.append(f"r{cfg['rank']}")
     parts += [f"lr{cfg['lr']:g}", f"s{cfg['seed']}"]
     parts += [f"{k}={v}" for k, v in sorted(cfg.get("options", {}).items())]
@@ -225,7 +216,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--micro", type=int, default=4, help="micro-batches per step for acc-* methods")
     ap.add_argument("--kappa", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val-bytes", type=int, default=65536)
@@ -246,7 +236,7 @@ def main(argv=None) -> int:
     train, val = _prepare_data(REPO / ".cache" / "regression", args.val_bytes)
     configs = []
     for method in args.methods:
-        ranks = args.ranks if method in (*FLORA_METHODS, "acc-flora") else [None]
+        ranks = args.ranks if method in FLORA_METHODS else [None]
         for rank in ranks:
             for lr in args.lrs or DEFAULT_LRS[method]:
                 for seed in args.seeds:
@@ -263,7 +253,6 @@ def main(argv=None) -> int:
                         eval_every=args.eval_every,
                         train=str(train),
                         val=str(val),
-                        micro=args.micro if method in ACC_METHODS else 1,
                     )
                     if method == "flora" and options:
                         cfg["options"] = options

@@ -31,7 +31,7 @@ with layer-wise updates (``flora_opt.enable_layerwise_updates``) each gradient i
 it is complete, so the peak holds the largest single gradient plus the gradients of tied
 parameters (a tied weight's gradient accumulates over two uses, so it lives through most of
 backward). With gradient accumulation, naive accumulation keeps every gradient through the
-cycle; Flora's compressed accumulation keeps ``r x max(m, n)`` float32 buffers instead
+cycle; Flora's compressed accumulation keeps ``r x max(m, n)`` buffers and ``min(m, n) x r`` bases instead
 (:func:`accumulation_gradient_bytes`). Activations are not included (they depend on batch,
 sequence and checkpointing).
 """
@@ -294,7 +294,8 @@ def accumulation_gradient_bytes(params: Iterable[ParamInfo], rank: int | None) -
     (``CompressedAccumulator(optimizer, rank, layerwise=True)``, more than one micro-batch).
 
     Between micro-batches each tensor compressed at ``rank`` (``core.accumulation_layout``) holds
-    a float32 buffer of ``rank x max(m, n)``, every other tensor its gradient in ``.grad``; while
+    a float32 buffer of ``rank x max(m, n)`` and the default (subspace) estimator's float32 basis
+    of ``min(m, n) x rank``, every other tensor its gradient in ``.grad``; while
     backward runs, one full gradient of a compressed tensor exists until its hook compresses it
     (the largest of them counted), and a tied tensor's gradient from its first use on. At the last
     micro-batch each tensor is decompressed, stepped and freed in turn.
@@ -308,7 +309,7 @@ def accumulation_gradient_bytes(params: Iterable[ParamInfo], rank: int | None) -
         if not layout.compressed:
             held += gradient
             continue
-        held += 4 * math.prod(layout.buffer_shape())
+        held += 4 * (math.prod(layout.buffer_shape()) + math.prod(layout.basis_shape()))
         if p.uses > 1:
             tied += gradient
         else:

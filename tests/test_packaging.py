@@ -30,7 +30,7 @@ BLOCKER = textwrap.dedent(
 
 def _run(blocked, body):
     code = BLOCKER + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code, blocked], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, blocked], capture_output=True, text=True, timeout=300)
 
 
 def test_import_without_torch_and_the_torch_names_say_which_extra():

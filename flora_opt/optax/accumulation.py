@@ -260,7 +260,12 @@ def compressed_accumulator(
             elif plan.compressed:
                 value = core.decompress(buffer, projection(leaf_seed, state.cycle, plan), plan.side, ops)
             out.append(value.reshape(shape).astype(dtype))
-        return treedef.unflatten(out), treedef.unflatten(bases)
+        # fresh placeholders where nothing is tracked: under shard_map they are replicated again
+        kept = [
+            b if plan is not None and plan.compressed and subspace else placeholder()
+            for plan, b in zip(plans, bases, strict=True)
+        ]
+        return treedef.unflatten(out), treedef.unflatten(kept)
 
     def result(state: AccumulatorState, like):
         return estimate(state, like)[0]
