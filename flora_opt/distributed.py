@@ -478,8 +478,9 @@ class LayerwiseAllreduceState(CompressedAllreduceState):
     Besides what :class:`CompressedAllreduceState` holds (the accumulator, the process group,
     the counters): the DDP model (a weak reference), each parameter's bucket buffer, whose
     storage is freed after the bucket's step and allocated again before DDP next writes into
-    it, and the parameter whose local gradient DDP copied into its bucket last. Pickles without
-    them (and without the process group and accumulator).
+    it, the parameter whose local gradient DDP copied into its bucket last, and the reduced
+    buckets waiting for their step. Pickles without them (and without the process group and
+    accumulator).
     """
 
     def __init__(self, accumulator, ddp_model, process_group=None):
@@ -491,10 +492,12 @@ class LayerwiseAllreduceState(CompressedAllreduceState):
         # DDP replaces its buckets once (at the first forward after the first synchronised backward)
         self.buckets = WeakIdKeyDictionary()
         self.local_gradient = None
+        self.reduced: list[tuple[torch.Tensor, list, list]] = []  # (bucket buffer, params, gradient views)
+        self.step_queued = False
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("ddp_model", "buckets", "local_gradient"):
+        for key in ("ddp_model", "buckets", "local_gradient", "reduced", "step_queued"):
             state.pop(key, None)
         return state
 
@@ -505,12 +508,16 @@ class LayerwiseAllreduceState(CompressedAllreduceState):
         self.ddp_model = lambda: None
         self.buckets = WeakIdKeyDictionary()
         self.local_gradient = None
+        self.reduced = []
+        self.step_queued = False
 
     def gradient_arrived(self, param, sync: bool) -> None:
         """Called by the accumulator's hook on ``param`` right after autograd accumulated its
         gradient and before DDP's reducer (a hook of its own that runs next) copies it into
-        ``param``'s bucket: the bucket's storage must exist again. On the sync micro-batch the
-        previous parameter's local gradient, which the reducer has copied by now, is dropped."""
+        ``param``'s bucket. The buckets reduced since the last call are stepped and freed first;
+        then ``param``'s bucket gets its storage back. On the sync micro-batch the previous
+        parameter's local gradient, which the reducer has copied by now, is dropped."""
+        self.step_reduced()
         ddp = self.ddp_model()
         if ddp is None or not ddp.require_backward_grad_sync:
             return  # under no_sync the reducer leaves its buckets alone
@@ -528,6 +535,33 @@ class LayerwiseAllreduceState(CompressedAllreduceState):
         storage = buffer.untyped_storage()
         if storage.nbytes() == 0:
             storage.resize_(buffer.nbytes)
+
+    def reduced_bucket(self, bucket_buffer, params, gradients) -> None:
+        """Keep a reduced bucket for its step: at the next gradient's arrival, or when backward
+        ends. Not inside the comm hook: DDP runs it from autograd's hook after the bucket's last
+        gradient was accumulated, while autograd still holds that gradient (twice, with DDP's own
+        hook on the accumulation), so a step there would add its temporaries to both."""
+        self.reduced.append((bucket_buffer, params, gradients))
+        if not self.step_queued:
+            self.step_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.step_reduced)
+
+    @torch.no_grad()
+    def step_reduced(self) -> None:
+        """Step the reduced buckets' tensors (the accumulator's optimizer, its clipping share) and free
+        the buckets; tensors the optimizer does not hold get their reduced gradient in ``.grad``."""
+        self.step_queued = False
+        reduced, self.reduced = self.reduced, []
+        accumulator = self.accumulator
+        for bucket_buffer, params, gradients in reduced:
+            for param, grad in zip(params, gradients, strict=True):
+                slot = None if accumulator is None else accumulator._slot_of.get(id(param))
+                if slot is None:
+                    _write_gradient(param, grad)
+                    continue
+                param.grad = grad
+                accumulator._apply(slot)
+            self.free(bucket_buffer, params)
 
     def free(self, bucket_buffer, params) -> None:
         """Free a stepped bucket's storage, to be allocated again by :meth:`gradient_arrived`."""
@@ -547,6 +581,7 @@ class LayerwiseAllreduceState(CompressedAllreduceState):
     def detach(self) -> None:
         """Stop stepping (the accumulator was removed): every freed bucket is allocated again and
         the hook reduces gradients into ``.grad`` as DDP's own would."""
+        self.step_reduced()
         for buffer, _ in list(self.buckets.values()):
             storage = buffer.untyped_storage()
             if storage.nbytes() == 0:
@@ -568,12 +603,14 @@ def layerwise_allreduce_hook(state: LayerwiseAllreduceState, bucket):
     On the micro-batch that closes an accumulation cycle the bucket is reduced as
     :func:`compressed_allreduce_hook` would reduce it (the compressed buffers where the
     accumulator compresses and communicates compressed, else the gradients; means over the
-    ranks), the hook waits for that reduction, and each of the bucket's tensors gets its reduced
-    gradient (a view of the bucket) and is updated by the accumulator's optimizer (clipping
-    share, :meth:`flora_opt.Flora.step_param`), after which its ``.grad`` is ``None``; the
-    bucket's storage is then freed. Every rank applies the same reduced gradients, so parameters
-    stay bit-identical across ranks. Tensors of the DDP model that the optimizer does not hold get
-    their reduced gradient in ``.grad``, as with DDP's own hook.
+    ranks) and the hook waits for that reduction. Then, at the next gradient's arrival or when
+    backward ends (:meth:`LayerwiseAllreduceState.reduced_bucket` says why not here), each of the
+    bucket's tensors gets its reduced gradient (a view of the bucket) and is updated by the
+    accumulator's optimizer (clipping share, :meth:`flora_opt.Flora.step_param`), after which
+    its ``.grad`` is ``None``, and the bucket's storage is freed. Every rank applies the same
+    reduced gradients, so parameters stay bit-identical across ranks. Tensors of the DDP model
+    that the optimizer does not hold get their reduced gradient in ``.grad``, as with DDP's own
+    hook.
 
     On other micro-batches (run outside ``no_sync``) nothing is reduced and the local gradients
     keep accumulating in ``.grad``. DDP's reducer is switched to its optimizer-in-backward mode
@@ -594,14 +631,9 @@ def layerwise_allreduce_hook(state: LayerwiseAllreduceState, bucket):
         return _completed(meta)
     if accumulator._current_sync():
         _reduce_bucket(state, bucket).wait()
-        for param, grad in zip(params, bucket.gradients(), strict=True):
-            slot = accumulator._slot_of.get(id(param))
-            if slot is None:
-                _write_gradient(param, grad)
-                continue
-            param.grad = grad
-            accumulator._apply(slot)
-    state.free(buffer, params)
+        state.reduced_bucket(buffer, params, bucket.gradients())
+    else:
+        state.free(buffer, params)
     return _completed(meta)
 
 
