@@ -264,18 +264,26 @@ def _run_mode(mode: str, args, rank: int, world: int) -> dict:
 
 
 def _resize_aware_tracker():
-    """``LiveTensorBytes`` that skips tensor subclasses (a ``DTensor`` is counted by its local
-    tensor) and follows storages resized in place; ``following()`` patches ``UntypedStorage.resize_``
+    """``LiveTensorBytes`` that lets tensor subclasses run first (a ``DTensor`` is counted by its
+    local tensor) and follows storages resized in place; ``following()`` patches ``UntypedStorage.resize_``
     while it is active."""
     import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab"))
     from flora_lab.livebytes import LiveTensorBytes
 
     class Tracker(LiveTensorBytes):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(t is DTensor for t in types):
+                return NotImplemented  # DTensor first: its ops on the local tensors then come back here
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
         def _track(self, tensor):
-            if not is_traceable_wrapper_subclass(tensor):
+            # the local tensors are counted, not their DTensor wrappers (nor DTensor's fake tensors)
+            if not is_traceable_wrapper_subclass(tensor) and not isinstance(tensor, FakeTensor):
                 super()._track(tensor)
 
         @contextlib.contextmanager

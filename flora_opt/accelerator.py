@@ -45,6 +45,12 @@ _UNSUPPORTED_WHY = {
         "(compressed all-reduce of the accumulation buffers, layer-wise updates per bucket) or FSDP2 (sharded Flora "
         "state, layer-wise updates per shard), docs/distributed.md"
     ),
+    "MEGATRON_LM": (
+        "Megatron-LM's pipeline parallelism runs the backward of each micro-batch separately inside its schedule, "
+        "interleaved with other stages' forward passes, and reduces and applies the gradients in its own engine, so a "
+        "hook on a tensor can neither tell which backward completes its gradient for the step nor see it reduced. "
+        "Use DDP or FSDP2 (docs/distributed.md)"
+    ),
 }
 _FSDP1_WHY = (
     "FSDP1 (fsdp_version=1) reduces flat parameters that concatenate many tensors and writes their sharded gradients "
