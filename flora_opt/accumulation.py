@@ -476,7 +476,9 @@ class CompressedAccumulator:
                 if sync:
                     self._flush(slot)
         if sync:
-            if self.layerwise and ddp is None:  # under DDP the comm hook steps it, after the all-reduce
+            if self.layerwise and ddp is not None:  # DDP's comm hook steps it, after the all-reduce
+                self._queue_check_after_backward(slot)
+            if self.layerwise and ddp is None:
                 if not is_dtensor(param):  # a DTensor shard: FSDP2 calls this after its reduce-scatter
                     processes = process_count()
                     if processes > 1:
@@ -544,13 +546,16 @@ class CompressedAccumulator:
         param.grad = None
 
     def _queue_check_after_backward(self, slot: _Slot) -> None:
-        """Check, once this backward has ended, that no tensor updated in it got a gradient back.
+        """Check, once this backward has ended, that no tensor whose gradient closed its cycle in it
+        still holds a gradient.
 
-        A process group of one process (on more, a local gradient is refused before its update)
-        is what ``DistributedDataParallel`` needs; without Flora's comm hook its reducer writes the
-        reduced gradients into ``.grad`` in a callback queued during backward. The callback queued
-        here queues the check behind every callback queued during backward, so the check sees
-        ``.grad`` after DDP wrote it.
+        Updated here, in a one-process group (on more, a local gradient is refused before its
+        update): ``DistributedDataParallel`` without Flora's comm hook writes the reduced gradients
+        into ``.grad`` in a callback queued during backward, for ``optimizer.step()`` to apply a
+        second time. Under Flora's comm hook: a gradient DDP did not reduce (a sync micro-batch run
+        under ``no_sync``) was never updated. The callback queued here queues the check behind
+        every callback queued during backward (DDP's, the hook's steps), so it sees ``.grad`` after
+        them.
         """
         task = torch._C._current_graph_task_id()  # this backward (one autograd graph task)
         if task != self._checked_task:
@@ -565,10 +570,17 @@ class CompressedAccumulator:
         rewritten = [slot for slot in updated if slot.param.grad is not None]
         if not rewritten:
             return
-        for slot in updated:  # optimizer.step() must not apply these gradients a second time
+        for slot in updated:  # optimizer.step() must not apply these gradients (again)
             slot.param.grad = None
-        self.remove()
         first = rewritten[0]
+        if self.ddp_hook_state is not None:
+            raise RuntimeError(
+                f"layer-wise updates under DDP: parameter {first.index} (shape {tuple(first.param.shape)}), of "
+                f"{len(rewritten)} tensor(s), kept a gradient that DDP never reduced in the micro-batch that closes "
+                "the cycle (run under ddp_model.no_sync()): run the last micro-batch of each cycle outside no_sync. "
+                "These gradients were dropped; nothing was updated with them"
+            )
+        self.remove()
         raise RuntimeError(
             f"layer-wise updates: parameter {first.index} (shape {tuple(first.param.shape)}), of "
             f"{len(rewritten)} tensor(s), received a gradient again after their update inside backward: their module "

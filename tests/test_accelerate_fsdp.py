@@ -84,6 +84,7 @@ def test_flora_trainer_fsdp2_matches_single_process_trainer(tmp_path, layerwise)
         ("FSDP", False, dict(layerwise=True), "FSDP1 .fsdp_version=1. reduces flat parameters"),
         ("DEEPSPEED", False, dict(accumulation_compression_rank=4), "DeepSpeed owns the gradient buffers"),
         ("DEEPSPEED", False, dict(layerwise=True), "DeepSpeed owns the gradient buffers"),
+        ("MEGATRON_LM", False, dict(layerwise=True), "runs the backward of each micro-batch separately"),
     ],
 )
 def test_flora_accelerator_refuses_options_its_engine_cannot_run(monkeypatch, engine, fsdp2, option, why):

@@ -186,6 +186,19 @@ def test_ddp_with_flora_hook_matches_the_plain_layerwise_run(one_process_group, 
         torch.testing.assert_close(p.grad, g)
 
 
+def test_ddp_hook_refuses_a_cycle_ddp_did_not_reduce(one_process_group):
+    ddp = torch.nn.parallel.DistributedDataParallel(build())
+    accumulator = flora_opt.enable_layerwise_updates(flora_opt.Flora(ddp.parameters(), lr=1e-2))
+    register_layerwise_allreduce(ddp, accumulator)
+    before = [p.detach().clone() for p in ddp.parameters()]
+    with ddp.no_sync(), pytest.raises(RuntimeError, match=r"kept a gradient that DDP never reduced.*outside no_sync"):
+        ddp(micro_batch(0, 1)).pow(2).mean().backward()
+    assert all(p.grad is None for p in ddp.parameters())  # nothing for optimizer.step() to apply
+    assert all(torch.equal(p, b) for p, b in zip(ddp.parameters(), before))
+    ddp(micro_batch(1, 1)).pow(2).mean().backward()  # the next cycle runs as usual
+    assert not any(torch.equal(p, b) for p, b in zip(ddp.parameters(), before))
+
+
 @pytest.mark.parametrize(
     "ddp_options,accumulator_options,error,pattern",
     [
