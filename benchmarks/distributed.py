@@ -330,6 +330,7 @@ def _run_memory_mode(mode: str, args, rank: int, world: int) -> dict:
     layerwise = mode.endswith("layerwise")
     tracker = _resize_aware_tracker()
     samples: list[int] = []
+    buffer_samples: list[int] = []  # compressed accumulation: buffers and bases, at each gradient
     with tracker.following(), tracker:
         model = _build(args.layers)
         units = []
@@ -383,6 +384,8 @@ def _run_memory_mode(mode: str, args, rank: int, world: int) -> dict:
                     else:  # DDP keeps every bucket: as large as the gradients
                         buckets = sum(p.numel() * p.element_size() for p in params)
                     samples.append(sum(local.values()) + buckets)
+                    if accumulator is not None:
+                        buffer_samples.append(accumulator.buffer_bytes())
 
                 for p in params:
                     p.register_post_accumulate_grad_hook(observe)
@@ -416,6 +419,7 @@ def _run_memory_mode(mode: str, args, rank: int, world: int) -> dict:
         gc.collect()
         dist.barrier()
         samples.clear()
+        buffer_samples.clear()
         start = tracker.live
         tracker.reset_peak()
         one_step(2)
@@ -437,7 +441,7 @@ def _run_memory_mode(mode: str, args, rank: int, world: int) -> dict:
             storages = {id(b.untyped_storage()): b.nbytes for b, _ in state.buckets.values()}
             result["bucket_bytes"] = sorted(storages.values())
             result["largest_gradient_bytes"] = max(p.numel() * p.element_size() for p in params)
-            result["compressed_buffer_bytes"] = 0 if accumulator is None else accumulator.buffer_bytes()
+            result["compressed_buffer_bytes"] = max(buffer_samples, default=0)
         if accumulator is not None:
             accumulator.remove()
     return result
