@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from . import core
-from .accumulation import CompressedAccumulator, layerwise_across_processes_message
+from .accumulation import CompressedAccumulator
 from .hyperparams import check_bool, check_choice, check_int, check_real, check_seed
 
 __all__ = ["FloraAccelerator"]
@@ -35,16 +35,28 @@ _UNSUPPORTED_WHY = {
     "FSDP": (
         "FSDP takes every micro-batch's gradient from autograd itself (reduce-scattered into sharded DTensor "
         "gradients, or accumulated unsharded inside its parameters without sync), so no full local gradient "
-        "reaches .grad to compress and there is no per-tensor point to update inside backward. Under FSDP2 use "
-        "FloraAccelerator without these options (or accelerate's Accelerator): flora_opt.Flora steps the sharded "
-        "parameters and shards its state with them (docs/distributed.md)"
+        "reaches .grad to compress. Under FSDP2 use FloraAccelerator without accumulation_compression_rank "
+        "(layerwise=True works there: each shard is updated after its reduce-scatter); flora_opt.Flora steps the "
+        "sharded parameters and shards its state with them (docs/distributed.md)"
     ),
     "DEEPSPEED": (
         "DeepSpeed owns the gradient buffers (ZeRO partitions and reduces them in its engine) and the optimizer "
-        "step, so hooks on a parameter's .grad never see the micro-batch gradients. Use DDP (compressed "
-        "all-reduce of the accumulation buffers) or FSDP2 (sharded Flora state), docs/distributed.md"
+        "step, so hooks on a parameter's .grad never see the micro-batch gradients, reduced or not. Use DDP "
+        "(compressed all-reduce of the accumulation buffers, layer-wise updates per bucket) or FSDP2 (sharded Flora "
+        "state, layer-wise updates per shard), docs/distributed.md"
+    ),
+    "MEGATRON_LM": (
+        "Megatron-LM's pipeline parallelism runs the backward of each micro-batch separately inside its schedule, "
+        "interleaved with other stages' forward passes, and reduces and applies the gradients in its own engine, so a "
+        "hook on a tensor can neither tell which backward completes its gradient for the step nor see it reduced. "
+        "Use DDP or FSDP2 (docs/distributed.md)"
     ),
 }
+_FSDP1_WHY = (
+    "FSDP1 (fsdp_version=1) reduces flat parameters that concatenate many tensors and writes their sharded gradients "
+    "after its own post-backward, with no per-tensor hook called on the reduced gradient; use "
+    "FullyShardedDataParallelPlugin(fsdp_version=2), where each shard is updated right after its reduce-scatter"
+)
 
 
 class FloraAccelerator(Accelerator):
@@ -66,9 +78,12 @@ class FloraAccelerator(Accelerator):
         tracked through the micro-batches (``min(m, n) x r`` more floats, kept between cycles);
         ``"gaussian"`` is the paper's unbiased random projection, fresh at every cycle.
       layerwise (bool, default False): update each tensor inside ``accelerator.backward`` on the
-        sync micro-batch, as soon as its gradient is complete (LOMO-style; single process only,
-        not with fp16 loss scaling). ``optimizer.step()``/``zero_grad()`` stay in your loop and
-        keep working; after a layer-wise backward there is nothing left for them to do.
+        sync micro-batch, as soon as its reduced gradient is complete (LOMO-style; not with fp16
+        loss scaling). On one process, under DDP (each bucket after its all-reduce, through
+        :func:`flora_opt.distributed.register_layerwise_allreduce`, registered before the first
+        sync backward) and under FSDP2 (each shard after its reduce-scatter).
+        ``optimizer.step()``/``zero_grad()`` stay in your loop and keep working; after a
+        layer-wise backward there is nothing left for them to do.
       compressed_communication (bool, default True): under DDP with
         ``accumulation_compression_rank``, all-reduce each cycle's compressed ``r x max(m, n)``
         buffers instead of the decompressed gradients (a DDP communication hook,
@@ -143,20 +158,8 @@ class FloraAccelerator(Accelerator):
         self._flora_unsynced_since_sync = False  # a non-sync backward since the last sync one
         self.layerwise_max_grad_norm = None if norm is None else float(norm)
         self._flora_accumulator: CompressedAccumulator | None = None
-        active = rank is not None or layerwise
-        if active and self.distributed_type.name in _UNSUPPORTED:
-            option = "layerwise=True" if rank is None else f"accumulation_compression_rank={rank}"
-            why = _UNSUPPORTED_WHY.get(
-                self.distributed_type.name,
-                "sharded or engine-managed gradients; it works with a single process and DDP",
-            )
-            raise ValueError(
-                f"FloraAccelerator: {option} is not supported with distributed_type={self.distributed_type.name}: {why}"
-            )
-        if layerwise and self.num_processes > 1:
-            raise ValueError(
-                f"FloraAccelerator(layerwise=True): {layerwise_across_processes_message(self.num_processes)}"
-            )
+        self._flora_deferred = None  # FSDP2: the prepared optimizer, until prepare() has sharded it
+        self._flora_check_engine()
         if layerwise and self.scaler is not None:
             raise ValueError(
                 f"FloraAccelerator: layerwise=True is incompatible with mixed_precision={self.mixed_precision!r} "
@@ -178,6 +181,22 @@ class FloraAccelerator(Accelerator):
         self.register_save_state_pre_hook(self._flora_save_hook)
         self.register_load_state_pre_hook(self._flora_load_hook)
 
+    def _flora_check_engine(self) -> None:
+        """Refuse the options the distributed engine cannot run, saying why (also at ``prepare``, where
+        the engine is final)."""
+        rank = self.accumulation_compression_rank
+        if rank is None and not self.layerwise:
+            return
+        engine = self.distributed_type.name
+        option = "layerwise=True" if rank is None else f"accumulation_compression_rank={rank}"
+        if engine == "FSDP" and rank is None and not self.is_fsdp2:
+            raise ValueError(f"FloraAccelerator: layerwise=True is not supported with FSDP1: {_FSDP1_WHY}")
+        if engine in _UNSUPPORTED and not (engine == "FSDP" and rank is None):
+            why = _UNSUPPORTED_WHY.get(
+                engine, "sharded or engine-managed gradients; it works with a single process, DDP and FSDP2"
+            )
+            raise ValueError(f"FloraAccelerator: {option} is not supported with distributed_type={engine}: {why}")
+
     @property
     def accumulator(self) -> CompressedAccumulator | None:
         """The :class:`CompressedAccumulator` attached at ``prepare`` (None when inactive)."""
@@ -189,24 +208,40 @@ class FloraAccelerator(Accelerator):
             self._flora_ddp_models.append(prepared)  # the DDP wrapper, for the compressed comm hook
         return prepared
 
+    def prepare(self, *args, device_placement=None):
+        """``accelerate.Accelerator.prepare``; under FSDP2 the accumulator is attached once the
+        optimizer holds the sharded parameters (accelerate swaps them in after ``fully_shard``)."""
+        self._flora_check_engine()
+        result = super().prepare(*args, device_placement=device_placement)
+        deferred, self._flora_deferred = self._flora_deferred, None
+        if deferred is not None:
+            self._flora_attach(deferred)
+        return result
+
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement=None):
         prepared = super().prepare_optimizer(optimizer, device_placement=device_placement)
         if self.accumulation_compression_rank is not None or self.layerwise:
-            if self._flora_accumulator is not None:
+            if self._flora_accumulator is not None or self._flora_deferred is not None:
                 raise NotImplementedError(
                     "FloraAccelerator with accumulation_compression_rank or layerwise supports one optimizer; "
                     "a second one was prepared"
                 )
-            self._flora_accumulator = CompressedAccumulator(
-                prepared,
-                self.accumulation_compression_rank,
-                accumulation_steps=self.gradient_accumulation_steps,
-                seed=self.accumulation_seed,
-                layerwise=self.layerwise,
-                max_grad_norm=self.layerwise_max_grad_norm,
-                estimator=self.accumulation_estimator,
-            )
+            if self.is_fsdp2:  # its parameters are still the unsharded ones: attach after prepare()
+                self._flora_deferred = prepared
+            else:
+                self._flora_attach(prepared)
         return prepared
+
+    def _flora_attach(self, optimizer) -> None:
+        self._flora_accumulator = CompressedAccumulator(
+            optimizer,
+            self.accumulation_compression_rank,
+            accumulation_steps=self.gradient_accumulation_steps,
+            seed=self.accumulation_seed,
+            layerwise=self.layerwise,
+            max_grad_norm=self.layerwise_max_grad_norm,
+            estimator=self.accumulation_estimator,
+        )
 
     @contextlib.contextmanager
     def accumulate(self, *models):
@@ -237,15 +272,22 @@ class FloraAccelerator(Accelerator):
             return super().backward(loss, **kwargs)
 
     def _flora_register_comm_hook(self, accumulator: CompressedAccumulator) -> None:
-        """Under DDP, all-reduce the compressed buffers instead of the gradients (once, before the
-        first sync backward; flora_opt.distributed.compressed_allreduce_hook)."""
-        if not self.compressed_communication or accumulator.rank is None or self.num_processes == 1:
-            return
+        """Under DDP (once, before the first sync backward): with layer-wise updates, step each
+        bucket after its all-reduce (flora_opt.distributed.layerwise_allreduce_hook); otherwise
+        all-reduce the compressed buffers instead of the gradients
+        (flora_opt.distributed.compressed_allreduce_hook)."""
         ddp = self._flora_ddp_models
         if len(ddp) != 1:
-            return  # no DDP model (or several): DDP's own reduction, of the decompressed gradients
-        from .distributed import register_compressed_allreduce
+            return  # no DDP model (or several): DDP's own reduction (layer-wise: refused at the first gradient)
+        from .distributed import register_compressed_allreduce, register_layerwise_allreduce
 
+        if accumulator.layerwise:
+            self.flora_comm_state = register_layerwise_allreduce(
+                ddp[0], accumulator, compressed_communication=self.compressed_communication
+            )
+            return
+        if not self.compressed_communication or accumulator.rank is None or self.num_processes == 1:
+            return
         self.flora_comm_state = register_compressed_allreduce(ddp[0], accumulator)
 
     def _check_cycle(self, accumulator: CompressedAccumulator, sync: bool) -> None:

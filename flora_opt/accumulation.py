@@ -2,7 +2,11 @@ r"""Compressed gradient accumulation and layer-wise updates for PyTorch, through
 
 Layer-wise updates (LOMO-style, :func:`enable_layerwise_updates`): each parameter is updated by its
 optimizer from a post-accumulate-grad hook as soon as its gradient for the cycle is complete, and
-its ``.grad`` is freed right away, so at most a few full-size gradients exist at any time. This is
+its ``.grad`` is freed right away, so at most a few full-size gradients exist at any time. Across
+processes the step waits for the reduced gradient: under FSDP2 it runs in the hook FSDP2 calls on
+each sharded parameter right after the reduce-scatter that produced its gradient shard, and under
+DDP in Flora's communication hook once a bucket's all-reduce has completed
+(:func:`flora_opt.distributed.register_layerwise_allreduce`). This is
 exact for optimizers whose update of one tensor depends only on that tensor's gradient and state
 (SGD, Adam(W), Adafactor, :class:`flora_opt.Flora`); it is wrong for optimizers that couple tensors
 (LAMB-style global trust ratios, anything reading all gradients in ``step``).
@@ -37,6 +41,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import core
+from .distributed import is_dtensor
 from .hyperparams import check_bool, check_choice, check_int, check_real, check_seed, is_int
 from .ops import get_ops
 from .projection import tensor_seed
@@ -57,15 +62,16 @@ def process_count() -> int:
     return 1
 
 
-def layerwise_across_processes_message(processes: int) -> str:
-    """Why layer-wise updates refuse to run on ``processes > 1`` processes, and what to do instead."""
+def unreduced_gradient_message(processes: int) -> str:
+    """Why a layer-wise update of a local (unreduced) gradient is refused on ``processes > 1``, and
+    what to do instead."""
     return (
-        f"layer-wise updates need a single process ({processes} processes here): each tensor would be updated "
-        "inside backward with its local gradient, before DDP all-reduces it (or FSDP2 reduce-scatters it), and "
-        "DDP then writes the reduced gradient into .grad, which optimizer.step() would apply a second time. "
-        "Across processes, call optimizer.step() after backward (it then sees the reduced gradient); to save "
-        "gradient memory, shard with FSDP2 (fully_shard: each rank keeps 1/world of the gradients) or compress "
-        "the accumulation without layerwise (it works under DDP); docs/accumulation.md, docs/distributed.md"
+        f"layer-wise updates on {processes} processes: a gradient arrived before any reduction across processes "
+        "(a plain tensor, not a DTensor shard that FSDP2 has reduce-scattered), and updating with it would make "
+        "the ranks diverge. Under DistributedDataParallel attach the accumulator to the DDP model with "
+        "flora_opt.distributed.register_layerwise_allreduce(ddp_model, accumulator) (FloraAccelerator and "
+        "FloraTrainer do it): each tensor is then updated when its bucket's all-reduce completes; or shard the "
+        "model with FSDP2 (fully_shard), whose reduce-scatter runs before the update (docs/distributed.md)"
     )
 
 
@@ -115,11 +121,15 @@ class CompressedAccumulator:
         when its ``sync`` argument is not given.
       seed (int, default 0): 32-bit seed of the accumulation projections (stream 1; it never
         collides with Flora's momentum projections, stream 0, even with the same seed).
-      layerwise (bool, default False): update each tensor inside the sync backward. Single
-        process only: refused (``ValueError``) in a process group of more than one process and
-        for DTensor parameters, and (``RuntimeError``, when the first backward ends) for a
-        module wrapped in ``DistributedDataParallel``, whose reduced gradient would otherwise be
-        applied a second time by ``optimizer.step()``.
+      layerwise (bool, default False): update each tensor inside the sync backward. Across
+        processes each tensor is updated from its reduced gradient: FSDP2 (``DTensor``
+        parameters) calls the hooks after the reduce-scatter; under
+        ``DistributedDataParallel`` attach the accumulator with
+        :func:`flora_opt.distributed.register_layerwise_allreduce`, which steps each bucket after
+        its all-reduce. A gradient that arrives unreduced on more than one process raises a
+        ``RuntimeError`` before any update; a ``DistributedDataParallel`` module without that
+        hook in a one-process group raises one when the first backward ends (its reducer would
+        hand ``optimizer.step()`` the gradient a second time).
       max_grad_norm (float or None, default None): layer-wise gradient clipping (needs
         ``layerwise=True``): tensor ``i`` of ``n_i`` elements is clipped to norm
         ``max_grad_norm * sqrt(n_i / N)`` (``N``: all elements), so the gradient applied has
@@ -191,9 +201,12 @@ class CompressedAccumulator:
         self.sync_gradients = False  # whether the last (or current) micro-batch closes a cycle
         self.last_grad_norm: torch.Tensor | None = None  # layer-wise: global norm of the last cycle
         self._sync: bool | None = None  # set while a managed backward runs
-        # set by flora_opt.distributed.register_compressed_allreduce (DDP): the sync micro-batch's
-        # buffers are kept until the DDP comm hook has all-reduced them instead of the gradients
+        # set by flora_opt.distributed.register_compressed_allreduce / register_layerwise_allreduce (DDP):
+        # the sync micro-batch's buffers are kept until the DDP comm hook has all-reduced them instead of
+        # the gradients
         self.communicate_compressed = False
+        # set by flora_opt.distributed.register_layerwise_allreduce: DDP's comm hook steps the tensors
+        self.ddp_hook_state = None
         # id(param) -> (slot, buffer, projection or None): the sync micro-batch's buffers, for the DDP hook
         self._pending: dict[int, tuple[_Slot, torch.Tensor, torch.Tensor | None]] = {}
         # layer-wise, with a process group: the autograd graph task whose end is checked
@@ -211,28 +224,17 @@ class CompressedAccumulator:
                     self._slots.append(_Slot(param, index, group_index, layout, tensor_seed(seed, index)))
                 index += 1
         self._total_numel = sum(slot.param.numel() for slot in self._slots)
-        processes = process_count()
-        if layerwise and processes > 1:
-            raise ValueError(layerwise_across_processes_message(processes))
+        self._slot_of = {id(slot.param): slot for slot in self._slots}
         hooked = [slot for slot in self._slots if slot.layout.compressed or layerwise]
-        if any(type(slot.param).__name__ == "DTensor" for slot in hooked):
-            if layerwise:
-                raise ValueError(
-                    "layer-wise updates do not support DTensor (FSDP2) parameters: FSDP2 writes a tensor's sharded "
-                    "gradient after its module's reduce-scatter, with no public per-tensor hook after that point, "
-                    "and Flora's step on a shard issues collectives of its own, which would interleave with FSDP2's "
-                    "inside backward. Call optimizer.step() after backward instead: after FSDP2's reduce-scatter "
-                    "each rank holds 1/world of the gradients, the memory layer-wise updates save on one process "
-                    "(docs/distributed.md)"
-                )
+        if any(slot.layout.compressed and is_dtensor(slot.param) for slot in hooked):
             raise ValueError(
-                "CompressedAccumulator does not support DTensor (FSDP2) parameters: FSDP2 takes each micro-batch's "
+                "compressed accumulation does not support DTensor (FSDP2) parameters: FSDP2 takes each micro-batch's "
                 "gradient from autograd itself and either reduce-scatters it into a sharded gradient or, without "
                 "gradient sync, accumulates it unsharded inside its own parameter objects, so no full local "
                 "gradient reaches .grad to be compressed. Under FSDP2 accumulate with "
                 "model.set_requires_gradient_sync(False) on all but the last micro-batch (one reduce-scatter per "
-                "step), or sync every micro-batch (sharded gradients, 1/world of the memory); flora_opt.Flora "
-                "shards its state with the parameters (docs/distributed.md)"
+                "step), or sync every micro-batch (sharded gradients, 1/world of the memory); layer-wise updates "
+                "work there with rank=None; flora_opt.Flora shards its state with the parameters (docs/distributed.md)"
             )
         for slot in hooked:
             if _OWNERS.get(slot.param) is not None:
@@ -293,7 +295,12 @@ class CompressedAccumulator:
         self.micro_step = 0
 
     def remove(self) -> None:
-        """Remove the hooks; the accumulator stops acting (buffers and bases are dropped)."""
+        """Remove the hooks; the accumulator stops acting (buffers and bases are dropped). A DDP
+        comm hook it was attached to (:func:`flora_opt.distributed.register_layerwise_allreduce`)
+        then reduces the gradients into ``.grad`` as DDP's own would."""
+        if self.ddp_hook_state is not None:
+            self.ddp_hook_state.detach()
+            self.ddp_hook_state = None
         for slot in self._slots:
             if slot.handle is not None:
                 slot.handle.remove()
@@ -455,6 +462,9 @@ class CompressedAccumulator:
                     "updates need the complete gradient: use torch.utils.checkpoint with use_reentrant=False"
                 )
             return  # the late piece stays in .grad, added exactly to the decompressed sum
+        ddp = self.ddp_hook_state
+        if ddp is not None:
+            ddp.gradient_arrived(param, sync)  # before DDP's reducer copies the gradient into its bucket
         if slot.layout.compressed and param.grad is not None:
             if sync and slot.buffer is None:
                 pass  # a cycle of one micro-batch: nothing to accumulate, the gradient is exact
@@ -466,9 +476,15 @@ class CompressedAccumulator:
                 if sync:
                     self._flush(slot)
         if sync:
-            if self.layerwise:
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    self._queue_check_after_backward(slot)
+            if self.layerwise and ddp is not None:  # DDP's comm hook steps it, after the all-reduce
+                self._queue_check_after_backward(slot)
+            if self.layerwise and ddp is None:
+                if not is_dtensor(param):  # a DTensor shard: FSDP2 calls this after its reduce-scatter
+                    processes = process_count()
+                    if processes > 1:
+                        raise RuntimeError(unreduced_gradient_message(processes))
+                    if processes == 1 and torch.distributed.is_initialized():
+                        self._queue_check_after_backward(slot)
                 self._apply(slot)
             if managed:
                 slot.done = True
@@ -510,26 +526,36 @@ class CompressedAccumulator:
             param.grad.add_(dense.to(param.grad.dtype))
 
     def _apply(self, slot: _Slot) -> None:
-        """Layer-wise update of one tensor from its complete gradient, then free the gradient."""
+        """Layer-wise update of one tensor from its complete gradient, then free the gradient.
+
+        The tensor's norm (for the clipping share and ``last_grad_norm``) stays on the device; for
+        a ``DTensor`` shard it is the whole tensor's norm, one all-reduce of a scalar."""
         param = slot.param
         grad = param.grad
         if grad is None:
             return
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        if is_dtensor(norm):
+            norm = norm.full_tensor()
         self._norm_sq = norm * norm if self._norm_sq is None else self._norm_sq + norm * norm
         if self.max_grad_norm is not None:
             budget = self.max_grad_norm * math.sqrt(param.numel() / self._total_numel)
-            grad.mul_((budget / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+            local = grad.to_local() if is_dtensor(grad) else grad
+            local.mul_((budget / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
         step_parameter(self.optimizer, param, slot.group)
         param.grad = None
 
     def _queue_check_after_backward(self, slot: _Slot) -> None:
-        """Check, once this backward has ended, that no tensor updated in it got a gradient back.
+        """Check, once this backward has ended, that no tensor whose gradient closed its cycle in it
+        still holds a gradient.
 
-        A process group (of one process: larger ones are refused up front) is what
-        ``DistributedDataParallel`` needs; its reducer writes the reduced gradients into ``.grad``
-        in a callback queued during backward. The callback queued here queues the check behind
-        every callback queued during backward, so the check sees ``.grad`` after DDP wrote it.
+        Updated here, in a one-process group (on more, a local gradient is refused before its
+        update): ``DistributedDataParallel`` without Flora's comm hook writes the reduced gradients
+        into ``.grad`` in a callback queued during backward, for ``optimizer.step()`` to apply a
+        second time. Under Flora's comm hook: a gradient DDP did not reduce (a sync micro-batch run
+        under ``no_sync``) was never updated. The callback queued here queues the check behind
+        every callback queued during backward (DDP's, the hook's steps), so it sees ``.grad`` after
+        them.
         """
         task = torch._C._current_graph_task_id()  # this backward (one autograd graph task)
         if task != self._checked_task:
@@ -544,17 +570,25 @@ class CompressedAccumulator:
         rewritten = [slot for slot in updated if slot.param.grad is not None]
         if not rewritten:
             return
-        for slot in updated:  # optimizer.step() must not apply these gradients a second time
+        for slot in updated:  # optimizer.step() must not apply these gradients (again)
             slot.param.grad = None
-        self.remove()
         first = rewritten[0]
+        if self.ddp_hook_state is not None:
+            raise RuntimeError(
+                f"layer-wise updates under DDP: parameter {first.index} (shape {tuple(first.param.shape)}), of "
+                f"{len(rewritten)} tensor(s), kept a gradient that DDP never reduced in the micro-batch that closes "
+                "the cycle (run under ddp_model.no_sync()): run the last micro-batch of each cycle outside no_sync. "
+                "These gradients were dropped; nothing was updated with them"
+            )
+        self.remove()
         raise RuntimeError(
             f"layer-wise updates: parameter {first.index} (shape {tuple(first.param.shape)}), of "
             f"{len(rewritten)} tensor(s), received a gradient again after their update inside backward: their module "
             "is wrapped in DistributedDataParallel, whose reducer writes the reduced gradient into .grad when "
-            "backward ends, so optimizer.step() would apply it a second time. Layer-wise updates run on the "
-            "unwrapped module of a single process; under DDP call optimizer.step() after backward. The "
-            "gradients were cleared and the layer-wise hooks removed"
+            "backward ends, so optimizer.step() would apply it a second time. Under DDP attach the accumulator "
+            "with flora_opt.distributed.register_layerwise_allreduce(ddp_model, accumulator) before the first "
+            "backward: each tensor is then updated once, from its reduced gradient, when its bucket's all-reduce "
+            "completes. The gradients were cleared and the layer-wise hooks removed"
         )
 
     @torch.no_grad()
@@ -564,10 +598,13 @@ class CompressedAccumulator:
         if not sync:
             self.micro_step += 1
             return
+        # a gradient left over (no hook fired for it) is applied here only where it cannot be an
+        # unreduced one: on a single process, outside DDP's hook and FSDP2
+        local_step = self.layerwise and self.ddp_hook_state is None and process_count() == 1
         for slot in self._slots:
             if slot.buffer is not None:  # compressed data but no gradient in the sync micro-batch
                 self._flush(slot)
-            if self.layerwise and not slot.done and slot.param.grad is not None:
+            if local_step and not slot.done and slot.param.grad is not None and not is_dtensor(slot.param):
                 self._apply(slot)
             slot.done = False
         if self.layerwise:
@@ -654,8 +691,10 @@ def enable_layerwise_updates(
     micro-batch of each cycle only; ``accumulation_rank`` compresses the accumulation
     (docs/algorithm.md section 12). With ``accumulation_steps=1`` a bare ``loss.backward()`` works.
 
-    Single process only: across processes (or under ``DistributedDataParallel``) the update
-    would run before the gradient is reduced; see :class:`CompressedAccumulator`'s ``layerwise``.
+    Across processes: under FSDP2 (``fully_shard``) nothing else is needed, each shard is
+    updated after its reduce-scatter; under ``DistributedDataParallel`` call
+    ``flora_opt.distributed.register_layerwise_allreduce(ddp_model, accumulator)`` before the
+    first backward (see :class:`CompressedAccumulator`'s ``layerwise``).
 
     Args:
       optimizer: a per-tensor torch optimizer (see the module docstring).

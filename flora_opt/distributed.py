@@ -41,6 +41,7 @@ Limits: a one-dimensional mesh with ``Shard(0)`` or ``Replicate()`` parameters (
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -52,16 +53,19 @@ from .ops import TorchOps
 __all__ = [
     "CompressedAllreduceState",
     "DTensorOps",
+    "LayerwiseAllreduceState",
     "check_supported",
     "compressed_allreduce_hook",
     "dequantize_state",
     "dtensor_ops",
     "is_dtensor",
+    "layerwise_allreduce_hook",
     "local_state_bytes",
     "place_state",
     "quantize_state",
     "quantized_zeros",
     "register_compressed_allreduce",
+    "register_layerwise_allreduce",
     "state_zeros",
 ]
 
@@ -372,6 +376,12 @@ def compressed_allreduce_hook(state: CompressedAllreduceState, bucket):
     all-reduce. Every rank computes from the same reduced values, so the gradients, and the
     parameters after the step, are bit-identical across ranks.
     """
+    return _reduce_bucket(state, bucket)
+
+
+def _reduce_bucket(state: CompressedAllreduceState, bucket):
+    """The body of :func:`compressed_allreduce_hook`: a future of ``bucket.buffer()`` holding the
+    mean gradients (expanded from the mean compressed state where there is one)."""
     import torch.distributed as dist
 
     group = state.process_group if state.process_group is not None else dist.group.WORLD
@@ -449,10 +459,269 @@ def register_compressed_allreduce(ddp_model, accumulator, process_group=None) ->
     """
     if accumulator.layerwise:
         raise ValueError(
-            "compressed all-reduce under DDP needs layerwise=False: layer-wise updates step each tensor inside "
-            "backward, before DDP has reduced its gradient"
+            "register_compressed_allreduce is for layerwise=False; a layer-wise accumulator is attached with "
+            "register_layerwise_allreduce(ddp_model, accumulator), whose hook also all-reduces the compressed "
+            "buffers and then steps each bucket's tensors"
         )
     state = CompressedAllreduceState(accumulator, process_group)
     ddp_model.register_comm_hook(state, compressed_allreduce_hook)
     accumulator.communicate_compressed = True
+    return state
+
+
+# ---- DDP: layer-wise updates in the communication hook ---------------------------------------
+
+
+class LayerwiseAllreduceState(CompressedAllreduceState):
+    """State of :func:`layerwise_allreduce_hook`.
+
+    Besides what :class:`CompressedAllreduceState` holds (the accumulator, the process group,
+    the counters): the DDP model (a weak reference), each parameter's bucket buffer, whose
+    storage is freed after the bucket's step and allocated again before DDP next writes into
+    it, the parameter whose local gradient DDP copied into its bucket last, and the reduced
+    buckets waiting for their step. Pickles without them (and without the process group and
+    accumulator).
+    """
+
+    def __init__(self, accumulator, ddp_model, process_group=None):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        super().__init__(accumulator, process_group)
+        self.ddp_model = weakref.ref(ddp_model)
+        # parameter -> (its bucket's flat buffer, whether DDP had rebuilt its buckets when it was seen):
+        # DDP replaces its buckets once (at the first forward after the first synchronised backward)
+        self.buckets = WeakIdKeyDictionary()
+        self.local_gradient = None
+        self.reduced: list[tuple[torch.Tensor, list, list]] = []  # (bucket buffer, params, gradient views)
+        self.step_queued = False
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in ("ddp_model", "buckets", "local_gradient", "reduced", "step_queued"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        super().__setstate__(state)
+        self.ddp_model = lambda: None
+        self.buckets = WeakIdKeyDictionary()
+        self.local_gradient = None
+        self.reduced = []
+        self.step_queued = False
+
+    def gradient_arrived(self, param, sync: bool) -> None:
+        """Called by the accumulator's hook on ``param`` right after autograd accumulated its
+        gradient and before DDP's reducer (a hook of its own that runs next) copies it into
+        ``param``'s bucket. The buckets reduced since the last call are stepped and freed first;
+        then ``param``'s bucket gets its storage back. On the sync micro-batch the previous
+        parameter's local gradient, which the reducer has copied by now, is dropped."""
+        self.step_reduced()
+        ddp = self.ddp_model()
+        if ddp is None or not ddp.require_backward_grad_sync:
+            return  # under no_sync the reducer leaves its buckets alone
+        previous = self.local_gradient
+        if sync and previous is not None and previous is not param:
+            previous.grad = None
+        self.local_gradient = param if sync else None
+        entry = self.buckets.get(param)
+        if entry is None:
+            return
+        buffer, rebuilt = entry
+        if rebuilt != ddp._has_rebuilt_buckets:
+            del self.buckets[param]  # a bucket DDP has since replaced (and allocated anew)
+            return
+        storage = buffer.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(buffer.nbytes)
+
+    def reduced_bucket(self, bucket_buffer, params, gradients) -> None:
+        """Keep a reduced bucket for its step: at the next gradient's arrival, or when backward
+        ends. Not inside the comm hook: DDP runs it from autograd's hook after the bucket's last
+        gradient was accumulated, while autograd still holds that gradient (twice, with DDP's own
+        hook on the accumulation), so a step there would add its temporaries to both."""
+        self.reduced.append((bucket_buffer, params, gradients))
+        if not self.step_queued:
+            self.step_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.step_reduced)
+
+    @torch.no_grad()
+    def step_reduced(self) -> None:
+        """Step the reduced buckets' tensors (the accumulator's optimizer, its clipping share) and free
+        the buckets; tensors the optimizer does not hold get their reduced gradient in ``.grad``."""
+        self.step_queued = False
+        reduced, self.reduced = self.reduced, []
+        accumulator = self.accumulator
+        for bucket_buffer, params, gradients in reduced:
+            for param, grad in zip(params, gradients, strict=True):
+                slot = None if accumulator is None else accumulator._slot_of.get(id(param))
+                if slot is None:
+                    _write_gradient(param, grad)
+                    continue
+                param.grad = grad
+                accumulator._apply(slot)
+            self.free(bucket_buffer, params)
+
+    def free(self, bucket_buffer, params) -> None:
+        """Free a stepped bucket's storage, to be allocated again by :meth:`gradient_arrived`."""
+        ddp = self.ddp_model()
+        rebuilt = bool(ddp is not None and ddp._has_rebuilt_buckets)
+        for param in params:
+            self.buckets[param] = (bucket_buffer, rebuilt)
+            if param is self.local_gradient:
+                self.local_gradient = None
+        bucket_buffer.untyped_storage().resize_(0)
+
+    def allocated_bucket_bytes(self) -> int:
+        """Bytes of the bucket storages allocated now, among those this hook has seen."""
+        storages = {id(buffer.untyped_storage()): buffer for buffer, _ in self.buckets.values()}
+        return sum(buffer.untyped_storage().nbytes() for buffer in storages.values())
+
+    def detach(self) -> None:
+        """Stop stepping (the accumulator was removed): every freed bucket is allocated again and
+        the hook reduces gradients into ``.grad`` as DDP's own would."""
+        self.step_reduced()
+        for buffer, _ in list(self.buckets.values()):
+            storage = buffer.untyped_storage()
+            if storage.nbytes() == 0:
+                storage.resize_(buffer.nbytes)
+        self.buckets.clear()
+        self.local_gradient = None
+        self.accumulator = None
+
+
+def _completed(value):
+    future = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def layerwise_allreduce_hook(state: LayerwiseAllreduceState, bucket):
+    r"""DDP communication hook of layer-wise updates: reduce the bucket, step its tensors, free it.
+
+    On the micro-batch that closes an accumulation cycle the bucket is reduced as
+    :func:`compressed_allreduce_hook` would reduce it (the compressed buffers where the
+    accumulator compresses and communicates compressed, else the gradients; means over the
+    ranks) and the hook waits for that reduction. Then, at the next gradient's arrival or when
+    backward ends (:meth:`LayerwiseAllreduceState.reduced_bucket` says why not here), each of the
+    bucket's tensors gets its reduced gradient (a view of the bucket) and is updated by the
+    accumulator's optimizer (clipping share, :meth:`flora_opt.Flora.step_param`), after which
+    its ``.grad`` is ``None``, and the bucket's storage is freed. Every rank applies the same
+    reduced gradients, so parameters stay bit-identical across ranks. Tensors of the DDP model
+    that the optimizer does not hold get their reduced gradient in ``.grad``, as with DDP's own
+    hook.
+
+    On other micro-batches (run outside ``no_sync``) nothing is reduced and the local gradients
+    keep accumulating in ``.grad``. DDP's reducer is switched to its optimizer-in-backward mode
+    (:func:`register_layerwise_allreduce`), so it writes nothing into ``.grad`` when backward
+    ends; the future returned holds a ``meta`` tensor of the bucket's size, which DDP only views.
+    """
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    params = bucket.parameters()
+    meta = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+    accumulator = state.accumulator
+    if accumulator is None:  # detached: DDP's all-reduce, the mean written into .grad
+        group = state.process_group if state.process_group is not None else dist.group.WORLD
+        _allreduce(state, buffer, group, dist.get_world_size(group)).wait()
+        for param, grad in zip(params, bucket.gradients(), strict=True):
+            _write_gradient(param, grad)
+        return _completed(meta)
+    if accumulator._current_sync():
+        _reduce_bucket(state, bucket).wait()
+        state.reduced_bucket(buffer, params, bucket.gradients())
+    else:
+        state.free(buffer, params)
+    return _completed(meta)
+
+
+def _write_gradient(param, grad) -> None:
+    """``.grad <- grad`` (a view of a bucket that will be freed: copied out)."""
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.copy_(grad)
+
+
+def register_layerwise_allreduce(
+    ddp_model, accumulator, process_group=None, *, compressed_communication: bool = True
+) -> LayerwiseAllreduceState:
+    """Make ``ddp_model`` (a ``DistributedDataParallel``) step ``accumulator``'s tensors layer by
+    layer: each bucket's tensors are updated as soon as the bucket's all-reduce has completed,
+    inside backward, and the bucket's gradient memory is freed (:func:`layerwise_allreduce_hook`).
+
+    ``accumulator`` is a layer-wise :class:`~flora_opt.accumulation.CompressedAccumulator`
+    (``enable_layerwise_updates(optimizer)``), built on the optimizer of ``ddp_model``'s
+    parameters; call this before the first backward. With a compressing accumulator (``rank``)
+    and ``compressed_communication`` (default), the sync micro-batch all-reduces the compressed
+    buffers, as :func:`register_compressed_allreduce` does. Run the other micro-batches of a
+    cycle under ``ddp_model.no_sync()``.
+
+    Memory: DDP allocates one flat buffer per bucket, together as large as the gradients, and
+    keeps them for the whole run. Here a bucket's storage is freed after its tensors are stepped
+    and allocated again when DDP next copies a gradient into it, and the local gradient of a
+    tensor is dropped once DDP has copied it, so on the sync micro-batch a rank holds the
+    buckets being filled or reduced and one local gradient, never the whole model's. DDP
+    replaces its buckets once, at the forward after the first synchronised backward, and
+    allocates all of them then; from the next backward on they are allocated one at a time.
+
+    Raises ``ValueError`` for what DDP then cannot do: ``gradient_as_bucket_view=True`` (every
+    ``.grad`` would be a view of bucket memory that DDP keeps until backward ends),
+    ``find_unused_parameters=True`` (DDP writes zeros for unused tensors into their buckets
+    before any of their hooks runs), ``static_graph=True`` (DDP copies every gradient at the end
+    of its first backward), DDP's ``mixed_precision``, a non-layer-wise accumulator, parameters
+    outside ``ddp_model``, and a second registration. Returns the hook's state.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            f"Invalid ddp_model: {type(ddp_model).__name__}: expected a torch.nn.parallel.DistributedDataParallel"
+        )
+    if not accumulator.layerwise:
+        raise ValueError(
+            "register_layerwise_allreduce needs a layer-wise accumulator (enable_layerwise_updates or "
+            "CompressedAccumulator(layerwise=True)); for compressed accumulation alone use "
+            "register_compressed_allreduce"
+        )
+    if accumulator.ddp_hook_state is not None:
+        raise ValueError("this accumulator is already attached to a DDP model")
+    why = {
+        "gradient_as_bucket_view=True": (
+            ddp_model.gradient_as_bucket_view,
+            "every .grad would be a view of DDP's bucket memory, which DDP keeps until backward ends, so no bucket "
+            "could be freed after its step",
+        ),
+        "find_unused_parameters=True": (
+            ddp_model.find_unused_parameters,
+            "DDP writes zeros for the unused tensors into their buckets at the first gradient of backward, before "
+            "the hooks that allocate those buckets run",
+        ),
+        "static_graph=True": (
+            ddp_model.static_graph,
+            "DDP copies every gradient into its buckets at the end of its first backward, after the local gradients "
+            "were dropped",
+        ),
+        "mixed_precision": (
+            getattr(ddp_model, "mixed_precision", None) is not None,
+            "DDP's mixed precision reduces copies of the gradients that these hooks do not see",
+        ),
+    }
+    for option, (used, reason) in why.items():
+        if used:
+            raise ValueError(f"layer-wise updates under DDP do not support {option}: {reason}")
+    held = {id(p) for p in ddp_model.parameters()}
+    outside = [slot for slot in accumulator._slots if id(slot.param) not in held]
+    if outside:
+        raise ValueError(
+            f"parameter {outside[0].index} (shape {tuple(outside[0].param.shape)}) of the optimizer is not a "
+            "parameter of ddp_model, so DDP would never reduce it; build the optimizer on ddp_model.parameters()"
+        )
+    state = LayerwiseAllreduceState(accumulator, ddp_model, process_group)
+    ddp_model.register_comm_hook(state, layerwise_allreduce_hook)
+    ddp_model.reducer._set_optimizer_in_backward()
+    accumulator.communicate_compressed = bool(compressed_communication and accumulator.rank is not None)
+    accumulator.ddp_hook_state = state
     return state

@@ -15,8 +15,9 @@ The optimizer alone needs nothing from this module: pass it to any Trainer with
 
 Under FSDP2 (``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2})``) the Trainer
 refuses ``optimizers=(...)``: pass ``optimizer_cls_and_kwargs=(flora_opt.Flora, {...})`` and
-leave ``accumulation_compression_rank`` and ``layerwise`` unset (docs/distributed.md); Flora then
-steps the sharded parameters and shards its state with them.
+leave ``accumulation_compression_rank`` unset (docs/distributed.md); Flora then steps the sharded
+parameters and shards its state with them, after backward or, with ``layerwise=True``, each shard
+right after its reduce-scatter.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ class FloraTrainer(transformers.Trainer):
         gradient accumulation (used when ``gradient_accumulation_steps > 1``).
       accumulation_seed (int, default 0): seed of the accumulation projections.
       accumulation_estimator (str, default ``"subspace"``): as :class:`flora_opt.FloraAccelerator`.
-      layerwise (bool, default False): update each tensor inside backward (single process,
-        not with fp16). ``TrainingArguments.max_grad_norm`` then clips each tensor to its
-        share ``max_grad_norm * sqrt(numel_i / numel_total)`` (docs/accumulation.md); the logged
-        ``grad_norm`` is the exact pre-clip global norm.
+      layerwise (bool, default False): update each tensor inside backward, from its reduced
+        gradient under DDP and FSDP2 (not with fp16). ``TrainingArguments.max_grad_norm`` then
+        clips each tensor to its share ``max_grad_norm * sqrt(numel_i / numel_total)``
+        (docs/accumulation.md); the logged ``grad_norm`` is the exact pre-clip global norm.
+        Under DDP, ``TrainingArguments.ddp_find_unused_parameters`` left at ``None`` is set to
+        ``False`` (DDP's search for unused parameters writes into buckets that layer-wise
+        updates keep freed; :func:`flora_opt.distributed.register_layerwise_allreduce`).
       *args, **kwargs: as ``transformers.Trainer`` (pass the optimizer with ``optimizers=``
         or ``optimizer_cls_and_kwargs=``).
 
@@ -111,6 +115,9 @@ class FloraTrainer(transformers.Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         options = dict(self._flora_options)
+        if options["layerwise"] and self.args.ddp_find_unused_parameters is None:
+            # the Trainer's default for a PreTrainedModel is True, which layer-wise updates under DDP refuse
+            self.args.ddp_find_unused_parameters = False
         max_norm = self.args.max_grad_norm
         if options["layerwise"] and max_norm is not None and 0 < max_norm < float("inf"):
             options["layerwise_max_grad_norm"] = float(max_norm)

@@ -1,6 +1,6 @@
 """Worker for tests/test_accelerate_fsdp.py: accelerate's FSDP2 path with flora_opt.Flora on CPU (gloo).
 
-``python -m torch.distributed.run --nproc_per_node=W _accelerate_fsdp_worker.py MODE OUT [fsdp2|plain]``
+``python -m torch.distributed.run --nproc_per_node=W _accelerate_fsdp_worker.py MODE OUT [VARIANT]``
 
 accelerate 1.x enables FSDP only on GPU back-ends: on CPU, ``AcceleratorState`` sets
 ``distributed_type = MULTI_CPU`` and drops the plugin (``accelerate/state.py``: the FSDP branch
@@ -15,9 +15,12 @@ Modes:
   accelerate  FloraAccelerator + FSDP2 plugin, 2 micro-batches per step, 4 steps (kappa=2: a
               resample), against single-process Flora on the same global batch; then save_state,
               2 steps, load_state, the same 2 steps again (must repeat bit for bit).
+  accelerate_layerwise  the same with ``layerwise=True``: each shard updated after its
+              reduce-scatter, nothing left for ``optimizer.step()``.
   trainer     flora_opt.hf.FloraTrainer, a tiny GPT-2, 4 optimizer steps of 2 micro-batches;
-              ``fsdp2`` (forced as above, world 2) or ``plain`` (world 1, the reference); records
-              the final full parameters and the optimizer state's placements.
+              ``fsdp2`` (forced as above, world 2) or ``plain`` (world 1, the reference), and
+              ``fsdp2_layerwise`` / ``plain_layerwise`` with ``layerwise=True``; records the
+              final full parameters and the optimizer state's placements.
 """
 
 import json
@@ -62,11 +65,13 @@ def placements(optimizer):
     return found
 
 
-def accelerate_mode(out):
+def accelerate_mode(out, layerwise=False):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    accelerator = flora_opt.FloraAccelerator(fsdp_plugin=plugin, cpu=True, gradient_accumulation_steps=K)
+    accelerator = flora_opt.FloraAccelerator(
+        fsdp_plugin=plugin, cpu=True, gradient_accumulation_steps=K, layerwise=layerwise
+    )
     force_fsdp2(plugin)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -85,11 +90,15 @@ def accelerate_mode(out):
     optimizer_params = list(optimizer.optimizer.param_groups[0]["params"])
     same_objects = all(a is b for a, b in zip(optimizer_params, model.parameters()))
 
+    left_for_step = []  # layer-wise: tensors still holding a gradient after each sync backward
+
     def train(first, count):
         for index in range(first * K, (first + count) * K):
             local = micro_batch(index, world)[rank * PER_RANK : (rank + 1) * PER_RANK]
             with accelerator.accumulate(model):
                 accelerator.backward(model(local).pow(2).mean())
+                if accelerator.sync_gradients:
+                    left_for_step.append(sum(p.grad is not None for p in model.parameters()))
                 optimizer.step()
                 optimizer.zero_grad()
 
@@ -124,6 +133,8 @@ def accelerate_mode(out):
         resumed_equal=torch.equal(repeated, continued),
         resumed_moved=not torch.equal(continued, flat),
         steps=[s["step"] for s in optimizer.optimizer.state.values()],
+        left_for_step=sorted(set(left_for_step)),
+        layerwise=accelerator.accumulator is not None and accelerator.accumulator.layerwise,
     )
     finish(out, result, rank)
 
@@ -146,7 +157,7 @@ def trainer_mode(out, variant):
     class ForcedFSDP2Trainer(FloraTrainer):
         def create_accelerator_and_postprocess(self):
             result = super().create_accelerator_and_postprocess()
-            if variant == "fsdp2":  # the plugin the Trainer built from fsdp_config, dropped on CPU
+            if variant.startswith("fsdp2"):  # the plugin the Trainer built from fsdp_config, dropped on CPU
                 from accelerate.utils import FullyShardedDataParallelPlugin
 
                 force_fsdp2(FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
@@ -159,7 +170,7 @@ def trainer_mode(out, variant):
         n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     )
     model = transformers.GPT2LMHeadModel(config)
-    fsdp = dict(fsdp="full_shard", fsdp_config={"version": 2}) if variant == "fsdp2" else {}
+    fsdp = dict(fsdp="full_shard", fsdp_config={"version": 2}) if variant.startswith("fsdp2") else {}
     with tempfile.TemporaryDirectory() as output_dir:
         args = transformers.TrainingArguments(
             output_dir=output_dir,
@@ -177,7 +188,11 @@ def trainer_mode(out, variant):
         )
         # under FSDP the Trainer refuses optimizers=(...): it must build the optimizer itself
         trainer = ForcedFSDP2Trainer(
-            model=model, args=args, train_dataset=Tokens(), optimizer_cls_and_kwargs=(flora_opt.Flora, OPTIONS)
+            model=model,
+            args=args,
+            train_dataset=Tokens(),
+            optimizer_cls_and_kwargs=(flora_opt.Flora, OPTIONS),
+            layerwise=variant.endswith("layerwise"),
         )
         trainer.train()
         inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -210,7 +225,7 @@ def finish(out, result, rank):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] == "accelerate":
-        accelerate_mode(sys.argv[2])
+    if sys.argv[1] in ("accelerate", "accelerate_layerwise"):
+        accelerate_mode(sys.argv[2], layerwise=sys.argv[1] == "accelerate_layerwise")
     else:
         trainer_mode(sys.argv[2], sys.argv[3])

@@ -22,11 +22,16 @@ REPLICATED_BYTES = 4 * (24 + 40)
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_flora_accelerator_fsdp2_plugin_matches_single_process_and_resumes(tmp_path):
+@pytest.mark.parametrize("mode", ["accelerate", "accelerate_layerwise"])
+def test_flora_accelerator_fsdp2_plugin_matches_single_process_and_resumes(tmp_path, mode):
     out = tmp_path / "result.json"
-    run_torchrun(WORKER, 2, "accelerate", out, timeout=170)
+    run_torchrun(WORKER, 2, mode, out, timeout=170)
     results = json.loads(out.read_text())
     for result in results:
+        # layer-wise: every shard was updated inside backward (the accumulator was attached after accelerate
+        # swapped the sharded parameters in), nothing is left for optimizer.step()
+        assert result["layerwise"] == (mode == "accelerate_layerwise")
+        assert result["left_for_step"] == ([0] if mode == "accelerate_layerwise" else [6])
         assert result["distributed_type"] == "FSDP" and result["is_fsdp2"]
         # accelerate swapped the optimizer's parameters for the sharded DTensor ones before any step
         assert result["params_are_dtensors"] and result["optimizer_holds_sharded_params"]
@@ -45,11 +50,12 @@ def test_flora_accelerator_fsdp2_plugin_matches_single_process_and_resumes(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_flora_trainer_fsdp2_matches_single_process_trainer(tmp_path):
+@pytest.mark.parametrize("layerwise", ["", "_layerwise"])
+def test_flora_trainer_fsdp2_matches_single_process_trainer(tmp_path, layerwise):
     pytest.importorskip("transformers")
     sharded, plain = tmp_path / "fsdp2.json", tmp_path / "plain.json"
-    run_torchrun(WORKER, 2, "trainer", sharded, "fsdp2", timeout=110)
-    run_torchrun(WORKER, 1, "trainer", plain, "plain", timeout=110)
+    run_torchrun(WORKER, 2, "trainer", sharded, "fsdp2" + layerwise, timeout=110)
+    run_torchrun(WORKER, 1, "trainer", plain, "plain" + layerwise, timeout=110)
     sharded, (plain,) = json.loads(sharded.read_text()), json.loads(plain.read_text())
     assert plain["distributed_type"] != "FSDP" and not plain["params_are_dtensors"]
     for result in sharded:
@@ -66,23 +72,42 @@ def test_flora_trainer_fsdp2_matches_single_process_trainer(tmp_path):
         assert state["exp_avg"][0] == "S(0)" and state["exp_avg_sq_col"][0] == "R"
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
-@pytest.mark.parametrize("option", [dict(accumulation_compression_rank=4), dict(layerwise=True)])
-def test_flora_accelerator_refuses_options_its_engine_cannot_run(monkeypatch, engine, option):
+@pytest.mark.parametrize(
+    "engine,fsdp2,option,why",
+    [
+        (
+            "FSDP",
+            True,
+            dict(accumulation_compression_rank=4),
+            "takes every micro-batch's gradient from autograd itself",
+        ),
+        ("FSDP", False, dict(layerwise=True), "FSDP1 .fsdp_version=1. reduces flat parameters"),
+        ("DEEPSPEED", False, dict(accumulation_compression_rank=4), "DeepSpeed owns the gradient buffers"),
+        ("DEEPSPEED", False, dict(layerwise=True), "DeepSpeed owns the gradient buffers"),
+        ("MEGATRON_LM", False, dict(layerwise=True), "runs the backward of each micro-batch separately"),
+    ],
+)
+def test_flora_accelerator_refuses_options_its_engine_cannot_run(monkeypatch, engine, fsdp2, option, why):
     from accelerate.utils import DistributedType
 
     import flora_opt
 
     monkeypatch.setattr(flora_opt.FloraAccelerator, "distributed_type", property(lambda self: DistributedType[engine]))
-    why = (
-        "takes every micro-batch's gradient from autograd itself"
-        if engine == "FSDP"
-        else "DeepSpeed owns the gradient buffers"
-    )
+    monkeypatch.setattr(flora_opt.FloraAccelerator, "is_fsdp2", property(lambda self: fsdp2))
     name = next(iter(option))
-    with pytest.raises(ValueError, match=f"{name}.*not supported with distributed_type={engine}: .*{why}"):
+    with pytest.raises(ValueError, match=f"{name}.*not supported with .*{why}"):
         flora_opt.FloraAccelerator(cpu=True, **option)
     flora_opt.FloraAccelerator(cpu=True)  # without the options it is accelerate's Accelerator
+
+
+def test_flora_accelerator_accepts_layerwise_updates_under_fsdp2(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    import flora_opt
+
+    monkeypatch.setattr(flora_opt.FloraAccelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(flora_opt.FloraAccelerator, "is_fsdp2", property(lambda self: True))
+    assert flora_opt.FloraAccelerator(cpu=True, layerwise=True).layerwise
 
 
 def test_flora_accelerator_warns_when_accelerate_drops_the_fsdp_plugin(monkeypatch):
