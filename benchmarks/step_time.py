@@ -9,10 +9,10 @@ so machine noise hits every contender alike; ratios are taken within the run.
     python benchmarks/step_time.py                      # all models, default contenders
     python benchmarks/step_time.py --models gpt2-small --rounds 5 --ranks 32 256
     python benchmarks/step_time.py --models llama-48x256 --ranks 32 --no-quantization --per-tensor \
-        --adafactor-foreach                             # issue 11: many small tensors
+        --adafactor-foreach                             # many small tensors
 
 ``--projection-dtypes float32 bfloat16`` adds Flora with ``projection_dtype="bfloat16"`` beside
-the float32 default. ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
+the float32 default (and beside each ``--package-at`` contender). ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
 default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
 ``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
 (``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
@@ -54,7 +54,7 @@ MODELS = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
-    # LLaMA-style, width 256, 48 layers (issue 11's many-small-tensors shape; byte-level vocab)
+    # LLaMA-style, width 256, 48 layers (many small tensors; byte-level vocab)
     "llama-48x256": dict(
         kind="llama",
         hidden_size=256,
@@ -153,30 +153,25 @@ def contenders(
         yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)
     else:
         yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
+    package = None if package_ref is None else package_at(package_ref)
     for rank in ranks:
         for quantization in quantization_options:
             name = "flora_8bit" if quantization else "flora"
             for dtype in projection_dtypes:
-                if dtype == "float32":
-                    continue
+                suffix = "" if dtype == "float32" else f" ({dtype} products)"
                 yield (
-                    registry.label(name, rank) + f" ({dtype} products)",
+                    registry.label(name, rank) + suffix,
                     (lambda n, r, d: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
                         name, rank, dtype
                     ),
                 )
-            if "float32" not in projection_dtypes:
-                continue
-            yield (
-                registry.label(name, rank),
-                (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank),
-            )
-            if package_ref is not None and not quantization:
-                package = package_at(package_ref)
-                yield (
-                    registry.label(name, rank) + f" (flora_opt at {package_ref})",
-                    (lambda r, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000))(rank, package.Flora),
-                )
+                if package is not None and not quantization:
+                    yield (
+                        registry.label(name, rank) + suffix + f" (flora_opt at {package_ref})",
+                        (lambda r, d, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
+                            rank, dtype, package.Flora
+                        ),
+                    )
             if engine_ref is not None:
                 engine_class = engine_at(engine_ref)
                 yield (
