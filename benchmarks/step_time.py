@@ -111,9 +111,11 @@ def engine_at(ref: str):
 
 
 def package_at(ref: str):
-    """The whole ``flora_opt`` package as it was at git revision ``ref`` (``git archive``),
-    imported under its own name, so that an older optimizer (another update rule, the
-    per-tensor step) runs in the same process as this one, rounds interleaved."""
+    """The ``Flora`` class of the whole ``flora_opt`` package as it was at git revision ``ref``
+    (``git archive``), imported under its own name, so that an older optimizer (another update
+    rule, the per-tensor step) runs in the same process as this one, rounds interleaved. Taken
+    from the package's ``optim`` module itself: the package's lazy ``flora_opt.Flora`` would
+    import this checkout's."""
     import importlib
     import io
     import subprocess
@@ -130,7 +132,10 @@ def package_at(ref: str):
     name = "flora_opt_at_" + "".join(c if c.isalnum() else "_" for c in ref)
     (root / "archive" / "flora_opt").rename(root / name)
     sys.path.insert(0, str(root))
-    return importlib.import_module(name)
+    flora = importlib.import_module(f"{name}.optim").Flora
+    if not flora.__module__.startswith(name):  # pragma: no cover - a package that imports itself by name
+        raise SystemExit(f"--package-at {ref!r}: its Flora comes from {flora.__module__}, not from the archive")
+    return flora
 
 
 def with_engine(optimizer, engine_class):
@@ -153,7 +158,7 @@ def contenders(
         yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)
     else:
         yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
-    package = None if package_ref is None else package_at(package_ref)
+    package_flora = None if package_ref is None else package_at(package_ref)
     for rank in ranks:
         for quantization in quantization_options:
             name = "flora_8bit" if quantization else "flora"
@@ -165,11 +170,11 @@ def contenders(
                         name, rank, dtype
                     ),
                 )
-                if package is not None and not quantization:
+                if package_flora is not None and not quantization:
                     yield (
                         registry.label(name, rank) + suffix + f" (flora_opt at {package_ref})",
                         (lambda r, d, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
-                            rank, dtype, package.Flora
+                            rank, dtype, package_flora
                         ),
                     )
             if engine_ref is not None:

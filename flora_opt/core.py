@@ -1,9 +1,19 @@
-"""The Flora math core: one tensor's update, as plain functions over :class:`~flora_opt.ops.ArrayOps`.
+"""The Flora math core: the update, as plain functions over :class:`~flora_opt.ops.ArrayOps`.
 
 Everything here follows ``docs/algorithm.md`` (the single spec); section numbers below refer to
-it. PyTorch (:class:`flora_opt.Flora`), the accelerate integration and the optax transformation
-are thin wrappers that store state and call these functions. The float64 NumPy reference in
-:mod:`flora_opt.reference` follows the same document line by line and is the ground truth in tests.
+it. PyTorch (:class:`flora_opt.Flora`: the grouped step of :mod:`flora_opt.engine`, the per-tensor
+path, FSDP2's ``DTensor`` operands), the accelerate integration and the optax transformation
+store state and call these functions; nothing else computes the update. The float64 NumPy
+reference in :mod:`flora_opt.reference` follows the same document line by line, shares no code,
+and is the ground truth in tests.
+
+Batches: the update functions (sections 3-9) take arrays ``[..., *work_shape]`` whose leading
+dimensions index a batch of tensors with the same layout (the grouped step's stack ``(T, m,
+n)``); the per-tensor quantities (step, seed, projection index, ``eta_t``, ``s``, ``RMS(D)``,
+the finite flag) then have the batch's shape. One tensor is the batch of shape ``()``
+(:func:`batch_ndim`), so every path runs the same code. Functions that take ``out=`` may write
+their result there (PyTorch; see :mod:`flora_opt.ops`), which is how the grouped step keeps its
+full-size temporaries in a few buffers.
 
 Notation: a tensor with ``ndim >= 2`` is viewed as the matrix ``(m, n) = (shape[0],
 numel / shape[0])``. ``r`` is the rank; the compressed dimension ``d = min(m, n)`` (the rows when
@@ -422,8 +432,8 @@ def history_scale(momentum, projection, side: str, ops: ArrayOps, axis=None):
 
 # s comes from the formed history H (one write and read of m x n) where the r x r Gram products
 # of history_scale cost more: r^2 (m + n) > HISTORY_NORM_RATIO m n (rank 256 on 768 x 3072).
-# Set by (docs/benchmarks.md, "How s is computed"):
-#   python benchmarks/step_time.py --models gpt2-small llama-134m --ranks 256 --no-quantization --package-at REF
+# Measured by (docs/benchmarks.md, "The grouped step on CPU"):
+#   python benchmarks/engine_profile.py --ablations --model gpt2-small --rank 256
 HISTORY_NORM_RATIO = 40
 
 
@@ -519,7 +529,7 @@ def _compressed_direction(
     return value, factor, {EXP_AVG: new_momentum}
 
 
-def direction(
+def momentum_update(
     normalised,
     momentum,
     step,
@@ -568,10 +578,10 @@ def momentum_direction(
     projection_index=None,
 ):
     """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``
-    (:func:`direction`, with ``D`` formed); returns ``(D, new_state)`` with ``exp_avg`` when
+    (:func:`momentum_update`, with ``D`` formed); returns ``(D, new_state)`` with ``exp_avg`` when
     there is momentum. Used by the optax ``compressed_ema``.
     """
-    value, factor, new_state = direction(
+    value, factor, new_state = momentum_update(
         normalised, momentum, step, seed, layout, hp, ops, device=device, projection_index=projection_index
     )
     return (value if factor is None else value * factor), new_state
@@ -590,16 +600,22 @@ class Direction(NamedTuple):
     scale: Any = 1.0
 
 
-def clipped_scale(direction_rms, eta, hp: FloraHyperParams, ops: ArrayOps, factor=None):
-    """Sections 7 and 9: ``(scale, finite)`` with ``Delta = scale * value``, where ``D = factor
-    value`` (``factor`` ``None``: 1), ``scale = factor eta_t / max(1, RMS(D) / d_clip)``, and
-    ``finite`` false where ``RMS(D)`` is not finite (NaN/Inf in the gradient, or squares
-    overflowing float32). ``direction_rms``: ``RMS(value)`` per tensor."""
+def clipped_step(direction_rms, eta, hp: FloraHyperParams, ops: ArrayOps, factor=None):
+    """Sections 7-9: ``(scale, decay, finite)`` of the step ``p <- (1 - decay) p - scale value``.
+
+    ``D = factor value`` (``factor`` ``None``: 1) and ``direction_rms`` is ``RMS(value)`` per
+    tensor; ``scale = factor eta_t / max(1, RMS(D) / d_clip)`` (clipping), ``decay = eta_t
+    lambda`` (``None`` without weight decay), and ``finite`` is false where ``RMS(D)`` is not
+    finite (NaN/Inf in the gradient, or squares overflowing float32).
+    """
     if factor is not None:
         direction_rms = direction_rms * factor
     finite = ops.isfinite(direction_rms)
     scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
-    return (scale if factor is None else scale * factor), finite
+    if factor is not None:
+        scale = scale * factor
+    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+    return scale, decay, finite
 
 
 def rms_of_blocks(block_sums_of_squares, numel: int, ops: ArrayOps):
@@ -737,7 +753,7 @@ def flora_update(
     eta = step_size(step, param, hp, ops, lr=lr, axis=axis)
     target = _update_buffer(grad, out, layout, ops)
     normalised, new_state = normalised_update(grad, state, step, layout, hp, ops, out=target)
-    value, factor, momentum_state = direction(
+    value, factor, momentum_state = momentum_update(
         normalised,
         state.get(EXP_AVG),
         step,
@@ -751,6 +767,5 @@ def flora_update(
         out=normalised,
     )
     new_state.update(momentum_state)
-    scale, finite = clipped_scale(ops.rms(value, axis), eta, hp, ops, factor)
-    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+    scale, decay, finite = clipped_step(ops.rms(value, axis), eta, hp, ops, factor)
     return new_state, Direction(value, decay, scale), finite

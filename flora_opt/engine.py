@@ -58,15 +58,22 @@ READ_CPU_COUNTERS = True
 
 # A bucket of large tensors (LARGE_TENSOR elements or more, where an op's work dwarfs its
 # dispatch cost) is stepped in stacks of at most STACK_ELEMENTS elements (one tensor per stack
-# when it is larger), so that a step's full-size temporaries stay within the scratch buffers and
-# the cache; small tensors are stacked all together, so that the number of dispatched ops does
-# not grow with depth. Set by (docs/benchmarks.md, "The grouped step on CPU"):
-#   python benchmarks/step_time.py --models gpt2-small llama-134m --ranks 32 --no-quantization --package-at REF
+# when it is larger): the step's full-size temporaries, and the scratch buffers, stay at 16 MiB
+# instead of a whole bucket's (113 MiB for GPT-2-small's twelve 768 x 3072 matrices), for the
+# same step time; small tensors are stacked all together, so that the number of dispatched ops
+# does not grow with depth. Measured by (docs/benchmarks.md, "The grouped step on CPU"):
+#   python benchmarks/engine_profile.py --ablations --model gpt2-small --rank 32
 LARGE_TENSOR = 1 << 18
 STACK_ELEMENTS = 1 << 22
 
+# One matrix of more than STREAM_ELEMENTS elements without compressed momentum (an embedding or
+# an output head) is streamed in blocks of rows (Engine._step_streamed): it gets no full-size
+# buffer, whose new pages would cost more than the passes. Measured by the command above.
+STREAM_ELEMENTS = 1 << 22
+
 # The largest scratch buffer kept between steps on a CPU device (Engine.scratch), in elements:
-# 2^25 (128 MiB in float32); a larger temporary is allocated at each step.
+# 2^25 (128 MiB in float32); a larger temporary is allocated at each step. Measured by:
+#   python benchmarks/engine_profile.py --ablations --model llama-48x256 --rank 32
 SCRATCH_ELEMENTS = 1 << 25
 
 
@@ -466,17 +473,16 @@ class Engine:
     # ---- one large matrix, streamed ------------------------------------------------------------
     @staticmethod
     def _streams(stack: _Stack) -> bool:
-        """One large matrix without compressed momentum is streamed (:meth:`_step_streamed`): its
-        ``U`` and ``D`` are never formed whole, so the step allocates no full-size buffer (the
-        new momentum is written into the old one), whose pages would cost more than the passes
-        (docs/benchmarks.md)."""
+        """One matrix of more than ``STREAM_ELEMENTS`` elements without compressed momentum is
+        streamed (:meth:`_step_streamed`): its ``U`` and ``D`` are never formed whole, so the step
+        allocates no full-size buffer (the new momentum is written into the old one)."""
         layout = stack.layout
         return (
             len(stack.params) == 1
             and not stack.own_grad
             and stack.weights is None
             and layout.factored
-            and math.prod(layout.work_shape) > STACK_ELEMENTS
+            and math.prod(layout.work_shape) > STREAM_ELEMENTS
             and layout.momentum != core.MOMENTUM_COMPRESSED
             and stack.params[0].is_contiguous()
             and not torch.compiler.is_compiling()
@@ -507,12 +513,13 @@ class Engine:
             out = None if scratch is None else scratch[: (stop - start) * n].view(1, stop - start, n)
             normalised = core.scale_rows_and_columns(grad[:, start:stop], row_scale[:, start:stop], col_scale, ops, out)
             block_momentum = None if momentum is None else momentum[:, start:stop]
-            value, _, _ = core.direction(normalised, block_momentum, stack.step, None, layout, hp, ops, out=normalised)
+            value, _, _ = core.momentum_update(
+                normalised, block_momentum, stack.step, None, layout, hp, ops, out=normalised
+            )
             return value
 
         sums = [ops.sum_of_squares(block_direction(start, stop), (1, 2)) for start, stop in blocks]
-        scale, finite = core.clipped_scale(core.rms_of_blocks(sums, m * n, ops), eta, hp, ops)
-        decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+        scale, decay, finite = core.clipped_step(core.rms_of_blocks(sums, m * n, ops), eta, hp, ops)
         statistics = {EXP_AVG_SQ_ROW: row, EXP_AVG_SQ_COL: col}
         self._store(stack, core.keep_states_if_finite(finite, statistics, stack.old, ops), finite)
         target = stack.params[0].view(1, m, n)

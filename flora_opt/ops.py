@@ -252,9 +252,9 @@ class NumpyOps(ArrayOps):
 # TorchOps.sums_of_squares squares a stack in blocks of rows of about SQUARE_BLOCK elements (a
 # temporary that stays in the cache between the square and the two sums, so G is read from memory
 # once); a stack of several matrices in at most MAX_SQUARE_BLOCKS blocks, so that its number of
-# dispatched ops does not grow with the number of matrices. Set by (docs/benchmarks.md, "The
-# grouped step on CPU"):
-#   python benchmarks/step_time.py --models gpt2-small llama-48x256 --ranks 32 --no-quantization --package-at REF
+# dispatched ops does not grow with the number of matrices. Measured by (docs/benchmarks.md,
+# "The grouped step on CPU"):
+#   python benchmarks/engine_profile.py --ablations --model gpt2-small --rank 32
 SQUARE_BLOCK = 1 << 20
 MAX_SQUARE_BLOCKS = 8
 
@@ -274,8 +274,8 @@ class TorchOps(ArrayOps):
 
     torch's ``uint32`` lacks ``add`` and ``>>`` on CPU, so words are held in ``int32``:
     ``+``, ``*`` and ``^`` give the same low 32 bits as unsigned arithmetic (two's complement
-    wraps), and a logical shift is an arithmetic shift followed by a mask. Half the bytes of an
-    ``int64`` representation, hence about 3x faster projections on CPU.
+    wraps), and a logical shift is an arithmetic shift followed by a mask: half the bytes of an
+    ``int64`` representation.
 
     ``buffers``: ``(slot, numel, dtype) -> flat tensor or None``, the kept buffers that
     :meth:`buffer` hands out (the grouped step's :meth:`flora_opt.engine.Engine.scratch`); none
@@ -415,9 +415,8 @@ class TorchOps(ArrayOps):
 
     def sums_of_squares(self, x, scratch=None):
         """One read of ``x`` (see :data:`SQUARE_BLOCK`): the squares of a block of rows of every
-        matrix, written into ``scratch`` or the kept "squares" buffer, are summed along both axes.
-        A strided column sum of ``x ** 2`` would read ``x`` twice and, on the CPU, run many times
-        slower than a contiguous pass."""
+        matrix, written into ``scratch`` or the kept "squares" buffer, are summed along both axes
+        (a column sum of ``x ** 2`` would read ``x`` a second time, with a stride of ``n``)."""
         torch = self.torch
         m = x.shape[-2]
         rows = m if torch.compiler.is_compiling() or not self.in_place else square_block_rows(x.shape)

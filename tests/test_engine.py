@@ -202,13 +202,14 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     ids=["full", "full,wd", "none", "compressed+full"],
 )
 def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
-    """A matrix of more than STACK_ELEMENTS elements without compressed momentum is streamed in
+    """A matrix of more than STREAM_ELEMENTS elements without compressed momentum is streamed in
     blocks of rows (no full-size buffer; the momentum updated in place): same results as the
     per-tensor path, a NaN skips only that tensor and leaves its parameter bit-unchanged."""
     from flora_opt import engine, ops
 
     monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
     monkeypatch.setattr(engine, "STACK_ELEMENTS", 2000)  # (64, 48), (200, 40), (40, 300): one per stack
+    monkeypatch.setattr(engine, "STREAM_ELEMENTS", 2000)  # and streamed without compressed momentum
     monkeypatch.setattr(ops, "SQUARE_BLOCK", 500)  # blocks of a few rows, the last one short
     streamed = []
     original = engine.Engine._step_streamed
