@@ -526,6 +526,6 @@ class Engine:
         for start, stop in blocks:
             value = block_direction(start, stop)
             new = {} if momentum is None else {EXP_AVG: value}
-            rows = {} if momentum is None else {EXP_AVG: momentum[:, start:stop]}
-            _, update = core.skip_non_finite(finite, new, rows, core.Direction(value, decay, scale), ops, into=rows)
+            old = {} if momentum is None else {EXP_AVG: momentum[:, start:stop]}
+            _, update = core.skip_non_finite(finite, new, old, core.Direction(value, decay, scale), ops, into=old)
             core.apply_direction_([target[0, start:stop]], update, ops)

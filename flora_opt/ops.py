@@ -423,6 +423,10 @@ class TorchOps(ArrayOps):
         if scratch is None and self.in_place:
             numel = x.numel() // max(m, 1) * rows
             scratch = self.buffer("squares", (numel,))
+        if rows >= m:  # one block: the whole stack
+            out = None if scratch is None else scratch.reshape(-1)[: x.numel()].view(x.shape)
+            square = torch.square(x) if out is None else torch.square(x, out=out)
+            return square.sum(dim=-1), square.sum(dim=-2)
         row_sums, col_sums = [], None
         for start in range(0, m, rows):
             block = x[..., start : start + rows, :]
@@ -431,9 +435,7 @@ class TorchOps(ArrayOps):
             row_sums.append(square.sum(dim=-1))
             part = square.sum(dim=-2)
             col_sums = part if col_sums is None else col_sums.add_(part)
-        if col_sums is None:  # no rows
-            return x.new_zeros(x.shape[:-1]), x.new_zeros(x.shape[:-2] + x.shape[-1:])
-        return (row_sums[0] if len(row_sums) == 1 else torch.cat(row_sums, dim=-1)), col_sums
+        return torch.cat(row_sums, dim=-1), col_sums
 
     def sum_of_squares(self, x, axis=None):
         return self.torch.linalg.vector_norm(x, dim=axis).square()
