@@ -15,8 +15,9 @@ so machine noise hits every contender alike; ratios are taken within the run.
 the float32 default (and beside each ``--package-at`` contender). ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
 default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
 ``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
-(``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
-previous one in the same process, rounds interleaved; ``--package-at REF`` adds Flora from the
+(``git show REF:flora_opt/engine.py``, run with this checkout's other modules, so only for an
+engine that fits them), so that an engine change is measured against the previous one in the
+same process, rounds interleaved; ``--package-at REF`` adds Flora from the
 whole ``flora_opt`` package at ``REF`` (another update rule or step), imported under its own
 name. ``--threads 1 --clock thread`` times each step by the CPU time of the stepping thread, which
 leaves out the waits of a machine shared with other processes (with more threads the others'
