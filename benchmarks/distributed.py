@@ -467,7 +467,7 @@ def _worker(rank: int, world: int, args, port: int, mode: str, partial: str) -> 
 
 
 def _targets(data: dict) -> list[tuple[str, bool, str]]:
-    """The issue's targets, checked on a results file: ``(name, met, figures)``."""
+    """The layer-wise memory targets (docs/distributed.md), checked on a results file: ``(name, met, figures)``."""
     world = data["world"]
     per_rank = data["per_rank"]
     modes = {r["mode"]: i for i, r in enumerate(per_rank[0])}

@@ -7,7 +7,7 @@
 2. flora_opt.Flora on CUDA follows the CPU run step for step (fp32, bf16, 8-bit, kappa
    resamples), and a CUDA checkpoint resumes bit-exactly.
 3. JAX on the GPU (when present): the same projection as PyTorch.
-4. The grouped step (issue 11): batched projections on CUDA equal the CPU's bit for bit; the
+4. The grouped step: batched projections on CUDA equal the CPU's bit for bit; the
    grouped step equals the per-tensor path on CUDA; no host sync inside ``step()`` after the
    first (``torch.cuda.set_sync_debug_mode("error")``); the test subset marked ``cuda``.
 5. Step time (CUDA-synchronised median) and exact optimizer-state bytes / peak allocated memory

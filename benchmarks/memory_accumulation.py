@@ -98,6 +98,7 @@ def measure(
     layers=None,
     max_aspect_ratio=4.0,
     quantization=False,
+    estimator="subspace",
 ):
     """Peak live bytes over one steady-state accumulation cycle, plus the parts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -126,7 +127,11 @@ def measure(
                 params, lr=1e-4, rank=rank, max_aspect_ratio=max_aspect_ratio, quantization=quantization
             )
             accumulator = CompressedAccumulator(
-                optimizer, accumulation_rank, accumulation_steps=steps, layerwise=method == "flora-layerwise"
+                optimizer,
+                accumulation_rank,
+                accumulation_steps=steps,
+                layerwise=method == "flora-layerwise",
+                estimator=estimator,
             )
         ids = torch.zeros(1, seq, dtype=torch.long, device=device)
 
@@ -240,6 +245,9 @@ def main(argv=None):
         "full momentum); 'none' compresses them too",
     )
     parser.add_argument("--quantization", action="store_true", help="Flora with 8-bit states")
+    parser.add_argument(
+        "--estimator", default="subspace", choices=("subspace", "gaussian"), help="accumulation estimator"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (fake tensors by default) or cuda (real tensors)")
     parser.add_argument("--real", action="store_true", help="real tensors on the CPU (slow)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
@@ -253,6 +261,7 @@ def main(argv=None):
         device=args.device,
         max_aspect_ratio=args.max_aspect_ratio,
         quantization=args.quantization,
+        estimator=args.estimator,
     )
 
     if args.validate:  # GPT-2 small's width, 2 layers, 128 tokens, 4 micro-batches: fake vs real

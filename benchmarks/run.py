@@ -871,7 +871,7 @@ def _is_flora(row: dict) -> bool:
 
 
 def quality_targets(summary: list[dict], min_block_dim: int) -> list[str]:
-    """Issue 13's targets: Flora within 1% of Adafactor with full momentum at rank <= min(m, n)/4;
+    """The quality targets: Flora within 1% of Adafactor with full momentum at rank <= min(m, n)/4;
     no peer with at most Flora's state bytes and a lower mean validation loss."""
     done = [r for r in summary if r["mean"] is not None]
     ada = next((r for r in done if r["id"] == "adafactor_m"), None)
@@ -954,7 +954,7 @@ def quality_markdown(payload: dict) -> str:
     ]
     if short:
         lines += ["", "Seeds not all finished: " + ", ".join(short) + "."]
-    lines += ["", "Targets (issue 13):", "", *quality_targets(payload["summary"], facts["min_block_dim"])]
+    lines += ["", "Targets:", "", *quality_targets(payload["summary"], facts["min_block_dim"])]
     return "\n".join(lines)
 
 

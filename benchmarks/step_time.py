@@ -9,16 +9,19 @@ so machine noise hits every contender alike; ratios are taken within the run.
     python benchmarks/step_time.py                      # all models, default contenders
     python benchmarks/step_time.py --models gpt2-small --rounds 5 --ranks 32 256
     python benchmarks/step_time.py --models llama-48x256 --ranks 32 --no-quantization --per-tensor \
-        --adafactor-foreach                             # issue 11: many small tensors
+        --adafactor-foreach                             # many small tensors
 
 ``--projection-dtypes float32 bfloat16`` adds Flora with ``projection_dtype="bfloat16"`` beside
-the float32 default. ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
+the float32 default (and beside each ``--package-at`` contender). ``--per-tensor`` adds Flora's per-tensor reference path (``foreach=False``) beside the grouped
 default; ``--adafactor-foreach`` makes the reference ``torch.optim.Adafactor(foreach=True)``;
 ``--engine-at REF`` adds Flora with ``flora_opt/engine.py`` as it was at the git revision ``REF``
-(``git show REF:flora_opt/engine.py``), so that an engine change is measured against the
-previous one in the same process, rounds interleaved; ``--package-at REF`` adds Flora from the
+(``git show REF:flora_opt/engine.py``, run with this checkout's other modules, so only for an
+engine that fits them), so that an engine change is measured against the previous one in the
+same process, rounds interleaved; ``--package-at REF`` adds Flora from the
 whole ``flora_opt`` package at ``REF`` (another update rule or step), imported under its own
-name.
+name. ``--threads 1 --clock thread`` times each step by the CPU time of the stepping thread, which
+leaves out the waits of a machine shared with other processes (with more threads the others'
+time is not counted, so use it with one).
 
 Prints a markdown table and writes JSON to benchmarks/results/step_time.json.
 """
@@ -54,7 +57,7 @@ MODELS = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
-    # LLaMA-style, width 256, 48 layers (issue 11's many-small-tensors shape; byte-level vocab)
+    # LLaMA-style, width 256, 48 layers (many small tensors; byte-level vocab)
     "llama-48x256": dict(
         kind="llama",
         hidden_size=256,
@@ -111,9 +114,11 @@ def engine_at(ref: str):
 
 
 def package_at(ref: str):
-    """The whole ``flora_opt`` package as it was at git revision ``ref`` (``git archive``),
-    imported under its own name, so that an older optimizer (another update rule, the
-    per-tensor step) runs in the same process as this one, rounds interleaved."""
+    """The ``Flora`` class of the whole ``flora_opt`` package as it was at git revision ``ref``
+    (``git archive``), imported under its own name, so that an older optimizer (another update
+    rule, the per-tensor step) runs in the same process as this one, rounds interleaved. Taken
+    from the package's ``optim`` module itself: the package's lazy ``flora_opt.Flora`` would
+    import this checkout's."""
     import importlib
     import io
     import subprocess
@@ -130,7 +135,10 @@ def package_at(ref: str):
     name = "flora_opt_at_" + "".join(c if c.isalnum() else "_" for c in ref)
     (root / "archive" / "flora_opt").rename(root / name)
     sys.path.insert(0, str(root))
-    return importlib.import_module(name)
+    flora = importlib.import_module(f"{name}.optim").Flora
+    if not flora.__module__.startswith(name):  # pragma: no cover - a package that imports itself by name
+        raise SystemExit(f"--package-at {ref!r}: its Flora comes from {flora.__module__}, not from the archive")
+    return flora
 
 
 def with_engine(optimizer, engine_class):
@@ -153,30 +161,25 @@ def contenders(
         yield "torch.optim.Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)
     else:
         yield "torch.optim.Adafactor", lambda ps: registry.make("adafactor_torch", ps, lr=1e-2)
+    package_flora = None if package_ref is None else package_at(package_ref)
     for rank in ranks:
         for quantization in quantization_options:
             name = "flora_8bit" if quantization else "flora"
             for dtype in projection_dtypes:
-                if dtype == "float32":
-                    continue
+                suffix = "" if dtype == "float32" else f" ({dtype} products)"
                 yield (
-                    registry.label(name, rank) + f" ({dtype} products)",
+                    registry.label(name, rank) + suffix,
                     (lambda n, r, d: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
                         name, rank, dtype
                     ),
                 )
-            if "float32" not in projection_dtypes:
-                continue
-            yield (
-                registry.label(name, rank),
-                (lambda n, r: lambda ps: registry.make(n, ps, lr=1e-3, rank=r, kappa=1000))(name, rank),
-            )
-            if package_ref is not None and not quantization:
-                package = package_at(package_ref)
-                yield (
-                    registry.label(name, rank) + f" (flora_opt at {package_ref})",
-                    (lambda r, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000))(rank, package.Flora),
-                )
+                if package_flora is not None and not quantization:
+                    yield (
+                        registry.label(name, rank) + suffix + f" (flora_opt at {package_ref})",
+                        (lambda r, d, flora: lambda ps: flora(ps, lr=1e-3, rank=r, kappa=1000, projection_dtype=d))(
+                            rank, dtype, package_flora
+                        ),
+                    )
             if engine_ref is not None:
                 engine_class = engine_at(engine_ref)
                 yield (
@@ -219,6 +222,7 @@ def run(
     engine_ref=None,
     projection_dtypes=("float32",),
     package_ref=None,
+    clock=time.perf_counter,
 ) -> list[dict]:
     params = build_params(model)
     numel = sum(p.numel() for p in params)
@@ -232,9 +236,9 @@ def run(
     for round_index in range(warmup + rounds):
         for label, optimizer in built:
             gc.collect()
-            start = time.perf_counter()
+            start = clock()
             optimizer.step()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if round_index >= warmup:
                 times[label].append(elapsed)
         print(f"  [{model}] round {round_index + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
@@ -284,6 +288,13 @@ def main(argv=None):
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall time, or the CPU time of the stepping thread (with --threads 1: the step's own time, "
+        "without the waits of a machine shared with other processes)",
+    )
+    parser.add_argument(
         "--engine-at",
         default=None,
         metavar="REF",
@@ -322,6 +333,7 @@ def main(argv=None):
                 args.engine_at,
                 args.projection_dtypes,
                 args.package_at,
+                time.thread_time if args.clock == "thread" else time.perf_counter,
             )
         )
     print("| model | optimizer | state MiB | bytes/param | median step (s) | step / Adafactor |")
@@ -338,6 +350,7 @@ def main(argv=None):
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        clock=args.clock,
         cpu=platform.processor() or platform.machine(),
         cpu_count=os.cpu_count(),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

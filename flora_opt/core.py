@@ -1,9 +1,19 @@
-"""The Flora math core: one tensor's update, as plain functions over :class:`~flora_opt.ops.ArrayOps`.
+"""The Flora math core: the update, as plain functions over :class:`~flora_opt.ops.ArrayOps`.
 
 Everything here follows ``docs/algorithm.md`` (the single spec); section numbers below refer to
-it. PyTorch (:class:`flora_opt.Flora`), the accelerate integration and the optax transformation
-are thin wrappers that store state and call these functions. The float64 NumPy reference in
-:mod:`flora_opt.reference` follows the same document line by line and is the ground truth in tests.
+it. PyTorch (:class:`flora_opt.Flora`: the grouped step of :mod:`flora_opt.engine`, the per-tensor
+path, FSDP2's ``DTensor`` operands), the accelerate integration and the optax transformation
+store state and call these functions; nothing else computes the update. The float64 NumPy
+reference in :mod:`flora_opt.reference` follows the same document line by line, shares no code,
+and is the ground truth in tests.
+
+Batches: the update functions (sections 3-9) take arrays ``[..., *work_shape]`` whose leading
+dimensions index a batch of tensors with the same layout (the grouped step's stack ``(T, m,
+n)``); the per-tensor quantities (step, seed, projection index, ``eta_t``, ``s``, ``RMS(D)``,
+the finite flag) then have the batch's shape. One tensor is the batch of shape ``()``
+(:func:`batch_ndim`), so every path runs the same code. Functions that take ``out=`` may write
+their result there (PyTorch; see :mod:`flora_opt.ops`), which is how the grouped step keeps its
+full-size temporaries in a few buffers.
 
 Notation: a tensor with ``ndim >= 2`` is viewed as the matrix ``(m, n) = (shape[0],
 numel / shape[0])``. ``r`` is the rank; the compressed dimension ``d = min(m, n)`` (the rows when
@@ -173,6 +183,29 @@ def tensor_layout(shape, hp: FloraHyperParams) -> TensorLayout:
     return TensorLayout(shape=shape, matrix=matrix, factored=factored, momentum=momentum, side=side, rank=rank)
 
 
+# ---- batches -------------------------------------------------------------------------------
+
+
+def batch_ndim(step) -> int:
+    """Number of batch dimensions: those of the step number (a Python int or 0-d array for one
+    tensor, a vector for a stack of tensors)."""
+    return getattr(step, "ndim", 0)
+
+
+def tensor_axes(batch: int, ndim: int) -> tuple[int, ...] | None:
+    """The axes of one tensor in an array of ``ndim`` dimensions whose first ``batch`` index the
+    batch: ``None`` (every axis) for a single tensor."""
+    return None if batch == 0 else tuple(range(batch, ndim))
+
+
+def per_tensor(value, ndim: int, ops: ArrayOps):
+    """A per-tensor quantity (shaped like the batch) made to broadcast against arrays with ``ndim``
+    more trailing dimensions; a Python number or 0-d array is returned as it is."""
+    if ndim == 0 or not getattr(value, "ndim", 0):
+        return value
+    return ops.reshape(value, (*tuple(value.shape), *(1,) * ndim))
+
+
 # ---- compression (section 3) ---------------------------------------------------------------
 
 
@@ -184,11 +217,11 @@ def compress(x, projection, side: str, ops: ArrayOps, dtype: str = "float32"):
     return ops.rounded_matmul(x, ops.transpose(projection), dtype)
 
 
-def decompress(c, projection, side: str, ops: ArrayOps, dtype: str = "float32"):
+def decompress(c, projection, side: str, ops: ArrayOps, dtype: str = "float32", out=None):
     """``P^T c`` (rows) or ``c P`` (cols); unbiased since ``E[P^T P] = I``; precision as :func:`compress`."""
     if side == SIDE_ROWS:
-        return ops.rounded_matmul(ops.transpose(projection), c, dtype)
-    return ops.rounded_matmul(c, projection, dtype)
+        return ops.rounded_matmul(ops.transpose(projection), c, dtype, out=out)
+    return ops.rounded_matmul(c, projection, dtype, out=out)
 
 
 def transfer(c, old_projection, new_projection, side: str, ops: ArrayOps):
@@ -203,17 +236,9 @@ def transfer(c, old_projection, new_projection, side: str, ops: ArrayOps):
     return ops.matmul(c, mixing)
 
 
-def compress_scaled(grad, row_scale, col_scale, projection, side: str, ops: ArrayOps):
-    """``compress(diag(a) G diag(b))`` without forming the scaled ``m x n`` matrix."""
-    if side == SIDE_ROWS:
-        scaled_projection = projection * row_scale[None, :]
-        return ops.matmul(scaled_projection, grad) * col_scale[None, :]
-    scaled_projection_t = ops.transpose(projection) * col_scale[:, None]
-    return ops.matmul(grad, scaled_projection_t) * row_scale[:, None]
-
-
 def momentum_projection(seed, step_index, rank: int, dim: int, ops: ArrayOps, device=None):
-    """Momentum projection number ``step_index`` (= floor((t - 1) / kappa)) of a tensor."""
+    """Momentum projection number ``step_index`` (section 4) of a tensor; arrays of seeds and
+    indices (broadcasting) give one projection per element, ``(..., rank, dim)``."""
     key = projection_key(seed, STREAM_MOMENTUM, step_index, ops)
     return ops.shard_projection(gaussian_projection(key, rank, dim, ops, device))
 
@@ -365,81 +390,137 @@ def accumulate_compressed(buffer, grad, projection, side: str, ops: ArrayOps, we
     return compressed if buffer is None else buffer + compressed
 
 
-# ---- step-size schedule and second moment (sections 5-7) ----------------------------------
+# ---- resampling (section 4) -----------------------------------------------------------------
 
 
-def beta2_at(step, decay_rate: float):
-    """Second-moment decay ``beta2_t = 1 - t^decay_rate`` (Adafactor, decay_rate < 0)."""
-    return 1.0 - step**decay_rate
+def resample_due(step, kappa):
+    """Whether step ``t`` resamples: ``t > 1`` and ``(t - 1) mod kappa = 0`` (section 4); Python
+    ints or integer arrays, elementwise. The one resample test of every path."""
+    return (step > 1) & ((step - 1) % kappa == 0)
+
+
+def next_projection_index(previous, step, kappa):
+    """The projection index ``k`` at step ``t`` from its value at step ``t - 1``: one more at a
+    resample. Kept in the state, so a ``kappa`` changed mid-run moves the next resample and never
+    jumps to an unrelated projection (section 4)."""
+    return previous + resample_due(step, kappa)
+
+
+def constant_kappa_index(step, kappa):
+    """``k = floor((t - 1) / kappa)`` (0 before the first step): the projection index at step
+    ``t`` when ``kappa`` never changed."""
+    if isinstance(step, int):
+        return max(step - 1, 0) // kappa
+    return (step - 1) // kappa
+
+
+# ---- step-size schedule and second moment (sections 5-6) ----------------------------------
 
 
 def relative_step_size(step, hp: FloraHyperParams, ops: ArrayOps):
-    """``rho_t``: ``lr``, or ``min(1e-2 | 1e-6 t, 1/sqrt(t))`` under ``relative_step``."""
+    """``rho_t``: ``lr``, or ``min(1e-2 | 1e-6 t, 1/sqrt(t))`` under ``relative_step`` (per tensor)."""
     if not hp.relative_step:
         return hp.lr
     floor = 1e-6 * step if hp.warmup_init else 1e-2
     return ops.smin(floor, step**-0.5)
 
 
-def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None):
-    """``eta_t = rho_t * max(eps2, RMS(param))`` (or ``rho_t`` without ``scale_parameter``).
+def step_size(step, param, hp: FloraHyperParams, ops: ArrayOps, lr=None, axis=None):
+    """``eta_t = rho_t * max(eps2, RMS(param))`` (or ``rho_t`` without ``scale_parameter``), per tensor.
 
-    ``lr`` overrides ``hp.lr`` (so a scheduler can change it without rebuilding ``hp``).
+    ``lr`` overrides ``hp.lr`` (so a scheduler can change it without rebuilding ``hp``); ``axis``:
+    one tensor's axes of ``param`` (:func:`tensor_axes`). ``param`` may also be a list of the
+    batch's tensors where the backend takes their RMS without a stack (``TorchOps.rms``).
     """
     rho = lr if lr is not None and not hp.relative_step else relative_step_size(step, hp, ops)
     if hp.scale_parameter:
-        return ops.clip_min(ops.rms(param), hp.eps2) * rho
+        return ops.clip_min(ops.rms(param, axis), hp.eps2) * rho
     return rho
 
 
-class Direction(NamedTuple):
-    """The step of one tensor: ``p <- p - decay * p - value`` (docs/algorithm.md section 8).
+def second_moment_weight(step, hp: FloraHyperParams):
+    """``1 - beta2_t = t^decay_rate`` (Adafactor's ``beta2_t = 1 - t^decay_rate``, ``decay_rate < 0``),
+    computed directly: ``1 - (1 - t^c)`` would lose its digits in float32 for a large ``t``."""
+    return step**hp.decay_rate
 
-    ``value`` is the dense ``Delta = eta_t D`` in the gradient's working shape; ``decay`` is
-    ``eta_t * weight_decay`` (``None`` without weight decay).
+
+def factored_statistics(grad, row, col, step, hp: FloraHyperParams, ops: ArrayOps, scratch=None):
+    """Section 6, factored: ``R_t = beta2_t R + (1 - beta2_t) mean_j (G^2 + eps1)``, ``C_t`` likewise
+    over rows, from one read of ``G`` (``[..., m, n]``), and the scales ``a = (R_t / mean(R_t))^{-1/2}``,
+    ``b = C_t^{-1/2}`` of ``U_ij = a_i G_ij b_j``. ``scratch``: a free buffer of ``G``'s size for
+    the squares. Returns ``((a, b), (R_t, C_t))``."""
+    m, n = grad.shape[-2], grad.shape[-1]
+    weight = per_tensor(second_moment_weight(step, hp), 1, ops)
+    row_sums, col_sums = ops.sums_of_squares(grad, scratch)
+    row = ops.lerp(row, row_sums / n + hp.eps1, weight)
+    col = ops.lerp(col, col_sums / m + hp.eps1, weight)
+    row_scale = ops.rsqrt(row / per_tensor(ops.mean(row, axis=-1), 1, ops))
+    return (row_scale, ops.rsqrt(col)), (row, col)
+
+
+def scale_rows_and_columns(grad, row_scale, col_scale, ops: ArrayOps, out=None):
+    """``U = diag(a) G diag(b)`` for each matrix (section 6); a block of rows of ``G`` with the
+    same rows of ``a`` gives those rows of ``U``."""
+    scaled = ops.mul(grad, row_scale[..., :, None], out=out)
+    return ops.mul(scaled, col_scale[..., None, :], out=scaled)
+
+
+def full_second_moment(grad, second, step, hp: FloraHyperParams, ops: ArrayOps, out=None):
+    """Section 6, not factored: ``V_t = beta2_t V + (1 - beta2_t)(G^2 + eps1)`` and
+    ``U = G / sqrt(V_t)``; returns ``(U, V_t)``. ``out`` (not ``grad``): where ``G^2`` and then ``U`` go."""
+    weight = per_tensor(second_moment_weight(step, hp), grad.ndim - batch_ndim(step), ops)
+    squares = ops.mul(grad, grad, out=out)
+    squares = ops.add(squares, hp.eps1, out=squares)
+    second = ops.lerp(second, squares, weight)
+    normalised = ops.rsqrt(second, out=squares)
+    return ops.mul(normalised, grad, out=normalised), second
+
+
+def normalised_update(
+    grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps, *, out=None
+):
+    """Section 6: the second moment and ``U = G / sqrt(Vhat)`` (not clipped).
+
+    Returns ``(U, new_state)`` with the second-moment keys of ``state`` (``exp_avg_sq_row`` and
+    ``exp_avg_sq_col`` when factored, else ``exp_avg_sq``): :func:`factored_statistics` and
+    :func:`scale_rows_and_columns`, or :func:`full_second_moment`. ``out``: where ``U`` may be
+    written (``grad`` itself when the caller's copy of the gradient is free to overwrite).
     """
-
-    value: Any
-    decay: Any
-
-
-def apply_direction(param, direction: Direction, ops: ArrayOps):
-    """``(1 - decay) p - Delta`` as a new array (the one rule both frameworks apply; the torch
-    optimizer's in-place form ``p.mul_(1 - decay).sub_(Delta)`` rounds the same way)."""
-    if direction.decay is None:
-        return param - direction.value
-    return param * (1.0 - direction.decay) - direction.value
+    if layout.factored:
+        scratch = out if out is not None and out is not grad else None  # the squares go where U will
+        (row_scale, col_scale), (row, col) = factored_statistics(
+            grad, state[EXP_AVG_SQ_ROW], state[EXP_AVG_SQ_COL], step, hp, ops, scratch
+        )
+        normalised = scale_rows_and_columns(grad, row_scale, col_scale, ops, out=out)
+        return normalised, {EXP_AVG_SQ_ROW: row, EXP_AVG_SQ_COL: col}
+    normalised, second = full_second_moment(grad, state[EXP_AVG_SQ], step, hp, ops, out=None if out is grad else out)
+    return normalised, {EXP_AVG_SQ: second}
 
 
-def keep_if_finite(finite, new, old, ops: ArrayOps):
-    """Section 9, the one skip rule: ``new`` where the tensor's step is finite, else ``old``.
-
-    ``finite`` is the flag returned by :func:`flora_update` (0-d, or broadcastable for a stack of
-    tensors); a skipped tensor keeps its parameter and its state.
-    """
-    return ops.where(finite, new, old)
+# ---- the direction (sections 3, 4, 8) -------------------------------------------------------
 
 
-def history_scale(momentum, projection, side: str, ops: ArrayOps):
+def history_scale(momentum, projection, side: str, ops: ArrayOps, axis=None):
     """``s = ||M||_F / ||decompress(M)||_F`` (0 when the decompression is 0), through ``r x r``
     products only: rescales the decompressed history to the norm of the momentum it estimates
     (``E ||P x||^2 = ||x||^2``, while ``||P^T P x||^2`` is about ``(1 + (d + 1) / r)`` times too large).
 
     rows: ``||P^T M||^2 = sum((P P^T) * (M M^T))``; cols: ``||M P||^2 = sum((M^T M) * (P P^T))``.
+    ``axis``: one tensor's axes (:func:`tensor_axes`) for a stack.
     """
     gram_p = ops.matmul(projection, ops.transpose(projection))
     if side == SIDE_ROWS:
         gram_m = ops.matmul(momentum, ops.transpose(momentum))
     else:
         gram_m = ops.matmul(ops.transpose(momentum), momentum)
-    decompressed_sq = ops.sum(gram_p * gram_m)
-    momentum_sq = ops.sum(momentum * momentum)
-    return ratio_of_norms(momentum_sq, decompressed_sq, ops)
+    decompressed_sq = ops.sum(gram_p * gram_m, axis=axis)
+    return ratio_of_norms(ops.sum_of_squares(momentum, axis), decompressed_sq, ops)
 
 
-# ||H|| from H itself (one read of the m x n history) where the r x r Gram products of
-# history_scale cost more: r^2 (m + n) > HISTORY_NORM_RATIO m n (rank 256 on a 768 x 3072 matrix:
-# 2.1 ms of Gram products on the CPU against about 1 ms for writing and reading H).
+# s comes from the formed history H (one write and read of m x n) where the r x r Gram products
+# of history_scale cost more: r^2 (m + n) > HISTORY_NORM_RATIO m n (rank 256 on 768 x 3072).
+# Measured by (docs/benchmarks.md, "The grouped step on CPU"):
+#   python benchmarks/engine_profile.py --ablations --model gpt2-small --rank 256
 HISTORY_NORM_RATIO = 40
 
 
@@ -450,10 +531,10 @@ def history_norm_from_history(rank: int, m: int, n: int) -> bool:
     return rank * rank * (m + n) > HISTORY_NORM_RATIO * m * n
 
 
-def norm_ratio(momentum, history, ops: ArrayOps):
+def norm_ratio(momentum, history, ops: ArrayOps, axis=None):
     """``||M||_F / ||H||_F`` (0 when ``H = 0``): :func:`history_scale` from the decompressed
     history ``H`` itself (with bfloat16 products, the rounded ``H``)."""
-    return ratio_of_norms(ops.sum(momentum * momentum), ops.sum(history * history), ops)
+    return ratio_of_norms(ops.sum_of_squares(momentum, axis), ops.sum_of_squares(history, axis), ops)
 
 
 def ratio_of_norms(momentum_sq, history_sq, ops: ArrayOps):
@@ -464,28 +545,112 @@ def ratio_of_norms(momentum_sq, history_sq, ops: ArrayOps):
     return ops.where(positive, ops.sqrt(momentum_sq / safe), 0.0)
 
 
-def normalised_update(grad, state: Mapping[str, Any], step, layout: TensorLayout, hp: FloraHyperParams, ops: ArrayOps):
-    """Section 6: the second moment and ``U = G / sqrt(Vhat)`` (not clipped).
+def keeps_direction(layout: TensorLayout) -> bool:
+    """Whether the direction ``D`` becomes state (full momentum: ``D = M_t``): the array ``U`` and
+    ``D`` are written into must then be one that the state may keep, not a reused buffer."""
+    return layout.momentum == MOMENTUM_FULL
 
-    Returns ``(U, new_state)`` with the second-moment keys of ``state`` (``exp_avg_sq_row`` and
-    ``exp_avg_sq_col`` when factored, else ``exp_avg_sq``). Factored:
-    ``R_t = beta2_t R + (1 - beta2_t) mean_j (G^2 + eps1)``, ``C_t`` likewise over rows,
-    ``U_ij = G_ij a_i b_j`` with ``a = (R / mean(R))^{-1/2}``, ``b = C^{-1/2}``.
+
+def _projection_and_momentum(momentum, step, seed, index, layout: TensorLayout, hp, ops, device, may_resample):
+    """``P_k`` and ``M_{t-1}`` on it: transferred from ``P_{k-1}`` where ``t`` resamples (section 4).
+
+    One tensor: ``P_{k-1}`` is generated only at a resample (``ops.cond``; traced under JAX).
+    A stack: where ``may_resample`` (some tensor of the stack may resample at this step, known to
+    the caller), ``P_k`` and ``P_{k-1}`` of every tensor come from one generator call and the
+    transfer is kept where the tensor resamples; otherwise neither is computed.
     """
-    new_state: dict[str, Any] = {}
-    beta2 = beta2_at(step, hp.decay_rate)
-    grad_sq = grad * grad
-    if layout.factored:
-        row = ops.lerp(state[EXP_AVG_SQ_ROW], ops.mean(grad_sq, axis=1) + hp.eps1, 1.0 - beta2)
-        col = ops.lerp(state[EXP_AVG_SQ_COL], ops.mean(grad_sq, axis=0) + hp.eps1, 1.0 - beta2)
-        new_state[EXP_AVG_SQ_ROW] = row
-        new_state[EXP_AVG_SQ_COL] = col
-        row_scale = ops.rsqrt(row / ops.mean(row))  # a_i
-        col_scale = ops.rsqrt(col)  # b_j;  U_ij = a_i G_ij b_j
-        return grad * row_scale[:, None] * col_scale[None, :], new_state
-    second = ops.lerp(state[EXP_AVG_SQ], grad_sq + hp.eps1, 1.0 - beta2)
-    new_state[EXP_AVG_SQ] = second
-    return grad * ops.rsqrt(second), new_state
+    rank, dim, side = layout.rank, layout.compressed_dim, layout.side
+    resample = resample_due(step, hp.kappa)
+    if batch_ndim(step) == 0:
+        projection = momentum_projection(seed, index, rank, dim, ops, device)
+
+        def transferred(c):
+            previous = momentum_projection(seed, index - 1, rank, dim, ops, device)
+            return transfer(c, previous, projection, side, ops)
+
+        return projection, ops.cond(resample, transferred, lambda c: c, momentum)
+    if not may_resample:
+        return momentum_projection(seed, index, rank, dim, ops, device), momentum
+    both = momentum_projection(seed, ops.stack([index, index - 1]), rank, dim, ops, device)
+    projection = both[0]
+    moved = transfer(momentum, both[1], projection, side, ops)
+    return projection, ops.where(per_tensor(resample, 2, ops), moved, momentum)
+
+
+def _compressed_direction(
+    normalised, momentum, step, seed, layout: TensorLayout, hp, ops, device, projection_index, may_resample, out
+):
+    """Compressed momentum (sections 3, 4, 8): ``(value, factor, new_state)``, ``D = factor value``.
+
+    ``compress(U)`` is taken first, so ``D`` may then be written over ``U`` (``out``). With
+    float32 products and ``s`` from Gram products, ``D = (1 - beta1) U + P^T (beta1 s M)`` is one
+    product added to ``U`` (``factor`` 1). Where ``H = P^T M`` is formed (bfloat16 products, or
+    ``s`` from ``H`` at a large rank, :func:`history_norm_from_history`),
+    ``D / (1 - beta1) = U + (beta1 s / (1 - beta1)) H`` is one pass over ``U``, and
+    ``factor = 1 - beta1`` goes into ``RMS(D)`` and the step.
+    """
+    beta1, side = hp.beta1, layout.side
+    axis = tensor_axes(batch_ndim(step), normalised.ndim)
+    index = constant_kappa_index(step, hp.kappa) if projection_index is None else projection_index
+    projection, momentum = _projection_and_momentum(momentum, step, seed, index, layout, hp, ops, device, may_resample)
+    precision = hp.projection_dtype
+    compressed = compress(normalised, projection, side, ops, precision)
+    from_history = history_norm_from_history(layout.rank, *layout.matrix)
+    if precision != "float32" or from_history:
+        history = decompress(momentum, projection, side, ops, precision, out=ops.buffer("history", normalised.shape))
+        if from_history:
+            ratio = norm_ratio(momentum, history, ops, axis)
+        else:
+            ratio = history_scale(momentum, projection, side, ops, axis)
+        weight = per_tensor(ratio * (beta1 / (1.0 - beta1)), 2, ops)
+        value, factor = ops.addcmul(normalised, history, weight, out=out), 1.0 - beta1
+    else:
+        ratio = history_scale(momentum, projection, side, ops, axis)
+        scaled = momentum * per_tensor(beta1 * ratio, 2, ops)
+        if side == SIDE_ROWS:
+            value = ops.add_product(normalised, ops.transpose(projection), scaled, 1.0 - beta1, out=out)
+        else:
+            value = ops.add_product(normalised, scaled, projection, 1.0 - beta1, out=out)
+        factor = None
+    new_momentum = ops.lerp(momentum, compressed, 1.0 - beta1, out=compressed)
+    return value, factor, {EXP_AVG: new_momentum}
+
+
+def momentum_update(
+    normalised,
+    momentum,
+    step,
+    seed,
+    layout: TensorLayout,
+    hp: FloraHyperParams,
+    ops: ArrayOps,
+    device=None,
+    projection_index=None,
+    *,
+    may_resample: bool = True,
+    out=None,
+):
+    """Sections 3, 4 and 8: the direction from ``U`` and ``M_{t-1}``, as ``(value, factor,
+    new_state)`` with ``D = factor * value`` (``factor`` ``None``: ``D = value``).
+
+    none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
+    ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
+    ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
+    (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
+    (the transfer stays float32); ``s`` from ``r x r`` Gram products (:func:`history_scale`), or
+    from ``H`` itself at a large rank (:func:`history_norm_from_history`).
+
+    ``out``: where ``D`` may be written (``normalised`` itself). ``may_resample`` (a stack only):
+    ``False`` when no tensor of the stack resamples at this step.
+    """
+    if layout.momentum == MOMENTUM_NONE:
+        return normalised, None, {}
+    if layout.momentum == MOMENTUM_FULL:
+        new_momentum = ops.lerp(momentum, normalised, 1.0 - hp.beta1, out=out)
+        return new_momentum, None, {EXP_AVG: new_momentum}
+    return _compressed_direction(
+        normalised, momentum, step, seed, layout, hp, ops, device, projection_index, may_resample, out
+    )
 
 
 def momentum_direction(
@@ -499,42 +664,119 @@ def momentum_direction(
     device=None,
     projection_index=None,
 ):
-    """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``.
-
-    none: ``D = U``; full: ``M_t = beta1 M_{t-1} + (1 - beta1) U``, ``D = M_t``; compressed:
-    ``P = P_k`` (momentum transferred at a resample), ``s = ||M||_F / ||P^T M||_F`` (0 when
-    ``P^T M = 0``), ``D = (1 - beta1) U + beta1 s P^T M``, ``M_t = beta1 M + (1 - beta1) P U``
-    (rows; columns: ``M P`` and ``U P^T``); ``P U`` and ``P^T M`` at ``hp.projection_dtype``
-    (the transfer stays float32); ``s`` from ``r x r`` Gram products (:func:`history_scale`), or
-    from ``H`` itself at a large rank (:func:`history_norm_from_history`).
-    Returns ``(D, new_state)`` with ``exp_avg`` when
-    there is momentum. Used by :func:`flora_update` and by the optax ``compressed_ema``.
+    """Sections 3, 4 and 8: the direction ``D`` from ``U`` and the momentum ``M_{t-1}``
+    (:func:`momentum_update`, with ``D`` formed); returns ``(D, new_state)`` with ``exp_avg`` when
+    there is momentum. Used by the optax ``compressed_ema``.
     """
-    if layout.momentum == MOMENTUM_NONE:
-        return normalised, {}
-    if layout.momentum == MOMENTUM_FULL:
-        direction = ops.lerp(momentum, normalised, 1.0 - hp.beta1)
-        return direction, {EXP_AVG: direction}
-    beta1, rank, dim, side = hp.beta1, layout.rank, layout.compressed_dim, layout.side
-    resample_index = (step - 1) // hp.kappa if projection_index is None else projection_index
-    projection = momentum_projection(seed, resample_index, rank, dim, ops, device)
+    value, factor, new_state = momentum_update(
+        normalised, momentum, step, seed, layout, hp, ops, device=device, projection_index=projection_index
+    )
+    return (value if factor is None else value * factor), new_state
 
-    def transferred(c):
-        old = momentum_projection(seed, resample_index - 1, rank, dim, ops, device)
-        return transfer(c, old, projection, side, ops)
 
-    is_resample = (step > 1) & ((step - 1) % hp.kappa == 0)
-    momentum = ops.cond(is_resample, transferred, lambda c: c, momentum)
-    precision = hp.projection_dtype
-    decompressed = decompress(momentum, projection, side, ops, precision)
-    if history_norm_from_history(rank, *layout.matrix):
-        scale = beta1 * norm_ratio(momentum, decompressed, ops)
+# ---- clipping, step, skipping (sections 7-9) ------------------------------------------------
+
+
+class Direction(NamedTuple):
+    """The step of one tensor (or of each tensor of a batch), ``p <- (1 - decay) p - scale value``
+    (docs/algorithm.md section 8): ``Delta = scale * value = eta_t D`` in the gradient's working
+    shape; ``decay`` is ``eta_t * weight_decay`` (``None`` without weight decay)."""
+
+    value: Any
+    decay: Any
+    scale: Any = 1.0
+
+
+def clipped_step(direction_rms, eta, hp: FloraHyperParams, ops: ArrayOps, factor=None):
+    """Sections 7-9: ``(scale, decay, finite)`` of the step ``p <- (1 - decay) p - scale value``.
+
+    ``D = factor value`` (``factor`` ``None``: 1) and ``direction_rms`` is ``RMS(value)`` per
+    tensor; ``scale = factor eta_t / max(1, RMS(D) / d_clip)`` (clipping), ``decay = eta_t
+    lambda`` (``None`` without weight decay), and ``finite`` is false where ``RMS(D)`` is not
+    finite (NaN/Inf in the gradient, or squares overflowing float32).
+    """
+    if factor is not None:
+        direction_rms = direction_rms * factor
+    finite = ops.isfinite(direction_rms)
+    scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
+    if factor is not None:
+        scale = scale * factor
+    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
+    return scale, decay, finite
+
+
+def rms_of_blocks(block_sums_of_squares, numel: int, ops: ArrayOps):
+    """``RMS`` of a tensor of ``numel`` elements from the sums of squares of its blocks."""
+    total = block_sums_of_squares[0]
+    for part in block_sums_of_squares[1:]:
+        total = total + part
+    return ops.sqrt(total / numel)
+
+
+def apply_direction(param, direction: Direction, ops: ArrayOps):
+    """``(1 - decay) p - scale value`` as a new array (section 8, step 5)."""
+    ndim = getattr(direction.value, "ndim", 0) - getattr(direction.scale, "ndim", 0)
+    delta = direction.value * per_tensor(direction.scale, ndim, ops)
+    if direction.decay is None:
+        return param - delta
+    return param * per_tensor(1.0 - direction.decay, ndim, ops) - delta
+
+
+def apply_direction_(targets, direction: Direction, ops: ArrayOps) -> None:
+    """:func:`apply_direction` in place (PyTorch): ``targets`` holds one array per tensor of the
+    batch (one array for a single tensor), each with the elements of its tensor's ``value``."""
+    keep = None if direction.decay is None else 1.0 - direction.decay
+    count = len(targets)
+    if not getattr(direction.scale, "ndim", 0):  # one tensor
+        values = [ops.reshape(direction.value, tuple(targets[0].shape))]
+        keeps, scales = [keep], [direction.scale]
     else:
-        scale = beta1 * history_scale(momentum, projection, side, ops)
-    history = decompressed * scale
-    direction = (1.0 - beta1) * normalised + history
-    compressed = compress(normalised, projection, side, ops, precision)
-    return direction, {EXP_AVG: ops.lerp(momentum, compressed, 1.0 - beta1)}
+        values = ops.unbind(ops.reshape(direction.value, (count, *tuple(targets[0].shape))))
+        keeps = ops.unbind(keep) if getattr(keep, "ndim", 0) else [keep] * count
+        scales = ops.unbind(direction.scale)
+    ops.update_(targets, None if keep is None else keeps, scales, values)
+
+
+def keep_if_finite(finite, new, old, ops: ArrayOps, out=None):
+    """Section 9, the one skip rule: ``new`` where the tensor's step is finite, else ``old``.
+
+    ``finite`` is the flag returned by :func:`flora_update` (0-d, or broadcastable for a stack of
+    tensors); a skipped tensor keeps its parameter and its state. ``out``: where to write.
+    """
+    return ops.where(finite, new, old, out=out)
+
+
+def keep_states_if_finite(finite, new_state, old_state, ops: ArrayOps, into=None) -> dict[str, Any]:
+    """:func:`keep_if_finite` for each array of ``new_state`` (a batch's: ``finite`` per tensor),
+    written into ``into[key]`` (by default over the new arrays)."""
+    into = new_state if into is None else into
+    return {
+        key: keep_if_finite(
+            per_tensor(finite, new.ndim - getattr(finite, "ndim", 0), ops), new, old_state[key], ops, out=into[key]
+        )
+        for key, new in new_state.items()
+    }
+
+
+def skip_non_finite(finite, new_state, old_state, update: Direction, ops: ArrayOps, into=None):
+    """Section 9 decided per tensor on the device (no host sync), for a batch: the state of a
+    tensor whose step is not finite stays ``old_state`` (:func:`keep_states_if_finite`), and its
+    step is zero: scale and decay 0, and the value's non-finite entries zeroed (``0 * NaN`` is
+    NaN), unless the value is a kept state (full momentum's ``M_t``), finite once kept.
+    Returns ``(state, update)``."""
+    kept = keep_states_if_finite(finite, new_state, old_state, ops, into)
+    aliases = [key for key, new in new_state.items() if new is update.value]
+    value = kept[aliases[0]] if aliases else ops.zero_non_finite(update.value, out=update.value)
+    decay = None if update.decay is None else ops.where(finite, update.decay, 0.0)
+    return kept, Direction(value, decay, ops.where(finite, update.scale, 0.0))
+
+
+def _update_buffer(grad, out, layout: TensorLayout, ops: ArrayOps):
+    """Where ``U`` and ``D`` go: ``out``; else, unless ``D`` becomes state, a kept buffer (if the
+    backend keeps any); else ``None`` (new arrays)."""
+    if out is not None or keeps_direction(layout):
+        return out
+    return ops.buffer("main", tuple(grad.shape))
 
 
 def flora_update(
@@ -549,8 +791,12 @@ def flora_update(
     lr=None,
     device=None,
     projection_index=None,
+    *,
+    out=None,
+    may_resample: bool = True,
 ):
-    """One Flora step for one tensor (docs/algorithm.md section 8); a pure function.
+    """One Flora step (docs/algorithm.md section 8) for one tensor, or for a stack of tensors with
+    the same layout; a pure function of its inputs (see ``out``).
 
     With ``U = G / sqrt(Vhat)`` (Adafactor's second moment, section 6, not clipped):
 
@@ -560,41 +806,53 @@ def flora_update(
       ``H = decompress(M_{t-1})``, ``s = ||M_{t-1}||_F / ||H||_F`` (0 when ``H = 0``),
       ``D = (1 - beta1) U + beta1 s H``, ``M_t = beta1 M_{t-1} + (1 - beta1) compress(U)``;
 
-    then ``D <- D / max(1, RMS(D) / d_clip)`` and ``Delta = eta_t D``; the parameter becomes
-    ``p - eta_t lambda p - Delta`` (:func:`apply_direction`). A non-finite ``RMS(D)`` skips the
-    tensor (:func:`keep_if_finite`).
+    then ``D <- D / max(1, RMS(D) / d_clip)`` and ``Delta = eta_t D`` (section 7); the parameter
+    becomes ``p - eta_t lambda p - Delta`` (:func:`apply_direction`). A non-finite ``RMS(D)`` skips
+    the tensor (section 9: :func:`keep_if_finite`, :func:`skip_non_finite`).
+
+    Batch: ``grad`` (and ``param`` and the state) may carry leading batch dimensions, ``[...,
+    *work_shape]``, with ``step``, ``seed`` and ``projection_index`` arrays of the batch's shape:
+    each tensor of the stack is stepped as it would be alone (the grouped torch step).
 
     Args:
-      grad: float32 gradient, already viewed as ``layout.work_shape``.
-      param: float32 parameter values in the same view (read only: RMS and weight decay).
+      grad: float32 gradient, viewed as ``layout.work_shape`` (after the batch dimensions).
+      param: float32 parameter values in the same view (read only: their RMS); a list of the
+        batch's tensors where the backend takes their RMS without a stack (``TorchOps``).
       state: the float state by key (see :meth:`TensorLayout.state_shapes`), before the step.
-      step: the new step number ``t >= 1`` (Python int, or a 0-d int array under JAX).
-      seed: the tensor's 32-bit seed (Python int or 0-d uint32 array).
+      step: the new step number ``t >= 1`` (Python int, or an int array: 0-d under JAX, one per
+        tensor for a stack).
+      seed: the tensor's 32-bit seed (Python int or uint32 array; a stack's as int32 bit patterns).
       lr: the current learning rate (overrides ``hp.lr``), e.g. from a scheduler.
-      projection_index: index ``k`` of the momentum projection for this step; ``None`` means
-        ``floor((step - 1) / kappa)``. A wrapper that keeps ``k`` in its state (so a ``kappa``
-        changed mid-run moves the next resample instead of jumping to another projection) passes
-        it; at a resample (``step > 1`` and ``(step - 1) % kappa == 0``) the momentum is
-        transferred from projection ``k - 1``.
+      projection_index: index ``k`` of the momentum projection for this step
+        (:func:`next_projection_index`); ``None`` means :func:`constant_kappa_index`. At a
+        resample (:func:`resample_due`) the momentum is transferred from projection ``k - 1``.
+      out: where ``U`` and ``D`` may be written (``grad`` itself when the caller's copy may be
+        overwritten); otherwise new arrays, or a buffer from ``ops.buffer`` where ``D`` does not
+        become state. Nothing is written into ``param`` or ``state``.
+      may_resample: for a stack, ``False`` when the caller knows no tensor resamples at this step.
 
     Returns:
-      ``(new_state, direction, finite)``: new arrays (nothing is written into ``grad``,
-      ``param`` or ``state``), the :class:`Direction` and a 0-d boolean array that is false when
-      ``RMS(D)`` is not finite (NaN/Inf in the gradient, or squares overflowing float32).
-      Wrappers then keep the old parameter and state (section 9).
+      ``(new_state, direction, finite)``: the new state arrays, the :class:`Direction` and a
+      boolean (per tensor) that is false where ``RMS(D)`` is not finite. Wrappers then keep the
+      old parameter and state (section 9).
     """
-    new_state: dict[str, Any] = {}
-    eta = step_size(step, param, hp, ops, lr=lr)
-    normalised, second_state = normalised_update(grad, state, step, layout, hp, ops)
-    new_state.update(second_state)
-    direction, momentum_state = momentum_direction(
-        normalised, state.get(EXP_AVG), step, seed, layout, hp, ops, device=device, projection_index=projection_index
+    axis = tensor_axes(batch_ndim(step), grad.ndim)
+    eta = step_size(step, param, hp, ops, lr=lr, axis=axis)
+    target = _update_buffer(grad, out, layout, ops)
+    normalised, new_state = normalised_update(grad, state, step, layout, hp, ops, out=target)
+    value, factor, momentum_state = momentum_update(
+        normalised,
+        state.get(EXP_AVG),
+        step,
+        seed,
+        layout,
+        hp,
+        ops,
+        device,
+        projection_index,
+        may_resample=may_resample,
+        out=normalised,
     )
     new_state.update(momentum_state)
-
-    # Update clipping on the combined direction (section 7), step size, weight decay.
-    direction_rms = ops.rms(direction)
-    finite = ops.isfinite(direction_rms)  # NaN/Inf anywhere in G makes RMS(D) non-finite
-    scale = eta / ops.clip_min(direction_rms / hp.clip_threshold, 1.0)
-    decay = eta * hp.weight_decay if hp.weight_decay != 0 else None
-    return new_state, Direction(direction * scale, decay), finite
+    scale, decay, finite = clipped_step(ops.rms(value, axis), eta, hp, ops, factor)
+    return new_state, Direction(value, decay, scale), finite

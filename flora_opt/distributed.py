@@ -172,7 +172,8 @@ class DTensorOps(TorchOps):
 
     The core works on ``DTensor`` objects, so its reductions are global; this backend only
     (a) computes functionally where ``TorchOps`` writes into temporaries (``out=`` is not
-    defined for ``DTensor`` operands), (b) keeps a product with a row-sharded left operand
+    defined for ``DTensor`` operands; the row and column sums of squares are plain reductions,
+    not blocks of rows), (b) keeps a product with a row-sharded left operand
     row-sharded (:meth:`matmul`: the compressed-size right operand is replicated), so no
     ``m x n`` matrix is ever reduced or gathered, and (c) places the momentum projection
     (:meth:`shard_projection`): on the rows side ``P`` (``r x m``) is ``Shard(1)``, each rank
@@ -181,6 +182,7 @@ class DTensorOps(TorchOps):
     """
 
     name = "torch-dtensor"
+    in_place = False
 
     def __init__(self, mesh, row_sharded: bool, layout: TensorLayout):
         super().__init__()
@@ -195,7 +197,11 @@ class DTensorOps(TorchOps):
             return x.sum() / max(x.numel(), 1)
         return x.sum(dim=axis) / x.shape[axis]
 
-    def matmul(self, a, b):
+    def sums_of_squares(self, x, scratch=None):
+        squares = x * x
+        return squares.sum(dim=-1), squares.sum(dim=-2)
+
+    def matmul(self, a, b, out=None):
         # A row-sharded left operand (G, P^T, an (m, r) momentum) keeps the product row-sharded:
         # the right operand (r x n, n x r, r x r or a vector: compressed size) is replicated
         # first. Left to itself, DTensor may instead reshard the left operand and return a

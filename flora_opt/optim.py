@@ -42,11 +42,10 @@ import torch
 
 from . import core, distributed
 from . import quantization as q
-from .core import EXP_AVG, EXP_AVG_SQ, FloraHyperParams, TensorLayout
+from .core import FloraHyperParams, TensorLayout
 from .distributed import is_dtensor
-from .engine import Engine
+from .engine import PROJECTION, Engine, read_state, write_state
 from .engine import chunks as engine_chunks
-from .engine import implements as engine_implements
 from .hyperparams import (
     DEFAULTS,
     LAYOUT_OPTIONS,
@@ -57,17 +56,10 @@ from .hyperparams import (
 )
 from .ops import get_ops
 from .projection import tensor_seed
-from .statebytes import is_quantized
+from .statebytes import ABSMAX_SUFFIX, CODES_SUFFIX, is_quantized_state
 
 __all__ = ["Flora"]
 
-_SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}
-CODES_SUFFIX = "_codes"
-ABSMAX_SUFFIX = "_absmax"
-# "projection" (compressed momentum only): index k of the momentum projection in use
-# (docs/algorithm.md section 4). It advances by one at each resample, so a kappa changed mid-run
-# moves the next resample and never jumps to an unrelated projection.
-PROJECTION = "projection"
 # Top-level key of Flora.state_dict(); checkpoints of format 1 (before the key and the
 # projection index existed) are recognised by their per-parameter keys: they always hold
 # "skipped_steps", which the reference flora-opt 0.0.3's state lacks.
@@ -81,7 +73,7 @@ def _expected_state(layout: TensorLayout, quantization: bool, sharded: bool) -> 
     since every step checks every tensor's state against it)."""
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for key, shape in layout.state_shapes().items():
-        if Flora._quantized(layout, key, quantization):
+        if is_quantized_state(layout, key, quantization):
             blocks = q.num_blocks(math.prod(shape))
             # DTensor (FSDP2) codes keep the state's shape, so they shard like it (distributed.py)
             codes_shape = tuple(shape) if sharded else (blocks * q.BLOCK_SIZE,)
@@ -103,14 +95,6 @@ def _is_symbolic(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - very old torch
         return False
     return is_fake(tensor)
-
-
-def _apply_direction(target: torch.Tensor, direction: core.Direction) -> None:
-    """``target <- target - decay * target - Delta`` in place, in ``target``'s dtype (section 8):
-    the in-place form of :func:`flora_opt.core.apply_direction` (tested equal to it)."""
-    if direction.decay is not None:
-        target.mul_(1.0 - direction.decay)
-    target.sub_(direction.value.to(target.dtype))
 
 
 class Flora(torch.optim.Optimizer):
@@ -264,6 +248,7 @@ class Flora(torch.optim.Optimizer):
         validate_group(defaults, lr_optional=True)  # every group's lr is checked by add_param_group
         normalize_group(defaults)
         self._layout_cache: dict[tuple, TensorLayout] = {}
+        self._record_cache: dict[int, tuple[tuple, FloraHyperParams]] = {}  # see _records
         # parameter -> (group index, index in the group, position in the flattened groups)
         self._positions: dict[torch.Tensor, tuple[int, int, int]] = {}
         self._engine = Engine(self)
@@ -309,6 +294,7 @@ class Flora(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layout_cache = {}
+        self._record_cache = {}
         self._engine = Engine(self)
         for group in self.param_groups:
             for key, value in DEFAULTS.items():
@@ -366,10 +352,6 @@ class Flora(torch.optim.Optimizer):
             self._layout_cache[key] = layout
         return layout
 
-    @staticmethod
-    def _quantized(layout: TensorLayout, key: str, quantization: bool) -> bool:
-        return is_quantized(key, math.prod(layout.state_shapes()[key]), quantization)
-
     @torch.compiler.disable
     def _init_state(self, param: torch.Tensor, layout: TensorLayout, group: dict[str, Any], index: int) -> dict:
         message = core.unstable_transfer_message(layout, from_group(group))
@@ -382,7 +364,7 @@ class Flora(torch.optim.Optimizer):
         if layout.momentum == core.MOMENTUM_COMPRESSED:
             state[PROJECTION] = 0
         for key, shape in layout.state_shapes().items():
-            if self._quantized(layout, key, group["quantization"]):
+            if is_quantized_state(layout, key, group["quantization"]):
                 if is_dtensor(param):
                     codes, absmax = distributed.quantized_zeros(param, layout, key, shape)
                 else:
@@ -395,30 +377,13 @@ class Flora(torch.optim.Optimizer):
                 state[key] = torch.zeros(shape, dtype=torch.float32, device=param.device)
         return state
 
-    def _read_state(self, state, layout: TensorLayout, quantization: bool) -> dict[str, torch.Tensor]:
-        values = {}
-        for key, shape in layout.state_shapes().items():
-            if self._quantized(layout, key, quantization):
-                codes, absmax = state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]
-                if is_dtensor(codes):
-                    values[key] = distributed.dequantize_state(codes, absmax, _SIGNED[key])
-                else:
-                    values[key] = q.dequantize(codes, absmax, shape, _SIGNED[key])
-            else:
-                values[key] = state[key]
-        return values
-
-    def _write_state(self, state, new_values: dict[str, torch.Tensor], layout: TensorLayout, quantization: bool):
-        for key, value in new_values.items():
-            if self._quantized(layout, key, quantization):
-                # written into the existing buffers: no second copy of the codes
-                codes, absmax = state[key + CODES_SUFFIX], state[key + ABSMAX_SUFFIX]
-                if is_dtensor(codes):
-                    distributed.quantize_state(value, codes, absmax, _SIGNED[key])
-                else:
-                    q.quantize(value, _SIGNED[key], out=(codes, absmax))
-            else:
-                state[key] = value
+    @torch.compiler.disable
+    def _init_states(self, entries: list[tuple]) -> None:
+        """:meth:`_init_state` for the grouped step's parameters that have no state yet, in one call
+        (under ``torch.compile``, one graph break at the first step only)."""
+        for param, group_index, _, layout, position in entries:
+            if "step" not in self.state[param]:
+                self._init_state(param, layout, self.param_groups[group_index], position)
 
     def state_bytes(self) -> int:
         """Bytes of all tensors held in the optimizer state (exact)."""
@@ -447,36 +412,57 @@ class Flora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        bucket_groups: dict[tuple, tuple[dict, FloraHyperParams, TensorLayout]] = {}
+        records = self._records()
+        entries = []  # (param, group index, record, layout, position) of the grouped step
         index = 0
         for group_index, group in enumerate(self.param_groups):
-            hp = None
+            hp = records[group_index]
             grouped = group.get("foreach") is not False
             for param in group["params"]:
                 position = index
                 index += 1
                 if param.grad is None:
                     continue
-                if hp is None:
-                    hp = from_group(group)
-                    grouped = grouped and engine_implements(hp)
                 if not grouped or not self._groupable(param, param.grad):
                     self._update_param(param, param.grad, group, hp, position)
                     continue
-                layout = self._layout(param, hp)
-                state = self.state[param]
-                if "step" not in state:
-                    state = self._init_state(param, layout, group, position)
-                self._check_state(param, state, layout, group["quantization"], position)
-                key = (group_index, layout, param.dtype, param.grad.dtype, param.device)
-                buckets.setdefault(key, []).append(param)
-                bucket_groups[key] = (group, hp, layout)
+                entries.append((param, group_index, hp, self._layout(param, hp), position))
+        if any("step" not in self.state[entry[0]] for entry in entries):
+            self._init_states(entries)
+        # bucket key: (group, layout, dtypes, device); one engine step per stack of a bucket
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        bucket_groups: dict[tuple, tuple[dict, FloraHyperParams, TensorLayout]] = {}
+        for param, group_index, hp, layout, position in entries:
+            group = self.param_groups[group_index]
+            self._check_state(param, self.state[param], layout, group["quantization"], position)
+            key = (group_index, layout, param.dtype, param.grad.dtype, param.device)
+            buckets.setdefault(key, []).append(param)
+            bucket_groups[key] = (group, hp, layout)
+        advanced = []
         for key, params in buckets.items():
             group, hp, layout = bucket_groups[key]
             for stack in engine_chunks(params):
                 self._engine.step_bucket(stack, group, hp, layout)
+            advanced.append((params, hp.kappa, layout.momentum == core.MOMENTUM_COMPRESSED))
+        if advanced:
+            self._engine.finish_step(advanced)
         return loss
+
+    @torch.compiler.disable
+    def _records(self) -> list[FloraHyperParams]:
+        """The record of each param group (``hyperparams.from_group``), the same object while the
+        group's options are unchanged (a scheduler's ``lr`` makes a new one). Built outside any
+        ``torch.compile`` graph (one graph break at the top of the step, not one per group), and
+        kept, so that a compiled step's guards on it hold from step to step."""
+        records = []
+        for index, group in enumerate(self.param_groups):
+            values = tuple(group[key] for key in DEFAULTS)
+            cached = self._record_cache.get(index)
+            if cached is None or cached[0] != values:
+                cached = (values, from_group(group))
+                self._record_cache[index] = cached
+            records.append(cached[1])
+        return records
 
     @staticmethod
     def _groupable(param: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -545,17 +531,15 @@ class Flora(torch.optim.Optimizer):
         in_place = param.dtype == torch.float32 and param.is_contiguous()
         param32 = param.view(work_shape) if in_place else param.to(torch.float32).reshape(work_shape)
         step = state["step"] + 1
-        # the projection index advances by one at each resample (section 4); with a constant
-        # kappa it equals floor((step - 1) / kappa)
-        previous = state.get(PROJECTION)
-        if previous is None:
-            previous = max(step - 2, 0) // hp.kappa
-        projection_index = previous + 1 if step > 1 and (step - 1) % hp.kappa == 0 else previous
+        compressed = layout.momentum == core.MOMENTUM_COMPRESSED
+        projection_index = core.next_projection_index(state[PROJECTION], step, hp.kappa) if compressed else None
+        shapes = layout.state_shapes()
+        quantized = {key: is_quantized_state(layout, key, group["quantization"]) for key in shapes}
         lr = group["lr"]
         new_values, direction, finite = core.flora_update(
             grad32,
             param32,
-            self._read_state(state, layout, group["quantization"]),
+            {key: read_state([state], key, shape, quantized[key]) for key, shape in shapes.items()},
             step,
             state["seed"],
             layout,
@@ -575,14 +559,15 @@ class Flora(torch.optim.Optimizer):
             )
             return
         state["step"] = step
-        if layout.momentum == core.MOMENTUM_COMPRESSED:
+        if compressed:
             state[PROJECTION] = projection_index
         if is_dtensor(param):
             new_values = distributed.place_state(param, layout, new_values)
-        self._write_state(state, new_values, layout, group["quantization"])
+        for key, value in new_values.items():
+            write_state([state], key, value, quantized[key])
         if in_place or param.dtype != torch.float64:
             # float32, or bf16/fp16: applied in float32, then rounded once to the parameter dtype
-            _apply_direction(param32, direction)
+            core.apply_direction_([param32], direction, ops)
             if not in_place:
                 param.copy_(param32.view(param.shape))
             return
@@ -590,7 +575,7 @@ class Flora(torch.optim.Optimizer):
         # keeps its precision (lr=0 leaves it bit-identical)
         del param32
         target = param.view(work_shape) if param.is_contiguous() else param.reshape(work_shape).clone()
-        _apply_direction(target, direction)
+        core.apply_direction_([target], direction, ops)
         if not param.is_contiguous():
             param.copy_(target.view(param.shape))
 
@@ -711,7 +696,7 @@ class Flora(torch.optim.Optimizer):
             }
             compressed = core.tensor_layout(param.shape, hp).momentum == core.MOMENTUM_COMPRESSED
             if compressed and PROJECTION not in entry:  # format 1: it was floor((step - 1) / kappa)
-                entry[PROJECTION] = max(entry["step"] - 1, 0) // hp.kappa
+                entry[PROJECTION] = core.constant_kappa_index(entry["step"], hp.kappa)
             state[param] = entry
         for key, value in saved_state.items():  # state of no parameter is kept as it is, as torch.optim does
             if key not in loaded_ids:

@@ -61,7 +61,6 @@ __all__ = [
     "STREAM_CONSENSUS",
     "STREAM_MOMENTUM",
     "gaussian_projection",
-    "gaussian_projections",
     "mix32_int",
     "projection_key",
     "stream_key",
@@ -92,7 +91,8 @@ def stream_key(seed: int, stream: int, index: int) -> int:
 
 
 def projection_key(seed, stream: int, index, ops: ArrayOps | None = None):
-    """:func:`stream_key` for Python ints, or for 0-d integer arrays (e.g. traced JAX steps)."""
+    """:func:`stream_key` for Python ints, or for integer arrays (traced JAX steps; the vectors of
+    seeds and indices of a bucket, which broadcast against each other), elementwise."""
     if isinstance(seed, int) and isinstance(index, int):
         return stream_key(seed, stream, index)
     stream_mix = mix32_int((GOLDEN * (stream + 1)) & MASK32)
@@ -105,12 +105,15 @@ def _mix32_array(x, ops: ArrayOps):
     return ops.mix32(x, MIX_MUL_1, MIX_MUL_2)
 
 
-def gaussian_projection(key: int, rank: int, dim: int, ops: ArrayOps, device=None):
-    """The (rank, dim) float32 projection for ``key``; entries i.i.d. N(0, 1/rank).
+def gaussian_projection(key, rank: int, dim: int, ops: ArrayOps, device=None):
+    """The ``(rank, dim)`` float32 projection of ``key``; entries i.i.d. N(0, 1/rank).
 
-    ``key`` comes from :func:`stream_key` (a Python int) or :func:`projection_key` (which may
-    return a 0-d array). Both Box-Muller outputs are used, so each
-    pair of uniforms yields two matrix entries.
+    ``key`` comes from :func:`stream_key` (a Python int) or :func:`projection_key` (an integer
+    array). An array of keys of shape ``(...)`` gives a stack ``(..., rank, dim)``, one projection
+    per key, in one call: the grouped step generates a bucket's projections from its vectors of
+    seeds and indices, and every projection, single or stacked, is this computation (the counter
+    restarts at 0 for every key). Both Box-Muller outputs are used, so each pair of uniforms
+    yields two matrix entries.
     """
     if rank < 1 or dim < 1:
         raise ValueError(f"projection shape must be positive, got ({rank}, {dim})")
@@ -118,37 +121,18 @@ def gaussian_projection(key: int, rank: int, dim: int, ops: ArrayOps, device=Non
     if numel > 2**32:
         raise ValueError(f"projection of {numel} elements exceeds the 2^32 counter range")
     if isinstance(key, int):
-        key &= MASK32
-        key2 = mix32_int(key ^ GOLDEN)
+        batch = ()
+        word = key & MASK32
+        key2 = mix32_int(word ^ GOLDEN)
     else:
-        key2 = _mix32_array(ops.u32_xor(key, GOLDEN), ops)
+        batch = tuple(key.shape)
+        word = ops.reshape(key, (*batch, 1))  # one row of counters per key
+        key2 = _mix32_array(ops.u32_xor(word, GOLDEN), ops)
     pairs = (numel + 1) // 2
     counter = ops.u32_arange(2 * pairs, device)
-    bits = _mix32_array(ops.u32_xor(_mix32_array(ops.u32_add(counter, key), ops), key2), ops)
+    bits = _mix32_array(ops.u32_xor(_mix32_array(ops.u32_add(counter, word), ops), key2), ops)
     uniform = ops.u32_to_unit_float(ops.u32_shr(bits, 9))  # (2 (b >> 9) + 1) * 2^-24
-    values = ops.box_muller(uniform, 1.0 / math.sqrt(rank))
+    values = ops.reshape(ops.box_muller(uniform, 1.0 / math.sqrt(rank)), (*batch, 2 * pairs))
     if 2 * pairs != numel:
-        values = values[:numel]
-    return ops.reshape(values, (rank, dim))
-
-
-def gaussian_projections(keys, rank: int, dim: int, ops: ArrayOps, device=None):
-    """A stack of projections, ``(T, rank, dim)``, one per key of the 1-d integer array ``keys``
-    (from :func:`projection_key` on arrays of seeds and indices), in one call.
-
-    Row ``i`` is :func:`gaussian_projection` of ``keys[i]``: the same integers, element for
-    element (the counter restarts at 0 for every key), then the same Box-Muller.
-    """
-    if rank < 1 or dim < 1:
-        raise ValueError(f"projection shape must be positive, got ({rank}, {dim})")
-    numel = rank * dim
-    pairs = (numel + 1) // 2
-    keys = ops.reshape(keys, (-1, 1))
-    key2 = _mix32_array(ops.u32_xor(keys, GOLDEN), ops)
-    counter = ops.u32_arange(2 * pairs, device)
-    bits = _mix32_array(ops.u32_xor(_mix32_array(ops.u32_add(counter[None, :], keys), ops), key2), ops)
-    uniform = ops.u32_to_unit_float(ops.u32_shr(bits, 9))
-    values = ops.reshape(ops.box_muller(uniform, 1.0 / math.sqrt(rank)), (-1, 2 * pairs))
-    if 2 * pairs != numel:
-        values = values[:, :numel]
-    return ops.reshape(values, (-1, rank, dim))
+        values = values[..., :numel]
+    return ops.reshape(values, (*batch, rank, dim))

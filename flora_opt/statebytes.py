@@ -18,10 +18,13 @@ import math
 from .core import EXP_AVG, EXP_AVG_SQ, TensorLayout
 
 __all__ = [
+    "ABSMAX_SUFFIX",
     "BLOCK_SIZE",
+    "CODES_SUFFIX",
     "MIN_QUANTIZED_NUMEL",
     "QUANTIZABLE_KEYS",
     "is_quantized",
+    "is_quantized_state",
     "num_blocks",
     "quantized_nbytes",
     "state_bytes",
@@ -32,11 +35,19 @@ BLOCK_SIZE = 256
 MIN_QUANTIZED_NUMEL = 4096
 #: State keys that ``quantization=True`` stores in 8 bits, with whether their code is signed.
 QUANTIZABLE_KEYS = {EXP_AVG: True, EXP_AVG_SQ: False}
+#: An 8-bit state ``key`` is kept as ``key + CODES_SUFFIX`` (uint8) and ``key + ABSMAX_SUFFIX`` (float32).
+CODES_SUFFIX = "_codes"
+ABSMAX_SUFFIX = "_absmax"
 
 
 def is_quantized(key: str, numel: int, quantization: bool) -> bool:
     """Whether the state ``key`` of ``numel`` elements is stored in 8 bits."""
     return bool(quantization) and key in QUANTIZABLE_KEYS and numel >= MIN_QUANTIZED_NUMEL
+
+
+def is_quantized_state(layout: TensorLayout, key: str, quantization: bool) -> bool:
+    """Whether state ``key`` of a tensor with ``layout`` is stored in 8 bits (:func:`is_quantized`)."""
+    return is_quantized(key, math.prod(layout.state_shapes()[key]), quantization)
 
 
 def num_blocks(numel: int) -> int:

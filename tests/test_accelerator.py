@@ -214,7 +214,7 @@ def test_incompatible_usage_fails_clearly():
     assert math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), 1.0)))
 
 
-# ---- issue 10 items 2 and 3: loops whose cycle layer-wise updates cannot follow ---------------
+# ---- loops whose cycle layer-wise updates cannot follow -------------------------------------
 
 
 @pytest.mark.parametrize("retain_graph", [False, True])

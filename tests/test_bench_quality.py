@@ -1,4 +1,4 @@
-"""``benchmarks/run.py quality``: the set-up issue 13 asks for, the Pareto and target logic, the
+"""``benchmarks/run.py quality``: its set-up, the Pareto and target logic, the
 run queue's priorities, and the state-bytes formula the report checks against the counted bytes."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The grouped, sync-free step (flora_opt/engine.py) against the per-tensor reference path.
 
-Tolerance: the grouped step computes the same float32 formulas as ``core.flora_update`` but its
+Tolerance: the grouped step calls the same core (``core.flora_update`` on a stack) but its
 batched reductions (row/column sums of squares in blocks, ``RMS`` over a stack or its blocks, ``bmm``) sum
 in another order, so results differ by float32 rounding: measured <= 3e-7 relative on states and
 <= 1e-7 on parameters over 9 steps; the tests allow 1e-5 relative. Projections and the integer
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import flora_opt  # noqa: E402
 from flora_opt import core  # noqa: E402
 from flora_opt.ops import get_ops  # noqa: E402
-from flora_opt.projection import gaussian_projection, gaussian_projections, projection_key, stream_key  # noqa: E402
+from flora_opt.projection import gaussian_projection, projection_key, stream_key  # noqa: E402
 
 SHAPES = [(64, 48), (64, 48), (48, 64), (48, 64), (30,), (8, 6, 5), (), (200, 40), (40, 300), (16, 16), (0, 4)]
 
@@ -127,22 +127,26 @@ def test_non_finite_gradient_with_full_momentum_skips_only_that_tensor(options):
     _assert_non_finite_step_skips_only_that_tensor(options)
 
 
-@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3), (40, 3, 2)])
+@pytest.mark.parametrize("shape", [(3, 100, 7), (2, 9, 1), (1, 1, 5), (2, 0, 3), (40, 3, 2), (1, 100, 7)])
 def test_sums_of_squares_in_row_blocks(monkeypatch, shape):
-    from flora_opt import engine
+    """TorchOps.sums_of_squares squares blocks of rows (the last one short): a stack of several
+    matrices in at most MAX_SQUARE_BLOCKS blocks, one matrix in blocks of about SQUARE_BLOCK."""
+    from flora_opt import ops
 
-    monkeypatch.setattr(engine, "SQUARE_BLOCK", 40)  # large: blocks of 1-13 rows (the last one short)
-    monkeypatch.setattr(engine, "LARGE_TENSOR", 50)  # (2, 9, 1), (40, 3, 2): small, m / 8 rows per block
+    monkeypatch.setattr(ops, "SQUARE_BLOCK", 40)  # blocks of 1-13 rows
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    rows, cols = engine._sums_of_squares(G)
+    rows, cols = ops.TorchOps().sums_of_squares(G)
     torch.testing.assert_close(rows, G.square().sum(dim=2), rtol=1e-6, atol=0)
     torch.testing.assert_close(cols, G.square().sum(dim=1), rtol=1e-6, atol=0)
+    count, m, n = shape
+    rows = ops.square_block_rows(shape)
+    assert -(-m // rows) <= ops.MAX_SQUARE_BLOCKS if count > 1 else (rows - 1) * n < 40
 
 
 def test_grouped_step_with_row_blocked_statistics_equals_per_tensor_path(monkeypatch):
-    from flora_opt import engine
+    from flora_opt import ops
 
-    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # several row blocks for every factored stack
+    monkeypatch.setattr(ops, "SQUARE_BLOCK", 500)  # several row blocks for every factored stack
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grouped, opt_grouped = _run(True, options)
     reference, opt_reference = _run(False, options)
@@ -160,13 +164,14 @@ def test_previous_projection_only_when_a_resample_can_happen(monkeypatch, read_c
 
     monkeypatch.setattr(engine, "READ_CPU_COUNTERS", read_counters)
     calls = []
-    original = engine.Engine._compressed
+    original = core.gaussian_projection
 
-    def spy(self, *args, **kwargs):
-        calls.append(args[-1] if len(args) > 7 else kwargs.get("may_resample", True))
-        return original(self, *args, **kwargs)
+    def spy(key, *args, **kwargs):
+        if isinstance(key, torch.Tensor) and key.ndim:  # a bucket's keys: (2, T) with the previous ones
+            calls.append(key.ndim == 2)
+        return original(key, *args, **kwargs)
 
-    monkeypatch.setattr(engine.Engine, "_compressed", spy)
+    monkeypatch.setattr(core, "gaussian_projection", spy)
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grouped, opt_grouped = _run(True, options, steps=9, poison=(2, 1))
     reference, opt_reference = _run(False, options, steps=9, poison=(2, 1))
@@ -197,66 +202,42 @@ def test_large_tensors_are_stepped_in_small_stacks_with_the_same_results(monkeyp
     ids=["full", "full,wd", "none", "compressed+full"],
 )
 def test_streamed_large_matrices_equal_per_tensor_path(monkeypatch, options):
-    """A matrix of more than STACK_ELEMENTS elements without compressed momentum is streamed in
+    """A matrix of more than STREAM_ELEMENTS elements without compressed momentum is streamed in
     blocks of rows (no full-size buffer; the momentum updated in place): same results as the
     per-tensor path, a NaN skips only that tensor and leaves its parameter bit-unchanged."""
-    from flora_opt import engine
+    from flora_opt import engine, ops
 
     monkeypatch.setattr(engine, "LARGE_TENSOR", 1000)
     monkeypatch.setattr(engine, "STACK_ELEMENTS", 2000)  # (64, 48), (200, 40), (40, 300): one per stack
-    monkeypatch.setattr(engine, "SQUARE_BLOCK", 500)  # blocks of a few rows, the last one short
+    monkeypatch.setattr(engine, "STREAM_ELEMENTS", 2000)  # and streamed without compressed momentum
+    monkeypatch.setattr(ops, "SQUARE_BLOCK", 500)  # blocks of a few rows, the last one short
     streamed = []
-    original = engine._block_direction
+    original = engine.Engine._step_streamed
 
-    def spy(*args):
-        streamed.append(tuple(args[0].shape))
-        return original(*args)
+    def spy(self, stack, *args):
+        streamed.append(tuple(stack.params[0].shape))
+        return original(self, stack, *args)
 
-    monkeypatch.setattr(engine, "_block_direction", spy)
+    monkeypatch.setattr(engine.Engine, "_step_streamed", spy)
     _assert_non_finite_step_skips_only_that_tensor(dict(options, min_dim_size_to_factor=8))
     assert (200, 40) in streamed  # full momentum (aspect ratio 5) or none
 
 
-def test_stack_of_small_tensors_in_parts_equals_per_tensor_path(monkeypatch):
-    """A stack of small tensors with compressed momentum keeps G, U and D in parts of about
-    PART_ELEMENTS elements (engine._parts); results still equal the per-tensor path, with a
-    skip and resamples."""
-    from flora_opt import engine
-
-    monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)  # (64, 48) x2 and (48, 64) x2: 2 parts each
-    assert engine._parts(5, 1000) == [(0, 3), (3, 5)]
-    seen = []
-    original = engine._parts
-    monkeypatch.setattr(engine, "_parts", lambda count, numel: seen.append(original(count, numel)) or seen[-1])
-    options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
-    grouped, opt_grouped = _run(True, options, poison=(2, 1))
-    reference, opt_reference = _run(False, options, poison=(2, 1))
-    _assert_same(grouped, opt_grouped, reference, opt_reference)
-    assert [(0, 1), (1, 2)] in seen
-
-
-@pytest.mark.parametrize("parts", [False, True])
-def test_history_norm_from_the_history_equals_per_tensor_path(monkeypatch, parts):
+def test_history_norm_from_the_history_equals_per_tensor_path(monkeypatch):
     """At a large rank ``s`` comes from the formed history's norm instead of Gram products
     (core.history_norm_from_history; forced here at rank 8): the grouped step still equals the
-    per-tensor path, both sides, across resamples and a skipped step, with and without parts,
-    and both equal the Gram form up to float32 rounding."""
-    from flora_opt import core, engine
-
+    per-tensor path, both sides, across resamples and a skipped step, and both equal the Gram
+    form up to float32 rounding."""
     options = dict(rank=8, kappa=3, min_dim_size_to_factor=8)
     grams, _ = _run(False, options, poison=(2, 1))
     monkeypatch.setattr(core, "HISTORY_NORM_RATIO", 0)
-    if parts:
-        monkeypatch.setattr(engine, "PART_ELEMENTS", 3000)
-    ratios = []
-    original = engine.Engine._formed_history
-    monkeypatch.setattr(
-        engine.Engine, "_formed_history", lambda self, *args: ratios.append(args[-1]) or original(self, *args)
-    )
+    stacks = []
+    original = core.norm_ratio
+    monkeypatch.setattr(core, "norm_ratio", lambda m, h, *args: stacks.append(m.ndim == 3) or original(m, h, *args))
     grouped, opt_grouped = _run(True, options, poison=(2, 1))
     reference, opt_reference = _run(False, options, poison=(2, 1))
     _assert_same(grouped, opt_grouped, reference, opt_reference)
-    assert ratios and all(ratio is None for ratio in ratios)  # taken, with s from the history
+    assert True in stacks and False in stacks  # taken by the grouped and the per-tensor path
     for a, b in zip(reference, grams):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -284,22 +265,25 @@ def test_batched_projections_equal_single_ones_bit_for_bit(rank, dim):
     indices = [0, 3, 7, 1000]
     signed = torch.tensor([s - 2**32 if s >= 2**31 else s for s in seeds], dtype=torch.int32)
     keys = projection_key(signed, 0, torch.tensor(indices, dtype=torch.int32), ops)
-    batch = gaussian_projections(keys, rank, dim, ops)
+    batch = gaussian_projection(keys, rank, dim, ops)
     for i, (seed, index) in enumerate(zip(seeds, indices)):
         single = gaussian_projection(stream_key(seed, 0, index), rank, dim, ops)
         assert torch.equal(batch[i], single)
 
 
-def test_apply_direction_in_place_equals_core():
-    from flora_opt.optim import _apply_direction
-
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["one", "stack"])
+def test_apply_direction_in_place_equals_core(batch):
+    """core.apply_direction_ (in place: the torch paths) rounds as core.apply_direction does."""
     ops = get_ops("torch")
-    param = torch.randn(30, 20)
-    direction = core.Direction(torch.randn(30, 20) * 1e-3, torch.tensor(1e-4))
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn((*batch, 30, 20), generator=gen)
+    direction = core.Direction(
+        torch.randn((*batch, 30, 20), generator=gen), torch.full(batch, 1e-4), torch.full(batch, 1e-3)
+    )
     expected = core.apply_direction(param, direction, ops)
     target = param.clone()
-    _apply_direction(target, direction)
-    assert torch.equal(target, expected)
+    core.apply_direction_(list(target.unbind(0)) if batch else [target], direction, ops)
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-7)
 
 
 # ---- structure: dispatched ops and host syncs ----------------------------------------------
@@ -445,6 +429,47 @@ def test_compiled_step_has_no_recompiles_across_resamples_and_matches_eager():
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert opt.state[params[1]]["skipped_steps"] == 1 and opt.state[params[1]]["step"] == 6
+
+
+def test_compiled_step_with_more_shapes_than_the_recompile_limit_matches_eager():
+    """A model with more distinct shapes (buckets) than dynamo's recompile limit: the compiled
+    step traces every bucket in one frame (the per-bucket step has no graph break, and the host
+    integers advance once per step outside the graph), so it compiles a few graphs whatever the
+    number of shapes, never recompiles a bucket (exceeding the limit is an error here), and
+    matches the eager step."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    # 12 layouts: compressed rows and cols, full momentum (rank >= min dim), vectors
+    shapes = [(6 + i, 10) for i in range(5)] + [(10, 6 + i) for i in range(4)] + [(3, 7), (9,), (4,)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    options = dict(lr=1e-2, rank=4, kappa=2, min_dim_size_to_factor=4)
+    opt, eager = flora_opt.Flora(params, **options), flora_opt.Flora(eager_params, **options)
+    for p, q in zip(params, eager_params):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    torch._dynamo.reset()
+    counts = []
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        warnings.simplefilter("ignore")
+        step = torch.compile(opt.step, backend=backend)
+        for _ in range(4):
+            for p, q in zip(params, eager_params):
+                new = torch.randn(p.shape, generator=gen)
+                p.grad.copy_(new)
+                q.grad.copy_(new)
+            step()
+            eager.step()
+            counts.append(len(graphs))
+    torch._dynamo.reset()
+    assert len({layout for layout in opt._layout_cache.values()}) > 8
+    assert counts[1] <= 8 and counts[1:] == [counts[1]] * 3, counts
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_8bit_grouped_step_has_no_host_sync_and_constant_op_count():

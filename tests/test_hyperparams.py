@@ -190,7 +190,7 @@ _SCRIPT = textwrap.dedent("""
     import flora_opt
     assert flora_opt.__file__.startswith(sys.argv[1]), flora_opt.__file__
     import torch
-    from flora_opt import Flora, core, engine
+    from flora_opt import Flora, core
 
     def raises(call, text):
         try:
@@ -206,19 +206,17 @@ _SCRIPT = textwrap.dedent("""
     raises(lambda: Flora([p], lr=0.1, zeta=-1.0), "Invalid zeta: -1.0: must be a finite float > 0")
     raises(lambda: Flora([p], lr=0.1).add_param_group({"params": [torch.ones(2)], "zeta": 0}), "Invalid zeta: 0")
 
-    # ... that reaches the record of core.flora_update (per tensor) and of the engine, per group
+    # ... that reaches the record of core.flora_update, per group, in both torch paths: per tensor
+    # (a gradient (4, 4)) and grouped (a stack (1, 4, 4))
     seen = []
-    flora_update, step_bucket = core.flora_update, engine.Engine.step_bucket
-    core.flora_update = lambda *a, **k: (seen.append(("core", a[6].zeta)), flora_update(*a, **k))[1]
-    engine.Engine.step_bucket = lambda self, ps, g, hp, lay: (seen.append(("engine", hp.zeta)),
-                                                              step_bucket(self, ps, g, hp, lay))[1]
-    # (the grouped engine does not implement zeta: a group that sets it takes the per-tensor path)
+    flora_update = core.flora_update
+    core.flora_update = lambda *a, **k: (seen.append((a[0].ndim, a[6].zeta)), flora_update(*a, **k))[1]
     q, r = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4, 4))
     groups = [{"params": [p], "zeta": 0.25, "foreach": False}, {"params": [q]}, {"params": [r], "zeta": 0.75}]
     optimizer = Flora(groups, lr=0.1)
     p.grad, q.grad, r.grad = torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4)
     optimizer.step()
-    assert seen == [("core", 0.25), ("core", 0.75), ("engine", 0.5)], seen
+    assert seen == [(2, 0.25), (3, 0.5), (3, 0.75)], seen
     saved = optimizer.state_dict()
     assert [group["zeta"] for group in saved["param_groups"]] == [0.25, 0.5, 0.75]
     Flora([{"params": [p]}, {"params": [q]}, {"params": [r]}], lr=0.1).load_state_dict(saved)
@@ -277,8 +275,7 @@ def test_adding_an_option(tmp_path):
     FloraHyperParams: the signature check names each written signature and Args section that
     lacks it. With the argument and its Args line written in (and nothing else edited), it is a
     torch group option (default, validation, checkpoint) that reaches the record of
-    core.flora_update and of the engine (a group that sets it away from its default takes the
-    per-tensor path until the engine implements it), an optax argument of flora/scale_by_flora
+    core.flora_update in the per-tensor and the grouped step, an optax argument of flora/scale_by_flora
     (validation, inject_hyperparams) that reaches the record of the core functions the stages
     call, and a row of each doc table."""
     pytest.importorskip("optax")
@@ -309,19 +306,3 @@ def test_the_record_type_is_shared():
     from flora_opt import core
 
     assert core.FloraHyperParams is FloraHyperParams
-
-
-def test_the_engine_names_only_fields_of_the_record():
-    """engine.IMPLEMENTED names fields that exist; a record at its defaults takes the engine, one
-    that sets a field outside IMPLEMENTED does not (there is none today: a made-up record)."""
-    from flora_opt import engine
-
-    names = {f.name for f in dataclasses.fields(FloraHyperParams)}
-    assert names >= engine.IMPLEMENTED
-    assert engine.implements(FloraHyperParams(lr=0.1, beta1=None, rank=None, quantization=True))
-
-    @dataclasses.dataclass(frozen=True)
-    class Extended(FloraHyperParams):
-        zeta: float = 0.5
-
-    assert engine.implements(Extended(lr=0.1)) and not engine.implements(Extended(lr=0.1, zeta=0.25))

@@ -1,4 +1,4 @@
-"""A small, deterministic quality gate for the update rule (issue 14).
+"""A small, deterministic quality gate for the update rule.
 
 A byte-level LLaMA decoder (hidden 128, FFN 344, 2 layers, untied: 92% of the parameters in
 block matrices) trained on the bundled Shakespeare sample. Flora at ``rank = d/4 = 32``

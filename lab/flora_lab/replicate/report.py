@@ -92,7 +92,7 @@ def _pm(stat: dict, digits: int) -> str:
 
 
 def _claims(experiment: str, rows: dict) -> list[str]:
-    """The issue's targets, checked on the summary: Flora at its best rank within 1% of the
+    """The replication targets, checked on the summary: Flora at its best rank within 1% of the
     full-size baseline's validation loss, and Flora below LoRA's loss at every common rank."""
     lines = []
     base = rows.get(BASELINE[experiment])
