@@ -198,28 +198,11 @@ def run_worker(cfg: dict) -> dict:
     generator = torch.Generator().manual_seed(12345 + cfg["seed"])
     kept: dict[int, list] = {index: [] for index, *_ in emulated}
     rng = np.random.default_rng(1000 + cfg["seed"])
-    windows = torch.from_numpy(val[: (len(val) - 1) // seq * seq + 1].astype(np.int64))
-    val_x, val_y = windows[:-1].view(-1, seq), windows[1:].view(-1, seq)
-
-    def evaluate() -> float:
-        model.eval()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(val_x), 64):
-                logits = model(input_ids=val_x[i : i + 64]).logits
-                total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), val_y[i : i + 64].reshape(-1), reduction="sum"
-                ).item()
-        model.train()
-        return total / val_y.numel()
-
+    evaluate = regression.evaluator(model, val, seq)
     curve, losses, start = [], [], time.time()
     for step in range(steps):
         for _ in range(micro):
-            starts = rng.integers(0, len(train) - seq - 1, size=batch // micro)
-            w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
-            logits = model(input_ids=w[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+            loss = regression.batch_loss(model, train, rng, batch // micro, seq)
             if accumulator is not None:
                 accumulator.backward(loss / micro)
             else:

@@ -99,6 +99,41 @@ def _make_optimizer(cfg, params):
     return Flora(params, **kwargs)
 
 
+def evaluator(model, val, seq: int):
+    """A function returning the model's mean cross-entropy per byte on ``val``, cut into windows
+    of ``seq`` bytes (batches of 64, no gradient)."""
+    import numpy as np
+    import torch
+
+    windows = torch.from_numpy(val[: (len(val) - 1) // seq * seq + 1].astype(np.int64))
+    val_x, val_y = windows[:-1].view(-1, seq), windows[1:].view(-1, seq)
+
+    def evaluate() -> float:
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(val_x), 64):
+                logits = model(input_ids=val_x[i : i + 64]).logits
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), val_y[i : i + 64].reshape(-1), reduction="sum"
+                ).item()
+        model.train()
+        return total / val_y.numel()
+
+    return evaluate
+
+
+def batch_loss(model, train, rng, size: int, seq: int):
+    """The next-byte loss of ``size`` windows of ``seq`` bytes drawn from ``train`` by ``rng``."""
+    import numpy as np
+    import torch
+
+    starts = rng.integers(0, len(train) - seq - 1, size=size)
+    w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
+    logits = model(input_ids=w[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+
+
 def run_worker(cfg: dict) -> dict:
     import numpy as np
     import torch
@@ -113,28 +148,10 @@ def run_worker(cfg: dict) -> dict:
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, cfg["warmup"]))
     rng = np.random.default_rng(1000 + cfg["seed"])
-    windows = torch.from_numpy(val[: (len(val) - 1) // seq * seq + 1].astype(np.int64))
-    val_x = windows[:-1].view(-1, seq)
-    val_y = windows[1:].view(-1, seq)
-
-    def evaluate() -> float:
-        model.eval()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(val_x), 64):
-                logits = model(input_ids=val_x[i : i + 64]).logits
-                total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), val_y[i : i + 64].reshape(-1), reduction="sum"
-                ).item()
-        model.train()
-        return total / val_y.numel()
-
+    evaluate = evaluator(model, val, seq)
     curve, losses, start = [], [], time.time()
     for step in range(steps):
-        starts = rng.integers(0, len(train) - seq - 1, size=batch)
-        w = torch.from_numpy(train[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
-        logits = model(input_ids=w[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        loss = batch_loss(model, train, rng, batch, seq)
         loss.backward()
         losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
