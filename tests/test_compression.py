@@ -104,6 +104,51 @@ def test_compressed_momentum_tracks_full_momentum_across_resample():
     assert errors[100] > 1.5 * errors[400], errors
 
 
+def test_changing_kappa_mid_run_keeps_the_momentum():
+    torch = pytest.importorskip("torch")
+    import flora_opt
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20, 30))
+    opt = flora_opt.Flora([p], lr=1e-2, rank=8, kappa=10, scale_parameter=False)
+    direction = torch.randn(20, 30)
+
+    def step():
+        """One step; returns the applied update P_k^T M_t (the decompressed momentum)."""
+        before = p.detach().clone()
+        p.grad = direction + 0.1 * torch.randn(20, 30)
+        opt.step()
+        return (before - p.detach()).flatten()
+
+    for _ in range(24):  # projections 0, 1, 2 (steps 21..25 use projection 2)
+        step()
+    last = step()
+    assert opt.state[p]["projection"] == 2
+    opt.param_groups[0]["kappa"] = 3  # floor((26 - 1) / 3) = 8: the old rule jumped to projection 8
+    after = step()
+    assert opt.state[p]["projection"] == 2  # step 26 is not a resample under kappa=3 ((26-1) % 3 != 0)
+    assert torch.nn.functional.cosine_similarity(last, after, dim=0) > 0.95
+    step()
+    resampled = step()  # step 28: (28 - 1) % 3 == 0, a resample: projection 3, with a transfer
+    assert opt.state[p]["projection"] == 3
+    assert opt.state[p]["step"] == 28
+    assert torch.nn.functional.cosine_similarity(last, resampled, dim=0) > 0.3
+
+
+def test_constant_kappa_projection_index_is_floor_of_step():
+    torch = pytest.importorskip("torch")
+    import flora_opt
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(20, 30)), torch.nn.Parameter(torch.randn(30))]
+    opt = flora_opt.Flora(params, lr=1e-2, rank=8, kappa=3)
+    for _ in range(7):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.state[params[0]]["projection"] == (7 - 1) // 3
+
+
 def test_projection_count_per_step():
     """Each projection is generated once per step (twice at a resample: old and new)."""
     torch = pytest.importorskip("torch")

@@ -159,6 +159,44 @@ def test_flora_step_param_rejects_foreign_parameter():
         optimizer.step_param(torch.nn.Parameter(torch.zeros(3)))
 
 
+def test_step_param_does_not_scan_the_groups(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(50)]
+    opt = flora_opt.Flora([{"params": params[:25]}, {"params": params[25:], "lr": 1e-3}], lr=1e-2, rank=2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    reference = flora_opt.Flora(
+        [
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:25]]},
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[25:]], "lr": 1e-3},
+        ],
+        lr=1e-2,
+        rank=2,
+        foreach=False,
+    )  # the per-tensor path, which step_param uses: bit-identical results
+    ref_params = [p for g in reference.param_groups for p in g["params"]]
+    for p, q in zip(params, ref_params):
+        q.grad = p.grad.clone()
+    reference.step()
+
+    class Counting(list):
+        iterations = 0
+
+        def __iter__(self):
+            Counting.iterations += 1
+            return super().__iter__()
+
+    for group in opt.param_groups:
+        group["params"] = Counting(group["params"])
+    for p in reversed(params):
+        opt.step_param(p)
+    assert Counting.iterations == 0
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    assert opt.state[params[30]]["seed"] == reference.state[ref_params[30]]["seed"]
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt.step_param(torch.nn.Parameter(torch.randn(2)))
+
+
 def test_optimizer_step_and_zero_grad_still_work():
     torch.manual_seed(0)
     model = Net()

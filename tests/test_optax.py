@@ -74,6 +74,11 @@ BAD_INPUTS = [
     (dict(min_dim_size_to_factor=0), ValueError, r"Invalid min_dim_size_to_factor: 0"),
     (dict(factorized_second_moment="yes"), ValueError, r"Invalid factorized_second_moment: 'yes'"),
     (dict(multiply_by_parameter_scale=1), ValueError, r"Invalid multiply_by_parameter_scale: 1"),
+    (
+        dict(projection_dtype="float16"),
+        ValueError,
+        r"Invalid projection_dtype: 'float16': must be one of 'float32', 'bfloat16'",
+    ),
     (dict(rank=8), TypeError, r"unexpected keyword argument 'rank'"),
     (dict(beta1=0.9), TypeError, r"unexpected keyword argument 'beta1'"),
 ]
@@ -98,19 +103,36 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     flora(jnp.asarray(1e-3)).init(params)  # a concrete 0-d array learning rate is checked, then accepted
 
 
-def test_accepted_edge_values():
-    for kwargs in (
+@pytest.mark.parametrize(
+    "kwargs",
+    [
         dict(b1=None),
         dict(b1=0.0),
         dict(tau=None),
         dict(clipping_threshold=None),
         dict(weight_decay=None),
         dict(seed=2**32 - 1),
-        dict(learning_rate=optax.linear_schedule(0.0, 1e-3, 10)),
+        dict(learning_rate=optax.linear_schedule(1e-3, 1e-2, 10)),
         dict(learning_rate=jnp.asarray(1e-3)),
-    ):
-        kwargs = dict(kwargs)
-        flora(kwargs.pop("learning_rate", 1e-3), **kwargs)
+    ],
+    ids=["b1=None", "b1=0", "tau=None", "no clipping", "no weight decay", "largest seed", "schedule", "array lr"],
+)
+def test_accepted_edge_values_build_a_working_optimizer(kwargs):
+    kwargs = dict(kwargs)
+    tx = flora(kwargs.pop("learning_rate", 1e-3), **kwargs)
+    params = {"w": jnp.ones((20, 30)), "b": jnp.ones((30,))}
+    grads = {"w": jnp.full((20, 30), 0.5), "b": jnp.full((30,), -0.5)}
+    state = tx.init(params)
+    momentum = _stages(state)[1].exp_avg
+    if kwargs.get("b1", 0.9) in (None, 0.0):  # no momentum: nothing is kept
+        assert jax.tree.map(jnp.shape, momentum) == {"w": (0,), "b": (0,)}
+    else:
+        assert jax.tree.map(jnp.shape, momentum) == jax.tree.map(jnp.shape, params)
+    updates, state = tx.update(grads, state, params)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+    assert all(u.dtype == jnp.float32 and bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+    # a descent step: against the sign of the gradient
+    assert bool((updates["w"] < 0).all()) and bool((updates["b"] > 0).all())
 
 
 def test_update_errors():

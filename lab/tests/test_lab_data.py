@@ -210,9 +210,16 @@ def test_lm_batches_random_windows():
 
 
 def test_lm_batches_endless_stream():
-    gen = data.lm_batches(np.arange(100), 2, 4, seed=0)
-    for _ in range(1000):
-        next(gen)
+    """Without num_batches the stream does not end; it begins with the finite stream of the seed."""
+    ids = np.arange(100)
+    gen = data.lm_batches(ids, 2, 4, seed=0)
+    first = list(data.lm_batches(ids, 2, 4, seed=0, num_batches=3))
+    for index in range(1000):
+        x, y = next(gen)
+        assert x.shape == y.shape == (2, 4) and x.dtype == ids.dtype
+        assert np.array_equal(y, x + 1) and x.min() >= 0 and y.max() <= 99
+        if index < 3:
+            assert np.array_equal(x, first[index][0]) and np.array_equal(y, first[index][1])
 
 
 def test_lm_batches_validation_windows():
