@@ -60,6 +60,8 @@ def test_quick_run_writes_sane_outputs(quick):
         "lora16",
         "flora4",
         "flora16",
+        "flora_gaussian4",
+        "flora_gaussian16",
     ]
     for r in runs:
         assert math.isfinite(r["val_loss"]) and 0 < r["val_loss"] < 20, r
@@ -86,10 +88,17 @@ def test_quick_run_bytes_are_exact_and_ordered(quick):
         assert by["momentum", f"lora{rank}"]["trainable_params"] < n_params
     naive = by["accumulation", "naive"]
     assert naive["accum_bytes"] == 4 * n_params
-    for rank in (4, 16):  # (r, n) or (m, r) for matrices with min(m, n) > r, full otherwise
-        want = sum(4 * (rank * max(s) if len(s) == 2 and min(s) > rank else int(np.prod(s))) for s in shapes)
-        assert by["accumulation", f"flora{rank}"]["accum_bytes"] == want
-        assert want < naive["accum_bytes"]
+    for rank in (4, 16):
+        # Gaussian: a buffer (r, n) or (m, r) for matrices with min(m, n) > r, full otherwise;
+        # subspace: the same buffers and a basis (min(m, n), r) beside each
+        compressed = [s for s in shapes if len(s) == 2 and min(s) > rank]
+        gaussian = sum(4 * rank * max(s) for s in compressed) + sum(
+            4 * int(np.prod(s)) for s in shapes if s not in compressed
+        )
+        assert by["accumulation", f"flora_gaussian{rank}"]["accum_bytes"] == gaussian
+        bases = sum(4 * rank * min(s) for s in compressed)
+        assert by["accumulation", f"flora{rank}"]["accum_bytes"] == gaussian + bases
+        assert gaussian + bases < naive["accum_bytes"]
 
 
 def test_lora_starts_at_the_base_model_and_adapts_block_kernels_only():
