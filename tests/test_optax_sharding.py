@@ -87,6 +87,7 @@ SCRIPT = textwrap.dedent(
         if name == "accumulate":
             leaves["rows_buffer"] = state.accumulator.buffer["rows"]
             leaves["cols_buffer"] = state.accumulator.buffer["cols"]
+            leaves["rows_basis"] = state.accumulator.basis["rows"]
         report[name] = {
             "max_abs_err": err,
             "param_scale": scale,
@@ -120,6 +121,8 @@ def test_sharded_equals_unsharded_and_states_are_sharded():
     buffers = report["accumulate"]["states"]
     assert buffers["rows_buffer"]["shard_shape"] == [4, 16]
     assert buffers["cols_buffer"]["shard_shape"] == [16, 4]
+    # the subspace estimator's (min(m, n), tau) basis is small and replicated
+    assert buffers["rows_basis"]["shape"] == [16, 4] and buffers["rows_basis"]["shard_shape"] == [16, 4]
 
 
 SQUARE_SCRIPT = textwrap.dedent(

@@ -170,6 +170,7 @@ def state_shardings(state, params, param_shardings):
                 cycle=_replicated(any_sharding),
                 seed=per_leaf(node.seed, None),
                 buffer=per_leaf(node.buffer, _BUFFER_KEY),
+                basis=per_leaf(node.basis, None),  # (min(m, n), tau): small, replicated
             )
         if _params_like(node):
             return per_leaf(node, _BUFFER_KEY)  # shapes equal the parameters': their shardings
