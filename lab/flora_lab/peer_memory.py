@@ -4,7 +4,7 @@ The library's estimator (:mod:`flora_opt.memory`, ``flora-opt memory``) knows th
 Flora, AdamW and Adafactor. The benchmarks and the demo also compare 8-bit AdamW, GaLore and
 APOLLO; their formulas live here, over the same :class:`flora_opt.memory.ParamInfo` records, so
 :func:`method_state_bytes` answers for every name of :data:`METHODS` (the names of
-:mod:`flora_lab.contenders`). ``tests/test_memory_estimator.py`` checks each formula against
+:mod:`flora_lab.contenders`). ``lab/tests/test_peer_memory.py`` checks each formula against
 :func:`optimizer_state_bytes` after real steps of the library that defines the optimizer.
 
 Formulas per parameter (``m x n`` matrix view, ``N`` elements, ``s`` bytes per parameter
