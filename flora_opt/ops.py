@@ -375,9 +375,14 @@ class TorchOps(ArrayOps):
         return self._call("addcmul", x, a, b, out=out)
 
     def add_product(self, x, a, b, beta, out=None):
-        if not self.in_place or a.dim() != 3 or b.dim() != 3:
-            return self.torch.baddbmm(x, a, b, beta=beta) if a.dim() == 3 else beta * x + self.matmul(a, b)
-        return self._call("baddbmm", x, a, b, beta=beta, out=out)
+        # one BLAS call (``beta`` applied inside the product) and, with ``out``, no full-size
+        # temporary: ``beta * x + a @ b`` would allocate two of x's size
+        fused = {3: "baddbmm", 2: "addmm"}.get(a.dim()) if a.dim() == b.dim() else None
+        if fused is None or (not self.in_place and fused == "addmm"):
+            return beta * x + self.matmul(a, b)
+        if not self.in_place:
+            return self.torch.baddbmm(x, a, b, beta=beta)
+        return self._call(fused, x, a, b, beta=beta, out=out)
 
     def zero_non_finite(self, x, out=None):
         return self._call("nan_to_num", x, 0.0, 0.0, 0.0, out=out)

@@ -205,3 +205,24 @@ def test_grouped_step_generates_a_bucket_s_projections_in_one_call():
             assert calls == ([6] if t == 4 else [3])
     finally:
         core.gaussian_projection = original
+
+
+@pytest.mark.parametrize("shape", [(2048, 512), (512, 2048)])
+def test_per_tensor_compressed_step_keeps_one_full_size_temporary(shape):
+    """The per-tensor step of a compressed matrix (``foreach=False``, layer-wise updates) forms
+    ``U`` once and writes ``D = (1 - beta1) U + beta1 s P^T M`` over it (one fused product):
+    its temporaries stay near one matrix, not the four of ``beta * U + P^T M`` formed apart."""
+    torch = pytest.importorskip("torch")
+    from flora_lab.livebytes import LiveTensorBytes
+    from flora_opt import Flora
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(shape))
+    optimizer = Flora([param], lr=1e-3, rank=8, foreach=False)
+    param.grad = torch.randn_like(param)
+    optimizer.step()  # the state exists before the measurement
+    assert optimizer.state[param]["exp_avg"].shape != param.shape  # compressed momentum
+    param.grad = torch.randn_like(param)
+    with LiveTensorBytes() as mem:
+        optimizer.step()
+    assert mem.peak - mem.live <= 1.25 * param.numel() * 4, (mem.peak - mem.live) / (param.numel() * 4)
