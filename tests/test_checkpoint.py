@@ -3,11 +3,12 @@ marker, and the one table of bad inputs to load_state_dict (foreign, hand-edited
 state)."""
 
 import copy
-import io
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from _trained import roundtrip, trained  # noqa: E402
 
 import flora_opt  # noqa: E402
 
@@ -34,24 +35,6 @@ def _train(model, opt, batches):
         opt.step()
 
 
-def _roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def _trained(rank=8, steps=3, **options):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(20, 30)), torch.nn.Parameter(torch.randn(30))]
-    opt = flora_opt.Flora(params, lr=1e-2, rank=rank, **options)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    return params, opt
-
-
 CONFIGS = [
     dict(rank=16, kappa=3),
     dict(rank=16, kappa=3, quantization=True),
@@ -69,8 +52,8 @@ def test_resume_is_bit_exact_across_a_resample(options, dtype):
     model = _model(dtype)
     opt = flora_opt.Flora(model.parameters(), lr=1e-2, min_dim_size_to_factor=32, **options)
     _train(model, opt, batches[:4])  # kappa=3: step 4 resampled; step 7 will resample again
-    model_state = _roundtrip(model.state_dict())
-    opt_state = _roundtrip(opt.state_dict())
+    model_state = roundtrip(model.state_dict())
+    opt_state = roundtrip(opt.state_dict())
     _train(model, opt, batches[4:])
 
     resumed = _model(dtype)
@@ -101,14 +84,14 @@ def test_state_dict_holds_only_tensors_and_plain_values():
     for group in sd["param_groups"]:
         for key, value in group.items():
             assert isinstance(value, (int, float, bool, str, tuple, list, type(None))), key
-    assert _roundtrip(sd)["param_groups"][0]["rank"] == 16
+    assert roundtrip(sd)["param_groups"][0]["rank"] == 16
 
 
 def test_bf16_state_dict_keeps_fp32_compressed_state_after_load():
     model = _model(torch.bfloat16)
     opt = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
     _train(model, opt, _batches(2))
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     fresh = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
     fresh.load_state_dict(sd)
     weight = model[1].weight
@@ -118,7 +101,7 @@ def test_bf16_state_dict_keeps_fp32_compressed_state_after_load():
     # the plain torch.optim.Optimizer would have downcast it
     plain = torch.optim.Optimizer.load_state_dict
     other = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
-    plain(other, _roundtrip(opt.state_dict()))
+    plain(other, roundtrip(opt.state_dict()))
     assert other.state[weight]["exp_avg"].dtype == torch.bfloat16
 
 
@@ -126,7 +109,7 @@ def test_old_checkpoints_without_new_options_load():
     model = _model()
     opt = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
     _train(model, opt, _batches(1))
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     for group in sd["param_groups"]:
         del group["min_dim_size_to_factor"]
     fresh = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
@@ -136,8 +119,8 @@ def test_old_checkpoints_without_new_options_load():
 
 
 def test_state_dict_carries_a_format_marker_and_old_checkpoints_without_it_load():
-    params, opt = _trained(kappa=2, steps=5)
-    sd = _roundtrip(opt.state_dict())
+    params, opt = trained(kappa=2, steps=5)
+    sd = roundtrip(opt.state_dict())
     assert sd["flora_format"] == flora_opt.optim.STATE_FORMAT
     # a checkpoint of our own earlier format: no marker, no projection index
     old = copy.deepcopy(sd)
@@ -162,8 +145,8 @@ def test_state_dict_carries_a_format_marker_and_old_checkpoints_without_it_load(
 
 
 def test_saved_options_that_keep_the_layout_win_as_in_torch():
-    params, opt = _trained(kappa=5)
-    sd = _roundtrip(opt.state_dict())
+    params, opt = trained(kappa=5)
+    sd = roundtrip(opt.state_dict())
     other = flora_opt.Flora(params, lr=1e-4, rank=8, kappa=7, weight_decay=0.1)
     other.load_state_dict(sd)
     assert other.param_groups[0]["lr"] == 1e-2 and other.param_groups[0]["kappa"] == 5
@@ -232,8 +215,8 @@ def _adamw_state_dict(params):
 
 def _hand_edit(path, value):
     def edit(params):
-        _, opt = _trained()
-        sd = _roundtrip(opt.state_dict())
+        _, opt = trained()
+        sd = roundtrip(opt.state_dict())
         target = sd
         for key in path[:-1]:
             target = target[key]
@@ -247,7 +230,7 @@ def _hand_edit(path, value):
 
 
 def _saved(params):
-    return _roundtrip(_trained()[1].state_dict())
+    return roundtrip(trained()[1].state_dict())
 
 
 def _model_checkpoint_with_groups(change):
@@ -257,7 +240,7 @@ def _model_checkpoint_with_groups(change):
         model = _model()
         opt = flora_opt.Flora(model.parameters(), lr=1e-2, rank=16)
         _train(model, opt, _batches(1))
-        sd = _roundtrip(opt.state_dict())
+        sd = roundtrip(opt.state_dict())
         for group in sd["param_groups"]:
             group.update(change)
         return sd

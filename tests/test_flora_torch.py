@@ -1,6 +1,5 @@
 """flora_opt.Flora against the float64 reference, transformers' Adafactor, and its own contract."""
 
-import io
 import math
 import warnings
 
@@ -8,6 +7,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from _trained import roundtrip, trained  # noqa: E402
 
 import flora_opt  # noqa: E402
 from flora_opt import core, statebytes  # noqa: E402
@@ -46,24 +47,6 @@ def _run_pair(shapes, options, steps, dtype=torch.float32, seed=0):
         opt.step()
         ref.step([g.to(dtype).double().numpy() for g in grads])
     return params, opt, ref
-
-
-def _roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def _trained(rank=8, steps=3, **options):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(20, 30)), torch.nn.Parameter(torch.randn(30))]
-    opt = flora_opt.Flora(params, lr=1e-2, rank=rank, **options)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    return params, opt
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
@@ -287,7 +270,7 @@ def test_numpy_scalars_are_accepted_and_stored_as_plain_numbers():
     assert opt.state[p]["exp_avg"].shape == (4, 30)
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": np.float16(1e-2)})
     assert type(opt.param_groups[1]["lr"]) is float
-    _roundtrip(opt.state_dict())  # weights_only: plain values only
+    roundtrip(opt.state_dict())  # weights_only: plain values only
 
 
 @pytest.mark.parametrize("options", [dict(rank=4), dict(rank=None), dict(beta1=None, factorize_second_moment=False)])
@@ -319,7 +302,7 @@ def test_fake_parameters_step():
 def test_no_warnings_on_plain_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _trained()
+        trained()
 
 
 # ---- param groups, schedulers, closures ------------------------------------------------------
@@ -371,7 +354,7 @@ def test_lr_scheduler_changes_the_step():
     ids=["OneCycleLR", "CyclicLR"],
 )
 def test_momentum_cycling_schedulers_work_with_cycle_momentum_false(make):
-    params, opt = _trained(steps=0)
+    params, opt = trained(steps=0)
     scheduler = make(opt)
     lrs = []
     for _ in range(5):
