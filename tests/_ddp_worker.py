@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _tiny_mlp import PER_RANK, build, micro_batch
+from _tiny_mlp import PER_RANK, build, micro_batch, tiny_gpt2_and_tokens
 
 import flora_opt
 from flora_opt.accumulation import CompressedAccumulator
@@ -35,19 +35,7 @@ def trainer(out):
 
     from flora_opt.hf import FloraTrainer
 
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, index):
-            ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(index))
-            return {"input_ids": ids, "labels": ids}
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model, tokens = tiny_gpt2_and_tokens()
     optimizer = flora_opt.Flora(model.parameters(), lr=1e-3, rank=4)
     with tempfile.TemporaryDirectory() as output_dir:
         args = transformers.TrainingArguments(
@@ -66,7 +54,7 @@ def trainer(out):
         trainer = FloraTrainer(
             model=model,
             args=args,
-            train_dataset=Tokens(),
+            train_dataset=tokens,
             optimizers=(optimizer, None),
             accumulation_compression_rank=4,
         )

@@ -34,7 +34,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from _tiny_mlp import PER_RANK, micro_batch
+from _tiny_mlp import PER_RANK, micro_batch, tiny_gpt2_and_tokens
 from _tiny_mlp import build as build_mlp
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -398,19 +398,7 @@ def train_trainer(world):
 
     from flora_opt.hf import FloraTrainer
 
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, index):
-            ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(index))
-            return {"input_ids": ids, "labels": ids}
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model, tokens = tiny_gpt2_and_tokens()
     with tempfile.TemporaryDirectory() as output_dir:
         args = transformers.TrainingArguments(
             output_dir=output_dir,
@@ -429,7 +417,7 @@ def train_trainer(world):
         )
         optimizer = flora_opt.Flora(model.parameters(), **OPTIONS)
         trainer = FloraTrainer(
-            model=model, args=args, train_dataset=Tokens(), optimizers=(optimizer, None), layerwise=True
+            model=model, args=args, train_dataset=tokens, optimizers=(optimizer, None), layerwise=True
         )
         trainer.train()
         norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
