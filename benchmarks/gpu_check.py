@@ -16,8 +16,7 @@
    importable), Flora r=32/256 and 8-bit.
 
 Sized to finish in under 8 minutes on an H200 (``--budget-s`` stops the benchmark part early).
-No GPU was lent when the grouped step was written: this script is import-clean and its CPU
-parts were run, its CUDA parts not yet.
+Its CPU parts run anywhere; its CUDA parts need a CUDA device.
 """
 
 from __future__ import annotations
